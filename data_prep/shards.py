@@ -1,0 +1,308 @@
+"""The token shard format: the ONE place that writes and reads tokenized-video shards.
+
+Layout of a tokenized dataset directory::
+
+    shard-000000.tar    WebDataset tar; per sample: <key>.tokens.npy and <key>.json
+    shard-000000.json   sidecar {"num_samples", "keys", "failures"}; written last = "shard finished"
+    ...
+    manifest.json       dataset description (see :func:`write_manifest`)
+
+Per sample:
+
+* ``__key__``: stable unique clip key from :func:`clip_key` (letters, digits, ``_`` and ``-`` only);
+* ``tokens.npy``: ``np.save`` bytes of a ``uint16 [T', H', W']`` array of raw FSQ indices (t-major);
+* ``json``: UTF-8 JSON ``{"source": str, "clip_start": int, "num_frames": int, "frame_stride": int,
+  "fps": float, "label": str | null, "latent_shape": [T', H', W']}``.
+
+Every file is written under a temporary name and ``os.replace``-d into place, so a crash leaves
+either the previous state or the finished file, never a half file under the final name.
+Nothing here ever unpickles: ``.npy`` payloads are loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+SHARD_FORMAT = "megatron-nbp-tokens/1"
+MANIFEST_NAME = "manifest.json"
+SAMPLE_META_KEYS = ("source", "clip_start", "num_frames", "frame_stride", "fps", "label", "latent_shape")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+
+
+class ShardFormatError(ValueError):
+    """A shard, sidecar, sample or manifest does not follow the format (message names the file)."""
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` (>= 0): ``shard-{index:06d}.tar``."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"shard-{index:06d}.tar"
+
+
+def sidecar_path(shard_path: str | os.PathLike) -> Path:
+    """Path of the sidecar JSON of a shard: ``shard-000007.tar`` -> ``shard-000007.json``."""
+    return Path(shard_path).with_suffix(".json")
+
+
+def clip_key(relative_path: str, clip_start: int) -> str:
+    """Stable unique sample key of the clip starting at frame ``clip_start`` of a video.
+
+    ``<sanitized relative path>-<8 hex of sha1(relative path)>__c<clip_start:06d>``; the hash keeps
+    keys unique when sanitizing maps two paths to the same text (``a/b.mp4`` and ``a_b.mp4``).
+
+    Args:
+        relative_path: the video's path relative to the input root, POSIX form.
+        clip_start: index of the clip's first frame (>= 0).
+    Raises:
+        ValueError: empty path or negative ``clip_start``.
+    """
+    if not relative_path or clip_start < 0:
+        raise ValueError(f"need a non-empty path and clip_start >= 0, got {relative_path!r}, {clip_start}")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", relative_path).strip("_") or "video"
+    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
+    return f"{stem}-{digest}__c{clip_start:06d}"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """UTF-8 JSON encoding (NaN/Infinity rejected, so readers in any language can parse it)."""
+    return json.dumps(obj, indent=1, allow_nan=False).encode("utf-8")
+
+
+def _check_sample(key: str, tokens: np.ndarray, meta: dict) -> None:
+    """Raise ShardFormatError unless ``(key, tokens, meta)`` is a valid sample."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ShardFormatError(f"sample key must be non-empty [A-Za-z0-9_-]+ (no dots), got {key!r}")
+    if not isinstance(tokens, np.ndarray) or tokens.dtype != np.uint16 or tokens.ndim != 3:
+        got = f"{getattr(tokens, 'dtype', type(tokens).__name__)} {getattr(tokens, 'shape', '')}"
+        raise ShardFormatError(f"sample {key}: tokens must be a uint16 array [T', H', W'], got {got}")
+    if not isinstance(meta, dict) or any(k not in meta for k in SAMPLE_META_KEYS):
+        missing = [k for k in SAMPLE_META_KEYS if not isinstance(meta, dict) or k not in meta]
+        raise ShardFormatError(f"sample {key}: meta is missing {missing}")
+    if list(meta["latent_shape"]) != list(tokens.shape):
+        raise ShardFormatError(f"sample {key}: meta latent_shape {meta['latent_shape']} != tokens shape {tokens.shape}")
+
+
+def write_shard(
+    path: str | os.PathLike,
+    samples: Iterable[tuple[str, np.ndarray, dict]],
+    failures: Iterable[dict] = (),
+    extra: dict | None = None,
+) -> int:
+    """Write one shard and then its sidecar, both atomically (the sidecar marks the shard finished).
+
+    An existing sidecar is removed first, so an interrupted rewrite is never mistaken for finished.
+
+    Args:
+        path: destination ``shard-XXXXXX.tar``.
+        samples: ``(key, tokens uint16 [T', H', W'], meta dict)`` triples; consumed lazily.
+        failures: ``{"path": str, "reason": str}`` records (videos skipped while building this shard),
+            stored in the sidecar so a rerun keeps them. Read only after ``samples`` is exhausted, so
+            a list that the ``samples`` generator appends to is fine.
+        extra: more JSON-serialisable sidecar fields (e.g. the settings that produced the shard);
+            must not use the names ``num_samples``, ``keys`` or ``failures``.
+    Returns:
+        Number of samples written.
+    Raises:
+        ShardFormatError: an invalid or duplicate key, tokens that are not ``uint16 [T', H', W']``,
+            or meta missing a required field. Nothing is left under the final name in that case.
+    """
+    path = Path(path)
+    extra = dict(extra or {})
+    if {"num_samples", "keys", "failures"} & set(extra):
+        raise ValueError(f"extra sidecar fields may not override num_samples/keys/failures: {sorted(extra)}")
+    tmp = path.with_name(path.name + ".tmp")
+    sidecar_path(path).unlink(missing_ok=True)
+    keys: list[str] = []
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, encoder=False, mtime=0) as writer:
+                for key, tokens, meta in samples:
+                    _check_sample(key, tokens, meta)
+                    if key in keys:
+                        raise ShardFormatError(f"{path}: duplicate sample key {key!r}")
+                    buf = io.BytesIO()
+                    np.save(buf, tokens, allow_pickle=False)
+                    writer.write({"__key__": key, "tokens.npy": buf.getvalue(), "json": _json_bytes(meta)})
+                    keys.append(key)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    failures = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in failures]
+    atomic_write_bytes(sidecar_path(path), _json_bytes({**extra, "num_samples": len(keys), "keys": keys, "failures": failures}))
+    return len(keys)
+
+
+def read_sidecar(shard_path: str | os.PathLike) -> dict | None:
+    """Sidecar of a shard, or ``None`` if the shard is not finished (no sidecar).
+
+    Returns:
+        ``{"num_samples": int, "keys": [str], "failures": [{"path", "reason"}], ...extra fields}``.
+    Raises:
+        ShardFormatError: the sidecar exists but is not valid JSON of that form.
+    """
+    side = sidecar_path(shard_path)
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardFormatError(f"{side}: sidecar is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or data.get("num_samples") != len(data["keys"]):
+        raise ShardFormatError(f"{side}: sidecar needs 'keys' (list) and a matching 'num_samples'")
+    data.setdefault("failures", [])
+    return data
+
+
+def _decode_sample(shard: Path, sample: dict) -> tuple[str, np.ndarray, dict]:
+    """Turn a raw WebDataset sample (bytes per extension) into ``(key, tokens, meta)``."""
+    key = sample.get("__key__")
+    if "tokens.npy" not in sample or "json" not in sample:
+        raise ShardFormatError(f"{shard}: sample {key!r} lacks tokens.npy or json (has {sorted(sample)})")
+    try:
+        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        meta = json.loads(sample["json"].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise ShardFormatError(f"{shard}: sample {key!r} cannot be decoded: {exc}") from exc
+    _check_sample(key, tokens, meta)
+    return key, tokens, meta
+
+
+def iter_shard(path: str | os.PathLike, verify: bool = True) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield every sample of ONE shard, in stored order.
+
+    No rank or worker splitting happens here (``nodesplitter=None``, ``workersplitter=None``): under
+    torchrun (``RANK``/``WORLD_SIZE`` set) or in a DataLoader worker the caller gets ALL samples of the
+    shard; assigning shards to data-parallel ranks/workers is the caller's job.
+
+    Args:
+        path: a ``shard-XXXXXX.tar``.
+        verify: if the sidecar exists, check that the yielded keys equal its ``keys`` (catches a tar
+            truncated exactly at a member boundary, which tar itself cannot detect).
+    Yields:
+        ``(key, tokens uint16 [T', H', W'], meta dict)``.
+    Raises:
+        FileNotFoundError: the shard does not exist.
+        ShardFormatError: the tar is truncated or corrupt, a sample is malformed, or (``verify``)
+            the samples disagree with the sidecar; the message names the shard.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard not found: {path}")
+    expected = read_sidecar(path)["keys"] if verify and sidecar_path(path).is_file() else None
+    dataset = wds.WebDataset(
+        str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    )
+    seen: list[str] = []
+    try:
+        for sample in dataset:
+            key, tokens, meta = _decode_sample(path, sample)
+            if expected is not None and (len(seen) >= len(expected) or expected[len(seen)] != key):
+                raise ShardFormatError(f"{path}: sample {key!r} at position {len(seen)} disagrees with the sidecar")
+            seen.append(key)
+            yield key, tokens, meta
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if isinstance(exc, ShardFormatError):
+            raise
+        raise ShardFormatError(f"{path}: truncated or corrupt shard: {exc}") from exc
+    if expected is not None and len(seen) != len(expected):
+        raise ShardFormatError(f"{path}: truncated shard: {len(seen)} samples, sidecar lists {len(expected)}")
+
+
+def _require(cond: bool, where: Path, what: str) -> None:
+    """Raise ShardFormatError(``where: what``) unless ``cond``."""
+    if not cond:
+        raise ShardFormatError(f"{where}: {what}")
+
+
+def validate_manifest(manifest: dict, out_dir: str | os.PathLike) -> None:
+    """Check a manifest's structure and that every listed shard exists in ``out_dir``.
+
+    Raises:
+        ShardFormatError: a missing/ill-typed key, wrong format tag, sample counts that do not add up,
+            a malformed shard name, or a listed shard missing on disk.
+    """
+    where = Path(out_dir) / MANIFEST_NAME
+    _require(isinstance(manifest, dict), where, "manifest must be a JSON object")
+    for k in ("format", "tokenizer", "clip", "shards", "num_samples", "failures"):
+        _require(k in manifest, where, f"missing key {k!r}")
+    _require(manifest["format"] == SHARD_FORMAT, where, f"format {manifest['format']!r} != {SHARD_FORMAT!r}")
+    tok, clip = manifest["tokenizer"], manifest["clip"]
+    for k in ("path", "sha256", "levels", "codebook_size", "latent_shape"):
+        _require(isinstance(tok, dict) and k in tok, where, f"missing key tokenizer.{k}")
+    _require(len(tok["latent_shape"]) == 3, where, "tokenizer.latent_shape must be [T', H', W']")
+    for k in ("num_frames", "frame_stride", "resolution"):
+        _require(isinstance(clip, dict) and k in clip, where, f"missing key clip.{k}")
+    _require(isinstance(manifest["shards"], list), where, "shards must be a list")
+    total = 0
+    for entry in manifest["shards"]:
+        _require(isinstance(entry, dict) and {"name", "num_samples"} <= set(entry), where, f"bad shard entry {entry!r}")
+        _require(bool(_SHARD_RE.match(str(entry["name"]))), where, f"bad shard name {entry['name']!r}")
+        _require((Path(out_dir) / entry["name"]).is_file(), where, f"listed shard {entry['name']} does not exist")
+        total += int(entry["num_samples"])
+    _require(total == manifest["num_samples"], where, f"num_samples {manifest['num_samples']} != sum over shards {total}")
+    for f in manifest["failures"]:
+        _require(isinstance(f, dict) and {"path", "reason"} <= set(f), where, f"bad failure entry {f!r}")
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
+    """Validate ``manifest`` and write it atomically to ``out_dir/manifest.json``.
+
+    Manifest: ``{"format": "megatron-nbp-tokens/1", "tokenizer": {"path", "sha256", "levels",
+    "codebook_size", "latent_shape"}, "clip": {"num_frames", "frame_stride", "resolution": [H, W]},
+    "shards": [{"name", "num_samples"}], "num_samples": int, "failures": [{"path", "reason"}]}``.
+
+    Returns:
+        The manifest path.
+    Raises:
+        ShardFormatError: see :func:`validate_manifest`.
+    """
+    validate_manifest(manifest, out_dir)
+    path = Path(out_dir) / MANIFEST_NAME
+    atomic_write_bytes(path, _json_bytes(manifest))
+    return path
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    """Read and validate ``out_dir/manifest.json``.
+
+    Raises:
+        FileNotFoundError: no manifest in ``out_dir`` (was the tokenization job finished?).
+        ShardFormatError: invalid JSON or content (see :func:`validate_manifest`).
+    """
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {out_dir} (tokenization job not finished?)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardFormatError(f"{path}: not valid JSON: {exc}") from exc
+    validate_manifest(manifest, out_dir)
+    return manifest

@@ -1,0 +1,352 @@
+"""Offline tokenization job: videos -> clips -> FSQ token shards (single process or torchrun).
+
+Work assignment is deterministic and independent of the world size: the sorted video list is cut
+into shards of ``videos_per_shard`` consecutive videos (shard ``k``), and rank ``r`` of ``W`` handles
+the shards with ``k % W == r``. A shard whose sidecar exists is finished and skipped, so a rerun after
+a crash writes only the missing shards and every clip lands in exactly one shard. Videos that fail to
+decode or are too short are recorded in their shard's sidecar (and merged into the manifest), never fatal.
+Rank 0 writes ``manifest.json`` from the sidecars after a barrier.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_prep import shards
+from data_prep.video_io import VideoDecodeError, clip_starts, decode_video, frames_to_tensor, list_videos
+
+_MAX_UINT16 = np.iinfo(np.uint16).max
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Settings of one tokenization job (command-line flags of ``launchers/tokenize_videos.py``).
+
+    Attributes:
+        input_dir: root searched recursively for videos.
+        output_dir: where shards, sidecars and ``manifest.json`` go (created if missing).
+        tokenizer: tokenizer checkpoint path (``data_prep.tokenizer.load_tokenizer``).
+        num_frames: frames per clip; ``1 + 4n`` (tokenizer temporal stride 4, first frame separate).
+        frame_stride: step between the frames of a clip (1 = consecutive frames).
+        clip_hop: frames between clip starts; ``None`` = ``num_frames * frame_stride`` (no overlap).
+        resolution: square clip side in pixels; multiple of 8 (tokenizer spatial stride).
+        max_clips_per_video: keep at most this many clips per video (the first ones); ``None`` = all.
+        videos_per_shard: consecutive videos (of the sorted list) per shard.
+        batch_size: clips per tokenizer forward pass.
+        label_from_dir: store the name of each video's parent directory as its label (UCF-101 layout).
+        progress: show a tqdm bar on rank 0.
+    """
+
+    input_dir: Path
+    output_dir: Path
+    tokenizer: Path
+    num_frames: int = 17
+    frame_stride: int = 1
+    clip_hop: int | None = None
+    resolution: int = 64
+    max_clips_per_video: int | None = None
+    videos_per_shard: int = 8
+    batch_size: int = 8
+    label_from_dir: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ValueError(f"--num-frames must be 1 + 4n (1, 5, 9, 13, 17, ...), got {self.num_frames}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        for name in ("frame_stride", "videos_per_shard", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.clip_hop is not None and self.clip_hop < 1:
+            raise ValueError(f"--clip-hop must be >= 1, got {self.clip_hop}")
+        if self.max_clips_per_video is not None and self.max_clips_per_video < 1:
+            raise ValueError(f"--max-clips-per-video must be >= 1, got {self.max_clips_per_video}")
+
+    def shard_settings(self) -> dict:
+        """Settings that determine a shard's content; stored in each sidecar and checked on rerun."""
+        return {
+            "num_frames": self.num_frames,
+            "frame_stride": self.frame_stride,
+            "clip_hop": self.clip_hop,
+            "resolution": self.resolution,
+            "max_clips_per_video": self.max_clips_per_video,
+            "videos_per_shard": self.videos_per_shard,
+            "label_from_dir": self.label_from_dir,
+        }
+
+
+def plan_shards(videos: list[Path], videos_per_shard: int) -> list[list[Path]]:
+    """Cut the (already sorted) video list into consecutive groups; group ``k`` is shard ``k``."""
+    return [videos[i : i + videos_per_shard] for i in range(0, len(videos), videos_per_shard)]
+
+
+def shards_for_rank(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shard indices handled by ``rank``: ``k`` with ``k % world_size == rank``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    return list(range(rank, num_shards, world_size))
+
+
+def _is_finished(shard_path: Path) -> bool:
+    """A shard is finished when both the tar and its sidecar (written last) exist."""
+    return shard_path.is_file() and shards.sidecar_path(shard_path).is_file()
+
+
+def _remove_partial(shard_path: Path) -> None:
+    """Delete leftovers of a crashed write of this shard (tmp files, a tar without sidecar)."""
+    for tmp in shard_path.parent.glob(f"{shard_path.name}.tmp"):
+        tmp.unlink(missing_ok=True)
+    for tmp in shard_path.parent.glob(f".{shards.sidecar_path(shard_path).name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    shard_path.unlink(missing_ok=True)
+
+
+class _ShardBuilder:
+    """Produces the samples of one shard: decode, cut clips, encode in batches."""
+
+    def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int]):
+        self.tok, self.cfg, self.latent_shape = tokenizer, cfg, tuple(latent_shape)
+        self.failures: list[dict] = []
+        self.videos_done = 0
+        self.clips_done = 0
+
+    def _clips(self, videos: list[Path]) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """Yield ``(key, frames uint8 [T, R, R, 3], meta)`` for every clip; record failing videos."""
+        cfg = self.cfg
+        span = (cfg.num_frames - 1) * cfg.frame_stride + 1
+        hop = cfg.clip_hop or cfg.num_frames * cfg.frame_stride
+        max_frames = None if cfg.max_clips_per_video is None else (cfg.max_clips_per_video - 1) * hop + span
+        for video in videos:
+            rel = video.relative_to(cfg.input_dir).as_posix()
+            try:
+                frames, fps = decode_video(video, max_frames=max_frames, size=cfg.resolution)
+                starts = clip_starts(len(frames), cfg.num_frames, cfg.frame_stride, hop, cfg.max_clips_per_video)
+                if not starts:
+                    raise VideoDecodeError(video, f"too short: {len(frames)} frames, a clip needs {span}")
+            except VideoDecodeError as exc:
+                self.failures.append({"path": rel, "reason": exc.reason})
+                self.videos_done += 1
+                continue
+            label = video.parent.name if cfg.label_from_dir and video.parent != cfg.input_dir else None
+            for s in starts:
+                meta = {
+                    "source": rel,
+                    "clip_start": s,
+                    "num_frames": cfg.num_frames,
+                    "frame_stride": cfg.frame_stride,
+                    "fps": fps,
+                    "label": label,
+                    "latent_shape": list(self.latent_shape),
+                }
+                yield shards.clip_key(rel, s), frames[s : s + span : cfg.frame_stride], meta
+            self.videos_done += 1
+
+    def _encode(self, batch: list[tuple[str, np.ndarray, dict]]) -> list[tuple[str, np.ndarray, dict]]:
+        """Encode a batch of clips; returns ``(key, tokens uint16 [T', H', W'], meta)``."""
+        video = torch.stack([frames_to_tensor(frames) for _, frames, _ in batch])
+        with torch.inference_mode():
+            indices = self.tok.encode(video)
+        if tuple(indices.shape) != (len(batch), *self.latent_shape):
+            raise RuntimeError(f"tokenizer returned shape {tuple(indices.shape)}, expected {(len(batch), *self.latent_shape)}")
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi > _MAX_UINT16:
+            raise RuntimeError(f"token indices [{lo}, {hi}] do not fit uint16; codebook too large for this format")
+        tokens = indices.cpu().numpy().astype(np.uint16)
+        self.clips_done += len(batch)
+        return [(key, tokens[i], meta) for i, (key, _, meta) in enumerate(batch)]
+
+    def samples(self, videos: list[Path]) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """All samples of a shard made of ``videos``, in video order then clip-start order."""
+        batch: list = []
+        for clip in self._clips(videos):
+            batch.append(clip)
+            if len(batch) == self.cfg.batch_size:
+                yield from self._encode(batch)
+                batch = []
+        if batch:
+            yield from self._encode(batch)
+
+
+def _init_distributed(timeout_hours: float) -> tuple[int, int, bool]:
+    """Join the torchrun process group (gloo) if ``WORLD_SIZE > 1``; returns (rank, world, created)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=timeout_hours))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _check_settings(shard_path: Path, sidecar: dict, cfg: TokenizeConfig, videos: list[str], sha: str) -> None:
+    """Refuse to mix shards made with other settings, another video list or another tokenizer."""
+    wanted = {"settings": cfg.shard_settings(), "videos": videos, "tokenizer_sha256": sha}
+    got = {k: sidecar.get(k) for k in wanted}
+    if got != wanted:
+        diff = sorted(k for k in wanted if got[k] != wanted[k])
+        raise RuntimeError(
+            f"{shard_path} was made with different {diff} than this run; use a fresh --output directory "
+            f"(or delete the old shards) instead of mixing datasets"
+        )
+
+
+def build_manifest(cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Module, sha: str) -> dict:
+    """Assemble the manifest from the sidecars of all ``len(plan)`` shards (all must be finished).
+
+    Raises:
+        RuntimeError: a shard of the plan has no sidecar.
+    """
+    entries, failures = [], []
+    for k in range(len(plan)):
+        path = cfg.output_dir / shards.shard_name(k)
+        side = shards.read_sidecar(path) if path.is_file() else None
+        if side is None:
+            raise RuntimeError(f"shard {path} is not finished; cannot write the manifest")
+        entries.append({"name": path.name, "num_samples": side["num_samples"]})
+        failures.extend(side["failures"])
+    res = (cfg.resolution, cfg.resolution)
+    return {
+        "format": shards.SHARD_FORMAT,
+        "tokenizer": {
+            "path": str(cfg.tokenizer),
+            "sha256": sha,
+            "levels": [int(x) for x in tok.config.levels],
+            "codebook_size": int(tok.codebook_size),
+            "latent_shape": list(tok.latent_shape(cfg.num_frames, *res)),
+        },
+        "clip": {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "resolution": list(res)},
+        "shards": entries,
+        "num_samples": sum(e["num_samples"] for e in entries),
+        "failures": failures,
+    }
+
+
+class _Progress:
+    """Rank-0 tqdm bar over all pending videos: this rank's videos as they finish, other ranks'
+    videos when their shard sidecars appear (checked at most once a second). Disabled elsewhere."""
+
+    def __init__(self, enabled: bool, cfg: TokenizeConfig, plan: list[list[Path]], pending: list[int], others: set[int], world: int):
+        self.cfg, self.plan, self.others = cfg, plan, set(others)
+        self.others_done = 0
+        self.last_poll = self.start = time.monotonic()
+        total = sum(len(plan[k]) for k in pending)
+        desc = f"tokenize ({world} ranks)" if world > 1 else "tokenize"
+        self.bar = tqdm(total=total, desc=desc, unit="video") if enabled else None
+
+    def update(self, own_videos: int, clips: int) -> None:
+        """Show ``own_videos`` (this rank, cumulative) plus finished videos of other ranks."""
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self.last_poll >= 1.0:
+            self.last_poll = now
+            done = {k for k in self.others if _is_finished(self.cfg.output_dir / shards.shard_name(k))}
+            self.others -= done
+            self.others_done += sum(len(self.plan[k]) for k in done)
+        self.bar.set_postfix(clips_per_s=f"{clips / max(now - self.start, 1e-9):.1f}", refresh=False)
+        self.bar.update(own_videos + self.others_done - self.bar.n)
+
+    def close(self) -> None:
+        """Mark everything done (all ranks passed the barrier) and close the bar."""
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
+def _process_shards(
+    cfg: TokenizeConfig, plan: list[list[Path]], mine: list[int], builder: _ShardBuilder, sha: str, rank: int, world: int
+) -> _Progress:
+    """Write this rank's unfinished shards (after checking that finished ones match these settings).
+
+    Returns:
+        The progress bar (rank 0), to be closed after the barrier.
+    """
+    rel = [[v.relative_to(cfg.input_dir).as_posix() for v in group] for group in plan]
+    pending = [k for k in range(len(plan)) if not _is_finished(cfg.output_dir / shards.shard_name(k))]
+    for k in range(len(plan)):  # every rank checks every finished shard: all fail alike, none hangs
+        if k not in pending:
+            path = cfg.output_dir / shards.shard_name(k)
+            _check_settings(path, shards.read_sidecar(path), cfg, rel[k], sha)
+    progress = _Progress(rank == 0 and cfg.progress, cfg, plan, pending, set(pending) - set(mine), world)
+    for k in mine:
+        if k not in pending:
+            continue
+        path = cfg.output_dir / shards.shard_name(k)
+        _remove_partial(path)
+        builder.failures = []
+        extra = {"settings": cfg.shard_settings(), "videos": rel[k], "tokenizer_sha256": sha}
+        shards.write_shard(path, _with_progress(builder.samples(plan[k]), builder, progress), builder.failures, extra)
+        progress.update(builder.videos_done, builder.clips_done)
+    return progress
+
+
+def _with_progress(samples: Iterator, builder: _ShardBuilder, progress: _Progress) -> Iterator:
+    """Pass samples through, updating the progress bar after each one."""
+    for sample in samples:
+        yield sample
+        progress.update(builder.videos_done, builder.clips_done)
+
+
+def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict | None:
+    """Run the job on this process's share of the shards; rank 0 also writes the manifest.
+
+    Works as a plain single process or under torchrun (``WORLD_SIZE > 1``: gloo process group).
+
+    Args:
+        cfg: job settings.
+        timeout_hours: collective timeout (ranks wait for each other at the final barrier).
+    Returns:
+        The manifest dict on rank 0, ``None`` on other ranks.
+    Raises:
+        ValueError: invalid settings, or no videos under ``cfg.input_dir``.
+        RuntimeError: the output directory holds shards made with other settings, or the tokenizer
+            produced out-of-range / wrongly shaped indices.
+        FileNotFoundError, NotADirectoryError: missing tokenizer checkpoint or input directory.
+    """
+    from data_prep.tokenizer import load_tokenizer, tokenizer_sha256  # heavy; import when needed
+
+    cfg.validate()
+    videos = list_videos(cfg.input_dir)
+    if not videos:
+        raise ValueError(f"no video files under {cfg.input_dir}")
+    if not Path(cfg.tokenizer).is_file():
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {cfg.tokenizer}")
+    rank, world, created = _init_distributed(timeout_hours)
+    try:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        tok = load_tokenizer(cfg.tokenizer, device="cpu")
+        sha = tokenizer_sha256(cfg.tokenizer)
+        latent = tuple(tok.latent_shape(cfg.num_frames, cfg.resolution, cfg.resolution))
+        plan = plan_shards(videos, cfg.videos_per_shard)
+        mine = shards_for_rank(len(plan), rank, world)
+        progress = _process_shards(cfg, plan, mine, _ShardBuilder(tok, cfg, latent), sha, rank, world)
+        if world > 1:
+            dist.barrier()
+        progress.close()
+        manifest = None
+        if rank == 0:
+            manifest = build_manifest(cfg, plan, tok, sha)
+            shards.write_manifest(cfg.output_dir, manifest)
+            print(
+                f"tokenize: {manifest['num_samples']} clips in {len(plan)} shards, "
+                f"{len(manifest['failures'])} videos skipped -> {cfg.output_dir / shards.MANIFEST_NAME}",
+                flush=True,
+            )
+        if world > 1:
+            dist.barrier()
+        return manifest
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""NBP pretraining entry point (megatron-core, tensor + pipeline + data parallel).
+
+    torchrun --nproc-per-node 4 launchers/pretrain_nbp.py --tp 2 --pp 2 \
+        --config configs/tiny_frame_prediction.yaml --data runs/tokens --save runs/ckpt
+
+Arguments use Megatron-LM's names; any of them overrides the YAML config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_nbp.config import NBPConfig  # noqa: E402
+
+# command-line flag -> dotted config key
+_OVERRIDES = {
+    "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "micro_batch_size": "train.micro_batch_size",
+    "global_batch_size": "train.global_batch_size",
+    "train_iters": "train.train_iters",
+    "lr": "train.lr",
+    "min_lr": "train.min_lr",
+    "lr_warmup_iters": "train.lr_warmup_iters",
+    "seed": "train.seed",
+    "log_interval": "train.log_interval",
+    "save_interval": "train.save_interval",
+    "exit_interval": "train.exit_interval",
+    "hidden_dropout": "model.hidden_dropout",
+    "attention_dropout": "model.attention_dropout",
+    "data": "data",
+    "save": "save",
+    "load": "load",
+    "tensorboard_dir": "tensorboard_dir",
+}
+
+
+def parse_args(argv=None) -> NBPConfig:
+    """Parse the command line into a validated-later NBPConfig."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (model / parallel / train sections)")
+    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int)
+    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--seq-length", type=int, help="checked against the layout (N - L); derived if omitted")
+    parser.add_argument("--train-iters", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--min-lr", type=float)
+    parser.add_argument("--lr-warmup-iters", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--hidden-dropout", type=float)
+    parser.add_argument("--attention-dropout", type=float)
+    parser.add_argument("--data", help="directory of token shards with manifest.json")
+    parser.add_argument("--save", help="checkpoint directory to write")
+    parser.add_argument("--load", help="checkpoint directory to resume from")
+    parser.add_argument("--save-interval", type=int)
+    parser.add_argument("--exit-interval", type=int, help="save (if --save) and exit after this iteration")
+    parser.add_argument("--log-interval", type=int)
+    parser.add_argument("--tensorboard-dir")
+    args = parser.parse_args(argv)
+    overrides = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
+    cfg = NBPConfig.from_yaml(args.config, overrides)
+    if args.seq_length is not None and args.seq_length != cfg.model.seq_length:
+        parser.error(f"--seq-length {args.seq_length} does not match the layout: latent "
+                     f"{cfg.model.latent_shape} minus one block of {cfg.model.block_size} = {cfg.model.seq_length}")
+    return cfg
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    from megatron_nbp.parallel import destroy_parallel
+    from megatron_nbp.training import pretrain
+
+    pretrain(cfg)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Sharded training checkpoints with megatron-core dist_checkpointing, Megatron-LM layout.
+
+    SAVE_DIR/
+      latest_checkpointed_iteration.txt     <- "120": published last, atomically
+      iter_0000120/                         <- dist_checkpointing directory (any TP/PP can load it)
+
+A checkpoint is written into ``iter_XXXXXXX.tmp``, renamed to ``iter_XXXXXXX`` only after every rank
+has finished, and only then named in ``latest_checkpointed_iteration.txt`` (temp file +
+``os.replace``). A crash at any moment leaves the previous checkpoint as latest.
+
+Contents: model and optimizer (sharded tensors), the LR scheduler, iteration and consumed samples
+(common state, rank 0), per-rank RNG states (python, numpy, torch, megatron's model-parallel tracker)
+as a ShardedObject indexed by (PP, TP, DP) rank, and the model config (checked on load).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# Model settings that must match between a checkpoint and the model loading it.
+_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+               "latent_shape", "block_shape", "layout", "share_embeddings_and_output_weights")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not match the model."""
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    """``save_dir/iter_XXXXXXX`` (7 digits, as Megatron-LM)."""
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def read_latest_iteration(load_dir: str | Path) -> int | None:
+    """Iteration named in ``latest_checkpointed_iteration.txt``, or None if there is no checkpoint.
+
+    Raises:
+        CheckpointError: the file is unreadable or names a directory that does not exist.
+    """
+    path = Path(load_dir) / LATEST_FILE
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} does not hold an iteration number: {text!r}")
+    iteration = int(text)
+    if not iteration_dir(load_dir, iteration).is_dir():
+        raise CheckpointError(f"{path} names iteration {iteration} but {iteration_dir(load_dir, iteration)} is missing")
+    return iteration
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_rng(data: Any) -> ShardedObject:
+    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_data_parallel_world_size())
+    rank = (parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", data, (pp, tp, dp), rank, replica_id=0)
+
+
+def unwrap(model):
+    """The GPTModel inside megatron's DDP wrapper (checkpoint keys never carry the wrapper's prefix)."""
+    return getattr(model, "module", model)
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
+    model_sd = unwrap(model).sharded_state_dict()
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, scheduler,
+                    consumed_samples: int, model_config: dict[str, Any]) -> Path:
+    """Collective: every rank calls it. Writes and publishes ``iter_XXXXXXX`` (see module doc).
+
+    Args:
+        model: the (DDP-wrapped) megatron model of this rank.
+        optimizer: megatron optimizer; scheduler: OptimizerParamScheduler.
+        consumed_samples: global training samples consumed so far (data position).
+        model_config: ModelConfig as a dict, stored to check compatibility on load.
+
+    Returns:
+        The published iteration directory.
+    """
+    save_dir = Path(save_dir)
+    final = iteration_dir(save_dir, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["rng_state"] = _sharded_rng(_rng_state())
+    state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    state["model_config"] = model_config
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = save_dir / (LATEST_FILE + ".tmp")
+        with open(latest_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, save_dir / LATEST_FILE)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_config: dict[str, Any],
+                    load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
+    """Collective: restore the latest checkpoint in ``load_dir`` into model / optimizer / scheduler.
+
+    The checkpoint may have been written with another TP/PP layout (dist_checkpointing reshards);
+    the RNG states then cannot be matched to ranks, so pass ``load_rng=False``.
+
+    Returns:
+        (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
+
+    Raises:
+        CheckpointError: the checkpoint's model settings differ from ``model_config``.
+    """
+    iteration = read_latest_iteration(load_dir)
+    if iteration is None:
+        return 0, 0
+    ckpt = iteration_dir(load_dir, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    saved = common.get("model_config", {})
+    diffs = {k: (saved.get(k), model_config.get(k)) for k in _SHAPE_KEYS
+             if k in saved and _norm(saved.get(k)) != _norm(model_config.get(k))}
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not match the model: "
+            + ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diffs.items())
+        )
+    state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
+    if load_rng:
+        state["rng_state"] = _sharded_rng(None)
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    unwrap(model).load_state_dict(loaded["model"])
+    if load_optimizer:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

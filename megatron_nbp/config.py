@@ -1,0 +1,248 @@
+"""Typed configuration: YAML file + Megatron-style command-line overrides, validated before any work.
+
+A config file has three sections, each a dataclass below::
+
+    model:  ModelConfig      # transformer shape and the NBP layout (block size, latent shape)
+    train:  TrainingConfig   # batch sizes, optimiser, schedule, intervals
+    parallel: ParallelConfig # tensor / pipeline parallel sizes
+
+Every check that can be made without a process group is made in :meth:`NBPConfig.validate`, so a bad
+config is refused with the offending values before torch.distributed or any allocation starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination is invalid; the message names the values."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape and NBP layout.
+
+    Attributes:
+        num_layers, hidden_size, num_attention_heads, ffn_hidden_size: GPT shape (Megatron names).
+        vocab_size: number of real token ids (64,000 FSQ codes [8,8,8,5,5,5] for frame prediction).
+        latent_shape: (T', H', W') latent tokens per clip, flattened t-major then rows then columns.
+        block_shape: (t, h, w) tokens per NBP block; must tile ``latent_shape``. (1, 1, W') = one row.
+        layout: token layout; "frame_prediction" (K600-style, DESIGN.md).
+        condition_frames: latent frames given at inference for frame prediction.
+        make_vocab_size_divisible_by: Megatron's vocabulary padding unit (multiplied by TP size).
+        share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
+    """
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 64000
+    latent_shape: tuple[int, int, int] = (5, 8, 8)
+    block_shape: tuple[int, int, int] = (1, 1, 8)
+    layout: str = "frame_prediction"
+    condition_frames: int = 2
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    share_embeddings_and_output_weights: bool = True
+
+    def __post_init__(self) -> None:
+        self.latent_shape = tuple(int(x) for x in self.latent_shape)
+        self.block_shape = tuple(int(x) for x in self.block_shape)
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block, L = t * h * w."""
+        return math.prod(self.block_shape)
+
+    @property
+    def num_video_tokens(self) -> int:
+        """Tokens per clip, N = T' * H' * W'."""
+        return math.prod(self.latent_shape)
+
+    @property
+    def seq_length(self) -> int:
+        """Model input length for frame prediction: the clip minus its last block (N - L)."""
+        return self.num_video_tokens - self.block_size
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Vocabulary padded as Megatron-LM does, to a multiple of divisible_by * TP."""
+        unit = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / unit) * unit)
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel layout: world size = TP x PP x DP."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and bookkeeping (Megatron-LM argument names). Schedules count iterations."""
+
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 10
+    lr_decay_style: str = "linear"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    save_interval: int | None = None
+    exit_interval: int | None = None
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class NBPConfig:
+    """The whole run: model, parallel layout and training; plus paths from the command line."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    data: str | None = None
+    save: str | None = None
+    load: str | None = None
+    tensorboard_dir: str | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "NBPConfig":
+        """Read a YAML config and apply ``overrides`` ({"train.lr": 1e-3, "save": "ckpt", ...}).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ConfigError: unknown section or key, or a value of the wrong kind.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(raw, overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> "NBPConfig":
+        """Build from nested dicts (the YAML structure); see :meth:`from_yaml`."""
+        sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainingConfig}
+        unknown = set(raw) - set(sections) - {"data", "save", "load", "tensorboard_dir"}
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
+        built = {}
+        for name, klass in sections.items():
+            values = dict(raw.get(name) or {})
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - known
+            if bad:
+                raise ConfigError(f"unknown keys in '{name}': {sorted(bad)}; known: {sorted(known)}")
+            built[name] = klass(**values)
+        cfg = cls(**built, **{k: raw[k] for k in ("data", "save", "load", "tensorboard_dir") if k in raw})
+        for dotted, value in (overrides or {}).items():
+            if value is not None:
+                cfg.set(dotted, value)
+        return cfg
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set ``section.key`` (or a top-level key) to ``value``; raises ConfigError if unknown."""
+        target: Any = self
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        if not hasattr(target, key):
+            raise ConfigError(f"unknown config key {dotted!r}")
+        setattr(target, key, value)
+        if hasattr(target, "__post_init__"):
+            target.__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML-safe) of the whole config."""
+        out = dataclasses.asdict(self)
+        for key in ("latent_shape", "block_shape"):
+            out["model"][key] = list(out["model"][key])
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, world_size: int | None = None) -> None:
+        """Refuse invalid values and combinations before any distributed or allocation work.
+
+        Args:
+            world_size: number of processes (torchrun WORLD_SIZE), if known.
+
+        Raises:
+            ConfigError: naming each offending value.
+        """
+        m, p, t = self.model, self.parallel, self.train
+        errors = []
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if m.layout != "frame_prediction":
+            errors.append(f"model.layout={m.layout!r} is not supported (supported: 'frame_prediction')")
+        if len(m.latent_shape) != 3 or len(m.block_shape) != 3:
+            errors.append(f"latent_shape {m.latent_shape} and block_shape {m.block_shape} must be (T, H, W)")
+        elif any(l % b for l, b in zip(m.latent_shape, m.block_shape)) or min(m.block_shape) < 1:
+            errors.append(f"block_shape {m.block_shape} does not tile latent_shape {m.latent_shape}")
+        elif m.block_shape[0] != 1 and m.block_shape[1:] != m.latent_shape[1:]:
+            errors.append(
+                f"block_shape {m.block_shape}: a block spanning several frames must cover whole frames "
+                "(t-major flattening keeps only such blocks contiguous)"
+            )
+        elif m.block_shape[1] != 1 and m.block_shape[2] != m.latent_shape[2]:
+            errors.append(
+                f"block_shape {m.block_shape}: a block spanning several rows must cover whole rows "
+                f"of width {m.latent_shape[2]} to be contiguous in t-major order"
+            )
+        if not 0 < m.condition_frames < m.latent_shape[0]:
+            errors.append(
+                f"condition_frames={m.condition_frames} must be in [1, {m.latent_shape[0] - 1}] "
+                f"for latent_shape {m.latent_shape}"
+            )
+        if m.hidden_size % m.num_attention_heads:
+            errors.append(f"hidden_size={m.hidden_size} not divisible by num_attention_heads={m.num_attention_heads}")
+        if m.num_attention_heads % tp:
+            errors.append(f"num_attention_heads={m.num_attention_heads} not divisible by tensor parallel size {tp}")
+        if m.ffn_hidden_size % tp:
+            errors.append(f"ffn_hidden_size={m.ffn_hidden_size} not divisible by tensor parallel size {tp}")
+        if m.num_layers % pp:
+            errors.append(f"num_layers={m.num_layers} not divisible by pipeline parallel size {pp}")
+        if tp < 1 or pp < 1:
+            errors.append(f"parallel sizes must be >= 1 (tp={tp}, pp={pp})")
+        if world_size is not None:
+            if world_size % (tp * pp):
+                errors.append(f"world size {world_size} not divisible by TP x PP = {tp} x {pp}")
+            else:
+                dp = world_size // (tp * pp)
+                if t.global_batch_size % (t.micro_batch_size * dp):
+                    errors.append(
+                        f"global_batch_size={t.global_batch_size} not divisible by "
+                        f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}"
+                    )
+        if t.micro_batch_size < 1 or t.global_batch_size < 1 or t.train_iters < 1:
+            errors.append("micro_batch_size, global_batch_size and train_iters must be >= 1")
+        if not 0 <= t.lr_warmup_iters < t.train_iters:
+            errors.append(f"lr_warmup_iters={t.lr_warmup_iters} must be in [0, train_iters={t.train_iters})")
+        if t.lr_decay_style not in ("linear", "cosine", "constant"):
+            errors.append(f"lr_decay_style={t.lr_decay_style!r} not in linear/cosine/constant")
+        for name in ("save_interval", "exit_interval"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                errors.append(f"{name}={getattr(t, name)} must be >= 1")
+        if errors:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,117 @@
+"""Training data: a deterministic, resumable stream of tokenised clips for one data-parallel rank.
+
+Reads the WebDataset token shards written by the offline tokenization job (format defined in
+:mod:`data_prep.shards`). Order of one epoch, identical on every rank:
+
+1. the manifest's shards, permuted with ``seed + epoch``;
+2. their samples streamed in order through a seeded shuffle buffer;
+3. position p of that global stream goes to data-parallel rank ``p % dp_size``; the epoch is cut to
+   a multiple of ``dp_size`` so every rank sees the same number of samples.
+
+Tensor- and pipeline-parallel partners share a data-parallel rank and so read identical samples
+(webdataset's ``split_by_node`` would split by *global* rank under torchrun; FACTS.md). Every rank
+reads every shard: token shards are small next to the compute they feed, and it keeps the split exact.
+Resuming skips the samples already consumed (stored in the checkpoint), so a resumed run sees exactly
+the samples an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data_prep.shards import iter_shard, read_manifest
+from megatron_nbp.layouts import LayoutBatch, frame_prediction_batch
+
+
+class DataError(ValueError):
+    """The token data does not match the model (latent shape, vocabulary) or is empty."""
+
+
+class TokenClipStream:
+    """Endless per-DP-rank stream of clips as int64 [N] video-token vectors (N = T'*H'*W').
+
+    Args:
+        data_dir: directory with ``manifest.json`` and the shards.
+        dp_rank, dp_size: this rank's data-parallel position.
+        seed: data order seed (the same on all ranks).
+        latent_shape: expected (T', H', W') of every clip; a mismatch is refused.
+        vocab_size: ids must be below it.
+        shuffle_buffer: samples held by the shuffle buffer (1 = no shuffling within shards).
+        consumed: samples this rank has already consumed (resume position).
+
+    Raises:
+        DataError: manifest latent shape or codebook not compatible with the model, or no samples.
+    """
+
+    def __init__(self, data_dir: str | Path, dp_rank: int, dp_size: int, seed: int,
+                 latent_shape: tuple[int, int, int], vocab_size: int, shuffle_buffer: int = 256,
+                 consumed: int = 0) -> None:
+        self.data_dir = Path(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        tok = self.manifest["tokenizer"]
+        if tuple(tok["latent_shape"]) != tuple(latent_shape):
+            raise DataError(
+                f"shards in {self.data_dir} have latent shape {tuple(tok['latent_shape'])}, "
+                f"the model expects {tuple(latent_shape)}"
+            )
+        if int(tok["codebook_size"]) > vocab_size:
+            raise DataError(f"tokenizer codebook {tok['codebook_size']} exceeds model vocab_size {vocab_size}")
+        self.shards = [self.data_dir / s["name"] for s in self.manifest["shards"] if s["num_samples"] > 0]
+        self.samples_per_rank = int(self.manifest["num_samples"]) // dp_size
+        if self.samples_per_rank == 0:
+            raise DataError(
+                f"{self.manifest['num_samples']} samples in {self.data_dir} cannot feed {dp_size} data-parallel ranks"
+            )
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.latent_shape, self.vocab_size = tuple(latent_shape), vocab_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.consumed = consumed
+
+    def _epoch_stream(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        shards = list(self.shards)
+        rng.shuffle(shards)
+        buffer: list[np.ndarray] = []
+        for shard in shards:
+            for key, tokens, _meta in iter_shard(shard):
+                if tokens.shape != self.latent_shape:
+                    raise DataError(f"{shard}:{key} has latent shape {tokens.shape}, expected {self.latent_shape}")
+                buffer.append(tokens)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            epoch, offset = divmod(self.consumed, self.samples_per_rank)
+            limit = self.samples_per_rank * self.dp_size
+            mine = 0
+            for position, tokens in enumerate(self._epoch_stream(epoch)):
+                if position >= limit:
+                    break
+                if position % self.dp_size != self.dp_rank:
+                    continue
+                mine += 1
+                if mine <= offset:
+                    continue
+                self.consumed += 1
+                flat = tokens.reshape(-1).astype(np.int64)
+                if flat.max(initial=0) >= self.vocab_size:
+                    raise DataError(f"token id {flat.max()} >= vocab_size {self.vocab_size}")
+                yield flat
+
+
+def micro_batches(stream: TokenClipStream, micro_batch_size: int, block_size: int) -> Iterator[LayoutBatch]:
+    """Group the stream into frame-prediction micro-batches (LayoutBatch, tensors [mbs, N - L])."""
+    clips: list[np.ndarray] = []
+    for clip in stream:
+        clips.append(clip)
+        if len(clips) == micro_batch_size:
+            yield frame_prediction_batch(torch.from_numpy(np.stack(clips)), block_size)
+            clips = []

@@ -1,0 +1,1 @@
+"""Single-device inference: converted checkpoint format, plain PyTorch model, KV-cache generation."""

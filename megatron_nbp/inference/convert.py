@@ -1,0 +1,82 @@
+"""Convert a sharded training checkpoint (any TP/PP) into the single-device inference format:
+
+    OUTPUT/model.safetensors   megatron GPTModel TP1PP1 parameter names (no _extra_state)
+    OUTPUT/config.json         InferenceConfig (model shape + NBP layout)
+
+megatron-core's dist_checkpointing does the resharding: a TP=1, PP=1 GPTModel is built in one process
+and its sharded state dict is loaded from the checkpoint, whatever layout wrote it. The output is
+written to a temporary directory and renamed, so a crash never leaves a half-converted model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_nbp.checkpointing import CheckpointError, iteration_dir, read_latest_iteration
+from megatron_nbp.config import ModelConfig
+from megatron_nbp.inference.model import InferenceConfig
+
+
+def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
+    """Write ``output_dir`` (model.safetensors + config.json) from the checkpoint in ``load_dir``.
+
+    Args:
+        load_dir: training checkpoint directory (``latest_checkpointed_iteration.txt`` + ``iter_*``).
+        iteration: which ``iter_XXXXXXX`` to convert (default: the latest).
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        CheckpointError: no checkpoint in ``load_dir`` or the requested iteration is missing.
+    """
+    from safetensors.torch import save_file
+
+    from megatron_nbp.model.builder import build_gpt_model
+    from megatron_nbp.parallel import destroy_parallel, initialize_parallel
+
+    iteration = iteration if iteration is not None else read_latest_iteration(load_dir)
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint in {load_dir} (latest_checkpointed_iteration.txt missing)")
+    ckpt = iteration_dir(load_dir, iteration)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} does not exist")
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    model_cfg = ModelConfig(**common["model_config"])
+
+    initialize_parallel(1, 1, seed=0)
+    try:
+        model = build_gpt_model(model_cfg, 1, 1)
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+        model.load_state_dict(loaded["model"])
+        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                   if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    finally:
+        destroy_parallel()
+    if model_cfg.share_embeddings_and_output_weights:
+        tensors.pop("output_layer.weight", None)
+    inf_cfg = InferenceConfig(
+        num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads, ffn_hidden_size=model_cfg.ffn_hidden_size,
+        vocab_size=model_cfg.vocab_size, padded_vocab_size=model_cfg.padded_vocab_size(1),
+        max_seq_length=model_cfg.seq_length, latent_shape=list(model_cfg.latent_shape),
+        block_shape=list(model_cfg.block_shape), layout=model_cfg.layout,
+        condition_frames=model_cfg.condition_frames, layernorm_epsilon=model_cfg.layernorm_epsilon,
+        share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
+        extra={"source_checkpoint": str(ckpt), "iteration": iteration},
+    )
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "megatron-nbp-inference/1"})
+    inf_cfg.save(tmp / "config.json")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    return output_dir

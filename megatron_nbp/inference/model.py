@@ -1,0 +1,182 @@
+"""Single-device NBP decoder in plain PyTorch (nanoGPT-style), loading the converted checkpoint.
+
+Parameter names are exactly megatron-core GPTModel's at TP=1, PP=1 (local spec), so conversion is a
+reshard plus a rename-free copy, and the numerics are those of megatron's layers:
+embedding (word + learned absolute position) -> N x [LayerNorm -> fused QKV (per-head [q, k, v]
+interleaved, megatron's layout) -> SDPA -> proj -> residual; LayerNorm -> fc1 -> GELU -> fc2 ->
+residual] -> final LayerNorm -> output layer (tied to the word embedding unless untied).
+
+Attention takes either a dense "allowed" mask (prefill / full forward, the block-causal rule from
+:mod:`megatron_nbp.masks`) or no mask (a block step against the KV cache: the new block sees every
+cached key and itself, which is the block-causal rule for the newest block).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_nbp.inference.kv_cache import StaticKVCache
+
+
+@dataclass
+class InferenceConfig:
+    """config.json of the inference format.
+
+    Attributes:
+        vocab_size: real token ids (sampling never emits ids >= vocab_size).
+        padded_vocab_size: rows of the embedding / output layer (Megatron padding).
+        max_seq_length: rows of the position table.
+        latent_shape, block_shape, layout, condition_frames: the NBP layout used in training.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    padded_vocab_size: int
+    max_seq_length: int
+    latent_shape: list[int]
+    block_shape: list[int]
+    layout: str = "frame_prediction"
+    condition_frames: int = 2
+    layernorm_epsilon: float = 1e-5
+    share_embeddings_and_output_weights: bool = True
+    format_version: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        t, h, w = self.block_shape
+        return t * h * w
+
+    @property
+    def num_video_tokens(self) -> int:
+        t, h, w = self.latent_shape
+        return t * h * w
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InferenceConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class _Namespace(nn.Module):
+    """Empty module used to reproduce megatron's parameter name hierarchy."""
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with megatron's fused QKV layout and an optional static KV cache."""
+
+    def __init__(self, cfg: InferenceConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.linear_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: StaticKVCache | None,
+                layer: int, start: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.linear_qkv(x).view(b, s, self.heads, 3, self.head_dim)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, h, s, d]
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        attn_mask = None if allowed is None else allowed.unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: InferenceConfig) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: InferenceConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.self_attention = SelfAttention(cfg)
+        self.pre_mlp_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, allowed, cache, layer, start):
+        x = x + self.self_attention(self.input_layernorm(x), allowed, cache, layer, start)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class NBPDecoder(nn.Module):
+    """The converted NBP model on one device.
+
+    Forward:
+        tokens: int64 [B, S] ids; position_ids: int64 [B, S] (or [S]);
+        allowed: bool [B or 1, S, K] "may attend" (K = keys incl. cache), or None = attend to all keys;
+        cache / start: a StaticKVCache and the position of tokens[:, 0] in it (KV-cache decoding).
+        Returns logits float [B, S, padded_vocab_size].
+    """
+
+    def __init__(self, cfg: InferenceConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embedding = _Namespace()
+        self.embedding.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+        self.embedding.position_embeddings = nn.Embedding(cfg.max_seq_length, cfg.hidden_size)
+        self.decoder = _Namespace()
+        self.decoder.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
+        self.decoder.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        if not cfg.share_embeddings_and_output_weights:
+            self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        if self.config.share_embeddings_and_output_weights:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor | None = None,
+                cache: StaticKVCache | None = None, start: int = 0) -> torch.Tensor:
+        if position_ids.max() >= self.config.max_seq_length:
+            raise ValueError(f"position {int(position_ids.max())} beyond the position table "
+                             f"({self.config.max_seq_length})")
+        x = self.embedding.word_embeddings(tokens) + self.embedding.position_embeddings(position_ids)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, allowed, cache, i, start)
+        return F.linear(self.decoder.final_layernorm(x), self.output_weight())
+
+    def new_cache(self, batch_size: int, max_length: int | None = None) -> StaticKVCache:
+        """A preallocated KV cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        c = self.config
+        p = self.embedding.word_embeddings.weight
+        return StaticKVCache(c.num_layers, batch_size, c.num_attention_heads, max_length or c.max_seq_length,
+                             c.hidden_size // c.num_attention_heads, dtype=p.dtype, device=p.device)
+
+
+def load_inference_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> NBPDecoder:
+    """Load ``config.json`` + ``model.safetensors`` written by :mod:`megatron_nbp.inference.convert`.
+
+    Raises:
+        FileNotFoundError: either file is missing.
+        RuntimeError: the weights do not match the config (missing or unexpected tensors).
+    """
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (checkpoint_dir / name).is_file():
+            raise FileNotFoundError(f"{checkpoint_dir / name} not found (run launchers/convert_checkpoint.py)")
+    cfg = InferenceConfig.load(checkpoint_dir / "config.json")
+    model = NBPDecoder(cfg)
+    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors"), device=str(device)), strict=True)
+    return model.to(device).eval()

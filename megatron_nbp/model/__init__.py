@@ -1,0 +1,1 @@
+"""The NBP decoder: megatron-core GPTModel with block-causal core attention (ModuleSpec)."""

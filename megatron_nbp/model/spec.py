@@ -1,0 +1,25 @@
+"""Megatron layer specs for the NBP decoder (megatron-core ModuleSpec).
+
+The spec is megatron's local GPT layer spec with one substitution, the core attention, so that the
+kernel can be swapped (dense SDPA on CPU; fused FlexAttention on GPU in a later variant) without
+forking the model.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_nbp.model.attention import BlockCausalSDPAttention
+
+
+def nbp_local_layer_spec(core_attention: type = BlockCausalSDPAttention) -> ModuleSpec:
+    """Local (no Transformer Engine) GPT layer spec with block-causal ``core_attention``.
+
+    Returns:
+        ModuleSpec of a TransformerLayer: LayerNorm -> SelfAttention(ColumnParallel QKV,
+        ``core_attention``, RowParallel proj) -> LayerNorm -> MLP(GELU), as megatron-core builds it.
+    """
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec

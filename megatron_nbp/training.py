@@ -1,0 +1,193 @@
+"""NBP pretraining with megatron-core: model, DDP, optimizer, scheduler, 1F1B schedule, the loop.
+
+Follows Megatron-LM's ``pretrain`` structure: ``forward_step`` / ``loss_func`` for
+``get_forward_backward_func()`` (1F1B when PP > 1), megatron DDP with ``finalize_model_grads``
+(data-parallel all-reduce and tied-embedding reduction across pipeline stages), the megatron
+optimizer with gradient clipping, and ``OptimizerParamScheduler`` stepped once per iteration.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_nbp.checkpointing import load_checkpoint, save_checkpoint
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.data import TokenClipStream, micro_batches
+from megatron_nbp.layouts import LayoutBatch
+from megatron_nbp.masks import block_causal_attention_mask
+from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_rank_0
+from megatron_nbp.training_log import TrainingLogger
+
+
+@dataclass
+class TrainingState:
+    """Everything one rank trains: the DDP-wrapped model stage, optimizer and LR scheduler."""
+
+    model: DistributedDataParallel
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+
+
+def build_training_state(cfg: NBPConfig) -> TrainingState:
+    """Model stage of this rank wrapped in megatron DDP, megatron optimizer (Adam, clipping) and the
+    warmup + decay LR schedule. parallel_state must be initialised."""
+    t = cfg.train
+    module = build_gpt_model(cfg.model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad, params_dtype=torch.float32, use_distributed_optimizer=False,
+        ),
+        [model],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+    )
+    config = module.config
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return TrainingState(model, optimizer, scheduler)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Masked token-mean cross entropy of one micro-batch (Megatron-LM's 3-tuple convention).
+
+    Args:
+        loss_mask: float32 [B, S], 1 where the target is a video token.
+        output_tensor: float32 [B, S] per-token cross entropy from GPTModel.
+
+    Returns:
+        (sum of masked losses, number of loss tokens (int), {"lm loss": [sum, count]} for logging).
+    """
+    losses = output_tensor.float()
+    loss_sum = (losses * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
+
+
+class _MaskCache:
+    """The dense block-causal mask is the same for every micro-batch of a layout: build it once."""
+
+    def __init__(self) -> None:
+        self._key, self._mask = None, None
+
+    def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
+        key = (tuple(block_ids.shape), block_ids[0].tolist())
+        if key != self._key:
+            self._key, self._mask = key, block_causal_attention_mask(block_ids[:1])
+        return self._mask
+
+
+_mask_cache = _MaskCache()
+
+
+def forward_step(data_iterator: Iterator[LayoutBatch], model):
+    """megatron ``forward_step_func``: one micro-batch through this rank's model stage."""
+    batch = next(data_iterator)
+    mask = _mask_cache(batch.block_ids)
+    output = model(batch.tokens, batch.position_ids, mask, labels=batch.labels)
+    return output, partial(loss_func, batch.loss_mask)
+
+
+def train_step(state: TrainingState, data_iterator, cfg: NBPConfig, num_microbatches: int):
+    """One iteration: forward/backward over the micro-batches (1F1B when PP > 1), optimizer step,
+    scheduler step.
+
+    Returns:
+        (loss: float mean token loss on the last stage, else nan; grad_norm: float; update_ok: bool)
+    """
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=[state.model],
+        num_microbatches=num_microbatches,
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = state.optimizer.step()
+    state.scheduler.step(increment=1)
+    return reduce_losses(losses), float(grad_norm or 0.0), bool(update_ok)
+
+
+def reduce_losses(losses: list[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted mean loss over micro-batches and data-parallel ranks (last stage), else nan."""
+    if not parallel_state.is_pipeline_last_stage():
+        return float("nan")
+    total = torch.stack([x["lm loss"] for x in losses]).sum(0)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def pretrain(cfg: NBPConfig) -> list[float]:
+    """The training job (launchers/pretrain_nbp.py): returns the per-iteration losses seen on the
+    logging rank (empty elsewhere). Resumes from ``cfg.load`` if it holds a checkpoint."""
+    import os
+
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.data is None:
+        raise ValueError("--data (directory of token shards with manifest.json) is required")
+    p, t = cfg.parallel, cfg.train
+    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
+    state = build_training_state(cfg)
+    print_rank_0(
+        f"> TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={dp_size} | "
+        f"micro-batches per iteration: {num_microbatches} | seq length {cfg.model.seq_length} | "
+        f"block size {cfg.model.block_size} | padded vocab {cfg.model.padded_vocab_size(p.tensor_model_parallel_size)}"
+    )
+    iteration, consumed = 0, 0
+    if cfg.load:
+        iteration, consumed = load_checkpoint(cfg.load, state.model, state.optimizer, state.scheduler,
+                                              cfg.to_dict()["model"])
+        print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
+                     else f"> no checkpoint in {cfg.load}, starting from scratch")
+    stream = TokenClipStream(
+        cfg.data, parallel_state.get_data_parallel_rank(), dp_size, t.seed, cfg.model.latent_shape,
+        cfg.model.vocab_size, t.shuffle_buffer, consumed=consumed // dp_size,
+    )
+    data_iterator = micro_batches(stream, t.micro_batch_size, cfg.model.block_size)
+    logger = TrainingLogger(cfg, enabled=is_logging_rank())
+    history: list[float] = []
+    while iteration < t.train_iters:
+        start = time.perf_counter()
+        loss, grad_norm, update_ok = train_step(state, data_iterator, cfg, num_microbatches)
+        iteration += 1
+        consumed += t.global_batch_size
+        history.append(loss)
+        logger.log(iteration, loss, state.optimizer.param_groups[0]["lr"],
+                   grad_norm, update_ok, time.perf_counter() - start, consumed)
+        exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
+        if cfg.save and (exiting or iteration == t.train_iters
+                         or (t.save_interval and iteration % t.save_interval == 0)):
+            path = save_checkpoint(cfg.save, iteration, state.model, state.optimizer, state.scheduler,
+                                   consumed, cfg.to_dict()["model"])
+            print_rank_0(f"> saved checkpoint {path}")
+        if exiting:
+            print_rank_0(f"> exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
+            break
+    logger.close()
+    return history if is_logging_rank() else []

@@ -1,0 +1,33 @@
+"""Run torchrun / launcher subprocesses from tests, with output kept for failure messages."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python args...`` in the repo root; raise with the tail of its output if it fails."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc script args`` on a free local port."""
+    return run(["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+                script, *args], timeout=timeout)

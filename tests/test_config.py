@@ -1,0 +1,40 @@
+"""Invalid configurations are refused before any process group exists, naming the values."""
+
+import pytest
+
+from megatron_nbp.config import ConfigError, NBPConfig
+
+TINY = "configs/tiny_frame_prediction.yaml"
+
+
+def test_tiny_config_is_valid_for_tp2_pp2():
+    cfg = NBPConfig.from_yaml(TINY, {"parallel.tensor_model_parallel_size": 2,
+                                     "parallel.pipeline_model_parallel_size": 2})
+    cfg.validate(world_size=4)
+    assert cfg.model.block_size == 8 and cfg.model.seq_length == 320 - 8
+    assert cfg.model.padded_vocab_size(2) % 256 == 0 and cfg.model.padded_vocab_size(2) >= 64000
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    ({"parallel.tensor_model_parallel_size": 3}, 3, "num_attention_heads=4 not divisible by tensor parallel size 3"),
+    ({"parallel.pipeline_model_parallel_size": 3}, 3, "num_layers=4 not divisible by pipeline parallel size 3"),
+    ({"parallel.tensor_model_parallel_size": 2}, 3, "world size 3 not divisible by TP x PP = 2 x 1"),
+    ({"train.global_batch_size": 7}, 1, "global_batch_size=7 not divisible"),
+    ({"model.block_shape": [1, 1, 3]}, 1, "does not tile latent_shape"),
+    ({"model.block_shape": [1, 2, 4]}, 1, "must cover whole rows"),
+    ({"model.condition_frames": 5}, 1, "condition_frames=5"),
+    ({"train.lr_warmup_iters": 500}, 1, "lr_warmup_iters=500"),
+])
+def test_invalid_combinations_are_refused(overrides, world, message):
+    cfg = NBPConfig.from_yaml(TINY, overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg.validate(world_size=world)
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layer: 4\n")
+    with pytest.raises(ConfigError, match="num_layer"):
+        NBPConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        NBPConfig.from_yaml(TINY, {"train.learning_rate": 1.0})

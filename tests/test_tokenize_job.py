@@ -1,0 +1,193 @@
+"""Tests of the offline tokenization job (data_prep.tokenize_job + launchers/tokenize_videos.py).
+
+One small dataset (synthetic PyAV videos + broken files) and a tiny random tokenizer; clips of
+5 frames at 16x16 keep each run to a few seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.shards import clip_key, iter_shard, read_manifest, read_sidecar, shard_name, sidecar_path
+from data_prep.tokenize_job import TokenizeConfig, plan_shards, run_tokenize_job, shards_for_rank
+from data_prep.video_io import clip_starts, frames_to_tensor, load_clip
+from tests.synthetic_video import write_pattern_video
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_FRAMES, STRIDE, HOP, RES = 5, 2, 3, 16
+GOOD = {"classA/v0.mp4": 20, "classA/v1.mp4": 13, "classB/v2.mp4": 9}  # frames per good video
+BROKEN = {"classB/short.mp4": "too short", "corrupt.mp4": "cannot decode", "fake.avi": "cannot decode"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    """Videos + tokenizer + one finished single-process run (shared by the tests of this module)."""
+    from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, save_tokenizer
+
+    root = tmp_path_factory.mktemp("tokjob")
+    videos = root / "videos"
+    for i, (rel, n) in enumerate(GOOD.items()):
+        write_pattern_video(videos / rel, num_frames=n, height=40, width=48, seed=i)
+    write_pattern_video(videos / "classB/short.mp4", num_frames=6)  # span needs 9 frames
+    (videos / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (videos / "fake.avi").write_text("not a video\n" * 100)
+    (videos / "notes.txt").write_text("ignored: not a video extension")
+    torch.manual_seed(0)
+    ckpt = save_tokenizer(VideoTokenizer(TokenizerConfig.from_yaml(REPO / "configs/tokenizer/tiny.yaml")),
+                          root / "tok.safetensors")
+    cfg = TokenizeConfig(input_dir=videos, output_dir=root / "out", tokenizer=ckpt, num_frames=NUM_FRAMES,
+                         frame_stride=STRIDE, clip_hop=HOP, resolution=RES, videos_per_shard=2, batch_size=3,
+                         label_from_dir=True, progress=False)
+    manifest = run_tokenize_job(cfg)
+    return {"root": root, "cfg": cfg, "manifest": manifest, "ckpt": ckpt}
+
+
+def _read_all(out_dir: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """key -> (tokens, meta) over all shards of the manifest; fails on a duplicate key."""
+    result = {}
+    for entry in read_manifest(out_dir)["shards"]:
+        for key, tokens, meta in iter_shard(out_dir / entry["name"]):
+            assert key not in result, f"clip {key} written twice"
+            result[key] = (tokens, meta)
+    return result
+
+
+def _mtimes(out_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out_dir.glob("shard-*"))}
+
+
+def _expected_keys() -> set[str]:
+    return {clip_key(rel, s) for rel, n in GOOD.items() for s in clip_starts(n, NUM_FRAMES, STRIDE, HOP)}
+
+
+def test_plan_and_rank_assignment():
+    videos = [Path(f"v{i}") for i in range(7)]
+    plan = plan_shards(videos, 3)
+    assert plan == [videos[0:3], videos[3:6], videos[6:7]]
+    assert shards_for_rank(5, 0, 2) == [0, 2, 4] and shards_for_rank(5, 1, 2) == [1, 3]
+    with pytest.raises(ValueError):
+        shards_for_rank(5, 2, 2)
+
+
+def test_every_clip_written_exactly_once(dataset):
+    manifest, out = dataset["manifest"], dataset["cfg"].output_dir
+    assert _expected_keys() == {clip_key("classA/v0.mp4", s) for s in (0, 3, 6, 9)} | {
+        clip_key("classA/v1.mp4", s) for s in (0, 3)} | {clip_key("classB/v2.mp4", 0)}
+    samples = _read_all(out)
+    assert set(samples) == _expected_keys()
+    assert manifest["num_samples"] == len(samples) == 7
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(k) for k in range(3)]  # 6 videos / 2
+    tok = dataset["manifest"]["tokenizer"]
+    assert tok["latent_shape"] == [2, 2, 2] and tok["codebook_size"] == 64000 and len(tok["sha256"]) == 64
+    assert manifest["clip"] == {"num_frames": NUM_FRAMES, "frame_stride": STRIDE, "resolution": [RES, RES]}
+    for key, (tokens, meta) in samples.items():
+        assert tokens.dtype == np.uint16 and tokens.shape == (2, 2, 2)
+        assert key == clip_key(meta["source"], meta["clip_start"])
+        assert meta["label"] == meta["source"].split("/")[0]
+        assert meta["fps"] == pytest.approx(8.0) and meta["frame_stride"] == STRIDE
+
+
+def test_failures_listed_with_reasons(dataset):
+    failures = {f["path"]: f["reason"] for f in dataset["manifest"]["failures"]}
+    assert set(failures) == set(BROKEN)
+    for path, word in BROKEN.items():
+        assert word in failures[path], failures[path]
+    # ... and kept in the sidecar of the shard that met them (classB/short.mp4 is video 2 -> shard 1)
+    assert read_sidecar(dataset["cfg"].output_dir / shard_name(1))["failures"][0]["path"] == "classB/short.mp4"
+
+
+def test_tokens_equal_direct_encoding(dataset):
+    """Independent path: load_clip -> frames_to_tensor -> tokenizer.encode."""
+    from data_prep.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(dataset["ckpt"])
+    samples = _read_all(dataset["cfg"].output_dir)
+    for rel, start in [("classA/v0.mp4", 9), ("classB/v2.mp4", 0)]:
+        clip = load_clip(dataset["cfg"].input_dir / rel, NUM_FRAMES, RES, start=start, frame_stride=STRIDE)
+        with torch.no_grad():
+            expected = tok.encode(frames_to_tensor(clip)[None])[0].numpy()
+        np.testing.assert_array_equal(samples[clip_key(rel, start)][0], expected)
+
+
+def test_rerun_skips_finished_shards(dataset):
+    out = dataset["cfg"].output_dir
+    before = _mtimes(out)
+    assert run_tokenize_job(dataset["cfg"]) == dataset["manifest"]
+    assert _mtimes(out) == before
+
+
+def test_rerun_after_crash_regenerates_only_missing_shard(dataset, tmp_path):
+    cfg = dataclasses.replace(dataset["cfg"], output_dir=tmp_path / "out")
+    shutil.copytree(dataset["cfg"].output_dir, cfg.output_dir)  # copy2 keeps mtimes
+    original = _read_all(cfg.output_dir)
+    before = _mtimes(cfg.output_dir)
+    # Crash while writing shard 1: its sidecar is gone, a stale tar and temp files are left behind.
+    sidecar_path(cfg.output_dir / shard_name(1)).unlink()
+    (cfg.output_dir / (shard_name(1) + ".tmp")).write_bytes(b"half a tar")
+    (cfg.output_dir / f".{shard_name(1)[:-4]}.json.1234.tmp").write_text("{")
+    (cfg.output_dir / "manifest.json").unlink()
+    assert run_tokenize_job(cfg) == dataset["manifest"]
+    after = _mtimes(cfg.output_dir)
+    assert sorted(after) == sorted(before)
+    assert [n for n in after if after[n] != before[n]] == ["shard-000001.json", "shard-000001.tar"]
+    assert not list(cfg.output_dir.glob("*.tmp")) and not list(cfg.output_dir.glob(".*.tmp"))
+    regenerated = _read_all(cfg.output_dir)
+    assert regenerated.keys() == original.keys()
+    assert all(np.array_equal(regenerated[k][0], original[k][0]) for k in original)
+
+
+def test_rerun_with_other_settings_is_refused(dataset, tmp_path):
+    cfg = dataclasses.replace(dataset["cfg"], output_dir=tmp_path / "out")
+    shutil.copytree(dataset["cfg"].output_dir, cfg.output_dir)
+    with pytest.raises(RuntimeError, match="different"):
+        run_tokenize_job(dataclasses.replace(cfg, resolution=24))
+
+
+def test_invalid_settings():
+    with pytest.raises(ValueError, match="1 \\+ 4n"):
+        TokenizeConfig(Path("."), Path("."), Path("t"), num_frames=6).validate()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        TokenizeConfig(Path("."), Path("."), Path("t"), resolution=20).validate()
+
+
+def test_launcher_rejects_bad_flags(capsys):
+    sys.path.insert(0, str(REPO / "launchers"))
+    try:
+        import tokenize_videos
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit):
+        tokenize_videos.parse_args(["--input", "a", "--output", "b", "--tokenizer", "c", "--num-frames", "6"])
+    assert "1 + 4n" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
+    cfg = dataset["cfg"]
+    out = tmp_path / "out2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "launchers/tokenize_videos.py"), "--input", str(cfg.input_dir), "--output", str(out),
+           "--tokenizer", str(cfg.tokenizer), "--num-frames", str(NUM_FRAMES), "--frame-stride", str(STRIDE),
+           "--clip-hop", str(HOP), "--resolution", str(RES), "--videos-per-shard", "2", "--batch-size", "3",
+           "--label-from-dir"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokenize (2 ranks)" in proc.stderr  # rank-0 progress bar
+    manifest = read_manifest(out)
+    assert {k: v for k, v in manifest.items()} == dataset["manifest"]
+    single, multi = _read_all(cfg.output_dir), _read_all(out)
+    assert multi.keys() == single.keys()
+    for key in single:
+        np.testing.assert_array_equal(multi[key][0], single[key][0])
+        assert multi[key][1] == single[key][1]
+    for k in range(3):  # deterministic assignment and content: shards are byte-identical
+        assert (out / shard_name(k)).read_bytes() == (cfg.output_dir / shard_name(k)).read_bytes()

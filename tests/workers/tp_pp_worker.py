@@ -1,0 +1,93 @@
+"""torchrun worker for the TP/PP equivalence and conversion tests (tests/test_parallel_equivalence.py).
+
+    reference (1 process, TP1 PP1): init weights from a seed, save them, run one forward/backward over
+        4 micro-batches of a fixed batch, save the loss and the gradients (as a dist checkpoint).
+    parallel  (4 processes, TP2 PP2): load those weights, save a training checkpoint (for conversion),
+        compute the logits (forward only, gathered over TP) and the same forward/backward; save loss and
+        gradients the same way.
+"""
+
+import argparse
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from megatron_nbp.checkpointing import save_checkpoint, unwrap  # noqa: E402
+from megatron_nbp.config import NBPConfig  # noqa: E402
+from megatron_nbp.layouts import frame_prediction_batch  # noqa: E402
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
+from megatron_nbp.training import build_training_state, forward_step, reduce_losses  # noqa: E402
+from tests.synthetic import synthetic_clips  # noqa: E402
+
+
+def micro_batches(cfg):
+    clips = torch.from_numpy(synthetic_clips(8, cfg.model.latent_shape, vocab=cfg.model.vocab_size, seed=7)
+                             .reshape(8, -1).astype("int64"))
+    return [frame_prediction_batch(clips[i:i + 2], cfg.model.block_size) for i in range(0, 8, 2)]
+
+
+def save_grads(model, path):
+    """Copy main_grad into the weights and save them: gradients in megatron's sharded key space."""
+    with torch.no_grad():
+        for p in unwrap(model).parameters():
+            p.data.copy_(p.main_grad)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["reference", "parallel"], required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    tp = pp = 1 if args.mode == "reference" else 2
+    cfg = NBPConfig.from_yaml(args.config, {"parallel.tensor_model_parallel_size": tp,
+                                            "parallel.pipeline_model_parallel_size": pp})
+    initialize_parallel(tp, pp, seed=cfg.train.seed)
+    state = build_training_state(cfg)
+    model = state.model
+    weights = work / "ref_weights"
+    if args.mode == "reference":
+        weights.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(weights))
+    else:
+        loaded = dist_checkpointing.load(unwrap(model).sharded_state_dict(), str(weights))
+        unwrap(model).load_state_dict(loaded)
+        save_checkpoint(work / "ckpt", 1, model, state.optimizer, state.scheduler, 0, cfg.to_dict()["model"])
+        # forward-only logits, gathered across tensor-parallel ranks on the last stage
+        def logits_step(data_iterator, model):
+            batch = next(data_iterator)
+            from megatron_nbp.training import _mask_cache
+            out = model(batch.tokens, batch.position_ids, _mask_cache(batch.block_ids))
+            return out, lambda out, non_loss_data=True: tensor_parallel.gather_from_tensor_model_parallel_region(out)
+        logits = get_forward_backward_func()(
+            forward_step_func=logits_step, data_iterator=iter(micro_batches(cfg)), model=[model],
+            num_microbatches=4, seq_length=cfg.model.seq_length, micro_batch_size=2,
+            forward_only=True, collect_non_loss_data=True)
+        if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+            torch.save(torch.cat(logits), work / "parallel_logits.pt")
+    model.zero_grad_buffer()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches(cfg)), model=[model],
+        num_microbatches=4, seq_length=cfg.model.seq_length, micro_batch_size=2, forward_only=False)
+    loss = reduce_losses(losses)
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        (work / f"{args.mode}_loss.json").write_text(json.dumps({"loss": loss}))
+    save_grads(model, work / f"{args.mode}_grads")
+    dist.barrier()
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
