@@ -38,6 +38,8 @@ class ModelConfig:
         condition_frames: latent frames given at inference for frame prediction.
         make_vocab_size_divisible_by: Megatron's vocabulary padding unit (multiplied by TP size).
         share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
+        attention_backend: "dense" (SDPA + dense block-causal mask; CPU path and reference) or
+            "flex" (FlexAttention + cached BlockMask; compiled on GPU, no S x S tensor).
     """
 
     num_layers: int = 4
@@ -55,6 +57,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     share_embeddings_and_output_weights: bool = True
+    attention_backend: str = "dense"
 
     def __post_init__(self) -> None:
         self.latent_shape = tuple(int(x) for x in self.latent_shape)
@@ -196,6 +199,10 @@ class NBPConfig:
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if m.layout != "frame_prediction":
             errors.append(f"model.layout={m.layout!r} is not supported (supported: 'frame_prediction')")
+        if m.attention_backend not in ("dense", "flex"):
+            errors.append(f"model.attention_backend={m.attention_backend!r} not in ('dense', 'flex')")
+        elif m.attention_backend == "flex" and m.attention_dropout:
+            errors.append(f"attention_backend 'flex' has no attention dropout (attention_dropout={m.attention_dropout})")
         if len(m.latent_shape) != 3 or len(m.block_shape) != 3:
             errors.append(f"latent_shape {m.latent_shape} and block_shape {m.block_shape} must be (T, H, W)")
         elif any(l % b for l, b in zip(m.latent_shape, m.block_shape)) or min(m.block_shape) < 1:

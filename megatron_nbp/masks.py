@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 
+def may_attend(query_block: torch.Tensor, key_block: torch.Tensor) -> torch.Tensor:
+    """The rule itself, elementwise (broadcasting): a key is visible iff its block is not later."""
+    return key_block <= query_block
+
+
 def block_causal_allowed(
     query_block_ids: torch.Tensor,
     key_block_ids: torch.Tensor | None = None,
@@ -29,7 +34,7 @@ def block_causal_allowed(
     """
     if key_block_ids is None:
         key_block_ids = query_block_ids
-    allowed = key_block_ids.unsqueeze(-2) <= query_block_ids.unsqueeze(-1)
+    allowed = may_attend(query_block_ids.unsqueeze(-1), key_block_ids.unsqueeze(-2))
     if key_padding is not None:
         allowed = allowed & ~key_padding.unsqueeze(-2)
     return allowed
@@ -48,3 +53,31 @@ def block_causal_attention_mask(block_ids: torch.Tensor, key_padding: torch.Tens
     if block_ids.dim() == 1:
         block_ids = block_ids.unsqueeze(0)
     return ~block_causal_allowed(block_ids, key_padding=key_padding).unsqueeze(1)
+
+
+def block_causal_block_mask(block_ids: torch.Tensor, key_padding: torch.Tensor | None = None,
+                            device: str | torch.device | None = None):
+    """FlexAttention BlockMask of the same rule: no dense S x S tensor; fully masked tiles are skipped.
+
+    Args:
+        block_ids: int64 [B, S] block ids (B = 1 broadcasts over the batch).
+        key_padding: optional bool [B, S], True at padding keys.
+        device: where the BlockMask lives (default: that of ``block_ids``).
+
+    Returns:
+        torch.nn.attention.flex_attention.BlockMask for [B, heads (broadcast), S, S].
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = device or block_ids.device
+    ids = block_ids.to(device)
+    pad = None if key_padding is None else key_padding.to(device)
+    batch, seq = ids.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = may_attend(ids[b, q_idx], ids[b, kv_idx])
+        return allowed if pad is None else allowed & ~pad[b, kv_idx]
+
+    # compiled construction (CUDA) evaluates mask_mod tile by tile instead of materialising S x S
+    compile_it = torch.device(device).type == "cuda"
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=device, _compile=compile_it)

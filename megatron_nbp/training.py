@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,10 +22,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_nbp.checkpointing import load_checkpoint, save_checkpoint
-from megatron_nbp.config import NBPConfig
+from megatron_nbp.config import ModelConfig, NBPConfig
 from megatron_nbp.data import TokenClipStream, micro_batches
 from megatron_nbp.layouts import LayoutBatch
-from megatron_nbp.masks import block_causal_attention_mask
+from megatron_nbp.model.attention import ATTENTION_BACKENDS
 from megatron_nbp.model.builder import build_gpt_model
 from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_rank_0
 from megatron_nbp.training_log import TrainingLogger
@@ -33,11 +33,13 @@ from megatron_nbp.training_log import TrainingLogger
 
 @dataclass
 class TrainingState:
-    """Everything one rank trains: the DDP-wrapped model stage, optimizer and LR scheduler."""
+    """Everything one rank trains: the DDP-wrapped model stage, optimizer, LR scheduler and the
+    megatron forward_step_func for the model's layout and attention backend."""
 
     model: DistributedDataParallel
     optimizer: Any
     scheduler: OptimizerParamScheduler
+    forward_step: Callable
 
 
 def build_training_state(cfg: NBPConfig) -> TrainingState:
@@ -66,7 +68,7 @@ def build_training_state(cfg: NBPConfig) -> TrainingState:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    return TrainingState(model, optimizer, scheduler)
+    return TrainingState(model, optimizer, scheduler, make_forward_step(cfg.model))
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -85,28 +87,34 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
 
 
-class _MaskCache:
-    """The dense block-causal mask is the same for every micro-batch of a layout: build it once."""
+class MaskCache:
+    """The attention mask of a layout (dense tensor or FlexAttention BlockMask, per the model's
+    attention backend) is the same for every micro-batch: build it once per block-id pattern.
+    Assumes the block ids are shared by the batch (true of the layouts here; padding comes later)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str) -> None:
+        self.build = ATTENTION_BACKENDS[backend][1]
         self._key, self._mask = None, None
 
-    def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
-        key = (tuple(block_ids.shape), block_ids[0].tolist())
+    def __call__(self, block_ids: torch.Tensor) -> Any:
+        key = (tuple(block_ids.shape[1:]), block_ids[0].tolist())
         if key != self._key:
-            self._key, self._mask = key, block_causal_attention_mask(block_ids[:1])
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            self._key, self._mask = key, self.build(block_ids[:1], device=device)
         return self._mask
 
 
-_mask_cache = _MaskCache()
+def make_forward_step(model_cfg: ModelConfig):
+    """megatron ``forward_step_func`` for this model: one micro-batch through this rank's stage,
+    with the attention mask of the model's backend built once per layout."""
+    masks = MaskCache(model_cfg.attention_backend)
 
+    def forward_step(data_iterator: Iterator[LayoutBatch], model):
+        batch = next(data_iterator)
+        output = model(batch.tokens, batch.position_ids, masks(batch.block_ids), labels=batch.labels)
+        return output, partial(loss_func, batch.loss_mask)
 
-def forward_step(data_iterator: Iterator[LayoutBatch], model):
-    """megatron ``forward_step_func``: one micro-batch through this rank's model stage."""
-    batch = next(data_iterator)
-    mask = _mask_cache(batch.block_ids)
-    output = model(batch.tokens, batch.position_ids, mask, labels=batch.labels)
-    return output, partial(loss_func, batch.loss_mask)
+    return forward_step
 
 
 def train_step(state: TrainingState, data_iterator, cfg: NBPConfig, num_microbatches: int):
@@ -119,7 +127,7 @@ def train_step(state: TrainingState, data_iterator, cfg: NBPConfig, num_microbat
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=state.forward_step,
         data_iterator=data_iterator,
         model=[state.model],
         num_microbatches=num_microbatches,

@@ -1,12 +1,20 @@
-"""Block-causal core attention for megatron-core's SelfAttention (the dense-mask / CPU path).
+"""Block-causal core attention modules for megatron-core's SelfAttention.
 
-This is the reference kernel: torch SDPA with the dense boolean mask built by
-:mod:`megatron_nbp.masks` from the layout's block ids. It slots into a megatron layer spec as
-``core_attention`` (see :mod:`megatron_nbp.model.spec`), replacing megatron's DotProductAttention
-(whose softmax path allocates from a CUDA-only global buffer).
+Two kernels of the one rule in :mod:`megatron_nbp.masks`, each slotting into a megatron layer spec as
+``core_attention`` (see :mod:`megatron_nbp.model.spec`):
+
+- ``BlockCausalSDPAttention``: torch SDPA under a dense boolean mask, the CPU path and the reference
+  (replaces megatron's DotProductAttention, whose softmax allocates from a CUDA-only buffer);
+- ``BlockCausalFlexAttention``: FlexAttention with a cached BlockMask (no dense S x S tensor, fully
+  masked tiles skipped), compiled on GPU (the fused path), eager on CPU.
+
+``ATTENTION_BACKENDS`` maps a config name to (core attention class, mask builder); the training step
+builds the mask once per layout with the builder and passes it through GPTModel as ``attention_mask``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +23,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_nbp.masks import block_causal_attention_mask, block_causal_block_mask
 
 
 class BlockCausalSDPAttention(MegatronModule):
@@ -70,8 +80,66 @@ class BlockCausalSDPAttention(MegatronModule):
             rep = self.num_heads // self.num_groups
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout = self.dropout_p if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork():
+        # attention dropout differs across TP ranks (different heads): megatron's model-parallel RNG
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()
+        with rng:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.softmax_scale
             )
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+
+_compiled_flex = None
+
+
+def _flex_kernel():
+    """flex_attention, compiled on CUDA (fused kernel), eager elsewhere (CPU compile has no backward)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not torch.cuda.is_available():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+class BlockCausalFlexAttention(BlockCausalSDPAttention):
+    """FlexAttention under a BlockMask built from the layout's block ids (the fused block-causal path).
+
+    Same contract as :class:`BlockCausalSDPAttention`, except ``attention_mask`` is a
+    ``torch.nn.attention.flex_attention.BlockMask`` (see :func:`megatron_nbp.masks.block_causal_block_mask`).
+
+    Raises:
+        ValueError: attention dropout > 0 (FlexAttention has none; the NBP release trains with 0),
+            or a mask that is not a BlockMask.
+    """
+
+    def __init__(self, config: TransformerConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        if self.dropout_p:
+            raise ValueError(f"flex attention has no attention dropout; got {self.dropout_p} (set attention_dropout: 0)")
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if not isinstance(attention_mask, BlockMask):
+            raise ValueError(f"flex attention needs a BlockMask, got {type(attention_mask).__name__}")
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("packed sequences and attention bias are not supported")
+        sq, b = query.shape[:2]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        context = _flex_kernel()(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
+                                 enable_gqa=self.num_heads != self.num_groups)
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+
+def _dense_mask(block_ids: torch.Tensor, device=None) -> torch.Tensor:
+    return block_causal_attention_mask(block_ids).to(device or block_ids.device)
+
+
+ATTENTION_BACKENDS = {
+    "dense": (BlockCausalSDPAttention, _dense_mask),
+    "flex": (BlockCausalFlexAttention, block_causal_block_mask),
+}

@@ -54,7 +54,8 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     Returns:
         GPTModel with learned absolute positions over ``model.seq_length`` positions and a vocabulary
         padded to a multiple of make_vocab_size_divisible_by x TP. Its forward takes input_ids,
-        position_ids [B, S] int64 and attention_mask bool [B, 1, S, S] (True = masked); with labels it
+        position_ids [B, S] int64 and attention_mask (dense backend: bool [B, 1, S, S], True = masked;
+        flex backend: a BlockMask; see megatron_nbp.model.attention.ATTENTION_BACKENDS); with labels it
         returns the per-token cross entropy [B, S] (fp32), without them logits [S, B, V/TP]
         (or [B, S, V] gathered when ``parallel_output=False``).
     """
@@ -63,7 +64,7 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     config = transformer_config(model, tp, pp, params_dtype)
     return GPTModel(
         config=config,
-        transformer_layer_spec=nbp_local_layer_spec(),
+        transformer_layer_spec=nbp_local_layer_spec(model.attention_backend),
         vocab_size=model.padded_vocab_size(tp),
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

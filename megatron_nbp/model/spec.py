@@ -10,16 +10,19 @@ from __future__ import annotations
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_nbp.model.attention import BlockCausalSDPAttention
+from megatron_nbp.model.attention import ATTENTION_BACKENDS
 
 
-def nbp_local_layer_spec(core_attention: type = BlockCausalSDPAttention) -> ModuleSpec:
-    """Local (no Transformer Engine) GPT layer spec with block-causal ``core_attention``.
+def nbp_local_layer_spec(attention_backend: str = "dense") -> ModuleSpec:
+    """Local (no Transformer Engine) GPT layer spec with block-causal core attention.
+
+    Args:
+        attention_backend: key of ``ATTENTION_BACKENDS`` ("dense" SDPA or "flex" FlexAttention).
 
     Returns:
         ModuleSpec of a TransformerLayer: LayerNorm -> SelfAttention(ColumnParallel QKV,
-        ``core_attention``, RowParallel proj) -> LayerNorm -> MLP(GELU), as megatron-core builds it.
+        block-causal core attention, RowParallel proj) -> LayerNorm -> MLP(GELU), as megatron-core builds it.
     """
     spec = get_gpt_layer_local_spec()
-    spec.submodules.self_attention.submodules.core_attention = core_attention
+    spec.submodules.self_attention.submodules.core_attention = ATTENTION_BACKENDS[attention_backend][0]
     return spec

@@ -25,7 +25,7 @@ from megatron_nbp.checkpointing import save_checkpoint, unwrap  # noqa: E402
 from megatron_nbp.config import NBPConfig  # noqa: E402
 from megatron_nbp.layouts import frame_prediction_batch  # noqa: E402
 from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_nbp.training import build_training_state, forward_step, reduce_losses  # noqa: E402
+from megatron_nbp.training import MaskCache, build_training_state, reduce_losses  # noqa: E402
 from tests.synthetic import synthetic_clips  # noqa: E402
 
 
@@ -66,10 +66,11 @@ def main():
         unwrap(model).load_state_dict(loaded)
         save_checkpoint(work / "ckpt", 1, model, state.optimizer, state.scheduler, 0, cfg.to_dict()["model"])
         # forward-only logits, gathered across tensor-parallel ranks on the last stage
+        masks = MaskCache(cfg.model.attention_backend)
+
         def logits_step(data_iterator, model):
             batch = next(data_iterator)
-            from megatron_nbp.training import _mask_cache
-            out = model(batch.tokens, batch.position_ids, _mask_cache(batch.block_ids))
+            out = model(batch.tokens, batch.position_ids, masks(batch.block_ids))
             return out, lambda out, non_loss_data=True: tensor_parallel.gather_from_tensor_model_parallel_region(out)
         logits = get_forward_backward_func()(
             forward_step_func=logits_step, data_iterator=iter(micro_batches(cfg)), model=[model],
@@ -79,7 +80,7 @@ def main():
             torch.save(torch.cat(logits), work / "parallel_logits.pt")
     model.zero_grad_buffer()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches(cfg)), model=[model],
+        forward_step_func=state.forward_step, data_iterator=iter(micro_batches(cfg)), model=[model],
         num_microbatches=4, seq_length=cfg.model.seq_length, micro_batch_size=2, forward_only=False)
     loss = reduce_losses(losses)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:

@@ -1,0 +1,63 @@
+"""Train the video tokenizer (reconstruction loss). Single process or torchrun (DDP, gloo on CPU).
+
+Example::
+
+    python launchers/train_tokenizer.py --config configs/tokenizer/tiny.yaml --data media/ \
+        --output runs/tokenizer.safetensors --resolution 64 --num-frames 17 --train-steps 400 --max-minutes 4
+    torchrun --nproc-per-node 2 launchers/train_tokenizer.py ...   # same flags
+
+Defaults for the training flags come from the ``train:`` section of the YAML config; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.tokenizer.train import TrainOptions, train_tokenizer  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    """Parse command-line flags into :class:`TrainOptions` (YAML ``train:`` values as defaults)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="tokenizer YAML (model: and optional train: sections)")
+    parser.add_argument("--data", required=True, help="directory of videos (searched recursively)")
+    parser.add_argument("--output", required=True, help="checkpoint to write (.safetensors)")
+    parser.add_argument("--resolution", type=int, help="square crop size in pixels (multiple of 8)")
+    parser.add_argument("--num-frames", type=int, help="frames per clip, 1 + 4n (e.g. 17)")
+    parser.add_argument("--frame-stride", type=int, help="step between sampled frames")
+    parser.add_argument("--train-steps", "--train-iters", dest="train_steps", type=int, help="optimizer steps")
+    parser.add_argument("--max-minutes", type=float, help="stop after this wall time (minutes)")
+    parser.add_argument("--batch-size", type=int, help="clips per step per rank")
+    parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    parser.add_argument("--image-every", type=int, help="every k-th step trains on single frames (0: never)")
+    parser.add_argument("--image-batch-size", type=int, help="frames per image step per rank")
+    parser.add_argument("--seed", type=int, help="random seed (model init and clip sampling)")
+    parser.add_argument("--log-interval", type=int, help="log every N steps")
+    parser.add_argument("--tensorboard-dir", help="write TensorBoard scalars here (rank 0)")
+    parser.add_argument("--eval-clips", type=int, help="non-overlapping clips per rank for the final PSNR")
+    args = parser.parse_args(argv)
+    values = TrainOptions.yaml_defaults(args.config)
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    return TrainOptions(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    result = train_tokenizer(parse_args(argv))
+    if rank == 0:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install the pinned CPU stack.
+# torch is installed FIRST and pinned (constraints.txt) so pip never pulls the multi-GB CUDA wheels.
+# Usage: source scripts/setup_env.sh      (leaves the venv activated)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-$REPO/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+  echo "== installing torch==2.13.0 (CPU)"
+  pip install -q torch==2.13.0
+fi
+if ! python - "$REPO/requirements.txt" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+from packaging.requirements import Requirement
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    req = Requirement(line)
+    try:
+        if not req.specifier.contains(version(req.name), prereleases=True):
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+then
+  echo "== installing requirements.txt (constrained to torch==2.13.0)"
+  pip install -q -c "$REPO/constraints.txt" -r "$REPO/requirements.txt"
+fi
+python -c "import torch, megatron.core; print(f'== environment ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null
