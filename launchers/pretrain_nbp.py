@@ -43,7 +43,9 @@ _OVERRIDES = {
 def parse_args(argv=None) -> NBPConfig:
     """Parse the command line into a validated-later NBPConfig."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (model / parallel / train sections)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="YAML config (model / parallel / train sections); repeat to layer files, "
+                             "e.g. --config configs/model/nbp_xl.yaml --config configs/data/k600.yaml")
     parser.add_argument("--tensor-model-parallel-size", "--tp", type=int)
     parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int)
     parser.add_argument("--micro-batch-size", type=int)
@@ -63,17 +65,39 @@ def parse_args(argv=None) -> NBPConfig:
     parser.add_argument("--exit-interval", type=int, help="save (if --save) and exit after this iteration")
     parser.add_argument("--log-interval", type=int)
     parser.add_argument("--tensorboard-dir")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print the parameter count and exit (no weights, no process group)")
     args = parser.parse_args(argv)
     overrides = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
     cfg = NBPConfig.from_yaml(args.config, overrides)
     if args.seq_length is not None and args.seq_length != cfg.model.seq_length:
         parser.error(f"--seq-length {args.seq_length} does not match the layout: latent "
                      f"{cfg.model.latent_shape} minus one block of {cfg.model.block_size} = {cfg.model.seq_length}")
+    cfg.dry_run = args.dry_run
     return cfg
+
+
+def dry_run(cfg) -> None:
+    """Validate and print the model's size without allocating anything."""
+    from megatron_nbp.model.params import count_parameters, format_count
+
+    p = cfg.parallel
+    cfg.validate(int(os.environ.get("WORLD_SIZE", p.tensor_model_parallel_size * p.pipeline_model_parallel_size)))
+    c = count_parameters(cfg.model, p.tensor_model_parallel_size)
+    m = cfg.model
+    print(f"> model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
+          f"ffn {m.ffn_hidden_size}, seq {m.seq_length}, vocab {m.vocab_size} (padded "
+          f"{m.padded_vocab_size(p.tensor_model_parallel_size)})")
+    print(f"> parameters: transformer {format_count(c.transformer)} ({c.transformer:,}) | "
+          f"embeddings {format_count(c.word_embeddings + c.position_embeddings)} | "
+          f"output layer {format_count(c.output_layer)} | total {format_count(c.total)} ({c.total:,})")
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    if cfg.dry_run:
+        dry_run(cfg)
+        return
     from megatron_nbp.parallel import destroy_parallel
     from megatron_nbp.training import pretrain
 

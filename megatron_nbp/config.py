@@ -128,20 +128,29 @@ class NBPConfig:
     save: str | None = None
     load: str | None = None
     tensorboard_dir: str | None = None
+    dry_run: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "NBPConfig":
-        """Read a YAML config and apply ``overrides`` ({"train.lr": 1e-3, "save": "ckpt", ...}).
+    def from_yaml(cls, paths: str | Path | list[str | Path],
+                  overrides: dict[str, Any] | None = None) -> "NBPConfig":
+        """Read one or more YAML configs (later files override earlier ones key by key, e.g. a model
+        size file then a data file) and apply ``overrides`` ({"train.lr": 1e-3, "save": "ckpt", ...}).
 
         Raises:
-            FileNotFoundError: no such file.
+            FileNotFoundError: a file does not exist.
             ConfigError: unknown section or key, or a value of the wrong kind.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw: dict[str, Any] = {}
+        for path in [paths] if isinstance(paths, (str, Path)) else paths:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            for section, values in (yaml.safe_load(path.read_text()) or {}).items():
+                if isinstance(values, dict):
+                    raw.setdefault(section, {}).update(values)
+                else:
+                    raw[section] = values
         return cls.from_dict(raw, overrides)
 
     @classmethod

@@ -27,6 +27,7 @@ from megatron_nbp.data import TokenClipStream, micro_batches
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.attention import ATTENTION_BACKENDS
 from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.model.params import count_parameters, format_count
 from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_rank_0
 from megatron_nbp.training_log import TrainingLogger
 
@@ -162,6 +163,8 @@ def pretrain(cfg: NBPConfig) -> list[float]:
     dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
     state = build_training_state(cfg)
+    count = count_parameters(cfg.model, p.tensor_model_parallel_size)
+    print_rank_0(f"> parameters: transformer {format_count(count.transformer)}, total {format_count(count.total)}")
     print_rank_0(
         f"> TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={dp_size} | "
         f"micro-batches per iteration: {num_microbatches} | seq length {cfg.model.seq_length} | "

@@ -3,15 +3,15 @@
 #   fetch real footage -> train a small tokenizer -> tokenize (torchrun, 2 ranks) -> pretrain NBP with
 #   megatron-core TP2 x PP2 (torchrun, 4 ranks) -> convert to one safetensors file -> generate mp4 + PNG.
 # Usage: bash scripts/demo.sh [RUN_DIR]     (default runs/demo; every stage's output lands there)
-# Knobs (environment): TOKENIZER_MINUTES (4), TRAIN_ITERS (120), PROMPT (bikes.mp4)
+# Knobs (environment): TOKENIZER_MINUTES (4), TRAIN_ITERS (180), PROMPT (bikes.mp4)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 RUN="${1:-runs/demo}"
 TOKENIZER_MINUTES="${TOKENIZER_MINUTES:-4}"
-TRAIN_ITERS="${TRAIN_ITERS:-120}"
+TRAIN_ITERS="${TRAIN_ITERS:-180}"
 PROMPT="${PROMPT:-bikes.mp4}"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # torchrun sets OMP_NUM_THREADS=1 per rank itself
 # shellcheck disable=SC1091
 source scripts/setup_env.sh
 mkdir -p "$RUN"

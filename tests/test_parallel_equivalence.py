@@ -2,6 +2,7 @@
 converted single-device model against the megatron model. Also covers the CPU adapter end to end."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -67,3 +68,13 @@ def test_converted_model_logits_match_megatron(workdir):
         ours = model(tokens, positions, allowed)
     assert ours.shape == megatron_logits.shape
     assert rel_err(ours, megatron_logits) <= 1e-5
+
+
+def test_parameter_count_matches_the_converted_model(workdir):
+    from safetensors import safe_open
+
+    from megatron_nbp.model.params import count_parameters
+
+    with safe_open(str(workdir / "converted" / "model.safetensors"), "pt") as f:
+        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert count_parameters(NBPConfig.from_yaml(CONFIG).model).total == numel

@@ -1,0 +1,55 @@
+"""Parameter counts of the NBP decoder from its config alone (no weights allocated).
+
+Counts megatron-core's GPTModel with the local layer spec exactly as built by
+:func:`megatron_nbp.model.builder.build_gpt_model` (LayerNorm with bias, biased linears, GELU MLP,
+learned absolute positions, padded vocabulary, tied or untied output layer); the tests check it
+against the numel of a real model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_nbp.config import ModelConfig
+
+
+@dataclass
+class ParameterCount:
+    """Parameters by part; ``transformer`` (the layers + final norm) is what model-size tables quote."""
+
+    word_embeddings: int
+    position_embeddings: int
+    transformer: int
+    output_layer: int
+
+    @property
+    def total(self) -> int:
+        return self.word_embeddings + self.position_embeddings + self.transformer + self.output_layer
+
+
+def count_parameters(model: ModelConfig, tensor_parallel: int = 1) -> ParameterCount:
+    """Exact parameter count of the whole model (all TP/PP ranks together, tied weights once)."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    vocab = model.padded_vocab_size(tensor_parallel)
+    layer = (
+        2 * h                    # input LayerNorm (weight, bias)
+        + 3 * h * h + 3 * h      # fused QKV
+        + h * h + h              # attention output projection
+        + 2 * h                  # pre-MLP LayerNorm
+        + h * f + f              # fc1
+        + f * h + h              # fc2
+    )
+    return ParameterCount(
+        word_embeddings=vocab * h,
+        position_embeddings=model.seq_length * h,
+        transformer=model.num_layers * layer + 2 * h,
+        output_layer=0 if model.share_embeddings_and_output_weights else vocab * h,
+    )
+
+
+def format_count(n: int) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
