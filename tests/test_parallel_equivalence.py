@@ -78,3 +78,20 @@ def test_parameter_count_matches_the_converted_model(workdir):
     with safe_open(str(workdir / "converted" / "model.safetensors"), "pt") as f:
         numel = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert count_parameters(NBPConfig.from_yaml(CONFIG).model).total == numel
+
+
+def test_kv_cache_decoding_of_the_converted_model_equals_its_full_forward(workdir):
+    from megatron_nbp.inference.generate import BlockDecoder
+
+    cfg = NBPConfig.from_yaml(CONFIG)
+    model = load_inference_model(workdir / "converted")
+    batch = micro_batches(cfg)[0]
+    L, prompt = cfg.model.block_size, 2 * 16  # two latent frames of 4x4
+    video = torch.cat([batch.tokens, batch.labels[:, -L:]], dim=1)  # the whole clips, [2, N]
+    with torch.no_grad():
+        full = model(batch.tokens, batch.position_ids, block_causal_allowed(batch.block_ids))
+        decoder = BlockDecoder(model, video.shape[0])
+        cached = [decoder.prefill(video[:, :prompt])]
+        for start in range(prompt, video.shape[1] - L, L):
+            cached.append(decoder.step(video[:, start:start + L]))
+    assert rel_err(torch.cat(cached, dim=1), full[:, prompt - L:]) <= 1e-5
