@@ -86,7 +86,8 @@ def dry_run(cfg) -> None:
     c = count_parameters(cfg.model, p.tensor_model_parallel_size)
     m = cfg.model
     print(f"> model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
-          f"ffn {m.ffn_hidden_size}, seq {m.seq_length}, vocab {m.vocab_size} (padded "
+          f"ffn {m.ffn_hidden_size}, layout {m.layout}, seq {m.seq_length}, vocab {m.total_vocab_size} "
+          f"(video {m.vocab_size} + special/condition {m.video_token_offset}; padded "
           f"{m.padded_vocab_size(p.tensor_model_parallel_size)})")
     print(f"> parameters: transformer {format_count(c.transformer)} ({c.transformer:,}) | "
           f"embeddings {format_count(c.word_embeddings + c.position_embeddings)} | "

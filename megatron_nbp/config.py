@@ -31,11 +31,14 @@ class ModelConfig:
 
     Attributes:
         num_layers, hidden_size, num_attention_heads, ffn_hidden_size: GPT shape (Megatron names).
-        vocab_size: number of real token ids (64,000 FSQ codes [8,8,8,5,5,5] for frame prediction).
+        vocab_size: video token ids, the tokenizer codebook (64,000 FSQ codes [8,8,8,5,5,5]).
         latent_shape: (T', H', W') latent tokens per clip, flattened t-major then rows then columns.
         block_shape: (t, h, w) tokens per NBP block; must tile ``latent_shape``. (1, 1, W') = one row.
-        layout: token layout; "frame_prediction" (K600-style, DESIGN.md).
+        layout: token layout (DESIGN.md): "frame_prediction" (K600-style, no prefix) or "hybrid"
+            (class-conditional, UCF-101-style: condition block, BOV, first block token by token, MBOS).
         condition_frames: latent frames given at inference for frame prediction.
+        condition_labels: hybrid only: the class names, in id order (condition id = index here).
+        num_condition_tokens: hybrid only: P, condition tokens per sample (1 for a class label).
         make_vocab_size_divisible_by: Megatron's vocabulary padding unit (multiplied by TP size).
         share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
         attention_backend: "dense" (SDPA + dense block-causal mask; CPU path and reference) or
@@ -58,6 +61,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     share_embeddings_and_output_weights: bool = True
     attention_backend: str = "dense"
+    condition_labels: list[str] | None = None
+    num_condition_tokens: int = 1
 
     def __post_init__(self) -> None:
         self.latent_shape = tuple(int(x) for x in self.latent_shape)
@@ -77,13 +82,32 @@ class ModelConfig:
 
     @property
     def seq_length(self) -> int:
-        """Model input length for frame prediction: the clip minus its last block (N - L)."""
+        """Model input length: the clip minus its last block (N - L) for frame prediction; the
+        condition plus the clip (P + N) for the hybrid layout (whose special tokens make up L)."""
+        if self.layout == "hybrid":
+            return self.num_condition_tokens + self.num_video_tokens
         return self.num_video_tokens - self.block_size
+
+    @property
+    def condition_vocab_size(self) -> int:
+        """Number of condition ids (class labels); 0 without a condition."""
+        return len(self.condition_labels or []) if self.layout == "hybrid" else 0
+
+    @property
+    def video_token_offset(self) -> int:
+        """First model id of the video tokens: 0 for frame prediction; L special tokens (BOV = 0,
+        MBOS_i = i) + the condition vocabulary for the hybrid layout, as in the official release."""
+        return self.block_size + self.condition_vocab_size if self.layout == "hybrid" else 0
+
+    @property
+    def total_vocab_size(self) -> int:
+        """Model vocabulary before padding: special + condition + video ids."""
+        return self.video_token_offset + self.vocab_size
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Vocabulary padded as Megatron-LM does, to a multiple of divisible_by * TP."""
         unit = self.make_vocab_size_divisible_by * tensor_parallel_size
-        return int(math.ceil(self.vocab_size / unit) * unit)
+        return int(math.ceil(self.total_vocab_size / unit) * unit)
 
 
 @dataclass
@@ -206,8 +230,13 @@ class NBPConfig:
         m, p, t = self.model, self.parallel, self.train
         errors = []
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if m.layout != "frame_prediction":
-            errors.append(f"model.layout={m.layout!r} is not supported (supported: 'frame_prediction')")
+        if m.layout not in ("frame_prediction", "hybrid"):
+            errors.append(f"model.layout={m.layout!r} not in ('frame_prediction', 'hybrid')")
+        if m.layout == "hybrid":
+            if not m.condition_labels or len(set(m.condition_labels)) != len(m.condition_labels):
+                errors.append(f"layout 'hybrid' needs distinct model.condition_labels, got {m.condition_labels}")
+            if m.num_condition_tokens != 1:
+                errors.append(f"num_condition_tokens={m.num_condition_tokens}: only class labels (1 token) so far")
         if m.attention_backend not in ("dense", "flex"):
             errors.append(f"model.attention_backend={m.attention_backend!r} not in ('dense', 'flex')")
         elif m.attention_backend == "flex" and m.attention_dropout:

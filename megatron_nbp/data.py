@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from data_prep.shards import iter_shard, read_manifest
-from megatron_nbp.layouts import LayoutBatch, frame_prediction_batch
+from megatron_nbp.config import ModelConfig
+from megatron_nbp.layouts import LayoutBatch, frame_prediction_batch, hybrid_batch
 
 
 class DataError(ValueError):
@@ -33,7 +34,7 @@ class DataError(ValueError):
 
 
 class TokenClipStream:
-    """Endless per-DP-rank stream of clips as int64 [N] video-token vectors (N = T'*H'*W').
+    """Endless per-DP-rank stream of clips: (int64 [N] video tokens (N = T'*H'*W'), label str or None).
 
     Args:
         data_dir: directory with ``manifest.json`` and the shards.
@@ -72,27 +73,27 @@ class TokenClipStream:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.consumed = consumed
 
-    def _epoch_stream(self, epoch: int) -> Iterator[np.ndarray]:
+    def _epoch_stream(self, epoch: int) -> Iterator[tuple[np.ndarray, str | None]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         shards = list(self.shards)
         rng.shuffle(shards)
         buffer: list[np.ndarray] = []
         for shard in shards:
-            for key, tokens, _meta in iter_shard(shard):
+            for key, tokens, meta in iter_shard(shard):
                 if tokens.shape != self.latent_shape:
                     raise DataError(f"{shard}:{key} has latent shape {tokens.shape}, expected {self.latent_shape}")
-                buffer.append(tokens)
+                buffer.append((tokens, meta.get("label")))
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str | None]]:
         while True:
             epoch, offset = divmod(self.consumed, self.samples_per_rank)
             limit = self.samples_per_rank * self.dp_size
             mine = 0
-            for position, tokens in enumerate(self._epoch_stream(epoch)):
+            for position, (tokens, label) in enumerate(self._epoch_stream(epoch)):
                 if position >= limit:
                     break
                 if position % self.dp_size != self.dp_rank:
@@ -104,14 +105,27 @@ class TokenClipStream:
                 flat = tokens.reshape(-1).astype(np.int64)
                 if flat.max(initial=0) >= self.vocab_size:
                     raise DataError(f"token id {flat.max()} >= vocab_size {self.vocab_size}")
-                yield flat
+                yield flat, label
 
 
-def micro_batches(stream: TokenClipStream, micro_batch_size: int, block_size: int) -> Iterator[LayoutBatch]:
-    """Group the stream into frame-prediction micro-batches (LayoutBatch, tensors [mbs, N - L])."""
-    clips: list[np.ndarray] = []
-    for clip in stream:
+def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelConfig) -> Iterator[LayoutBatch]:
+    """Group the stream into micro-batches in the model's layout (LayoutBatch, tensors [mbs, S]).
+
+    Raises:
+        DataError: hybrid layout and a clip whose label is not one of ``model.condition_labels``.
+    """
+    class_ids = {name: i for i, name in enumerate(model.condition_labels or [])}
+    clips, labels = [], []
+    for clip, label in stream:
+        if model.layout == "hybrid":
+            if label not in class_ids:
+                raise DataError(f"clip label {label!r} is not in model.condition_labels {list(class_ids)}")
+            labels.append(class_ids[label])
         clips.append(clip)
         if len(clips) == micro_batch_size:
-            yield frame_prediction_batch(torch.from_numpy(np.stack(clips)), block_size)
-            clips = []
+            video = torch.from_numpy(np.stack(clips))
+            if model.layout == "hybrid":
+                yield hybrid_batch(video, torch.tensor(labels).view(-1, 1), model.block_size, model.condition_vocab_size)
+            else:
+                yield frame_prediction_batch(video, model.block_size)
+            clips, labels = [], []

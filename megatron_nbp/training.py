@@ -180,7 +180,7 @@ def pretrain(cfg: NBPConfig) -> list[float]:
         cfg.data, parallel_state.get_data_parallel_rank(), dp_size, t.seed, cfg.model.latent_shape,
         cfg.model.vocab_size, t.shuffle_buffer, consumed=consumed // dp_size,
     )
-    data_iterator = micro_batches(stream, t.micro_batch_size, cfg.model.block_size)
+    data_iterator = micro_batches(stream, t.micro_batch_size, cfg.model)
     logger = TrainingLogger(cfg, enabled=is_logging_rank())
     history: list[float] = []
     while iteration < t.train_iters:

@@ -35,7 +35,7 @@ def write_synthetic_shards(out_dir: str | Path, num_clips: int = 48, clips_per_s
     for s, start in enumerate(range(0, num_clips, clips_per_shard)):
         samples = [
             (f"clip{i:05d}", clips[i], {"source": f"synthetic/{i}", "clip_start": 0, "num_frames": 17,
-                                        "frame_stride": 1, "fps": 8.0, "label": None,
+                                        "frame_stride": 1, "fps": 8.0, "label": "synthetic",
                                         "latent_shape": list(latent_shape)})
             for i in range(start, min(start + clips_per_shard, num_clips))
         ]

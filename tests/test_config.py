@@ -24,6 +24,9 @@ def test_tiny_config_is_valid_for_tp2_pp2():
     ({"model.block_shape": [1, 2, 4]}, 1, "must cover whole rows"),
     ({"model.condition_frames": 5}, 1, "condition_frames=5"),
     ({"train.lr_warmup_iters": 500}, 1, "lr_warmup_iters=500"),
+    ({"model.layout": "hybrid"}, 1, "needs distinct model.condition_labels"),
+    ({"model.layout": "prefix"}, 1, "model.layout='prefix' not in"),
+    ({"model.attention_backend": "flex", "model.attention_dropout": 0.1}, 1, "has no attention dropout"),
 ])
 def test_invalid_combinations_are_refused(overrides, world, message):
     cfg = NBPConfig.from_yaml(TINY, overrides)
@@ -38,3 +41,11 @@ def test_unknown_keys_are_refused(tmp_path):
         NBPConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="unknown config key"):
         NBPConfig.from_yaml(TINY, {"train.learning_rate": 1.0})
+
+
+def test_hybrid_vocabulary_and_sequence_follow_the_official_layout():
+    cfg = NBPConfig.from_yaml(["configs/model/nbp_xl.yaml", "configs/data/ucf101.yaml"])
+    cfg.validate(world_size=8)
+    m = cfg.model
+    assert m.condition_vocab_size == 101 and m.video_token_offset == 16 + 101
+    assert m.total_vocab_size == 16 + 101 + 64000 and m.seq_length == 1 + 1280

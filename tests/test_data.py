@@ -5,7 +5,9 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
+from megatron_nbp.config import ModelConfig
 from megatron_nbp.data import DataError, TokenClipStream, micro_batches
 from tests.synthetic import write_synthetic_shards
 
@@ -20,7 +22,7 @@ def shards(tmp_path_factory):
 
 
 def take(stream, n):
-    return [x.tobytes() for x in itertools.islice(iter(stream), n)]
+    return [x.tobytes() for x, _label in itertools.islice(iter(stream), n)]
 
 
 def stream(data, rank, size, consumed=0):
@@ -52,8 +54,16 @@ def test_resume_continues_exactly_across_epochs(shards):
 
 def test_micro_batches_have_the_frame_prediction_layout(shards):
     data, _ = shards
-    batch = next(micro_batches(stream(data, 0, 1), micro_batch_size=3, block_size=4))
+    model = ModelConfig(vocab_size=2048, latent_shape=LATENT, block_shape=(1, 1, 4))
+    batch = next(micro_batches(stream(data, 0, 1), 3, model))
     assert batch.tokens.shape == (3, 80 - 4) and batch.labels.shape == (3, 76)
+    hybrid = ModelConfig(vocab_size=2048, latent_shape=LATENT, block_shape=(1, 1, 4), layout="hybrid",
+                         condition_labels=["other", "synthetic"])
+    batch = next(micro_batches(stream(data, 0, 1), 3, hybrid))
+    assert batch.tokens.shape == (3, 1 + 80) and torch.all(batch.tokens[:, 0] == 4 + 1)  # "synthetic" = id 1
+    with pytest.raises(DataError, match="not in model.condition_labels"):
+        next(micro_batches(stream(data, 0, 1), 3, ModelConfig(
+            vocab_size=2048, latent_shape=LATENT, block_shape=(1, 1, 4), layout="hybrid", condition_labels=["x"])))
 
 
 def test_mismatched_shards_are_refused(shards):

@@ -76,6 +76,9 @@ class BlockDecoder:
 
     def __init__(self, model: NBPDecoder, batch_size: int) -> None:
         cfg = model.config
+        if cfg.layout != "frame_prediction":
+            raise ValueError(f"block decoding here implements the frame-prediction layout; the model's "
+                             f"layout is {cfg.layout!r} (class-conditional sampling is not implemented yet)")
         self.model, self.block = model, cfg.block_size
         self.max_length = cfg.num_video_tokens - cfg.block_size
         self.device = model.embedding.word_embeddings.weight.device

@@ -33,6 +33,8 @@ class InferenceConfig:
         padded_vocab_size: rows of the embedding / output layer (Megatron padding).
         max_seq_length: rows of the position table.
         latent_shape, block_shape, layout, condition_frames: the NBP layout used in training.
+        condition_labels, video_token_offset: hybrid layout: class names (condition id order) and the
+            model id of video code 0 (special + condition ids come first).
     """
 
     num_layers: int
@@ -46,6 +48,8 @@ class InferenceConfig:
     block_shape: list[int]
     layout: str = "frame_prediction"
     condition_frames: int = 2
+    condition_labels: list[str] | None = None
+    video_token_offset: int = 0
     layernorm_epsilon: float = 1e-5
     share_embeddings_and_output_weights: bool = True
     format_version: int = 1
