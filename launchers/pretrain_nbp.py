@@ -83,12 +83,12 @@ def dry_run(cfg) -> None:
 
     p = cfg.parallel
     cfg.validate(int(os.environ.get("WORLD_SIZE", p.tensor_model_parallel_size * p.pipeline_model_parallel_size)))
-    c = count_parameters(cfg.model, p.tensor_model_parallel_size)
+    c = count_parameters(cfg.model)
     m = cfg.model
     print(f"> model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
           f"ffn {m.ffn_hidden_size}, layout {m.layout}, seq {m.seq_length}, vocab {m.total_vocab_size} "
           f"(video {m.vocab_size} + special/condition {m.video_token_offset}; padded "
-          f"{m.padded_vocab_size(p.tensor_model_parallel_size)})")
+          f"{m.padded_vocab_size})")
     print(f"> parameters: transformer {format_count(c.transformer)} ({c.transformer:,}) | "
           f"embeddings {format_count(c.word_embeddings + c.position_embeddings)} | "
           f"output layer {format_count(c.output_layer)} | total {format_count(c.total)} ({c.total:,})")

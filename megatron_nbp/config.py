@@ -39,7 +39,7 @@ class ModelConfig:
         condition_frames: latent frames given at inference for frame prediction.
         condition_labels: hybrid only: the class names, in id order (condition id = index here).
         num_condition_tokens: hybrid only: P, condition tokens per sample (1 for a class label).
-        make_vocab_size_divisible_by: Megatron's vocabulary padding unit (multiplied by TP size).
+        make_vocab_size_divisible_by: vocabulary padding unit (independent of TP, see padded_vocab_size).
         share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
         attention_backend: "dense" (SDPA + dense block-causal mask; CPU path and reference) or
             "flex" (FlexAttention + cached BlockMask; compiled on GPU, no S x S tensor).
@@ -104,9 +104,13 @@ class ModelConfig:
         """Model vocabulary before padding: special + condition + video ids."""
         return self.video_token_offset + self.vocab_size
 
-    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        """Vocabulary padded as Megatron-LM does, to a multiple of divisible_by * TP."""
-        unit = self.make_vocab_size_divisible_by * tensor_parallel_size
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary padded to a multiple of ``make_vocab_size_divisible_by``.
+
+        Unlike Megatron-LM (multiple of divisible_by x TP), the padding does not depend on the tensor
+        parallel size, so a checkpoint loads under any TP (validation checks TP divides it)."""
+        unit = self.make_vocab_size_divisible_by
         return int(math.ceil(self.total_vocab_size / unit) * unit)
 
 
@@ -264,6 +268,9 @@ class NBPConfig:
             errors.append(f"hidden_size={m.hidden_size} not divisible by num_attention_heads={m.num_attention_heads}")
         if m.num_attention_heads % tp:
             errors.append(f"num_attention_heads={m.num_attention_heads} not divisible by tensor parallel size {tp}")
+        if m.padded_vocab_size % tp:
+            errors.append(f"padded vocabulary {m.padded_vocab_size} not divisible by tensor parallel size {tp} "
+                          f"(raise make_vocab_size_divisible_by={m.make_vocab_size_divisible_by})")
         if m.ffn_hidden_size % tp:
             errors.append(f"ffn_hidden_size={m.ffn_hidden_size} not divisible by tensor parallel size {tp}")
         if m.num_layers % pp:

@@ -163,12 +163,12 @@ def pretrain(cfg: NBPConfig) -> list[float]:
     dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
     state = build_training_state(cfg)
-    count = count_parameters(cfg.model, p.tensor_model_parallel_size)
+    count = count_parameters(cfg.model)
     print_rank_0(f"> parameters: transformer {format_count(count.transformer)}, total {format_count(count.total)}")
     print_rank_0(
         f"> TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={dp_size} | "
         f"micro-batches per iteration: {num_microbatches} | seq length {cfg.model.seq_length} | "
-        f"block size {cfg.model.block_size} | padded vocab {cfg.model.padded_vocab_size(p.tensor_model_parallel_size)}"
+        f"block size {cfg.model.block_size} | padded vocab {cfg.model.padded_vocab_size}"
     )
     iteration, consumed = 0, 0
     if cfg.load:

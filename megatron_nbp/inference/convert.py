@@ -63,7 +63,7 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     inf_cfg = InferenceConfig(
         num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads, ffn_hidden_size=model_cfg.ffn_hidden_size,
-        vocab_size=model_cfg.vocab_size, padded_vocab_size=model_cfg.padded_vocab_size(1),
+        vocab_size=model_cfg.vocab_size, padded_vocab_size=model_cfg.padded_vocab_size,
         max_seq_length=model_cfg.seq_length, latent_shape=list(model_cfg.latent_shape),
         block_shape=list(model_cfg.block_shape), layout=model_cfg.layout,
         condition_frames=model_cfg.condition_frames, layernorm_epsilon=model_cfg.layernorm_epsilon,

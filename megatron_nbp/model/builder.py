@@ -53,7 +53,7 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
 
     Returns:
         GPTModel with learned absolute positions over ``model.seq_length`` positions and a vocabulary
-        padded to a multiple of make_vocab_size_divisible_by x TP. Its forward takes input_ids,
+        padded to a multiple of make_vocab_size_divisible_by (any TP). Its forward takes input_ids,
         position_ids [B, S] int64 and attention_mask (dense backend: bool [B, 1, S, S], True = masked;
         flex backend: a BlockMask; see megatron_nbp.model.attention.ATTENTION_BACKENDS); with labels it
         returns the per-token cross entropy [B, S] (fp32), without them logits [S, B, V/TP]
@@ -65,7 +65,7 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     return GPTModel(
         config=config,
         transformer_layer_spec=nbp_local_layer_spec(model.attention_backend),
-        vocab_size=model.padded_vocab_size(tp),
+        vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

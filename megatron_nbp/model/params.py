@@ -27,10 +27,10 @@ class ParameterCount:
         return self.word_embeddings + self.position_embeddings + self.transformer + self.output_layer
 
 
-def count_parameters(model: ModelConfig, tensor_parallel: int = 1) -> ParameterCount:
+def count_parameters(model: ModelConfig) -> ParameterCount:
     """Exact parameter count of the whole model (all TP/PP ranks together, tied weights once)."""
     h, f = model.hidden_size, model.ffn_hidden_size
-    vocab = model.padded_vocab_size(tensor_parallel)
+    vocab = model.padded_vocab_size
     layer = (
         2 * h                    # input LayerNorm (weight, bias)
         + 3 * h * h + 3 * h      # fused QKV

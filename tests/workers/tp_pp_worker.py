@@ -23,16 +23,21 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from megatron_nbp.checkpointing import save_checkpoint, unwrap  # noqa: E402
 from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.layouts import frame_prediction_batch  # noqa: E402
+from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch  # noqa: E402
 from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
 from megatron_nbp.training import MaskCache, build_training_state, reduce_losses  # noqa: E402
 from tests.synthetic import synthetic_clips  # noqa: E402
 
 
 def micro_batches(cfg):
-    clips = torch.from_numpy(synthetic_clips(8, cfg.model.latent_shape, vocab=cfg.model.vocab_size, seed=7)
-                             .reshape(8, -1).astype("int64"))
-    return [frame_prediction_batch(clips[i:i + 2], cfg.model.block_size) for i in range(0, 8, 2)]
+    """4 fixed micro-batches of 2 clips in the config's layout (hybrid: class id = clip index mod C)."""
+    m = cfg.model
+    clips = torch.from_numpy(synthetic_clips(8, m.latent_shape, vocab=m.vocab_size, seed=7).reshape(8, -1).astype("int64"))
+    if m.layout == "hybrid":
+        labels = (torch.arange(8) % m.condition_vocab_size).view(8, 1)
+        return [hybrid_batch(clips[i:i + 2], labels[i:i + 2], m.block_size, m.condition_vocab_size)
+                for i in range(0, 8, 2)]
+    return [frame_prediction_batch(clips[i:i + 2], m.block_size) for i in range(0, 8, 2)]
 
 
 def save_grads(model, path):
