@@ -41,6 +41,9 @@ class ModelConfig:
         num_condition_tokens: hybrid only: P, condition tokens per sample (1 for a class label).
         make_vocab_size_divisible_by: vocabulary padding unit (independent of TP, see padded_vocab_size).
         share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
+        normalization: "LayerNorm" (GPT style, the paper's) or "RMSNorm".
+        activation: "gelu" (4h MLP, the paper's) or "swiglu" (gated, LLaMA style; fc1 is 2 x ffn wide).
+        add_bias_linear: biases in the linear layers (GPT style True; LLaMA style False).
         attention_backend: "dense" (SDPA + dense block-causal mask; CPU path and reference) or
             "flex" (FlexAttention + cached BlockMask; compiled on GPU, no S x S tensor).
     """
@@ -61,6 +64,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     share_embeddings_and_output_weights: bool = True
     attention_backend: str = "dense"
+    normalization: str = "LayerNorm"
+    activation: str = "gelu"
+    add_bias_linear: bool = True
     condition_labels: list[str] | None = None
     num_condition_tokens: int = 1
 
@@ -241,6 +247,10 @@ class NBPConfig:
                 errors.append(f"layout 'hybrid' needs distinct model.condition_labels, got {m.condition_labels}")
             if m.num_condition_tokens != 1:
                 errors.append(f"num_condition_tokens={m.num_condition_tokens}: only class labels (1 token) so far")
+        if m.normalization not in ("LayerNorm", "RMSNorm"):
+            errors.append(f"model.normalization={m.normalization!r} not in ('LayerNorm', 'RMSNorm')")
+        if m.activation not in ("gelu", "swiglu"):
+            errors.append(f"model.activation={m.activation!r} not in ('gelu', 'swiglu')")
         if m.attention_backend not in ("dense", "flex"):
             errors.append(f"model.attention_backend={m.attention_backend!r} not in ('dense', 'flex')")
         elif m.attention_backend == "flex" and m.attention_dropout:

@@ -68,6 +68,8 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         block_shape=list(model_cfg.block_shape), layout=model_cfg.layout,
         condition_frames=model_cfg.condition_frames, layernorm_epsilon=model_cfg.layernorm_epsilon,
         condition_labels=model_cfg.condition_labels, video_token_offset=model_cfg.video_token_offset,
+        normalization=model_cfg.normalization, activation=model_cfg.activation,
+        add_bias_linear=model_cfg.add_bias_linear,
         share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
         extra={"source_checkpoint": str(ckpt), "iteration": iteration},
     )

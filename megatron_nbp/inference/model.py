@@ -2,9 +2,10 @@
 
 Parameter names are exactly megatron-core GPTModel's at TP=1, PP=1 (local spec), so conversion is a
 reshard plus a rename-free copy, and the numerics are those of megatron's layers:
-embedding (word + learned absolute position) -> N x [LayerNorm -> fused QKV (per-head [q, k, v]
-interleaved, megatron's layout) -> SDPA -> proj -> residual; LayerNorm -> fc1 -> GELU -> fc2 ->
-residual] -> final LayerNorm -> output layer (tied to the word embedding unless untied).
+embedding (word + learned absolute position) -> N x [norm -> fused QKV (per-head [q, k, v]
+interleaved, megatron's layout) -> SDPA -> proj -> residual; norm -> fc1 -> GELU or SwiGLU -> fc2 ->
+residual] -> final norm -> output layer (tied to the word embedding unless untied). Norm is LayerNorm
+or RMSNorm; linears have biases unless ``add_bias_linear`` is False.
 
 Attention takes either a dense "allowed" mask (prefill / full forward, the block-causal rule from
 :mod:`megatron_nbp.masks`) or no mask (a block step against the KV cache: the new block sees every
@@ -51,6 +52,9 @@ class InferenceConfig:
     condition_labels: list[str] | None = None
     video_token_offset: int = 0
     layernorm_epsilon: float = 1e-5
+    normalization: str = "LayerNorm"
+    activation: str = "gelu"
+    add_bias_linear: bool = True
     share_embeddings_and_output_weights: bool = True
     format_version: int = 1
     extra: dict = field(default_factory=dict)
@@ -84,8 +88,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.linear_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.linear_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.add_bias_linear)
+        self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: StaticKVCache | None,
                 layer: int, start: int) -> torch.Tensor:
@@ -100,21 +104,36 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """fc1 -> GELU -> fc2, or SwiGLU: fc1 gives [gate; up] (megatron's order), silu(gate) * up -> fc2."""
+
     def __init__(self, cfg: InferenceConfig) -> None:
         super().__init__()
-        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
-        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+        self.gated = cfg.activation == "swiglu"
+        width = 2 * cfg.ffn_hidden_size if self.gated else cfg.ffn_hidden_size
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, width, bias=cfg.add_bias_linear)
+        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+        h = self.linear_fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.linear_fc2(F.silu(gate) * up)
+        return self.linear_fc2(F.gelu(h))
+
+
+def make_norm(cfg: InferenceConfig) -> nn.Module:
+    """torch LayerNorm or RMSNorm, as megatron's WrappedTorchNorm builds them."""
+    if cfg.normalization == "RMSNorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: InferenceConfig) -> None:
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.input_layernorm = make_norm(cfg)
         self.self_attention = SelfAttention(cfg)
-        self.pre_mlp_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.pre_mlp_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, allowed, cache, layer, start):
@@ -140,7 +159,7 @@ class NBPDecoder(nn.Module):
         self.embedding.position_embeddings = nn.Embedding(cfg.max_seq_length, cfg.hidden_size)
         self.decoder = _Namespace()
         self.decoder.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
-        self.decoder.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.decoder.final_layernorm = make_norm(cfg)
         if not cfg.share_embeddings_and_output_weights:
             self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -13,7 +14,7 @@ from megatron_nbp.model.spec import nbp_local_layer_spec
 
 def transformer_config(model: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                        params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """megatron-core TransformerConfig for ``model`` (GPT style: LayerNorm, GELU, biases).
+    """megatron-core TransformerConfig for ``model`` (LayerNorm or RMSNorm, GELU or SwiGLU, biases or not).
 
     Fusions are off and initialisation is on CPU when CUDA is absent (FACTS.md: the fused kernels
     are CUDA-only); on GPU the same settings are used so that CPU and GPU runs are comparable.
@@ -41,6 +42,10 @@ def transformer_config(model: ModelConfig, tensor_parallel: int = 1, pipeline_pa
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_sync=on_gpu,
+        normalization=model.normalization,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=model.add_bias_linear,
     )
 
 
@@ -64,7 +69,7 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     config = transformer_config(model, tp, pp, params_dtype)
     return GPTModel(
         config=config,
-        transformer_layer_spec=nbp_local_layer_spec(model.attention_backend),
+        transformer_layer_spec=nbp_local_layer_spec(model.attention_backend, model.normalization),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

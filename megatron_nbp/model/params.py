@@ -1,9 +1,9 @@
 """Parameter counts of the NBP decoder from its config alone (no weights allocated).
 
 Counts megatron-core's GPTModel with the local layer spec exactly as built by
-:func:`megatron_nbp.model.builder.build_gpt_model` (LayerNorm with bias, biased linears, GELU MLP,
-learned absolute positions, padded vocabulary, tied or untied output layer); the tests check it
-against the numel of a real model.
+:func:`megatron_nbp.model.builder.build_gpt_model` (LayerNorm or RMSNorm, linears with or without
+bias, GELU or SwiGLU MLP, learned absolute positions, padded vocabulary, tied or untied output layer);
+the tests check it against the numel of real models.
 """
 
 from __future__ import annotations
@@ -31,18 +31,21 @@ def count_parameters(model: ModelConfig) -> ParameterCount:
     """Exact parameter count of the whole model (all TP/PP ranks together, tied weights once)."""
     h, f = model.hidden_size, model.ffn_hidden_size
     vocab = model.padded_vocab_size
+    norm = 2 * h if model.normalization == "LayerNorm" else h      # weight (+ bias)
+    b = 1 if model.add_bias_linear else 0
+    f1 = 2 * f if model.activation == "swiglu" else f              # gated: [gate; up]
     layer = (
-        2 * h                    # input LayerNorm (weight, bias)
-        + 3 * h * h + 3 * h      # fused QKV
-        + h * h + h              # attention output projection
-        + 2 * h                  # pre-MLP LayerNorm
-        + h * f + f              # fc1
-        + f * h + h              # fc2
+        norm                         # input norm
+        + 3 * h * h + b * 3 * h      # fused QKV
+        + h * h + b * h              # attention output projection
+        + norm                       # pre-MLP norm
+        + h * f1 + b * f1            # fc1
+        + f * h + b * h              # fc2
     )
     return ParameterCount(
         word_embeddings=vocab * h,
         position_embeddings=model.seq_length * h,
-        transformer=model.num_layers * layer + 2 * h,
+        transformer=model.num_layers * layer + norm,
         output_layer=0 if model.share_embeddings_and_output_weights else vocab * h,
     )
 
