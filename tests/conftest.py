@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 # --- data_prep: `network` marker (tests that reach PyPI / Debian apt) ---------------------------------
-import pytest
 
 
 def pytest_configure(config):

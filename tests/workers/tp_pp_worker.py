@@ -9,9 +9,7 @@
 
 import argparse
 import json
-import os
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
