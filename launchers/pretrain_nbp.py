@@ -31,6 +31,7 @@ _OVERRIDES = {
     "log_interval": "train.log_interval",
     "save_interval": "train.save_interval",
     "exit_interval": "train.exit_interval",
+    "pkeep": "train.pkeep",
     "hidden_dropout": "model.hidden_dropout",
     "attention_dropout": "model.attention_dropout",
     "data": "data",
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> NBPConfig:
     parser.add_argument("--min-lr", type=float)
     parser.add_argument("--lr-warmup-iters", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--pkeep", type=float, help="keep probability of input video tokens (NBP release option)")
     parser.add_argument("--hidden-dropout", type=float)
     parser.add_argument("--attention-dropout", type=float)
     parser.add_argument("--data", help="directory of token shards with manifest.json")

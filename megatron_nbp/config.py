@@ -130,7 +130,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
-    """Optimisation and bookkeeping (Megatron-LM argument names). Schedules count iterations."""
+    """Optimisation and bookkeeping (Megatron-LM argument names). Schedules count iterations.
+    ``pkeep`` < 1 corrupts input video tokens as the official NBP release does (see layouts)."""
 
     micro_batch_size: int = 2
     global_batch_size: int = 8
@@ -149,6 +150,7 @@ class TrainingConfig:
     save_interval: int | None = None
     exit_interval: int | None = None
     shuffle_buffer: int = 256
+    pkeep: float = 1.0
 
 
 @dataclass
@@ -299,6 +301,8 @@ class NBPConfig:
                     )
         if t.micro_batch_size < 1 or t.global_batch_size < 1 or t.train_iters < 1:
             errors.append("micro_batch_size, global_batch_size and train_iters must be >= 1")
+        if not 0.0 < t.pkeep <= 1.0:
+            errors.append(f"train.pkeep={t.pkeep} must be in (0, 1]")
         if not 0 <= t.lr_warmup_iters < t.train_iters:
             errors.append(f"lr_warmup_iters={t.lr_warmup_iters} must be in [0, train_iters={t.train_iters})")
         if t.lr_decay_style not in ("linear", "cosine", "constant"):

@@ -84,6 +84,29 @@ def frame_prediction_batch(video_tokens: torch.Tensor, block_size: int) -> Layou
     )
 
 
+def corrupt_video_tokens(tokens: torch.Tensor, pkeep: float, video_token_offset: int, vocab_size: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The official release's ``pkeep`` augmentation: each input *video* token is kept with probability
+    ``pkeep`` and otherwise replaced by a random id drawn from the whole model vocabulary (as
+    ``torch.randint_like(z_indices, vocab_size)`` there). Targets are not touched.
+
+    Args:
+        tokens: int64 [B, S] model input ids; video tokens are those >= ``video_token_offset``.
+        pkeep: keep probability in (0, 1]; 1 returns ``tokens`` unchanged.
+        vocab_size: model vocabulary (unpadded, special + condition + video ids).
+        generator: RNG (default: torch's global one, which megatron seeds alike on TP partners).
+
+    Returns:
+        int64 [B, S] input ids.
+    """
+    if pkeep >= 1.0:
+        return tokens
+    video = tokens >= video_token_offset
+    replace = (torch.rand(tokens.shape, generator=generator) >= pkeep) & video
+    random_ids = torch.randint(0, vocab_size, tokens.shape, generator=generator)
+    return torch.where(replace, random_ids, tokens)
+
+
 def hybrid_block_ids(num_condition: int, num_video: int, block_size: int) -> torch.Tensor:
     """Block id of each of the P + N input positions of the hybrid layout: int64 [P + N]."""
     P, N, L = num_condition, num_video, block_size

@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_nbp.checkpointing import load_checkpoint, save_checkpoint
 from megatron_nbp.config import ModelConfig, NBPConfig
 from megatron_nbp.data import TokenClipStream, micro_batches
-from megatron_nbp.layouts import LayoutBatch
+from megatron_nbp.layouts import LayoutBatch, corrupt_video_tokens
 from megatron_nbp.model.attention import ATTENTION_BACKENDS
 from megatron_nbp.model.builder import build_gpt_model
 from megatron_nbp.model.params import count_parameters, format_count
@@ -69,7 +69,7 @@ def build_training_state(cfg: NBPConfig) -> TrainingState:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    return TrainingState(model, optimizer, scheduler, make_forward_step(cfg.model))
+    return TrainingState(model, optimizer, scheduler, make_forward_step(cfg.model, t.pkeep))
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -105,14 +105,18 @@ class MaskCache:
         return self._mask
 
 
-def make_forward_step(model_cfg: ModelConfig):
+def make_forward_step(model_cfg: ModelConfig, pkeep: float = 1.0):
     """megatron ``forward_step_func`` for this model: one micro-batch through this rank's stage,
-    with the attention mask of the model's backend built once per layout."""
+    with the attention mask of the model's backend built once per layout, and (in training) the
+    ``pkeep`` corruption of input video tokens."""
     masks = MaskCache(model_cfg.attention_backend)
 
     def forward_step(data_iterator: Iterator[LayoutBatch], model):
         batch = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, masks(batch.block_ids), labels=batch.labels)
+        tokens = batch.tokens
+        if model.training and pkeep < 1.0:
+            tokens = corrupt_video_tokens(tokens, pkeep, model_cfg.video_token_offset, model_cfg.total_vocab_size)
+        output = model(tokens, batch.position_ids, masks(batch.block_ids), labels=batch.labels)
         return output, partial(loss_func, batch.loss_mask)
 
     return forward_step

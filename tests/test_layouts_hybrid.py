@@ -68,3 +68,21 @@ def test_hybrid_tokens_targets_position_by_position():
 def test_hybrid_refuses_bad_condition():
     with pytest.raises(ValueError, match="condition ids"):
         hybrid_batch(torch.zeros(1, 16, dtype=torch.long), torch.tensor([[5]]), 4, 3)
+
+
+def test_pkeep_corrupts_only_input_video_tokens_at_the_expected_rate():
+    from megatron_nbp.layouts import corrupt_video_tokens
+
+    P, N, L, C = 1, 1280, 16, 101
+    b = hybrid_batch(torch.randint(0, 64000, (8, N)), torch.randint(0, C, (8, 1)), L, C)
+    vocab, offset = L + C + 64000, L + C
+    out = corrupt_video_tokens(b.tokens, 0.9, offset, vocab, torch.Generator().manual_seed(0))
+    changed = out != b.tokens
+    video = b.tokens >= offset
+    assert not changed[~video].any()                      # condition and BOV/MBOS untouched
+    rate = changed[video].float().mean().item()
+    assert 0.08 < rate < 0.12, rate                        # ~1 - pkeep (a few collide with the same id)
+    assert int(out.max()) < vocab
+    again = corrupt_video_tokens(b.tokens, 0.9, offset, vocab, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert corrupt_video_tokens(b.tokens, 1.0, offset, vocab) is b.tokens
