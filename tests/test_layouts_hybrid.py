@@ -73,7 +73,7 @@ def test_hybrid_refuses_bad_condition():
 def test_pkeep_corrupts_only_input_video_tokens_at_the_expected_rate():
     from megatron_nbp.layouts import corrupt_video_tokens
 
-    P, N, L, C = 1, 1280, 16, 101
+    N, L, C = 1280, 16, 101
     b = hybrid_batch(torch.randint(0, 64000, (8, N)), torch.randint(0, C, (8, 1)), L, C)
     vocab, offset = L + C + 64000, L + C
     out = corrupt_video_tokens(b.tokens, 0.9, offset, vocab, torch.Generator().manual_seed(0))
