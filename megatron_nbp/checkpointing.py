@@ -27,6 +27,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from data_prep.shards import atomic_write_bytes
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # Model settings that must match between a checkpoint and the model loading it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
@@ -136,12 +138,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        latest_tmp = save_dir / (LATEST_FILE + ".tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, save_dir / LATEST_FILE)
+        atomic_write_bytes(save_dir / LATEST_FILE, str(iteration).encode())
     dist.barrier()
     return final
 

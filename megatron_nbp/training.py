@@ -8,6 +8,7 @@ optimizer with gradient clipping, and ``OptimizerParamScheduler`` stepped once p
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -157,8 +158,6 @@ def reduce_losses(losses: list[dict[str, torch.Tensor]]) -> float:
 def pretrain(cfg: NBPConfig) -> list[float]:
     """The training job (launchers/pretrain_nbp.py): returns the per-iteration losses seen on the
     logging rank (empty elsewhere). Resumes from ``cfg.load`` if it holds a checkpoint."""
-    import os
-
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.data is None:
         raise ValueError("--data (directory of token shards with manifest.json) is required")
