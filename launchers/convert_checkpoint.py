@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a training checkpoint (any TP/PP layout) into one safetensors file + config.json.
+"""Convert a training checkpoint (megatron backend: any TP/PP layout; DeepSpeed backend: any ZeRO stage
+and TP) into one safetensors file + config.json.
 
     python launchers/convert_checkpoint.py --load runs/ckpt --output runs/nbp_inference
 """
@@ -18,7 +19,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="training checkpoint directory")
     parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
-    parser.add_argument("--iteration", type=int, help="iteration to convert (default: latest)")
+    parser.add_argument("--iteration", type=int, help="iteration to convert (iter_XXXXXXX or global_stepN; default: latest)")
     args = parser.parse_args(argv)
     from megatron_nbp.inference.convert import convert_checkpoint
 

@@ -4,6 +4,9 @@
     torchrun --nproc-per-node 4 launchers/pretrain_nbp.py --tp 2 --pp 2 \
         --config configs/tiny_frame_prediction.yaml --data runs/tokens --save runs/ckpt
 
+    torchrun --nproc-per-node 4 launchers/pretrain_nbp.py --backend deepspeed --zero-stage 3 --tp 2 \
+        --config configs/tiny_frame_prediction.yaml --data runs/tokens --save runs/ckpt_zero3
+
 Arguments use Megatron-LM's names; any of them overrides the YAML config.
 """
 
@@ -26,12 +29,17 @@ _OVERRIDES = {
     "train_iters": "train.train_iters",
     "lr": "train.lr",
     "min_lr": "train.min_lr",
+    "clip_grad": "train.clip_grad",
     "lr_warmup_iters": "train.lr_warmup_iters",
     "seed": "train.seed",
     "log_interval": "train.log_interval",
     "save_interval": "train.save_interval",
     "exit_interval": "train.exit_interval",
     "pkeep": "train.pkeep",
+    "backend": "train.backend",
+    "zero_stage": "deepspeed.zero_stage",
+    "offload_optimizer": "deepspeed.offload_optimizer",
+    "deepspeed_config": "deepspeed.config_file",
     "hidden_dropout": "model.hidden_dropout",
     "attention_dropout": "model.attention_dropout",
     "data": "data",
@@ -49,12 +57,19 @@ def parse_args(argv=None) -> NBPConfig:
                              "e.g. --config configs/model/nbp_xl.yaml --config configs/data/k600.yaml")
     parser.add_argument("--tensor-model-parallel-size", "--tp", type=int)
     parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int)
+    parser.add_argument("--backend", choices=["megatron", "deepspeed"],
+                        help="megatron: DDP + 1F1B (TP x PP x DP); deepspeed: ZeRO over DP with megatron TP (no PP)")
+    parser.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="DeepSpeed ZeRO stage (--backend deepspeed)")
+    parser.add_argument("--offload-optimizer", choices=["none", "cpu"], help="ZeRO optimizer offload (--backend deepspeed)")
+    parser.add_argument("--deepspeed-config", help="DeepSpeed JSON whose zero_optimization tuning is merged in "
+                                                   "(configs/deepspeed/*.json)")
     parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--seq-length", type=int, help="checked against the layout (N - L); derived if omitted")
     parser.add_argument("--train-iters", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--min-lr", type=float)
+    parser.add_argument("--clip-grad", type=float, help="gradient clipping by global L2 norm")
     parser.add_argument("--lr-warmup-iters", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--pkeep", type=float, help="keep probability of input video tokens (NBP release option)")
@@ -94,16 +109,31 @@ def dry_run(cfg) -> None:
     print(f"> parameters: transformer {format_count(c.transformer)} ({c.transformer:,}) | "
           f"embeddings {format_count(c.word_embeddings + c.position_embeddings)} | "
           f"output layer {format_count(c.output_layer)} | total {format_count(c.total)} ({c.total:,})")
+    if cfg.train.backend == "deepspeed":
+        world = int(os.environ.get("WORLD_SIZE", p.tensor_model_parallel_size))
+        dp = world // p.tensor_model_parallel_size
+        print(f"> backend: DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "
+              f"TP={p.tensor_model_parallel_size} DP={dp} | global batch {cfg.train.global_batch_size} = micro "
+              f"{cfg.train.micro_batch_size} x DP {dp} x accumulation "
+              f"{cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)}")
 
 
 def main(argv=None) -> None:
+    from megatron_nbp.config import ConfigError
+
     cfg = parse_args(argv)
     if cfg.dry_run:
-        dry_run(cfg)
+        try:
+            dry_run(cfg)
+        except ConfigError as err:  # a refused config is a message, not a traceback
+            sys.exit(f"pretrain_nbp.py: {err}")
         return
     from megatron_nbp.parallel import destroy_parallel
-    from megatron_nbp.training import pretrain
 
+    if cfg.train.backend == "deepspeed":
+        from megatron_nbp.deepspeed_backend import pretrain_deepspeed as pretrain
+    else:
+        from megatron_nbp.training import pretrain
     pretrain(cfg)
     destroy_parallel()
 

@@ -62,7 +62,8 @@ def read_latest_iteration(load_dir: str | Path) -> int | None:
     return iteration
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch (CPU and CUDA) and megatron's model-parallel tracker."""
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -72,7 +73,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states returned by :func:`rng_state` on this rank."""
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -127,7 +129,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
-    state["rng_state"] = _sharded_rng(_rng_state())
+    state["rng_state"] = _sharded_rng(rng_state())
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
@@ -154,21 +156,18 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
         (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
 
     Raises:
-        CheckpointError: the checkpoint's model settings differ from ``model_config``.
+        CheckpointError: the checkpoint's model settings differ from ``model_config``, or ``load_dir``
+            holds a DeepSpeed checkpoint.
     """
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
+        if (Path(load_dir) / "latest").is_file():
+            raise CheckpointError(f"{load_dir} holds a DeepSpeed checkpoint; resume it with --backend deepspeed "
+                                  "(convert_checkpoint.py exports either kind)")
         return 0, 0
     ckpt = iteration_dir(load_dir, iteration)
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    saved = common.get("model_config", {})
-    diffs = {k: (saved.get(k), model_config.get(k)) for k in _SHAPE_KEYS
-             if k in saved and _norm(saved.get(k)) != _norm(model_config.get(k))}
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {ckpt} does not match the model: "
-            + ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diffs.items())
-        )
+    check_model_config(common.get("model_config", {}), model_config, ckpt)
     state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
     if load_rng:
         state["rng_state"] = _sharded_rng(None)
@@ -179,8 +178,23 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def check_model_config(saved: dict[str, Any], model_config: dict[str, Any], where: Any) -> None:
+    """Refuse a checkpoint (``where``) whose saved model settings differ in shape from ``model_config``.
+
+    Raises:
+        CheckpointError: naming each differing setting.
+    """
+    diffs = {k: (saved.get(k), model_config.get(k)) for k in _SHAPE_KEYS
+             if k in saved and _norm(saved.get(k)) != _norm(model_config.get(k))}
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} does not match the model: "
+            + ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diffs.items())
+        )
 
 
 def _norm(value: Any) -> Any:

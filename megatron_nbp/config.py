@@ -1,10 +1,11 @@
 """Typed configuration: YAML file + Megatron-style command-line overrides, validated before any work.
 
-A config file has three sections, each a dataclass below::
+A config file has these sections, each a dataclass below::
 
     model:  ModelConfig      # transformer shape and the NBP layout (block size, latent shape)
     train:  TrainingConfig   # batch sizes, optimiser, schedule, intervals
     parallel: ParallelConfig # tensor / pipeline parallel sizes
+    deepspeed: DeepSpeedConfig # ZeRO stage and offload, used when train.backend is "deepspeed"
 
 Every check that can be made without a process group is made in :meth:`NBPConfig.validate`, so a bad
 config is refused with the offending values before torch.distributed or any allocation starts.
@@ -33,12 +34,24 @@ class ModelConfig:
         num_layers, hidden_size, num_attention_heads, ffn_hidden_size: GPT shape (Megatron names).
         vocab_size: video token ids, the tokenizer codebook (64,000 FSQ codes [8,8,8,5,5,5]).
         latent_shape: (T', H', W') latent tokens per clip, flattened t-major then rows then columns.
-        block_shape: (t, h, w) tokens per NBP block; must tile ``latent_shape``. (1, 1, W') = one row.
+        block_shape: (t, h, w) tokens per NBP block; must tile ``latent_shape``. (1, 1, W') = one row
+            (the paper's default); other shapes (1x4x4, 2x1x8, ...) reorder clips block-major
+            (megatron_nbp.layouts.block_major_order).
         layout: token layout (DESIGN.md): "frame_prediction" (K600-style, no prefix) or "hybrid"
             (class-conditional, UCF-101-style: condition block, BOV, first block token by token, MBOS).
         condition_frames: latent frames given at inference for frame prediction.
-        condition_labels: hybrid only: the class names, in id order (condition id = index here).
-        num_condition_tokens: hybrid only: P, condition tokens per sample (1 for a class label).
+        condition_type: hybrid only: "class" (one label token, ids from ``condition_labels``) or "text"
+            (up to P text ids from a user-supplied tokenizer, padded; padding is masked as keys).
+        condition_labels: hybrid + class: the class names, in id order (condition id = index here).
+        text_vocab_size: hybrid + text: size of the text tokenizer's vocabulary (the condition ids).
+        num_condition_tokens: hybrid only: P, condition tokens per sample (1 for a class label, the
+            maximum text length for text; shorter texts are padded, longer ones truncated).
+        position_embedding_type: "learned_absolute" (the paper's: separate learned tables for the
+            condition positions and the video-stream positions) or "rope3d" (rotary embedding over
+            (t, h, w) coordinates, megatron-core's multimodal RoPE; no position table).
+        rotary_base: RoPE base period (rope3d).
+        transformer_impl: "local" (megatron's torch layers; CPU and GPU) or "transformer_engine"
+            (TE linear layers with fused norms + the same block-causal attention; GPU only).
         make_vocab_size_divisible_by: vocabulary padding unit (independent of TP, see padded_vocab_size).
         share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
         normalization: "LayerNorm" (GPT style, the paper's) or "RMSNorm".
@@ -67,8 +80,13 @@ class ModelConfig:
     normalization: str = "LayerNorm"
     activation: str = "gelu"
     add_bias_linear: bool = True
+    condition_type: str = "class"
     condition_labels: list[str] | None = None
+    text_vocab_size: int | None = None
     num_condition_tokens: int = 1
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    transformer_impl: str = "local"
 
     def __post_init__(self) -> None:
         self.latent_shape = tuple(int(x) for x in self.latent_shape)
@@ -95,9 +113,30 @@ class ModelConfig:
         return self.num_video_tokens - self.block_size
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """P, condition positions at the start of the input (0 for frame prediction)."""
+        return self.num_condition_tokens if self.layout == "hybrid" else 0
+
+    @property
     def condition_vocab_size(self) -> int:
-        """Number of condition ids (class labels); 0 without a condition."""
-        return len(self.condition_labels or []) if self.layout == "hybrid" else 0
+        """Number of condition ids (class labels or text ids); 0 without a condition."""
+        if self.layout != "hybrid":
+            return 0
+        if self.condition_type == "text":
+            return int(self.text_vocab_size or 0)
+        return len(self.condition_labels or [])
+
+    @property
+    def kv_channels(self) -> int:
+        """Head dimension, hidden_size / num_attention_heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """rope3d: rotary frequencies given to (t, h, w); they sum to head_dim / 2 (megatron-core's
+        ``mrope_section``). Height and width get a third each, time the rest."""
+        half = self.kv_channels // 2
+        return [half - 2 * (half // 3), half // 3, half // 3]
 
     @property
     def video_token_offset(self) -> int:
@@ -151,6 +190,87 @@ class TrainingConfig:
     exit_interval: int | None = None
     shuffle_buffer: int = 256
     pkeep: float = 1.0
+    backend: str = "megatron"  # "megatron" (DDP + 1F1B, TP x PP x DP) or "deepspeed" (ZeRO, TP x DP)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings, used when ``train.backend`` is "deepspeed" (megatron_nbp.deepspeed_backend).
+
+    ZeRO partitions over the data-parallel group only; tensor parallelism stays megatron-core's layers.
+
+    Attributes:
+        zero_stage: 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters); None: the ``stage`` of
+            ``config_file`` if it has one, else 1.
+        offload_optimizer: "none" or "cpu" (ZeRO-Offload: optimizer states and step on the host);
+            None: the ``offload_optimizer.device`` of ``config_file`` if it has one, else "none".
+        config_file: optional DeepSpeed JSON (configs/deepspeed/*.json). Its ``zero_optimization``
+            entries (bucket sizes, overlap_comm, ...) are merged into the engine config; batch sizes,
+            gradient clipping, precision and the optimizer always come from this NBP config.
+    """
+
+    zero_stage: int | None = None
+    offload_optimizer: str | None = None
+    config_file: str | None = None
+
+    def file_zero_optimization(self) -> dict[str, Any]:
+        """The ``zero_optimization`` dict of ``config_file`` ({} without a file).
+
+        Raises:
+            ConfigError: the file is missing, not JSON, or its zero_optimization is not a dict.
+        """
+        if not self.config_file:
+            return {}
+        import json
+
+        try:
+            section = json.loads(Path(self.config_file).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"deepspeed.config_file={self.config_file!r}: {exc}") from exc
+        if not isinstance(section, dict):
+            raise ConfigError(f"{self.config_file}: zero_optimization must be a JSON object")
+        return section
+
+    @property
+    def stage(self) -> int:
+        """The resolved ZeRO stage (see ``zero_stage``)."""
+        return int(self.zero_stage if self.zero_stage is not None else self.file_zero_optimization().get("stage", 1))
+
+    @property
+    def offload(self) -> str:
+        """The resolved optimizer offload device, "none" or "cpu" (see ``offload_optimizer``)."""
+        if self.offload_optimizer is not None:
+            return self.offload_optimizer
+        return (self.file_zero_optimization().get("offload_optimizer") or {}).get("device", "none")
+
+    def problems(self, model: ModelConfig, pipeline_parallel: int) -> list[str]:
+        """Reasons this DeepSpeed setup cannot run (empty if it can); see NBPConfig.validate."""
+        try:
+            section = self.file_zero_optimization()
+            stage, offload = self.stage, self.offload
+        except (ConfigError, TypeError, ValueError) as exc:
+            return [f"deepspeed settings unreadable ({self.config_file}): {exc}"]
+        errors = []
+        if stage not in (1, 2, 3):
+            errors.append(f"deepspeed.zero_stage={stage} not in (1, 2, 3)")
+        if "stage" in section and section["stage"] != stage:
+            errors.append(f"deepspeed.zero_stage={stage} contradicts stage {section['stage']} in {self.config_file}")
+        if offload not in ("none", "cpu"):
+            errors.append(f"deepspeed.offload_optimizer={offload!r} not in ('none', 'cpu')")
+        file_offload = (section.get("offload_optimizer") or {}).get("device", offload)
+        if file_offload != offload:
+            errors.append(f"deepspeed.offload_optimizer={offload!r} contradicts {file_offload!r} in {self.config_file}")
+        if pipeline_parallel > 1:
+            why = (f"ZeRO-{stage} partitions {'gradients' if stage == 2 else 'parameters'} across the "
+                   "data-parallel group, which the pipeline schedule cannot combine with"
+                   if stage in (2, 3) else
+                   "ZeRO-1 + PP would need DeepSpeed's PipelineEngine in place of megatron's 1F1B schedule")
+            errors.append(f"pipeline parallel size {pipeline_parallel} with the DeepSpeed backend: {why}. "
+                          "Use --backend megatron for pipeline parallelism, or TP x DP with ZeRO")
+        if model.transformer_impl != "local":
+            errors.append(f"model.transformer_impl={model.transformer_impl!r}: the DeepSpeed backend "
+                          "(and its checkpoint conversion) supports the 'local' layer spec only")
+        return errors
 
 
 @dataclass
@@ -160,6 +280,7 @@ class NBPConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: str | None = None
     save: str | None = None
     load: str | None = None
@@ -192,7 +313,8 @@ class NBPConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> "NBPConfig":
         """Build from nested dicts (the YAML structure); see :meth:`from_yaml`."""
-        sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainingConfig}
+        sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainingConfig,
+                    "deepspeed": DeepSpeedConfig}
         unknown = set(raw) - set(sections) - {"data", "save", "load", "tensorboard_dir"}
         if unknown:
             raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
@@ -245,14 +367,36 @@ class NBPConfig:
         if m.layout not in ("frame_prediction", "hybrid"):
             errors.append(f"model.layout={m.layout!r} not in ('frame_prediction', 'hybrid')")
         if m.layout == "hybrid":
-            if not m.condition_labels or len(set(m.condition_labels)) != len(m.condition_labels):
-                errors.append(f"layout 'hybrid' needs distinct model.condition_labels, got {m.condition_labels}")
-            if m.num_condition_tokens != 1:
-                errors.append(f"num_condition_tokens={m.num_condition_tokens}: only class labels (1 token) so far")
+            if m.condition_type not in ("class", "text"):
+                errors.append(f"model.condition_type={m.condition_type!r} not in ('class', 'text')")
+            elif m.condition_type == "class":
+                if not m.condition_labels or len(set(m.condition_labels)) != len(m.condition_labels):
+                    errors.append(f"hybrid class conditioning needs distinct model.condition_labels, "
+                                  f"got {m.condition_labels}")
+                if m.num_condition_tokens != 1:
+                    errors.append(f"num_condition_tokens={m.num_condition_tokens}: a class label is 1 token")
+            else:
+                if not m.text_vocab_size or m.text_vocab_size < 1:
+                    errors.append(f"hybrid text conditioning needs model.text_vocab_size >= 1, got {m.text_vocab_size}")
+                if m.num_condition_tokens < 1:
+                    errors.append(f"num_condition_tokens={m.num_condition_tokens} must be >= 1 for text")
+        if m.position_embedding_type not in ("learned_absolute", "rope3d"):
+            errors.append(f"model.position_embedding_type={m.position_embedding_type!r} not in "
+                          "('learned_absolute', 'rope3d')")
+        elif m.position_embedding_type == "rope3d" and (m.kv_channels % 2 or m.kv_channels < 6):
+            errors.append(f"rope3d needs an even head dimension >= 6, got {m.kv_channels}")
         if m.normalization not in ("LayerNorm", "RMSNorm"):
             errors.append(f"model.normalization={m.normalization!r} not in ('LayerNorm', 'RMSNorm')")
         if m.activation not in ("gelu", "swiglu"):
             errors.append(f"model.activation={m.activation!r} not in ('gelu', 'swiglu')")
+        if m.transformer_impl not in ("local", "transformer_engine"):
+            errors.append(f"model.transformer_impl={m.transformer_impl!r} not in ('local', 'transformer_engine')")
+        elif m.transformer_impl == "transformer_engine":
+            from megatron_nbp.model.spec import transformer_engine_available
+
+            if not transformer_engine_available():
+                errors.append("model.transformer_impl='transformer_engine' needs transformer-engine on a CUDA "
+                              "machine (requirements-gpu.txt); use 'local' on CPU")
         if m.attention_backend not in ("dense", "flex"):
             errors.append(f"model.attention_backend={m.attention_backend!r} not in ('dense', 'flex')")
         elif m.attention_backend == "flex" and m.attention_dropout:
@@ -261,16 +405,9 @@ class NBPConfig:
             errors.append(f"latent_shape {m.latent_shape} and block_shape {m.block_shape} must be (T, H, W)")
         elif any(l % b for l, b in zip(m.latent_shape, m.block_shape)) or min(m.block_shape) < 1:
             errors.append(f"block_shape {m.block_shape} does not tile latent_shape {m.latent_shape}")
-        elif m.block_shape[0] != 1 and m.block_shape[1:] != m.latent_shape[1:]:
-            errors.append(
-                f"block_shape {m.block_shape}: a block spanning several frames must cover whole frames "
-                "(t-major flattening keeps only such blocks contiguous)"
-            )
-        elif m.block_shape[1] != 1 and m.block_shape[2] != m.latent_shape[2]:
-            errors.append(
-                f"block_shape {m.block_shape}: a block spanning several rows must cover whole rows "
-                f"of width {m.latent_shape[2]} to be contiguous in t-major order"
-            )
+        elif m.layout == "frame_prediction" and m.condition_frames % m.block_shape[0]:
+            errors.append(f"condition_frames={m.condition_frames} must be a multiple of the block's "
+                          f"{m.block_shape[0]} frames (block_shape {m.block_shape})")
         if not 0 < m.condition_frames < m.latent_shape[0]:
             errors.append(
                 f"condition_frames={m.condition_frames} must be in [1, {m.latent_shape[0] - 1}] "
@@ -310,5 +447,9 @@ class NBPConfig:
         for name in ("save_interval", "exit_interval"):
             if getattr(t, name) is not None and getattr(t, name) < 1:
                 errors.append(f"{name}={getattr(t, name)} must be >= 1")
+        if t.backend not in ("megatron", "deepspeed"):
+            errors.append(f"train.backend={t.backend!r} not in ('megatron', 'deepspeed')")
+        elif t.backend == "deepspeed":
+            errors.extend(self.deepspeed.problems(m, pp))
         if errors:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -34,7 +34,9 @@ class DataError(ValueError):
 
 
 class TokenClipStream:
-    """Endless per-DP-rank stream of clips: (int64 [N] video tokens (N = T'*H'*W'), label str or None).
+    """Endless per-DP-rank stream of clips: (int64 [N] video tokens (N = T'*H'*W'), condition), where
+    the condition is the clip metadata's ``condition_key`` entry (the class label string, or a list of
+    text ids written by the user's text tokenizer) or None.
 
     Args:
         data_dir: directory with ``manifest.json`` and the shards.
@@ -44,6 +46,7 @@ class TokenClipStream:
         vocab_size: ids must be below it.
         shuffle_buffer: samples held by the shuffle buffer (1 = no shuffling within shards).
         consumed: samples this rank has already consumed (resume position).
+        condition_key: metadata key read as the condition ("label" or "text_ids").
 
     Raises:
         DataError: manifest latent shape or codebook not compatible with the model, or no samples.
@@ -51,7 +54,7 @@ class TokenClipStream:
 
     def __init__(self, data_dir: str | Path, dp_rank: int, dp_size: int, seed: int,
                  latent_shape: tuple[int, int, int], vocab_size: int, shuffle_buffer: int = 256,
-                 consumed: int = 0) -> None:
+                 consumed: int = 0, condition_key: str = "label") -> None:
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         tok = self.manifest["tokenizer"]
@@ -72,6 +75,7 @@ class TokenClipStream:
         self.latent_shape, self.vocab_size = tuple(latent_shape), vocab_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.consumed = consumed
+        self.condition_key = condition_key
 
     def _epoch_stream(self, epoch: int) -> Iterator[tuple[np.ndarray, str | None]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -82,7 +86,7 @@ class TokenClipStream:
             for key, tokens, meta in iter_shard(shard):
                 if tokens.shape != self.latent_shape:
                     raise DataError(f"{shard}:{key} has latent shape {tokens.shape}, expected {self.latent_shape}")
-                buffer.append((tokens, meta.get("label")))
+                buffer.append((tokens, meta.get(self.condition_key)))
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
@@ -108,24 +112,58 @@ class TokenClipStream:
                 yield flat, label
 
 
+def condition_key(model: ModelConfig) -> str:
+    """Metadata key of the condition for ``model``: "text_ids" for text conditioning, else "label"."""
+    return "text_ids" if model.layout == "hybrid" and model.condition_type == "text" else "label"
+
+
+def pad_text_ids(texts: list[list[int]], length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (or truncate, as the NBP release's tokenizer call does) text ids to ``length``.
+
+    Returns:
+        (int64 [B, length] ids (0 at padding), bool [B, length] True at padding).
+
+    Raises:
+        DataError: a text that is not a list of ints in [0, vocab_size).
+    """
+    ids = torch.zeros(len(texts), length, dtype=torch.long)
+    padding = torch.ones(len(texts), length, dtype=torch.bool)
+    for row, text in enumerate(texts):
+        if not isinstance(text, list) or not all(isinstance(x, int) and 0 <= x < vocab_size for x in text):
+            raise DataError(f"text_ids must be a list of ints in [0, {vocab_size}); got {str(text)[:80]}")
+        text = text[:length]
+        ids[row, :len(text)] = torch.tensor(text, dtype=torch.long)
+        padding[row, :len(text)] = False
+    return ids, padding
+
+
 def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelConfig) -> Iterator[LayoutBatch]:
     """Group the stream into micro-batches in the model's layout (LayoutBatch, tensors [mbs, S]).
 
     Raises:
-        DataError: hybrid layout and a clip whose label is not one of ``model.condition_labels``.
+        DataError: hybrid class layout and a clip whose label is not one of ``model.condition_labels``;
+            hybrid text layout and a clip without valid ``text_ids``.
     """
     class_ids = {name: i for i, name in enumerate(model.condition_labels or [])}
-    clips, labels = [], []
-    for clip, label in stream:
-        if model.layout == "hybrid":
-            if label not in class_ids:
-                raise DataError(f"clip label {label!r} is not in model.condition_labels {list(class_ids)}")
-            labels.append(class_ids[label])
+    text = model.layout == "hybrid" and model.condition_type == "text"
+    clips, conditions = [], []
+    for clip, condition in stream:
+        if model.layout == "hybrid" and not text:
+            if condition not in class_ids:
+                raise DataError(f"clip label {condition!r} is not in model.condition_labels {list(class_ids)}")
+            condition = class_ids[condition]
         clips.append(clip)
+        conditions.append(condition)
         if len(clips) == micro_batch_size:
             video = torch.from_numpy(np.stack(clips))
-            if model.layout == "hybrid":
-                yield hybrid_batch(video, torch.tensor(labels).view(-1, 1), model.block_size, model.condition_vocab_size)
+            if text:
+                ids, padding = pad_text_ids(conditions, model.num_condition_tokens, model.condition_vocab_size)
+                yield hybrid_batch(video, ids, model.block_size, model.condition_vocab_size, padding,
+                                   model.latent_shape, model.block_shape)
+            elif model.layout == "hybrid":
+                yield hybrid_batch(video, torch.tensor(conditions).view(-1, 1), model.block_size,
+                                   model.condition_vocab_size, latent_shape=model.latent_shape,
+                                   block_shape=model.block_shape)
             else:
-                yield frame_prediction_batch(video, model.block_size)
-            clips, labels = [], []
+                yield frame_prediction_batch(video, model.block_size, model.latent_shape, model.block_shape)
+            clips, conditions = [], []

@@ -5,6 +5,11 @@ per-position *block id*; a query may attend to a key iff ``block_id[key] <= bloc
 key is not padding (DESIGN.md, "Token sequences"). Tokens in the same block see each other
 (bidirectional), blocks see all earlier blocks (causal). With block id = position this is plain causal
 attention (NTP).
+
+Padding (text conditions shorter than P): a padded key is never attended. A padded *query* also
+attends to itself, so that its softmax row is never empty (an all-masked row gives NaN, which would
+reach every later token through 0 x NaN in the attention product); its output is never used (no
+loss, masked as a key), so this changes nothing else.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ def block_causal_allowed(
     Returns:
         bool [..., Sq, Sk], True where attention is allowed.
     """
+    self_attention = key_block_ids is None
     if key_block_ids is None:
         key_block_ids = query_block_ids
     allowed = may_attend(query_block_ids.unsqueeze(-1), key_block_ids.unsqueeze(-2))
     if key_padding is not None:
         allowed = allowed & ~key_padding.unsqueeze(-2)
+        if self_attention:  # a padded query sees itself (see the module docstring)
+            eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+            allowed = allowed | (eye & key_padding.unsqueeze(-1))
     return allowed
 
 
@@ -76,7 +85,9 @@ def block_causal_block_mask(block_ids: torch.Tensor, key_padding: torch.Tensor |
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = may_attend(ids[b, q_idx], ids[b, kv_idx])
-        return allowed if pad is None else allowed & ~pad[b, kv_idx]
+        if pad is None:
+            return allowed
+        return (allowed & ~pad[b, kv_idx]) | (pad[b, q_idx] & (q_idx == kv_idx))
 
     # compiled construction (CUDA) evaluates mask_mod tile by tile instead of materialising S x S
     compile_it = torch.device(device).type == "cuda"

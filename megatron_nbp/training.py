@@ -23,8 +23,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_nbp.checkpointing import load_checkpoint, save_checkpoint
-from megatron_nbp.config import ModelConfig, NBPConfig
-from megatron_nbp.data import TokenClipStream, micro_batches
+from megatron_nbp.config import ModelConfig, NBPConfig, TrainingConfig
+from megatron_nbp.data import TokenClipStream, condition_key, micro_batches
 from megatron_nbp.layouts import LayoutBatch, corrupt_video_tokens
 from megatron_nbp.model.attention import ATTENTION_BACKENDS
 from megatron_nbp.model.builder import build_gpt_model
@@ -53,24 +53,46 @@ def build_training_state(cfg: NBPConfig) -> TrainingState:
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
     )
     model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad, params_dtype=torch.float32, use_distributed_optimizer=False,
-        ),
-        [model],
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
-    )
+    optimizer = get_megatron_optimizer(optimizer_config(t), [model])
+    scheduler = build_scheduler(optimizer, t)
     config = module.config
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return TrainingState(model, optimizer, scheduler, make_forward_step(cfg.model, t.pkeep))
+
+
+def optimizer_config(t: TrainingConfig) -> OptimizerConfig:
+    """megatron-core OptimizerConfig of the run: Adam (AdamW-style decoupled weight decay), fp32 main
+    params, gradient clipping ``t.clip_grad``. The DeepSpeed backend builds its parameter groups from it."""
+    return OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad, params_dtype=torch.float32, use_distributed_optimizer=False,
+    )
+
+
+def build_scheduler(optimizer, t: TrainingConfig) -> OptimizerParamScheduler:
+    """megatron's OptimizerParamScheduler: linear warmup from 0 over ``lr_warmup_iters``, then
+    ``lr_decay_style`` decay to ``min_lr`` at ``train_iters``; constant weight decay (scaled per
+    parameter group by ``wd_mult``). Sets the groups' lr/weight_decay at construction and on step()."""
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+    )
+
+
+def build_data_iterator(cfg: NBPConfig, consumed: int) -> Iterator[LayoutBatch]:
+    """Micro-batches for this rank's data-parallel position, resuming after ``consumed`` global samples.
+    parallel_state must be initialised."""
+    dp_size = parallel_state.get_data_parallel_world_size()
+    stream = TokenClipStream(
+        cfg.data, parallel_state.get_data_parallel_rank(), dp_size, cfg.train.seed, cfg.model.latent_shape,
+        cfg.model.vocab_size, cfg.train.shuffle_buffer, consumed=consumed // dp_size,
+        condition_key=condition_key(cfg.model),
+    )
+    return micro_batches(stream, cfg.train.micro_batch_size, cfg.model)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -91,18 +113,25 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 class MaskCache:
     """The attention mask of a layout (dense tensor or FlexAttention BlockMask, per the model's
-    attention backend) is the same for every micro-batch: build it once per block-id pattern.
-    Assumes the block ids are shared by the batch (true of the layouts here; padding comes later)."""
+    attention backend) is the same for every micro-batch without padding: it is built once per
+    block-id pattern (the block ids are shared by the batch in every layout here) and broadcast over
+    the batch. A batch with padded text conditions gets its own [B, ...] mask, rebuilt only when the
+    padding pattern changes."""
 
     def __init__(self, backend: str) -> None:
         self.build = ATTENTION_BACKENDS[backend][1]
         self._key, self._mask = None, None
 
-    def __call__(self, block_ids: torch.Tensor) -> Any:
-        key = (tuple(block_ids.shape[1:]), block_ids[0].tolist())
+    def __call__(self, block_ids: torch.Tensor, key_padding: torch.Tensor | None = None) -> Any:
+        key = (tuple(block_ids.shape[1:]), block_ids[0].tolist(),
+               None if key_padding is None else key_padding.tolist())
         if key != self._key:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            self._key, self._mask = key, self.build(block_ids[:1], device=device)
+            if key_padding is None:
+                mask = self.build(block_ids[:1], device=device)
+            else:
+                mask = self.build(block_ids, key_padding, device=device)
+            self._key, self._mask = key, mask
         return self._mask
 
 
@@ -111,13 +140,15 @@ def make_forward_step(model_cfg: ModelConfig, pkeep: float = 1.0):
     with the attention mask of the model's backend built once per layout, and (in training) the
     ``pkeep`` corruption of input video tokens."""
     masks = MaskCache(model_cfg.attention_backend)
+    rope3d = model_cfg.position_embedding_type == "rope3d"
 
     def forward_step(data_iterator: Iterator[LayoutBatch], model):
         batch = next(data_iterator)
         tokens = batch.tokens
         if model.training and pkeep < 1.0:
             tokens = corrupt_video_tokens(tokens, pkeep, model_cfg.video_token_offset, model_cfg.total_vocab_size)
-        output = model(tokens, batch.position_ids, masks(batch.block_ids), labels=batch.labels)
+        positions = batch.grid_position_ids if rope3d else batch.position_ids
+        output = model(tokens, positions, masks(batch.block_ids, batch.key_padding), labels=batch.labels)
         return output, partial(loss_func, batch.loss_mask)
 
     return forward_step
@@ -179,27 +210,45 @@ def pretrain(cfg: NBPConfig) -> list[float]:
                                               cfg.to_dict()["model"])
         print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
                      else f"> no checkpoint in {cfg.load}, starting from scratch")
-    stream = TokenClipStream(
-        cfg.data, parallel_state.get_data_parallel_rank(), dp_size, t.seed, cfg.model.latent_shape,
-        cfg.model.vocab_size, t.shuffle_buffer, consumed=consumed // dp_size,
+    data_iterator = build_data_iterator(cfg, consumed)
+    return training_loop(
+        cfg, iteration, consumed,
+        step=lambda: train_step(state, data_iterator, cfg, num_microbatches),
+        save=lambda it, seen: save_checkpoint(cfg.save, it, state.model, state.optimizer, state.scheduler,
+                                              seen, cfg.to_dict()["model"]),
+        current_lr=lambda: state.optimizer.param_groups[0]["lr"],
     )
-    data_iterator = micro_batches(stream, t.micro_batch_size, cfg.model)
+
+
+def training_loop(cfg: NBPConfig, iteration: int, consumed: int,
+                  step: Callable[[], tuple[float, float, bool]], save: Callable[[int, int], Any],
+                  current_lr: Callable[[], float]) -> list[float]:
+    """The iteration loop both backends share: step, Megatron-style log line + TensorBoard, checkpoint at
+    ``save_interval`` / the last iteration / ``exit_interval`` (which then stops, as in Megatron-LM).
+
+    Args:
+        iteration, consumed: where training resumes (0, 0 from scratch).
+        step: one iteration -> (loss, grad norm, update applied).
+        save: (iteration, consumed samples) -> checkpoint path; called only when ``cfg.save`` is set.
+        current_lr: the learning rate after the step.
+
+    Returns:
+        per-iteration losses on the logging rank (empty elsewhere).
+    """
+    t = cfg.train
     logger = TrainingLogger(cfg, enabled=is_logging_rank())
     history: list[float] = []
     while iteration < t.train_iters:
         start = time.perf_counter()
-        loss, grad_norm, update_ok = train_step(state, data_iterator, cfg, num_microbatches)
+        loss, grad_norm, update_ok = step()
         iteration += 1
         consumed += t.global_batch_size
         history.append(loss)
-        logger.log(iteration, loss, state.optimizer.param_groups[0]["lr"],
-                   grad_norm, update_ok, time.perf_counter() - start, consumed)
+        logger.log(iteration, loss, current_lr(), grad_norm, update_ok, time.perf_counter() - start, consumed)
         exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
         if cfg.save and (exiting or iteration == t.train_iters
                          or (t.save_interval and iteration % t.save_interval == 0)):
-            path = save_checkpoint(cfg.save, iteration, state.model, state.optimizer, state.scheduler,
-                                   consumed, cfg.to_dict()["model"])
-            print_rank_0(f"> saved checkpoint {path}")
+            print_rank_0(f"> saved checkpoint {save(iteration, consumed)}")
         if exiting:
             print_rank_0(f"> exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
             break

@@ -13,6 +13,8 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# DeepSpeed: build the pure-Python package (no CUDA/C++ ops at install time; see requirements.txt)
+export DS_BUILD_OPS=0
 if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   echo "== installing torch==2.13.0 (CPU)"
   pip install -q torch==2.13.0

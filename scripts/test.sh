@@ -7,6 +7,8 @@ cd "$REPO"
 # shellcheck disable=SC1091
 source scripts/setup_env.sh || exit 1
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+# any op DeepSpeed JIT-compiles is built once and reused by later runs
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/megatron-nbp/torch_extensions}"
 python -m pytest -q -p no:cacheprovider tests "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

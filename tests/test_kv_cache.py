@@ -9,13 +9,14 @@ from megatron_nbp.layouts import frame_prediction_batch
 from megatron_nbp.masks import block_causal_allowed
 
 
-def tiny_model(seed=0, latent=(5, 4, 4), block=(1, 1, 4)):
+def tiny_model(seed=0, latent=(5, 4, 4), block=(1, 1, 4), position="learned_absolute"):
     torch.manual_seed(seed)
     n = latent[0] * latent[1] * latent[2]
     L = block[0] * block[1] * block[2]
     cfg = InferenceConfig(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                           vocab_size=500, padded_vocab_size=512, max_seq_length=n - L,
-                          latent_shape=list(latent), block_shape=list(block))
+                          latent_shape=list(latent), block_shape=list(block),
+                          position_embedding_type=position, mrope_section=[4, 2, 2])
     model = NBPDecoder(cfg).eval()
     with torch.no_grad():  # larger than default init so attention patterns matter
         for p in model.parameters():
@@ -23,15 +24,18 @@ def tiny_model(seed=0, latent=(5, 4, 4), block=(1, 1, 4)):
     return model
 
 
-@pytest.mark.parametrize("block", [(1, 1, 4), (1, 4, 4), (1, 1, 1)])
-def test_cached_block_decoding_equals_full_forward(block):
-    model = tiny_model(block=block)
+@pytest.mark.parametrize("block,position", [((1, 1, 4), "learned_absolute"), ((1, 4, 4), "learned_absolute"),
+                                            ((1, 1, 1), "learned_absolute"), ((1, 1, 4), "rope3d"),
+                                            ((1, 4, 4), "rope3d")])
+def test_cached_block_decoding_equals_full_forward(block, position):
+    model = tiny_model(block=block, position=position)
     cfg = model.config
     L, N = cfg.block_size, cfg.num_video_tokens
     video = torch.randint(0, cfg.vocab_size, (2, N))
-    batch = frame_prediction_batch(video, L)
+    batch = frame_prediction_batch(video, L, tuple(cfg.latent_shape))
+    positions = batch.grid_position_ids if position == "rope3d" else batch.position_ids
     with torch.no_grad():
-        full = model(batch.tokens, batch.position_ids, block_causal_allowed(batch.block_ids))  # [2, N-L, V]
+        full = model(batch.tokens, positions, block_causal_allowed(batch.block_ids))  # [2, N-L, V]
         prompt_len = 2 * 16  # two latent frames
         decoder = BlockDecoder(model, 2)
         cached = [decoder.prefill(video[:, :prompt_len])]

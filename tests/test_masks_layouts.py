@@ -44,7 +44,7 @@ def test_megatron_mask_convention_and_padding():
         [1, 1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
         [1, 1, 1, 0, 0, 0],  # key 3 is padding
-        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],  # ... except for itself as a query (never an empty softmax row)
         [1, 1, 1, 0, 1, 1],
         [1, 1, 1, 0, 1, 1],
     ], dtype=torch.bool)

@@ -11,13 +11,14 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from megatron_nbp.inference.model import load_inference_model
 from megatron_nbp.masks import block_causal_allowed
 from tests.dist_utils import run, torchrun
-from tests.workers.tp_pp_worker import micro_batches
+from tests.workers.tp_pp_worker import micro_batches, model_positions
 from megatron_nbp.config import NBPConfig
 
 CONFIG = "tests/configs/tiny_test.yaml"
 WORKER = "tests/workers/tp_pp_worker.py"
 LAYOUT_CONFIGS = {"frame_prediction": CONFIG, "hybrid": "tests/configs/tiny_test_hybrid.yaml",
-                  "rmsnorm_swiglu": "tests/configs/tiny_test_llama.yaml"}
+                  "rmsnorm_swiglu": "tests/configs/tiny_test_llama.yaml",
+                  "text_rope3d": "tests/configs/tiny_test_text_rope.yaml"}
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUT_CONFIGS))
@@ -72,8 +73,10 @@ def test_converted_model_logits_match_megatron(layout_run):
     model = load_inference_model(workdir / "converted")
     batches = micro_batches(cfg)
     tokens = torch.cat([b.tokens for b in batches])
-    positions = torch.cat([b.position_ids for b in batches])
-    allowed = block_causal_allowed(torch.cat([b.block_ids for b in batches]))
+    positions = torch.cat([model_positions(cfg, b) for b in batches], dim=-2)
+    padding = [b.key_padding if b.key_padding is not None else torch.zeros_like(b.block_ids, dtype=torch.bool)
+               for b in batches]
+    allowed = block_causal_allowed(torch.cat([b.block_ids for b in batches]), key_padding=torch.cat(padding))
     with torch.no_grad():
         ours = model(tokens, positions, allowed)
     assert ours.shape == megatron_logits.shape

@@ -6,6 +6,8 @@
 megatron-core's dist_checkpointing does the resharding: a TP=1, PP=1 GPTModel is built in one process
 and its sharded state dict is loaded from the checkpoint, whatever layout wrote it. The output is
 written to a temporary directory and renamed, so a crash never leaves a half-converted model.
+A DeepSpeed ZeRO checkpoint (a ``latest`` tag file instead) goes to
+megatron_nbp.inference.convert_zero; both end in :func:`write_inference_checkpoint`.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     Raises:
         CheckpointError: no checkpoint in ``load_dir`` or the requested iteration is missing.
     """
-    from safetensors.torch import save_file
-
+    from megatron_nbp.deepspeed_checkpointing import is_deepspeed_checkpoint
     from megatron_nbp.model.builder import build_gpt_model
     from megatron_nbp.parallel import destroy_parallel, initialize_parallel
 
+    if is_deepspeed_checkpoint(load_dir) and read_latest_iteration(load_dir) is None:
+        from megatron_nbp.inference.convert_zero import convert_deepspeed_checkpoint
+
+        return convert_deepspeed_checkpoint(load_dir, output_dir, iteration)
     iteration = iteration if iteration is not None else read_latest_iteration(load_dir)
     if iteration is None:
         raise CheckpointError(f"no checkpoint in {load_dir} (latest_checkpointed_iteration.txt missing)")
@@ -48,6 +53,7 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         raise CheckpointError(f"{ckpt} does not exist")
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     model_cfg = ModelConfig(**common["model_config"])
+    model_cfg.transformer_impl = "local"  # TE checkpoints load into the local spec (same sharded keys)
 
     initialize_parallel(1, 1, seed=0)
     try:
@@ -58,6 +64,25 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
                    if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     finally:
         destroy_parallel()
+    return write_inference_checkpoint(tensors, model_cfg, output_dir,
+                                      {"source_checkpoint": str(ckpt), "iteration": iteration})
+
+
+def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                               output_dir: str | Path, extra: dict) -> Path:
+    """Write the inference format from a TP1 megatron GPTModel state dict (both backends' converters).
+
+    Args:
+        tensors: megatron TP1 PP1 parameter names -> tensors (no ``_extra_state``); a tied
+            ``output_layer.weight`` is dropped.
+        model_cfg: the trained model's config (becomes config.json's InferenceConfig).
+        extra: provenance stored in config.json (source checkpoint, iteration, ...).
+
+    Returns:
+        ``output_dir`` as a Path, written via a temporary directory and a rename.
+    """
+    from safetensors.torch import save_file
+
     if model_cfg.share_embeddings_and_output_weights:
         tensors.pop("output_layer.weight", None)
     inf_cfg = InferenceConfig(
@@ -71,7 +96,11 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         normalization=model_cfg.normalization, activation=model_cfg.activation,
         add_bias_linear=model_cfg.add_bias_linear,
         share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
-        extra={"source_checkpoint": str(ckpt), "iteration": iteration},
+        condition_type=model_cfg.condition_type, text_vocab_size=model_cfg.text_vocab_size,
+        num_condition_tokens=model_cfg.num_prefix_tokens,
+        position_embedding_type=model_cfg.position_embedding_type, rotary_base=model_cfg.rotary_base,
+        mrope_section=model_cfg.mrope_section,
+        extra=extra,
     )
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")

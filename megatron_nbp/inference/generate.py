@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_nbp.inference.model import NBPDecoder
-from megatron_nbp.layouts import frame_prediction_block_ids
+from megatron_nbp.layouts import block_major_order, frame_prediction_block_ids, frame_prediction_grid_positions
 from megatron_nbp.masks import block_causal_allowed
 
 
@@ -65,7 +65,9 @@ class GenerationResult:
 class BlockDecoder:
     """KV-cache decoding of one batch under the frame-prediction layout.
 
-    ``prefill(prompt)`` runs the prompt (P tokens, P a multiple of L) under the block-causal rule and
+    Tokens are in the layout's block order (megatron_nbp.layouts.block_major_order; the (t, h, w)
+    order for row blocks). ``prefill(prompt)`` runs the prompt (P tokens, P a multiple of L) under the
+    block-causal rule and
     returns the logits of its last block; ``step(block)`` appends L tokens at the next positions
     (attending to the cache and to each other, no mask) and returns their logits. Logits at input
     position i predict video token i + L. The cache is preallocated for N - L positions.
@@ -84,6 +86,14 @@ class BlockDecoder:
         self.device = model.embedding.word_embeddings.weight.device
         self.cache = model.new_cache(batch_size, self.max_length)
         self.length = 0
+        self._grid = frame_prediction_grid_positions(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(self.device)
+
+    def positions(self, start: int, length: int) -> torch.Tensor:
+        """Position ids of inputs start .. start+length-1 in the model's form: int64 [1, length]
+        (learned tables) or (t, h, w) coordinates [3, 1, length] (rope3d)."""
+        if self.model.rope:
+            return self._grid[:, None, start:start + length]
+        return torch.arange(start, start + length, device=self.device).unsqueeze(0)
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt: int64 [B, P]. Returns logits [B, L, V] of the prompt's last block."""
@@ -91,7 +101,7 @@ class BlockDecoder:
         if plen % self.block or not 0 < plen <= self.max_length:
             raise ValueError(f"prompt length {plen} must be a positive multiple of the block size "
                              f"{self.block}, at most {self.max_length}")
-        positions = torch.arange(plen, device=self.device).unsqueeze(0)
+        positions = self.positions(0, plen)
         allowed = block_causal_allowed(frame_prediction_block_ids(plen, self.block).to(self.device)).unsqueeze(0)
         logits = self.model(prompt.to(self.device), positions, allowed, self.cache, start=0)
         self.length = plen
@@ -101,7 +111,7 @@ class BlockDecoder:
         """block_tokens: int64 [B, L] at the next L positions. Returns their logits [B, L, V]."""
         if self.length + self.block > self.max_length:
             raise ValueError(f"no room for another block: {self.length} of {self.max_length} positions used")
-        positions = torch.arange(self.length, self.length + self.block, device=self.device).unsqueeze(0)
+        positions = self.positions(self.length, self.block)
         logits = self.model(block_tokens.to(self.device), positions, None, self.cache, start=self.length)
         self.length += self.block
         return logits
@@ -114,19 +124,25 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
 
     Args:
         model: converted NBP model (frame-prediction layout).
-        prompt: int64 [B, P] video tokens of the condition frames; P a positive multiple of L, < N.
+        prompt: int64 [B, P] video tokens of the condition frames, (t, h, w)-major; P a positive
+            multiple of L, < N (whole frames when the block spans several frames).
         sampling: temperature / top-k / top-p.
         generator: torch.Generator for reproducible sampling.
         progress: show a tqdm bar over block steps.
 
     Returns:
-        GenerationResult with tokens [B, N] and steps = (N - P) / L forward passes.
+        GenerationResult with tokens [B, N] ((t, h, w)-major) and steps = (N - P) / L forward passes.
 
     Raises:
         ValueError: prompt length not a multiple of the block size or not shorter than the clip.
     """
     cfg = model.config
     block, total = cfg.block_size, cfg.num_video_tokens
+    order = block_major_order(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(prompt.device)
+    plen = prompt.shape[1]
+    if plen < total and not bool((order[:plen] < plen).all()):
+        raise ValueError(f"a prompt of {plen} tokens is not a whole number of blocks of shape {cfg.block_shape}")
+    prompt = prompt[:, order[:plen]] if plen < total else prompt
     decoder = BlockDecoder(model, prompt.shape[0])
     start_time = time.perf_counter()
     logits = decoder.prefill(prompt)
@@ -141,4 +157,6 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
         logits = decoder.step(pieces[-1])
         steps += 1
     bar.close()
-    return GenerationResult(torch.cat(pieces, dim=1), steps, time.perf_counter() - start_time)
+    tokens = torch.cat(pieces, dim=1)
+    tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)  # back to (t, h, w) order
+    return GenerationResult(tokens, steps, time.perf_counter() - start_time)

@@ -2,8 +2,9 @@
 
 Parameter names are exactly megatron-core GPTModel's at TP=1, PP=1 (local spec), so conversion is a
 reshard plus a rename-free copy, and the numerics are those of megatron's layers:
-embedding (word + learned absolute position) -> N x [norm -> fused QKV (per-head [q, k, v]
-interleaved, megatron's layout) -> SDPA -> proj -> residual; norm -> fc1 -> GELU or SwiGLU -> fc2 ->
+embedding (word + learned absolute position from separate condition / video tables, or none with
+3D RoPE) -> N x [norm -> fused QKV (per-head [q, k, v] interleaved, megatron's layout) -> 3D RoPE on
+q and k (rope3d) -> SDPA -> proj -> residual; norm -> fc1 -> GELU or SwiGLU -> fc2 ->
 residual] -> final norm -> output layer (tied to the word embedding unless untied). Norm is LayerNorm
 or RMSNorm; linears have biases unless ``add_bias_linear`` is False.
 
@@ -23,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_nbp.inference.kv_cache import StaticKVCache
+from megatron_nbp.inference.rope import apply_rotary, mrope_frequencies
+from megatron_nbp.model.embeddings import ConditionVideoPositionEmbedding
 
 
 @dataclass
@@ -32,10 +35,13 @@ class InferenceConfig:
     Attributes:
         vocab_size: real token ids (sampling never emits ids >= vocab_size).
         padded_vocab_size: rows of the embedding / output layer (Megatron padding).
-        max_seq_length: rows of the position table.
+        max_seq_length: S, input positions (the position tables hold P + (S - P) rows).
         latent_shape, block_shape, layout, condition_frames: the NBP layout used in training.
         condition_labels, video_token_offset: hybrid layout: class names (condition id order) and the
             model id of video code 0 (special + condition ids come first).
+        condition_type, text_vocab_size, num_condition_tokens: hybrid: "class" or "text", the text
+            vocabulary, and P (condition positions).
+        position_embedding_type, rotary_base, mrope_section: "learned_absolute" or "rope3d" (ModelConfig).
     """
 
     num_layers: int
@@ -56,7 +62,13 @@ class InferenceConfig:
     activation: str = "gelu"
     add_bias_linear: bool = True
     share_embeddings_and_output_weights: bool = True
-    format_version: int = 1
+    condition_type: str = "class"
+    text_vocab_size: int | None = None
+    num_condition_tokens: int = 0
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    mrope_section: list[int] | None = None
+    format_version: int = 2
     extra: dict = field(default_factory=dict)
 
     @property
@@ -92,10 +104,12 @@ class SelfAttention(nn.Module):
         self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: StaticKVCache | None,
-                layer: int, start: int) -> torch.Tensor:
+                layer: int, start: int, rope: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.linear_qkv(x).view(b, s, self.heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, h, s, d]
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         attn_mask = None if allowed is None else allowed.unsqueeze(1)
@@ -136,8 +150,8 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, allowed, cache, layer, start):
-        x = x + self.self_attention(self.input_layernorm(x), allowed, cache, layer, start)
+    def forward(self, x, allowed, cache, layer, start, rope=None):
+        x = x + self.self_attention(self.input_layernorm(x), allowed, cache, layer, start, rope)
         return x + self.mlp(self.pre_mlp_layernorm(x))
 
 
@@ -145,7 +159,8 @@ class NBPDecoder(nn.Module):
     """The converted NBP model on one device.
 
     Forward:
-        tokens: int64 [B, S] ids; position_ids: int64 [B, S] (or [S]);
+        tokens: int64 [B, S] ids; position_ids: learned positions int64 [B, S] (or [S]), or for
+            rope3d the (t, h, w) coordinates int64 [3, B, S] (megatron_nbp.layouts);
         allowed: bool [B or 1, S, K] "may attend" (K = keys incl. cache), or None = attend to all keys;
         cache / start: a StaticKVCache and the position of tokens[:, 0] in it (KV-cache decoding).
         Returns logits float [B, S, padded_vocab_size].
@@ -156,7 +171,11 @@ class NBPDecoder(nn.Module):
         self.config = cfg
         self.embedding = _Namespace()
         self.embedding.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
-        self.embedding.position_embeddings = nn.Embedding(cfg.max_seq_length, cfg.hidden_size)
+        self.rope = cfg.position_embedding_type == "rope3d"
+        if not self.rope:
+            p = cfg.num_condition_tokens
+            self.embedding.position_embeddings = ConditionVideoPositionEmbedding(p, cfg.max_seq_length - p,
+                                                                                 cfg.hidden_size)
         self.decoder = _Namespace()
         self.decoder.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
         self.decoder.final_layernorm = make_norm(cfg)
@@ -170,12 +189,21 @@ class NBPDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor | None = None,
                 cache: StaticKVCache | None = None, start: int = 0) -> torch.Tensor:
-        if position_ids.max() >= self.config.max_seq_length:
-            raise ValueError(f"position {int(position_ids.max())} beyond the position table "
-                             f"({self.config.max_seq_length})")
-        x = self.embedding.word_embeddings(tokens) + self.embedding.position_embeddings(position_ids)
+        cfg = self.config
+        x = self.embedding.word_embeddings(tokens)
+        rope = None
+        if self.rope:
+            if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+                raise ValueError(f"rope3d needs (t, h, w) position ids [3, B, S], got {tuple(position_ids.shape)}")
+            rope = mrope_frequencies(position_ids, cfg.hidden_size // cfg.num_attention_heads,
+                                     cfg.mrope_section, cfg.rotary_base)
+        else:
+            if position_ids.max() >= cfg.max_seq_length:
+                raise ValueError(f"position {int(position_ids.max())} beyond the position tables "
+                                 f"({cfg.max_seq_length})")
+            x = x + self.embedding.position_embeddings(position_ids)
         for i, layer in enumerate(self.decoder.layers):
-            x = layer(x, allowed, cache, i, start)
+            x = layer(x, allowed, cache, i, start, rope)
         return F.linear(self.decoder.final_layernorm(x), self.output_weight())
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> StaticKVCache:

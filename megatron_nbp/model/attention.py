@@ -135,8 +135,8 @@ class BlockCausalFlexAttention(BlockCausalSDPAttention):
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
 
 
-def _dense_mask(block_ids: torch.Tensor, device=None) -> torch.Tensor:
-    return block_causal_attention_mask(block_ids).to(device or block_ids.device)
+def _dense_mask(block_ids: torch.Tensor, key_padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    return block_causal_attention_mask(block_ids, key_padding).to(device or block_ids.device)
 
 
 ATTENTION_BACKENDS = {

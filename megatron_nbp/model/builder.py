@@ -9,7 +9,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_nbp.config import ModelConfig
-from megatron_nbp.model.spec import nbp_local_layer_spec
+from megatron_nbp.model.embeddings import ConditionVideoPositionEmbedding
+from megatron_nbp.model.spec import nbp_layer_spec
 
 
 def transformer_config(model: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -20,6 +21,7 @@ def transformer_config(model: ModelConfig, tensor_parallel: int = 1, pipeline_pa
     are CUDA-only); on GPU the same settings are used so that CPU and GPU runs are comparable.
     """
     on_gpu = torch.cuda.is_available()
+    rope = model.position_embedding_type == "rope3d"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -46,6 +48,7 @@ def transformer_config(model: ModelConfig, tensor_parallel: int = 1, pipeline_pa
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        mrope_section=model.mrope_section if rope else None,
     )
 
 
@@ -57,9 +60,12 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     megatron's parallel_state must be initialised (see megatron_nbp.parallel). Sizes default to it.
 
     Returns:
-        GPTModel with learned absolute positions over ``model.seq_length`` positions and a vocabulary
-        padded to a multiple of make_vocab_size_divisible_by (any TP). Its forward takes input_ids,
-        position_ids [B, S] int64 and attention_mask (dense backend: bool [B, 1, S, S], True = masked;
+        GPTModel with a vocabulary padded to a multiple of make_vocab_size_divisible_by (any TP) and
+        either learned absolute positions in separate condition / video tables
+        (:class:`ConditionVideoPositionEmbedding`, parameters ``embedding.position_embeddings.condition``
+        / ``.video``) or 3D RoPE (megatron's multimodal rotary embedding over (t, h, w)). Its forward
+        takes input_ids, position_ids (learned: int64 [B, S]; rope3d: int64 [3, B, S], see
+        megatron_nbp.layouts) and attention_mask (dense backend: bool [B, 1, S, S], True = masked;
         flex backend: a BlockMask; see megatron_nbp.model.attention.ATTENTION_BACKENDS); with labels it
         returns the per-token cross entropy [B, S] (fp32), without them logits [S, B, V/TP]
         (or [B, S, V] gathered when ``parallel_output=False``).
@@ -67,14 +73,22 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     tp = tensor_parallel or parallel_state.get_tensor_model_parallel_world_size()
     pp = pipeline_parallel or parallel_state.get_pipeline_model_parallel_world_size()
     config = transformer_config(model, tp, pp, params_dtype)
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
-        transformer_layer_spec=nbp_local_layer_spec(model.attention_backend, model.normalization),
+        transformer_layer_spec=nbp_layer_spec(model.attention_backend, model.normalization, model.transformer_impl),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type="learned_absolute",
+        position_embedding_type="mrope" if model.position_embedding_type == "rope3d" else "learned_absolute",
+        rotary_base=model.rotary_base,
         parallel_output=True,
     )
+    if gpt.pre_process and model.position_embedding_type == "learned_absolute":
+        p = model.num_prefix_tokens
+        with torch.no_grad():
+            gpt.embedding.position_embeddings = ConditionVideoPositionEmbedding(
+                p, model.seq_length - p, model.hidden_size, config.embedding_init_method
+            ).to(dtype=params_dtype, device=gpt.embedding.word_embeddings.weight.device)
+    return gpt

@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from megatron_nbp.checkpointing import save_checkpoint, unwrap  # noqa: E402
 from megatron_nbp.config import NBPConfig  # noqa: E402
+from megatron_nbp.data import pad_text_ids  # noqa: E402
 from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch  # noqa: E402
 from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
 from megatron_nbp.training import MaskCache, build_training_state, reduce_losses  # noqa: E402
@@ -28,14 +29,26 @@ from tests.synthetic import synthetic_clips  # noqa: E402
 
 
 def micro_batches(cfg):
-    """4 fixed micro-batches of 2 clips in the config's layout (hybrid: class id = clip index mod C)."""
+    """4 fixed micro-batches of 2 clips in the config's layout (hybrid class: class id = clip index
+    mod C; hybrid text: clip i has a text of 1 + (i mod P) ids, the rest padding)."""
     m = cfg.model
     clips = torch.from_numpy(synthetic_clips(8, m.latent_shape, vocab=m.vocab_size, seed=7).reshape(8, -1).astype("int64"))
+    if m.layout == "hybrid" and m.condition_type == "text":
+        texts = [[(7 * i + j) % m.condition_vocab_size for j in range(1 + i % m.num_condition_tokens)]
+                 for i in range(8)]
+        ids, padding = pad_text_ids(texts, m.num_condition_tokens, m.condition_vocab_size)
+        return [hybrid_batch(clips[i:i + 2], ids[i:i + 2], m.block_size, m.condition_vocab_size,
+                             padding[i:i + 2], m.latent_shape, m.block_shape) for i in range(0, 8, 2)]
     if m.layout == "hybrid":
         labels = (torch.arange(8) % m.condition_vocab_size).view(8, 1)
-        return [hybrid_batch(clips[i:i + 2], labels[i:i + 2], m.block_size, m.condition_vocab_size)
-                for i in range(0, 8, 2)]
-    return [frame_prediction_batch(clips[i:i + 2], m.block_size) for i in range(0, 8, 2)]
+        return [hybrid_batch(clips[i:i + 2], labels[i:i + 2], m.block_size, m.condition_vocab_size,
+                             latent_shape=m.latent_shape, block_shape=m.block_shape) for i in range(0, 8, 2)]
+    return [frame_prediction_batch(clips[i:i + 2], m.block_size, m.latent_shape, m.block_shape) for i in range(0, 8, 2)]
+
+
+def model_positions(cfg, batch):
+    """The position ids the model takes: (t, h, w) coordinates for rope3d, else input positions."""
+    return batch.grid_position_ids if cfg.model.position_embedding_type == "rope3d" else batch.position_ids
 
 
 def save_grads(model, path):
@@ -73,7 +86,7 @@ def main():
 
         def logits_step(data_iterator, model):
             batch = next(data_iterator)
-            out = model(batch.tokens, batch.position_ids, masks(batch.block_ids))
+            out = model(batch.tokens, model_positions(cfg, batch), masks(batch.block_ids, batch.key_padding))
             return out, lambda out, non_loss_data=True: tensor_parallel.gather_from_tensor_model_parallel_region(out)
         logits = get_forward_backward_func()(
             forward_step_func=logits_step, data_iterator=iter(micro_batches(cfg)), model=[model],

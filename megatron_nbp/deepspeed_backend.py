@@ -1,0 +1,219 @@
+"""NBP pretraining with DeepSpeed ZeRO (stage 1/2/3, optional CPU optimizer offload) over megatron-core
+tensor-parallel layers: ``train.backend: deepspeed`` (launchers/pretrain_nbp.py --backend deepspeed).
+
+The same GPTModel, data stream, forward step, NBP loss, parameter groups and LR schedule as the
+megatron backend (megatron_nbp.training); only the data-parallel machinery differs. DeepSpeed gets
+megatron's parallel_state as its ``mpu`` (:class:`MegatronMPU`), so ZeRO partitions optimizer states,
+gradients (2) and parameters (3) over the data-parallel group only, and computes the gradient norm
+over the tensor-parallel group without double-counting replicated parameters. No pipeline
+parallelism (NBPConfig.validate refuses it): the iteration is a plain loop over micro-batches with
+DeepSpeed's gradient accumulation.
+
+Numerics match the megatron backend (fp32 on CPU): each micro-batch's loss is its token-mean, DeepSpeed
+divides it by the gradient-accumulation steps and averages gradients over data-parallel ranks, as the
+megatron schedule + DDP do; the optimizer is torch AdamW on megatron's parameter groups (no weight
+decay on biases and norms), which is what megatron-core uses when neither TE nor Apex is installed;
+clipping is DeepSpeed's ``gradient_clipping`` (clip / (norm + 1e-6), as megatron's clip_grad_norm).
+bf16 on GPU (fp32 master weights in the ZeRO optimizer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import _get_param_groups
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
+from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.model.params import count_parameters, format_count
+from megatron_nbp.parallel import initialize_parallel, print_rank_0
+from megatron_nbp.training import (build_data_iterator, build_scheduler, make_forward_step, optimizer_config,
+                                   reduce_losses, training_loop)
+
+
+class MegatronMPU:
+    """DeepSpeed's ``mpu`` interface over megatron.core.parallel_state (Megatron-DeepSpeed's names).
+
+    The DeepSpeed backend has no pipeline parallelism, so DeepSpeed's "model parallel" group is the
+    tensor-parallel group. Every method reads parallel_state, which must be initialised.
+    """
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+
+    @staticmethod
+    def get_data_parallel_group_ranks() -> list[int]:
+        """Global ranks of this rank's data-parallel group."""
+        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+
+
+def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed engine config (a JSON-able dict) for ``cfg``.
+
+    Batch sizes and gradient accumulation from ``cfg.train`` (global = micro x accumulation x DP),
+    ``gradient_clipping`` = train.clip_grad (DeepSpeed would otherwise clip at 1.0 silently), ZeRO stage
+    and optimizer offload from ``cfg.deepspeed`` with ``config_file``'s zero_optimization merged under
+    them, bf16 only when ``bf16``. Logging and step printing are left to the training loop.
+    """
+    t, d = cfg.train, cfg.deepspeed
+    zero = dict(d.file_zero_optimization())
+    zero["stage"] = d.stage
+    if d.offload == "cpu":
+        zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}), "device": "cpu"}
+    else:
+        zero.pop("offload_optimizer", None)
+    config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        # torch AdamW is the client optimizer (megatron's choice without TE/Apex); DeepSpeedCPUAdam
+        # replaces it under offload on GPU (see build_optimizer).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    # No "data_types.grad_accum_dtype": fp32 with bf16 would switch ZeRO-1 to DeepSpeed's BF16_Optimizer,
+    # whose checkpoints zero_to_fp32 (the converter) does not read.
+    return config
+
+
+def build_optimizer(module: torch.nn.Module, cfg: NBPConfig, use_gpu: bool) -> torch.optim.Optimizer:
+    """Adam with decoupled weight decay on megatron-core's parameter groups for ``module``.
+
+    The groups come from megatron's own grouping (``_get_param_groups``: weight decay off for biases and
+    1-D parameters, ``wd_mult`` / ``max_lr`` / ``min_lr`` keys that OptimizerParamScheduler reads), so
+    both backends decay the same parameters. torch.optim.AdamW, except DeepSpeedCPUAdam (adamw mode,
+    its compiled host kernel) for optimizer offload on GPU.
+    """
+    t = cfg.train
+    groups = _get_param_groups([module], optimizer_config(t), None)
+    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if use_gpu and cfg.deepspeed.offload == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _skip_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op (70-100 s) when its
+    communication backend starts; that op only serves ``inference_all_reduce``, never training. Mark it
+    incompatible (``deepspeed.ops.__compatible_ops__`` is the cached probe DeepSpeed consults) so training
+    uses torch.distributed (gloo) directly and nothing is compiled."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@dataclass
+class DeepSpeedState:
+    """One rank's DeepSpeed engine (wrapping the GPTModel and the ZeRO optimizer), the LR scheduler
+    (megatron's, on the engine's parameter groups) and the forward step shared with the megatron backend."""
+
+    engine: Any
+    scheduler: OptimizerParamScheduler
+    forward_step: Callable
+
+
+def build_deepspeed_state(cfg: NBPConfig) -> DeepSpeedState:
+    """GPTModel of this rank (built exactly as the megatron backend builds it, so the same seed gives
+    the same weights), wrapped by ``deepspeed.initialize`` with :class:`MegatronMPU`.
+    parallel_state must be initialised with PP = 1."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    use_gpu = torch.cuda.is_available()
+    if not use_gpu:
+        _skip_shm_comm_build()
+    module = build_gpt_model(cfg.model, params_dtype=torch.bfloat16 if use_gpu else torch.float32)
+    if cfg.deepspeed.stage == 3 and module.share_embeddings_and_output_weights:
+        # the output layer reads the embedding's (ZeRO-3 partitioned) weight outside the embedding's forward
+        deepspeed.zero.register_external_parameter(module.output_layer, module.shared_embedding_or_output_weight())
+    optimizer = build_optimizer(module, cfg, use_gpu)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, mpu=MegatronMPU, dist_init_required=False,
+        config=deepspeed_config(cfg, parallel_state.get_data_parallel_world_size(), bf16=use_gpu),
+    )
+    scheduler = build_scheduler(engine.optimizer, cfg.train)
+    return DeepSpeedState(engine, scheduler, make_forward_step(cfg.model, cfg.train.pkeep))
+
+
+def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches: int):
+    """One iteration: forward/backward of each micro-batch through the engine (DeepSpeed accumulates and
+    applies the ZeRO step at the last one), then the scheduler step.
+
+    Returns:
+        (loss: token-weighted mean over micro-batches and DP ranks, float; grad_norm: float, before
+        clipping; update_ok: bool, False if DeepSpeed skipped the step)
+    """
+    engine = state.engine
+    skipped = engine.skipped_steps
+    reported = []
+    for _ in range(num_microbatches):
+        output, loss_fn = state.forward_step(data_iterator, engine)
+        loss_sum, num_tokens, logged = loss_fn(output)
+        engine.backward(loss_sum / num_tokens.clamp(min=1))
+        engine.step()
+        reported.append(logged)
+    state.scheduler.step(increment=1)
+    grad_norm = engine.get_global_grad_norm()
+    return reduce_losses(reported), float(grad_norm if grad_norm is not None else 0.0), engine.skipped_steps == skipped
+
+
+def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:
+    """The training job with ``train.backend: deepspeed``; same contract as megatron_nbp.training.pretrain
+    (per-iteration losses on the logging rank, resume from ``cfg.load``, saves per the intervals)."""
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.data is None:
+        raise ValueError("--data (directory of token shards with manifest.json) is required")
+    p, t = cfg.parallel, cfg.train
+    initialize_parallel(p.tensor_model_parallel_size, 1, seed=t.seed)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
+    state = build_deepspeed_state(cfg)
+    count = count_parameters(cfg.model)
+    print_rank_0(f"> parameters: transformer {format_count(count.transformer)}, total {format_count(count.total)}")
+    print_rank_0(
+        f"> DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "
+        f"TP={p.tensor_model_parallel_size} DP={dp_size} | micro-batches per iteration: {num_microbatches} | "
+        f"seq length {cfg.model.seq_length} | block size {cfg.model.block_size} | "
+        f"padded vocab {cfg.model.padded_vocab_size} | {'bf16' if torch.cuda.is_available() else 'fp32'}"
+    )
+    model_config = cfg.to_dict()["model"]
+    iteration, consumed = 0, 0
+    if cfg.load:
+        iteration, consumed = load_deepspeed_checkpoint(cfg.load, state.engine, state.scheduler, model_config)
+        print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
+                     else f"> no checkpoint in {cfg.load}, starting from scratch")
+    data_iterator = build_data_iterator(cfg, consumed)
+    return training_loop(
+        cfg, iteration, consumed,
+        step=lambda: deepspeed_train_step(state, data_iterator, num_microbatches),
+        save=lambda it, seen: save_deepspeed_checkpoint(cfg.save, it, state.engine, state.scheduler, seen,
+                                                        model_config, cfg.deepspeed.stage),
+        current_lr=lambda: state.engine.optimizer.param_groups[0]["lr"],
+    )

@@ -1,0 +1,151 @@
+"""DeepSpeed ZeRO training checkpoints, DeepSpeed's layout, published atomically:
+
+    SAVE_DIR/
+      latest                         <- "global_step120": written last, atomically (temp file + rename)
+      global_step120/                <- engine.save_checkpoint: mp_rank_XX_model_states.pt (ZeRO-1/2) or
+                                        zero_pp_rank_D_mp_rank_XX_model_states.pt (ZeRO-3), and
+                                        zero_pp_rank_D_mp_rank_XX_optim_states.pt (fp32 master partitions)
+        rng_state_RRRRR.pt           <- every global rank's RNG states
+        nbp_checkpoint.json          <- iteration, consumed samples, layout (ZeRO stage, TP, DP), model config
+
+DeepSpeed writes into ``global_stepN.tmp`` (``save_latest=False``); after every rank has finished, the
+directory is renamed and only then named in ``latest``, so a crash never leaves a half checkpoint as
+the latest. ``client_state`` carries the LR scheduler, iteration and consumed samples (data position).
+Resuming needs the same TP and DP sizes; ``launchers/convert_checkpoint.py`` turns any of these
+checkpoints into the single-device inference format (megatron_nbp.inference.convert_zero).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data_prep.shards import atomic_write_bytes
+from megatron_nbp.checkpointing import LATEST_FILE, CheckpointError, check_model_config, rng_state, set_rng_state
+
+LATEST_TAG_FILE = "latest"
+META_FILE = "nbp_checkpoint.json"
+
+
+def tag_name(iteration: int) -> str:
+    """DeepSpeed's default tag for an iteration: ``global_stepN``."""
+    return f"global_step{iteration}"
+
+
+def is_deepspeed_checkpoint(load_dir: str | Path) -> bool:
+    """True if ``load_dir`` holds a DeepSpeed checkpoint written by this module (a ``latest`` tag file)."""
+    return (Path(load_dir) / LATEST_TAG_FILE).is_file()
+
+
+def read_latest_tag(load_dir: str | Path) -> str | None:
+    """The tag named in ``load_dir/latest``, or None if there is none.
+
+    Raises:
+        CheckpointError: the tag's directory or its metadata file is missing.
+    """
+    path = Path(load_dir) / LATEST_TAG_FILE
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not (Path(load_dir) / tag / META_FILE).is_file():
+        raise CheckpointError(f"{path} names {tag!r} but {Path(load_dir) / tag / META_FILE} is missing")
+    return tag
+
+
+def read_meta(load_dir: str | Path, tag: str) -> dict[str, Any]:
+    """The ``nbp_checkpoint.json`` of checkpoint ``tag`` (iteration, consumed_samples, zero_stage,
+    tensor_model_parallel_size, data_parallel_size, model_config).
+
+    Raises:
+        CheckpointError: the checkpoint directory or its metadata is missing.
+    """
+    path = Path(load_dir) / tag / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist (not a megatron-nbp DeepSpeed checkpoint?)")
+    return json.loads(path.read_text())
+
+
+def _rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rng_state_{rank:05d}.pt"
+
+
+def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, scheduler, consumed_samples: int,
+                              model_config: dict[str, Any], zero_stage: int) -> Path:
+    """Collective: every rank calls it. Writes and publishes ``global_stepN`` (see module doc).
+
+    Args:
+        engine: the DeepSpeedEngine; scheduler: OptimizerParamScheduler.
+        consumed_samples: global training samples consumed so far (data position).
+        model_config: ModelConfig as a dict (checked on load, read by the converter).
+
+    Returns:
+        The published checkpoint directory.
+    """
+    save_dir = Path(save_dir)
+    tag = tag_name(iteration)
+    tmp_tag = tag + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(save_dir / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    client_state = {"iteration": iteration, "consumed_samples": consumed_samples,
+                    "scheduler": scheduler.state_dict()}
+    engine.save_checkpoint(str(save_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), _rng_file(save_dir / tmp_tag, rank))
+    if rank == 0:
+        meta = {"format": "megatron-nbp-deepspeed/1", "iteration": iteration, "consumed_samples": consumed_samples,
+                "zero_stage": zero_stage,
+                "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                "world_size": dist.get_world_size(), "model_config": model_config}
+        atomic_write_bytes(save_dir / tmp_tag / META_FILE, json.dumps(meta, indent=1).encode())
+    dist.barrier()
+    final = save_dir / tag
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(save_dir / tmp_tag, final)
+        atomic_write_bytes(save_dir / LATEST_TAG_FILE, tag.encode())
+    dist.barrier()
+    return final
+
+
+def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_config: dict[str, Any]) -> tuple[int, int]:
+    """Collective: restore the latest checkpoint in ``load_dir`` into the engine (module, ZeRO optimizer
+    partitions), the scheduler and this rank's RNG states.
+
+    Returns:
+        (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
+
+    Raises:
+        CheckpointError: ``load_dir`` holds a megatron-backend checkpoint; the checkpoint's model
+            settings, TP size or DP size differ from this run; or DeepSpeed could not load it.
+    """
+    tag = read_latest_tag(load_dir)
+    if tag is None:
+        if (Path(load_dir) / LATEST_FILE).is_file():
+            raise CheckpointError(f"{load_dir} holds a megatron-backend checkpoint; resume it with --backend megatron "
+                                  "(convert_checkpoint.py exports either kind)")
+        return 0, 0
+    meta = read_meta(load_dir, tag)
+    ckpt = Path(load_dir) / tag
+    check_model_config(meta.get("model_config", {}), model_config, ckpt)
+    layout = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size())
+    saved = (meta["tensor_model_parallel_size"], meta["data_parallel_size"])
+    if saved != layout:
+        raise CheckpointError(f"{ckpt} was written with TP={saved[0]} DP={saved[1]}; this run has TP={layout[0]} "
+                              f"DP={layout[1]}. Resume with the same layout (convert_checkpoint.py exports any layout)")
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+    scheduler.load_state_dict(client_state["scheduler"])
+    set_rng_state(torch.load(_rng_file(ckpt, dist.get_rank()), weights_only=False))
+    return int(client_state["iteration"]), int(client_state["consumed_samples"])
