@@ -5,7 +5,8 @@ Layout of a tokenized dataset directory::
     shard-000000.tar    WebDataset tar; per sample: <key>.tokens.npy and <key>.json
     shard-000000.json   sidecar {"num_samples", "keys", "failures"}; written last = "shard finished"
     ...
-    manifest.json       dataset description (see :func:`write_manifest`)
+    failures.jsonl      one {"path", "reason"} JSON object per line: input files that gave no clip
+    manifest.json       dataset description (see :func:`write_manifest`); written last
 
 Per sample:
 
@@ -35,6 +36,7 @@ import webdataset as wds
 
 SHARD_FORMAT = "megatron-nbp-tokens/1"
 MANIFEST_NAME = "manifest.json"
+FAILURES_NAME = "failures.jsonl"
 SAMPLE_META_KEYS = ("source", "clip_start", "num_frames", "frame_stride", "fps", "label", "latent_shape")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
@@ -89,9 +91,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _json_default(obj: Any) -> Any:
+    """JSON fallback: sets (and frozensets) become sorted lists; anything else is a TypeError."""
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
 def _json_bytes(obj: Any) -> bytes:
-    """UTF-8 JSON encoding (NaN/Infinity rejected, so readers in any language can parse it)."""
-    return json.dumps(obj, indent=1, allow_nan=False).encode("utf-8")
+    """UTF-8 JSON encoding (NaN/Infinity rejected, so readers in any language can parse it; sets are
+    written as sorted lists)."""
+    return json.dumps(obj, indent=1, allow_nan=False, default=_json_default).encode("utf-8")
 
 
 def _check_sample(key: str, tokens: np.ndarray, meta: dict) -> None:
@@ -125,7 +135,8 @@ def write_shard(
             stored in the sidecar so a rerun keeps them. Read only after ``samples`` is exhausted, so
             a list that the ``samples`` generator appends to is fine.
         extra: more JSON-serialisable sidecar fields (e.g. the settings that produced the shard);
-            must not use the names ``num_samples``, ``keys`` or ``failures``.
+            must not use the names ``num_samples``, ``keys`` or ``failures``. Serialised after
+            ``samples`` is exhausted (a set the generator fills is fine; sets become sorted lists).
     Returns:
         Number of samples written.
     Raises:
@@ -272,12 +283,52 @@ def validate_manifest(manifest: dict, out_dir: str | os.PathLike) -> None:
         _require(isinstance(f, dict) and {"path", "reason"} <= set(f), where, f"bad failure entry {f!r}")
 
 
+def write_failures(out_dir: str | os.PathLike, failures: Iterable[dict]) -> Path:
+    """Write ``out_dir/failures.jsonl`` atomically: one ``{"path": str, "reason": str}`` per line.
+
+    Returns:
+        The file's path (written even when there are no failures: an empty file says "none").
+    Raises:
+        ShardFormatError: an entry without ``path`` and ``reason``.
+    """
+    lines = []
+    for f in failures:
+        if not isinstance(f, dict) or not {"path", "reason"} <= set(f):
+            raise ShardFormatError(f"bad failure entry {f!r}: needs 'path' and 'reason'")
+        lines.append(json.dumps({"path": str(f["path"]), "reason": str(f["reason"])}, ensure_ascii=False) + "\n")
+    path = Path(out_dir) / FAILURES_NAME
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+    return path
+
+
+def read_failures(out_dir: str | os.PathLike) -> list[dict]:
+    """Read ``out_dir/failures.jsonl`` as a list of ``{"path", "reason"}``.
+
+    Raises:
+        FileNotFoundError: the file does not exist (job not finished).
+        ShardFormatError: a line that is not such a JSON object.
+    """
+    path = Path(out_dir) / FAILURES_NAME
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShardFormatError(f"{path}:{n}: not JSON: {exc}") from exc
+        _require(isinstance(entry, dict) and {"path", "reason"} <= set(entry), path, f"line {n}: bad entry {entry!r}")
+        out.append(entry)
+    return out
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     """Validate ``manifest`` and write it atomically to ``out_dir/manifest.json``.
 
     Manifest: ``{"format": "megatron-nbp-tokens/1", "tokenizer": {"path", "sha256", "levels",
-    "codebook_size", "latent_shape"}, "clip": {"num_frames", "frame_stride", "resolution": [H, W]},
-    "shards": [{"name", "num_samples"}], "num_samples": int, "failures": [{"path", "reason"}]}``.
+    "codebook_size", "latent_shape"}, "clip": {"num_frames", "frame_stride", "resolution": [H, W], ...},
+    "shards": [{"name", "num_samples"}], "num_samples": int, "failures": [{"path", "reason"}]}``;
+    the tokenization job also writes ``"media"`` ("video" or "image"), ``"labels"`` (sorted distinct
+    clip labels) and the clip sampling settings (``clip.fps``, ``clip_hop``, ``clip_placement``,
+    ``max_clips_per_video``); readers must treat these as optional (older manifests lack them).
 
     Returns:
         The manifest path.

@@ -1,11 +1,19 @@
-"""Offline tokenization job: videos -> clips -> FSQ token shards (single process or torchrun).
+"""Offline tokenization job: videos (or images) -> clips -> FSQ token shards (single process or torchrun).
 
-Work assignment is deterministic and independent of the world size: the sorted video list is cut
-into shards of ``videos_per_shard`` consecutive videos (shard ``k``), and rank ``r`` of ``W`` handles
+Work assignment is deterministic and independent of the world size: the sorted media list is cut
+into shards of ``videos_per_shard`` consecutive files (shard ``k``), and rank ``r`` of ``W`` handles
 the shards with ``k % W == r``. A shard whose sidecar exists is finished and skipped, so a rerun after
-a crash writes only the missing shards and every clip lands in exactly one shard. Videos that fail to
-decode or are too short are recorded in their shard's sidecar (and merged into the manifest), never fatal.
-Rank 0 writes ``manifest.json`` from the sidecars after a barrier.
+a crash (even a SIGKILL of every rank at any point) writes only the missing shards and every clip lands
+in exactly one shard. Files that fail to decode or are too short are recorded with the reason in their
+shard's sidecar, never fatal; files under the input folder that are not media of the chosen kind are
+listed too. Rank 0 writes ``failures.jsonl`` (one ``{"path", "reason"}`` per line) and then
+``manifest.json`` from the sidecars after a barrier.
+
+Clip sampling: ``num_frames`` frames every ``frame_stride`` source frames, after optional resampling
+to ``fps``; clips start every ``clip_hop`` frames (``clip_placement="first"``) or are spread evenly over
+the video (``"uniform"``, with ``max_clips_per_video``; 1 = the middle clip); every frame is resized
+(shorter side) and center-cropped to ``resolution``. Images (``media="image"``, PNG/JPEG via Pillow)
+are 1-frame clips: ``num_frames=1``, latent ``(1, H', W')``.
 """
 
 from __future__ import annotations
@@ -23,7 +31,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_prep import shards
-from data_prep.video_io import VideoDecodeError, clip_starts, decode_video, frames_to_tensor, list_videos
+from data_prep.video_io import (
+    CLIP_PLACEMENTS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    VideoDecodeError,
+    clip_starts,
+    decode_video,
+    frames_to_tensor,
+    list_media,
+    load_image,
+)
 
 _MAX_UINT16 = np.iinfo(np.uint16).max
 
@@ -33,18 +51,23 @@ class TokenizeConfig:
     """Settings of one tokenization job (command-line flags of ``launchers/tokenize_videos.py``).
 
     Attributes:
-        input_dir: root searched recursively for videos.
+        input_dir: root searched recursively for videos (or images, ``media="image"``).
         output_dir: where shards, sidecars and ``manifest.json`` go (created if missing).
         tokenizer: tokenizer checkpoint path (``data_prep.tokenizer.load_tokenizer``).
         num_frames: frames per clip; ``1 + 4n`` (tokenizer temporal stride 4, first frame separate).
         frame_stride: step between the frames of a clip (1 = consecutive frames).
         clip_hop: frames between clip starts; ``None`` = ``num_frames * frame_stride`` (no overlap).
         resolution: square clip side in pixels; multiple of 8 (tokenizer spatial stride).
-        max_clips_per_video: keep at most this many clips per video (the first ones); ``None`` = all.
-        videos_per_shard: consecutive videos (of the sorted list) per shard.
+        max_clips_per_video: keep at most this many clips per video; ``None`` = all.
+        videos_per_shard: consecutive media files (of the sorted list) per shard.
         batch_size: clips per tokenizer forward pass.
         label_from_dir: store the name of each video's parent directory as its label (UCF-101 layout).
         progress: show a tqdm bar on rank 0.
+        media: ``"video"`` (:data:`VIDEO_EXTENSIONS`, PyAV) or ``"image"`` (:data:`IMAGE_EXTENSIONS`,
+            Pillow; each image is one 1-frame clip, needs ``num_frames=1``).
+        fps: resample every video to this frame rate (frames per second) before cutting clips;
+            ``None`` keeps the source rate. Frame counts (stride, hop) are in resampled frames.
+        clip_placement: ``"first"`` or ``"uniform"`` (see :func:`data_prep.video_io.clip_starts`).
     """
 
     input_dir: Path
@@ -59,6 +82,9 @@ class TokenizeConfig:
     batch_size: int = 8
     label_from_dir: bool = False
     progress: bool = True
+    media: str = "video"
+    fps: float | None = None
+    clip_placement: str = "first"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -73,6 +99,15 @@ class TokenizeConfig:
             raise ValueError(f"--clip-hop must be >= 1, got {self.clip_hop}")
         if self.max_clips_per_video is not None and self.max_clips_per_video < 1:
             raise ValueError(f"--max-clips-per-video must be >= 1, got {self.max_clips_per_video}")
+        if self.media not in ("video", "image"):
+            raise ValueError(f"--media must be 'video' or 'image', got {self.media!r}")
+        if self.media == "image" and (self.num_frames != 1 or self.fps is not None):
+            raise ValueError(f"--media image makes 1-frame clips: needs --num-frames 1 and no --fps, got "
+                             f"{self.num_frames} frames, fps {self.fps}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"--fps must be > 0, got {self.fps}")
+        if self.clip_placement not in CLIP_PLACEMENTS:
+            raise ValueError(f"--clip-placement must be one of {CLIP_PLACEMENTS}, got {self.clip_placement!r}")
 
     def shard_settings(self) -> dict:
         """Settings that determine a shard's content; stored in each sidecar and checked on rerun."""
@@ -84,7 +119,17 @@ class TokenizeConfig:
             "max_clips_per_video": self.max_clips_per_video,
             "videos_per_shard": self.videos_per_shard,
             "label_from_dir": self.label_from_dir,
+            "media": self.media,
+            "fps": self.fps,
+            "clip_placement": self.clip_placement,
         }
+
+    def list_inputs(self) -> tuple[list[Path], list[Path]]:
+        """``(media, others)`` under ``input_dir``, sorted; files inside ``output_dir`` are left out."""
+        media, others = list_media(self.input_dir, VIDEO_EXTENSIONS if self.media == "video" else IMAGE_EXTENSIONS)
+        out = Path(self.output_dir).resolve()
+        keep = lambda p: out not in p.resolve().parents  # noqa: E731
+        return [p for p in media if keep(p)], [p for p in others if keep(p)]
 
 
 def plan_shards(videos: list[Path], videos_per_shard: int) -> list[list[Path]]:
@@ -119,6 +164,7 @@ class _ShardBuilder:
     def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int]):
         self.tok, self.cfg, self.latent_shape = tokenizer, cfg, tuple(latent_shape)
         self.failures: list[dict] = []
+        self.labels: set[str] = set()
         self.videos_done = 0
         self.clips_done = 0
 
@@ -127,12 +173,18 @@ class _ShardBuilder:
         cfg = self.cfg
         span = (cfg.num_frames - 1) * cfg.frame_stride + 1
         hop = cfg.clip_hop or cfg.num_frames * cfg.frame_stride
-        max_frames = None if cfg.max_clips_per_video is None else (cfg.max_clips_per_video - 1) * hop + span
+        max_frames = None
+        if cfg.max_clips_per_video is not None and cfg.clip_placement == "first":
+            max_frames = (cfg.max_clips_per_video - 1) * hop + span
         for video in videos:
             rel = video.relative_to(cfg.input_dir).as_posix()
             try:
-                frames, fps = decode_video(video, max_frames=max_frames, size=cfg.resolution)
-                starts = clip_starts(len(frames), cfg.num_frames, cfg.frame_stride, hop, cfg.max_clips_per_video)
+                if cfg.media == "image":
+                    frames, fps = load_image(video, size=cfg.resolution), 0.0
+                else:
+                    frames, fps = decode_video(video, max_frames=max_frames, size=cfg.resolution, fps=cfg.fps)
+                starts = clip_starts(len(frames), cfg.num_frames, cfg.frame_stride, hop, cfg.max_clips_per_video,
+                                     cfg.clip_placement)
                 if not starts:
                     raise VideoDecodeError(video, f"too short: {len(frames)} frames, a clip needs {span}")
             except VideoDecodeError as exc:
@@ -140,6 +192,8 @@ class _ShardBuilder:
                 self.videos_done += 1
                 continue
             label = video.parent.name if cfg.label_from_dir and video.parent != cfg.input_dir else None
+            if label is not None:
+                self.labels.add(label)
             for s in starts:
                 meta = {
                     "source": rel,
@@ -202,13 +256,18 @@ def _check_settings(shard_path: Path, sidecar: dict, cfg: TokenizeConfig, videos
         )
 
 
-def build_manifest(cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Module, sha: str) -> dict:
+def build_manifest(
+    cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Module, sha: str, ignored: list[Path] = ()
+) -> dict:
     """Assemble the manifest from the sidecars of all ``len(plan)`` shards (all must be finished).
+
+    ``ignored`` (files under the input folder that are not media of ``cfg.media``) are appended to
+    the failures. ``labels`` lists the distinct clip labels (``--label-from-dir``), sorted.
 
     Raises:
         RuntimeError: a shard of the plan has no sidecar.
     """
-    entries, failures = [], []
+    entries, failures, labels = [], [], set()
     for k in range(len(plan)):
         path = cfg.output_dir / shards.shard_name(k)
         side = shards.read_sidecar(path) if path.is_file() else None
@@ -216,9 +275,15 @@ def build_manifest(cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Mo
             raise RuntimeError(f"shard {path} is not finished; cannot write the manifest")
         entries.append({"name": path.name, "num_samples": side["num_samples"]})
         failures.extend(side["failures"])
+        labels.update(side.get("labels", []))
     res = (cfg.resolution, cfg.resolution)
+    failures.extend(
+        {"path": p.relative_to(cfg.input_dir).as_posix(), "reason": f"not {cfg.media} media (suffix {p.suffix!r}); skipped"}
+        for p in ignored
+    )
     return {
         "format": shards.SHARD_FORMAT,
+        "media": cfg.media,
         "tokenizer": {
             "path": str(cfg.tokenizer),
             "sha256": sha,
@@ -226,7 +291,16 @@ def build_manifest(cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Mo
             "codebook_size": int(tok.codebook_size),
             "latent_shape": list(tok.latent_shape(cfg.num_frames, *res)),
         },
-        "clip": {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "resolution": list(res)},
+        "clip": {
+            "num_frames": cfg.num_frames,
+            "frame_stride": cfg.frame_stride,
+            "resolution": list(res),
+            "fps": cfg.fps,
+            "clip_hop": cfg.clip_hop,
+            "clip_placement": cfg.clip_placement,
+            "max_clips_per_video": cfg.max_clips_per_video,
+        },
+        "labels": sorted(labels),
         "shards": entries,
         "num_samples": sum(e["num_samples"] for e in entries),
         "failures": failures,
@@ -255,7 +329,7 @@ class _Progress:
             done = {k for k in self.others if _is_finished(self.cfg.output_dir / shards.shard_name(k))}
             self.others -= done
             self.others_done += sum(len(self.plan[k]) for k in done)
-        self.bar.set_postfix(clips_per_s=f"{clips / max(now - self.start, 1e-9):.1f}", refresh=False)
+        self.bar.set_postfix({"clips/s": f"{clips / max(now - self.start, 1e-9):.2f}"}, refresh=False)
         self.bar.update(own_videos + self.others_done - self.bar.n)
 
     def close(self) -> None:
@@ -285,8 +359,9 @@ def _process_shards(
             continue
         path = cfg.output_dir / shards.shard_name(k)
         _remove_partial(path)
-        builder.failures = []
-        extra = {"settings": cfg.shard_settings(), "videos": rel[k], "tokenizer_sha256": sha}
+        builder.failures, builder.labels = [], set()
+        # builder.labels fills while the samples are consumed; the sidecar (written after them) stores it sorted
+        extra = {"settings": cfg.shard_settings(), "videos": rel[k], "tokenizer_sha256": sha, "labels": builder.labels}
         shards.write_shard(path, _with_progress(builder.samples(plan[k]), builder, progress), builder.failures, extra)
         progress.update(builder.videos_done, builder.clips_done)
     return progress
@@ -310,7 +385,7 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
     Returns:
         The manifest dict on rank 0, ``None`` on other ranks.
     Raises:
-        ValueError: invalid settings, or no videos under ``cfg.input_dir``.
+        ValueError: invalid settings, or no media files under ``cfg.input_dir``.
         RuntimeError: the output directory holds shards made with other settings, or the tokenizer
             produced out-of-range / wrongly shaped indices.
         FileNotFoundError, NotADirectoryError: missing tokenizer checkpoint or input directory.
@@ -318,9 +393,9 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
     from data_prep.tokenizer import load_tokenizer, tokenizer_sha256  # heavy; import when needed
 
     cfg.validate()
-    videos = list_videos(cfg.input_dir)
+    videos, ignored = cfg.list_inputs()
     if not videos:
-        raise ValueError(f"no video files under {cfg.input_dir}")
+        raise ValueError(f"no {cfg.media} files under {cfg.input_dir}")
     if not Path(cfg.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {cfg.tokenizer}")
     rank, world, created = _init_distributed(timeout_hours)
@@ -331,17 +406,27 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         latent = tuple(tok.latent_shape(cfg.num_frames, cfg.resolution, cfg.resolution))
         plan = plan_shards(videos, cfg.videos_per_shard)
         mine = shards_for_rank(len(plan), rank, world)
-        progress = _process_shards(cfg, plan, mine, _ShardBuilder(tok, cfg, latent), sha, rank, world)
+        builder = _ShardBuilder(tok, cfg, latent)
+        start = time.monotonic()
+        progress = _process_shards(cfg, plan, mine, builder, sha, rank, world)
+        seconds = time.monotonic() - start
+        print(
+            f"tokenize: rank {rank}/{world}: {builder.clips_done} clips from {builder.videos_done} files in "
+            f"{seconds:.2f} s ({builder.clips_done / max(seconds, 1e-9):.2f} clips/s)",
+            flush=True,
+        )
         if world > 1:
             dist.barrier()
         progress.close()
         manifest = None
         if rank == 0:
-            manifest = build_manifest(cfg, plan, tok, sha)
+            manifest = build_manifest(cfg, plan, tok, sha, ignored)
+            shards.write_failures(cfg.output_dir, manifest["failures"])
             shards.write_manifest(cfg.output_dir, manifest)
             print(
                 f"tokenize: {manifest['num_samples']} clips in {len(plan)} shards, "
-                f"{len(manifest['failures'])} videos skipped -> {cfg.output_dir / shards.MANIFEST_NAME}",
+                f"{len(manifest['failures'])} files skipped (reasons in {cfg.output_dir / shards.FAILURES_NAME}) "
+                f"-> {cfg.output_dir / shards.MANIFEST_NAME}",
                 flush=True,
             )
         if world > 1:

@@ -11,6 +11,7 @@ Every file written here is written under a temporary name in the destination fol
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from fractions import Fraction
@@ -24,6 +25,12 @@ from PIL import Image, ImageDraw
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".ogv", ".m4v", ".mpg", ".mpeg"})
 """Lower-case file suffixes that :func:`list_videos` treats as videos."""
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
+"""Lower-case file suffixes that :func:`list_media` treats as images (decoded with Pillow)."""
+
+CLIP_PLACEMENTS = ("first", "uniform")
+"""How :func:`clip_starts` places clips: from the start at a fixed hop, or spread over the whole video."""
 
 _RESAMPLE = Image.Resampling.LANCZOS
 
@@ -58,6 +65,75 @@ def list_videos(root: str | os.PathLike) -> list[Path]:
         raise NotADirectoryError(f"video root is not a directory: {root}")
     found = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def list_media(root: str | os.PathLike, extensions: frozenset[str] | set[str]) -> tuple[list[Path], list[Path]]:
+    """Split the regular files under ``root`` (recursively) into media and everything else.
+
+    Args:
+        root: a directory.
+        extensions: lower-case suffixes with the dot (e.g. :data:`VIDEO_EXTENSIONS`, :data:`IMAGE_EXTENSIONS`).
+    Returns:
+        ``(media, others)``: both sorted by the path relative to ``root`` (POSIX form), so every
+        machine sees the same order; ``media`` are the files whose suffix (case-insensitive) is in
+        ``extensions``, ``others`` the remaining regular files.
+    Raises:
+        NotADirectoryError: ``root`` is not an existing directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"media root is not a directory: {root}")
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    media = [p for p in files if p.suffix.lower() in extensions]
+    others = [p for p in files if p.suffix.lower() not in extensions]
+    return media, others
+
+
+def load_image(path: str | os.PathLike, size: int | Sequence[int] | None = None) -> np.ndarray:
+    """Load a PNG/JPEG image with Pillow as a 1-frame clip (resized and center-cropped if ``size``).
+
+    Args:
+        path: image file (any mode Pillow reads; converted to RGB, alpha dropped).
+        size: output side (square) or ``(h, w)``; ``None`` keeps the original size.
+    Returns:
+        ``uint8 [1, h, w, 3]`` RGB.
+    Raises:
+        VideoDecodeError: the file is missing, not an image, truncated or corrupt.
+        ValueError: invalid ``size``.
+    """
+    path = Path(path)
+    hw = None if size is None else _target_hw(size)
+    if not path.is_file():
+        raise VideoDecodeError(path, "no such file")
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))  # convert() forces the full decode (truncation shows here)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise VideoDecodeError(path, f"cannot decode image: {exc}") from exc
+    frames = np.ascontiguousarray(rgb[None])
+    return frames if hw is None else resize_center_crop(frames, hw)
+
+
+def resample_indices(num_source_frames: int, source_fps: float, target_fps: float) -> np.ndarray:
+    """Source frame indices that resample a video to ``target_fps`` (frame shown at each target time).
+
+    Output frame ``k`` (time ``k / target_fps``) is source frame ``floor(k * source_fps / target_fps)``:
+    lowering the rate drops frames, raising it repeats them.
+
+    Args:
+        num_source_frames: frames available (>= 0).
+        source_fps, target_fps: frame rates in frames per second (> 0).
+    Returns:
+        ``int64 [M]`` increasing (non-strictly when upsampling) indices, all ``< num_source_frames``.
+    Raises:
+        ValueError: a non-positive rate or a negative frame count.
+    """
+    if not (source_fps > 0 and target_fps > 0) or num_source_frames < 0:
+        raise ValueError(f"need positive rates and a frame count >= 0, got {source_fps}, {target_fps}, {num_source_frames}")
+    ratio = Fraction(source_fps).limit_denominator(100_000) / Fraction(target_fps).limit_denominator(100_000)
+    count = math.ceil(num_source_frames / ratio) if num_source_frames else 0
+    idx = np.array([int(k * ratio) for k in range(count)], dtype=np.int64)
+    return idx[idx < num_source_frames]
 
 
 def _target_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -151,38 +227,58 @@ def _stream_fps(path: Path) -> float:
 
 
 def decode_video(
-    path: str | os.PathLike, max_frames: int | None = None, size: int | Sequence[int] | None = None
+    path: str | os.PathLike,
+    max_frames: int | None = None,
+    size: int | Sequence[int] | None = None,
+    fps: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """Decode the first video stream of a file with PyAV.
 
     Args:
         path: video file.
-        max_frames: stop after this many frames (``None``: all).
+        max_frames: stop after this many (output) frames (``None``: all).
         size: if given, every frame is resized/center-cropped while decoding (as
             :func:`resize_center_crop`), which keeps memory small for large videos.
+        fps: if given, resample to this frame rate (frames per second, > 0) with
+            :func:`resample_indices`; only the source frames needed for ``max_frames`` are decoded.
     Returns:
-        ``(frames, fps)``: ``uint8 [N, H, W, 3]`` RGB frames with ``N >= 1`` and the stream's frame
-        rate in frames per second (``0.0`` if the container does not say).
+        ``(frames, fps)``: ``uint8 [N, H, W, 3]`` RGB frames with ``N >= 1`` and the frame rate of
+        ``frames`` in frames per second (the stream's, ``0.0`` if the container does not say; or ``fps``).
     Raises:
-        VideoDecodeError: the file is missing, unreadable, not a video, or yields no frames.
-        ValueError: ``max_frames`` < 1 or ``size`` is invalid.
+        VideoDecodeError: the file is missing, unreadable, not a video, or yields no frames; or
+            ``fps`` is given and the stream's frame rate is unknown.
+        ValueError: ``max_frames`` < 1, ``fps`` <= 0 or ``size`` is invalid.
     """
     path = Path(path)
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be > 0 or None, got {fps}")
     hw = None if size is None else _target_hw(size)
     if not path.is_file():
         raise VideoDecodeError(path, "no such file")
     try:
-        frames = list(_iter_decoded(path, max_frames, hw))
-        fps = _stream_fps(path)
+        source_fps = _stream_fps(path)
+        source_max = max_frames
+        if fps is not None:
+            if not source_fps > 0:
+                raise VideoDecodeError(path, "frame rate unknown, cannot resample to the requested fps")
+            if max_frames is not None:  # source frames covering the first max_frames output frames
+                source_max = int((max_frames - 1) * Fraction(source_fps).limit_denominator(100_000)
+                                 / Fraction(fps).limit_denominator(100_000)) + 1
+        frames = list(_iter_decoded(path, source_max, hw))
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         raise VideoDecodeError(path, f"cannot decode: {exc}") from exc
     if not frames:
         raise VideoDecodeError(path, "video has no decodable frames")
-    return np.stack(frames), fps
+    if fps is None:
+        return np.stack(frames), source_fps
+    idx = resample_indices(len(frames), source_fps, fps)
+    if max_frames is not None:
+        idx = idx[:max_frames]
+    return np.stack([frames[i] for i in idx]), float(fps)
 
 
 def clip_starts(
@@ -191,19 +287,24 @@ def clip_starts(
     frame_stride: int = 1,
     hop: int | None = None,
     max_clips: int | None = None,
+    placement: str = "first",
 ) -> list[int]:
     """Start frame indices of the clips that fit in a video.
 
     A clip starting at ``s`` uses frames ``s, s + frame_stride, ..., s + (clip_len - 1) * frame_stride``.
+    ``placement="first"`` takes the starts ``0, hop, 2*hop, ...`` (the first ``max_clips`` of them);
+    ``"uniform"`` with ``max_clips = n`` spreads ``n`` starts evenly over ``[0, last possible start]``
+    (``n = 1``: the middle clip), with ``max_clips=None`` it equals ``"first"``.
 
     Args:
         num_frames_total: frames in the video (>= 0).
         clip_len: frames per clip (>= 1).
         frame_stride: step between used frames (>= 1).
         hop: step between clip starts (>= 1); default ``clip_len * frame_stride`` (non-overlapping).
-        max_clips: keep at most this many (the first ones); ``None`` keeps all.
+        max_clips: keep at most this many; ``None`` keeps all.
+        placement: one of :data:`CLIP_PLACEMENTS`.
     Returns:
-        Increasing start indices; empty if the video is shorter than one clip.
+        Strictly increasing start indices; empty if the video is shorter than one clip.
     Raises:
         ValueError: any argument out of range.
     """
@@ -216,8 +317,17 @@ def clip_starts(
         raise ValueError(f"hop must be >= 1, got {hop}")
     if max_clips is not None and max_clips < 0:
         raise ValueError(f"max_clips must be >= 0 or None, got {max_clips}")
+    if placement not in CLIP_PLACEMENTS:
+        raise ValueError(f"placement must be one of {CLIP_PLACEMENTS}, got {placement!r}")
     span = (clip_len - 1) * frame_stride + 1
-    starts = list(range(0, num_frames_total - span + 1, hop))
+    last = num_frames_total - span
+    if last < 0 or max_clips == 0:
+        return []
+    if placement == "uniform" and max_clips is not None:
+        if max_clips == 1:
+            return [last // 2]
+        return sorted({round(i * last / (max_clips - 1)) for i in range(max_clips)})
+    starts = list(range(0, last + 1, hop))
     return starts if max_clips is None else starts[:max_clips]
 
 

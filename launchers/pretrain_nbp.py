@@ -36,6 +36,8 @@ _OVERRIDES = {
     "save_interval": "train.save_interval",
     "exit_interval": "train.exit_interval",
     "pkeep": "train.pkeep",
+    "p_drop_cond": "train.p_drop_cond",
+    "tokenizer_sha256": "train.tokenizer_sha256",
     "backend": "train.backend",
     "zero_stage": "deepspeed.zero_stage",
     "offload_optimizer": "deepspeed.offload_optimizer",
@@ -73,6 +75,11 @@ def parse_args(argv=None) -> NBPConfig:
     parser.add_argument("--lr-warmup-iters", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--pkeep", type=float, help="keep probability of input video tokens (NBP release option)")
+    parser.add_argument("--p-drop-cond", type=float,
+                        help="probability of replacing a sample's condition by the learned null condition "
+                             "(classifier-free guidance; needs model.null_condition)")
+    parser.add_argument("--tokenizer-sha256", help="sha256 of the tokenizer file the shards must have been made with "
+                                                   "(checked against manifest.json before training)")
     parser.add_argument("--hidden-dropout", type=float)
     parser.add_argument("--attention-dropout", type=float)
     parser.add_argument("--data", help="directory of token shards with manifest.json")

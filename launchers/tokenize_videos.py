@@ -1,11 +1,16 @@
-"""Tokenize a folder of videos into WebDataset token shards (entry point; logic in data_prep.tokenize_job).
+"""Tokenize a folder of videos (or images) into WebDataset token shards (entry point; logic in data_prep.tokenize_job).
 
 Usage::
 
     torchrun --nproc-per-node 2 launchers/tokenize_videos.py --input DIR --output DIR --tokenizer CKPT
     python launchers/tokenize_videos.py --input DIR --output DIR --tokenizer CKPT   # one process
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        launchers/tokenize_videos.py ...                                            # many nodes
+    python launchers/tokenize_videos.py --media image --num-frames 1 ...           # images, T = 1
 
-Rerunning the same command after a crash finishes only the missing shards.
+Rerunning the same command after a crash (any rank killed at any point) finishes only the missing
+shards; every clip is written exactly once. Files that gave no clip are listed with the reason in
+OUTPUT/failures.jsonl (and in manifest.json).
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     p.add_argument("--videos-per-shard", type=int, default=8, help="consecutive videos per shard (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer forward pass (default 8)")
     p.add_argument("--label-from-dir", action="store_true", help="label = name of the video's parent folder")
+    p.add_argument("--media", choices=["video", "image"], default="video",
+                   help="video files (PyAV) or PNG/JPEG images as 1-frame clips (needs --num-frames 1)")
+    p.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate first (default: keep)")
+    p.add_argument("--clip-placement", choices=["first", "uniform"], default="first",
+                   help="first: clips every --clip-hop frames from the start; uniform: --max-clips-per-video "
+                        "clips spread over the video (1 = middle clip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = TokenizeConfig(
@@ -48,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
         batch_size=a.batch_size,
         label_from_dir=a.label_from_dir,
         progress=not a.no_progress,
+        media=a.media,
+        fps=a.fps,
+        clip_placement=a.clip_placement,
     )
     try:
         cfg.validate()

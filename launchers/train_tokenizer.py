@@ -1,4 +1,4 @@
-"""Train the video tokenizer (reconstruction loss). Single process or torchrun (DDP, gloo on CPU).
+"""Train the video tokenizer (reconstruction, optional GAN/LeCam/perceptual, EMA). Single process or torchrun (DDP).
 
 Example::
 
@@ -43,6 +43,29 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     parser.add_argument("--log-interval", type=int, help="log every N steps")
     parser.add_argument("--tensorboard-dir", help="write TensorBoard scalars here (rank 0)")
     parser.add_argument("--eval-clips", type=int, help="non-overlapping clips per rank for the final PSNR")
+    parser.add_argument("--holdout-fraction", type=float,
+                        help="tail fraction of every video held back from training, used for the final PSNR")
+    gan = parser.add_argument_group("GAN (off unless --disc-weight > 0)")
+    gan.add_argument("--disc-weight", type=float, help="weight of the generator's adversarial term (0: no GAN)")
+    gan.add_argument("--disc-start", type=int, help="step at which the discriminator and the GAN term start")
+    gan.add_argument("--gan-loss", choices=["hinge", "non_saturating"], help="GAN loss")
+    gan.add_argument("--disc-lr", type=float, help="discriminator peak learning rate (default: --lr)")
+    gan.add_argument("--disc-channels", type=int, help="width of the 3D PatchGAN's first layer")
+    gan.add_argument("--disc-layers", type=int, help="stride-2 layers of the 3D PatchGAN")
+    gan.add_argument("--no-adaptive-weight", dest="adaptive_weight", action="store_const", const=False,
+                     help="use disc_weight as is instead of VQGAN's adaptive gradient-norm ratio")
+    gan.add_argument("--lecam-weight", type=float, help="LeCam regularization weight (0: off)")
+    gan.add_argument("--lecam-decay", type=float, help="decay of LeCam's EMA anchors")
+    parser.add_argument("--perceptual-weight", type=float, help="perceptual loss weight (needs --perceptual-network)")
+    parser.add_argument("--perceptual-network", help="TorchScript feature network you supply (nothing is downloaded)")
+    parser.add_argument("--ema-decay", type=float, help="EMA decay of the tokenizer weights (0: off)")
+    parser.add_argument("--no-export-ema", dest="export_ema", action="store_const", const=False,
+                        help="export the raw weights even when an EMA is kept")
+    parser.add_argument("--save", help="directory for resumable training checkpoints (iter_XXXXXXX/)")
+    parser.add_argument("--save-interval", type=int, help="save the training state every N steps")
+    parser.add_argument("--load", help="resume from the latest checkpoint in this directory")
+    parser.add_argument("--exit-interval", type=int, help="stop after N steps in this run (then save)")
+    parser.add_argument("--image-log-interval", type=int, help="TensorBoard original/reconstruction images every N steps")
     args = parser.parse_args(argv)
     values = TrainOptions.yaml_defaults(args.config)
     values.update({k: v for k, v in vars(args).items() if v is not None})

@@ -50,6 +50,9 @@ class ModelConfig:
             condition positions and the video-stream positions) or "rope3d" (rotary embedding over
             (t, h, w) coordinates, megatron-core's multimodal RoPE; no position table).
         rotary_base: RoPE base period (rope3d).
+        null_condition: hybrid only: reserve the last condition id as the learned "no condition"
+            embedding (all P positions, unpadded), trained with ``train.p_drop_cond`` and sampled
+            against by classifier-free guidance.
         transformer_impl: "local" (megatron's torch layers; CPU and GPU) or "transformer_engine"
             (TE linear layers with fused norms + the same block-causal attention; GPU only).
         make_vocab_size_divisible_by: vocabulary padding unit (independent of TP, see padded_vocab_size).
@@ -86,6 +89,7 @@ class ModelConfig:
     num_condition_tokens: int = 1
     position_embedding_type: str = "learned_absolute"
     rotary_base: int = 10000
+    null_condition: bool = False
     transformer_impl: str = "local"
 
     def __post_init__(self) -> None:
@@ -122,9 +126,13 @@ class ModelConfig:
         """Number of condition ids (class labels or text ids); 0 without a condition."""
         if self.layout != "hybrid":
             return 0
-        if self.condition_type == "text":
-            return int(self.text_vocab_size or 0)
-        return len(self.condition_labels or [])
+        real = int(self.text_vocab_size or 0) if self.condition_type == "text" else len(self.condition_labels or [])
+        return real + (1 if self.null_condition else 0)
+
+    @property
+    def null_condition_id(self) -> int | None:
+        """Condition id of the learned null condition (the last one), or None without it."""
+        return self.condition_vocab_size - 1 if self.layout == "hybrid" and self.null_condition else None
 
     @property
     def kv_channels(self) -> int:
@@ -170,7 +178,9 @@ class ParallelConfig:
 @dataclass
 class TrainingConfig:
     """Optimisation and bookkeeping (Megatron-LM argument names). Schedules count iterations.
-    ``pkeep`` < 1 corrupts input video tokens as the official NBP release does (see layouts)."""
+    ``pkeep`` < 1 corrupts input video tokens as the official NBP release does (see layouts);
+    ``p_drop_cond`` > 0 replaces a sample's condition by the learned null condition with that
+    probability (classifier-free guidance training; needs ``model.null_condition``)."""
 
     micro_batch_size: int = 2
     global_batch_size: int = 8
@@ -188,8 +198,11 @@ class TrainingConfig:
     log_interval: int = 10
     save_interval: int | None = None
     exit_interval: int | None = None
+    max_skipped_iterations: int = 10  # consecutive non-finite iterations tolerated before aborting
     shuffle_buffer: int = 256
     pkeep: float = 1.0
+    tokenizer_sha256: str | None = None  # if set, the data manifest's tokenizer.sha256 must equal it (data.check_manifest)
+    p_drop_cond: float = 0.0
     backend: str = "megatron"  # "megatron" (DDP + 1F1B, TP x PP x DP) or "deepspeed" (ZeRO, TP x DP)
 
 
@@ -438,12 +451,18 @@ class NBPConfig:
                     )
         if t.micro_batch_size < 1 or t.global_batch_size < 1 or t.train_iters < 1:
             errors.append("micro_batch_size, global_batch_size and train_iters must be >= 1")
+        if not 0.0 <= t.p_drop_cond < 1.0:
+            errors.append(f"train.p_drop_cond={t.p_drop_cond} must be in [0, 1)")
+        elif t.p_drop_cond and not (m.layout == "hybrid" and m.null_condition):
+            errors.append(f"train.p_drop_cond={t.p_drop_cond} needs the hybrid layout with model.null_condition: true")
         if not 0.0 < t.pkeep <= 1.0:
             errors.append(f"train.pkeep={t.pkeep} must be in (0, 1]")
         if not 0 <= t.lr_warmup_iters < t.train_iters:
             errors.append(f"lr_warmup_iters={t.lr_warmup_iters} must be in [0, train_iters={t.train_iters})")
         if t.lr_decay_style not in ("linear", "cosine", "constant"):
             errors.append(f"lr_decay_style={t.lr_decay_style!r} not in linear/cosine/constant")
+        if t.max_skipped_iterations < 1:
+            errors.append(f"max_skipped_iterations={t.max_skipped_iterations} must be >= 1")
         for name in ("save_interval", "exit_interval"):
             if getattr(t, name) is not None and getattr(t, name) < 1:
                 errors.append(f"{name}={getattr(t, name)} must be >= 1")

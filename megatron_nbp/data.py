@@ -33,6 +33,53 @@ class DataError(ValueError):
     """The token data does not match the model (latent shape, vocabulary) or is empty."""
 
 
+def check_manifest(data_dir: str | Path, model: ModelConfig, tokenizer_sha256: str | None = None) -> dict:
+    """Refuse token shards that the model cannot train on; called before the model is built.
+
+    Checks what ``data_dir/manifest.json`` declares against the model config: the latent shape
+    ``(T', H', W')`` (which fixes the clip geometry: frames and resolution; images are ``T' = 1``), the
+    tokenizer codebook against ``model.vocab_size``, the tokenizer checkpoint's SHA-256 against
+    ``tokenizer_sha256`` (config ``train.tokenizer_sha256``; ``None`` skips that check), and, for the
+    class-conditional hybrid layout, that every clip label the manifest lists is in ``model.condition_labels``.
+
+    Args:
+        data_dir: directory with ``manifest.json`` and the shards.
+        model: the model config.
+        tokenizer_sha256: expected hex SHA-256 of the tokenizer checkpoint file (64 hex digits; as
+            printed by ``sha256sum TOKENIZER.safetensors`` and stored in the manifest's ``tokenizer.sha256``).
+    Returns:
+        The manifest (dict).
+    Raises:
+        FileNotFoundError: no manifest (tokenization job not finished).
+        data_prep.shards.ShardFormatError: invalid manifest or a listed shard missing.
+        DataError: any mismatch; the message names the manifest, the manifest's value and the model's.
+    """
+    manifest = read_manifest(data_dir)
+    where = Path(data_dir) / "manifest.json"
+    tok = manifest["tokenizer"]
+    if tuple(tok["latent_shape"]) != tuple(model.latent_shape):
+        clip = manifest.get("clip", {})
+        raise DataError(
+            f"{where}: shards have latent shape {tuple(tok['latent_shape'])} (clips of {clip.get('num_frames')} "
+            f"frames at {clip.get('resolution')} px, media {manifest.get('media', 'video')!r}); the model expects "
+            f"model.latent_shape {tuple(model.latent_shape)}"
+        )
+    if int(tok["codebook_size"]) > model.vocab_size:
+        raise DataError(f"{where}: tokenizer codebook {tok['codebook_size']} (FSQ levels {tok.get('levels')}) "
+                        f"exceeds model.vocab_size {model.vocab_size}")
+    if tokenizer_sha256 is not None and str(tok["sha256"]).lower() != str(tokenizer_sha256).strip().lower():
+        raise DataError(
+            f"{where}: shards were made by tokenizer {tok.get('path')} with sha256 {tok['sha256']}, but "
+            f"train.tokenizer_sha256 is {tokenizer_sha256}; retokenize with the right tokenizer or fix the config"
+        )
+    if model.layout == "hybrid" and model.condition_type == "class" and manifest.get("labels"):
+        unknown = sorted(set(manifest["labels"]) - set(model.condition_labels or []))
+        if unknown:
+            raise DataError(f"{where}: clip labels {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not in "
+                            f"model.condition_labels ({len(model.condition_labels or [])} classes)")
+    return manifest
+
+
 class TokenClipStream:
     """Endless per-DP-rank stream of clips: (int64 [N] video tokens (N = T'*H'*W'), condition), where
     the condition is the clip metadata's ``condition_key`` entry (the class label string, or a list of
@@ -137,8 +184,28 @@ def pad_text_ids(texts: list[list[int]], length: int, vocab_size: int) -> tuple[
     return ids, padding
 
 
-def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelConfig) -> Iterator[LayoutBatch]:
+def drop_conditions(ids: torch.Tensor, padding: torch.Tensor, drop: torch.Tensor,
+                    null_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the conditions of the samples in ``drop`` (bool [B]) by the null condition: every one of
+    their P positions becomes ``null_id``, none padded. ids int64 [B, P], padding bool [B, P].
+
+    Raises:
+        ValueError: dropping without a null condition id.
+    """
+    if null_id is None:
+        raise ValueError("dropping conditions needs model.null_condition: true")
+    ids = torch.where(drop[:, None], torch.full_like(ids, null_id), ids)
+    padding = padding & ~drop[:, None]
+    return ids, padding
+
+
+def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelConfig,
+                  p_drop_cond: float = 0.0, seed: int = 0) -> Iterator[LayoutBatch]:
     """Group the stream into micro-batches in the model's layout (LayoutBatch, tensors [mbs, S]).
+
+    With ``p_drop_cond`` > 0 (hybrid, ``model.null_condition``) each sample's condition becomes the null
+    condition with that probability. The draw is seeded by (seed, samples consumed): identical on the
+    tensor/pipeline partners of a data-parallel rank (their masks must agree) and after a resume.
 
     Raises:
         DataError: hybrid class layout and a clip whose label is not one of ``model.condition_labels``;
@@ -156,14 +223,17 @@ def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelCo
         conditions.append(condition)
         if len(clips) == micro_batch_size:
             video = torch.from_numpy(np.stack(clips))
-            if text:
-                ids, padding = pad_text_ids(conditions, model.num_condition_tokens, model.condition_vocab_size)
+            if model.layout == "hybrid":
+                if text:
+                    ids, padding = pad_text_ids(conditions, model.num_condition_tokens, model.condition_vocab_size)
+                else:
+                    ids, padding = torch.tensor(conditions).view(-1, 1), torch.zeros(len(conditions), 1, dtype=torch.bool)
+                if p_drop_cond > 0:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + stream.consumed)
+                    drop = torch.rand(len(conditions), generator=g) < p_drop_cond
+                    ids, padding = drop_conditions(ids, padding, drop, model.null_condition_id)
                 yield hybrid_batch(video, ids, model.block_size, model.condition_vocab_size, padding,
                                    model.latent_shape, model.block_shape)
-            elif model.layout == "hybrid":
-                yield hybrid_batch(video, torch.tensor(conditions).view(-1, 1), model.block_size,
-                                   model.condition_vocab_size, latent_shape=model.latent_shape,
-                                   block_shape=model.block_shape)
             else:
                 yield frame_prediction_batch(video, model.block_size, model.latent_shape, model.block_shape)
             clips, conditions = [], []

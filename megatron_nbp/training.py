@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_nbp.checkpointing import load_checkpoint, save_checkpoint
 from megatron_nbp.config import ModelConfig, NBPConfig, TrainingConfig
-from megatron_nbp.data import TokenClipStream, condition_key, micro_batches
+from megatron_nbp.data import TokenClipStream, check_manifest, condition_key, micro_batches
 from megatron_nbp.layouts import LayoutBatch, corrupt_video_tokens
 from megatron_nbp.model.attention import ATTENTION_BACKENDS
 from megatron_nbp.model.builder import build_gpt_model
@@ -92,7 +92,7 @@ def build_data_iterator(cfg: NBPConfig, consumed: int) -> Iterator[LayoutBatch]:
         cfg.model.vocab_size, cfg.train.shuffle_buffer, consumed=consumed // dp_size,
         condition_key=condition_key(cfg.model),
     )
-    return micro_batches(stream, cfg.train.micro_batch_size, cfg.model)
+    return micro_batches(stream, cfg.train.micro_batch_size, cfg.model, cfg.train.p_drop_cond, cfg.train.seed)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -172,9 +172,27 @@ def train_step(state: TrainingState, data_iterator, cfg: NBPConfig, num_microbat
         micro_batch_size=cfg.train.micro_batch_size,
         forward_only=False,
     )
+    if not all_finite(state.model, losses):
+        state.optimizer.zero_grad()  # skip: neither weights, optimizer state nor the LR schedule move
+        return reduce_losses(losses), float("nan"), False
     update_ok, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(increment=1)
     return reduce_losses(losses), float(grad_norm or 0.0), bool(update_ok)
+
+
+def all_finite(model: DistributedDataParallel, losses: list[dict[str, torch.Tensor]]) -> bool:
+    """True when every gradient of every rank and every micro-batch loss (last stage) is finite.
+
+    All ranks get the same answer (a MIN all-reduce over the world), so they skip together.
+    """
+    ok = all(bool(torch.isfinite(p.main_grad).all()) for p in model.module.parameters()
+             if getattr(p, "main_grad", None) is not None)
+    if parallel_state.is_pipeline_last_stage():
+        ok = ok and all(bool(torch.isfinite(x["lm loss"]).all()) for x in losses)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
+                        device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def reduce_losses(losses: list[dict[str, torch.Tensor]]) -> float:
@@ -192,6 +210,7 @@ def pretrain(cfg: NBPConfig) -> list[float]:
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.data is None:
         raise ValueError("--data (directory of token shards with manifest.json) is required")
+    check_manifest(cfg.data, cfg.model, cfg.train.tokenizer_sha256)  # before any model is built
     p, t = cfg.parallel, cfg.train
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -225,6 +244,12 @@ def training_loop(cfg: NBPConfig, iteration: int, consumed: int,
                   current_lr: Callable[[], float]) -> list[float]:
     """The iteration loop both backends share: step, Megatron-style log line + TensorBoard, checkpoint at
     ``save_interval`` / the last iteration / ``exit_interval`` (which then stops, as in Megatron-LM).
+    An iteration whose step reports no update (non-finite loss or gradient, skipped) is logged and
+    counted; ``train.max_skipped_iterations`` of them in a row save a final checkpoint (of the last
+    good weights: skipped steps change nothing) and abort.
+
+    Raises:
+        FloatingPointError: too many consecutive skipped iterations.
 
     Args:
         iteration, consumed: where training resumes (0, 0 from scratch).
@@ -238,6 +263,7 @@ def training_loop(cfg: NBPConfig, iteration: int, consumed: int,
     t = cfg.train
     logger = TrainingLogger(cfg, enabled=is_logging_rank())
     history: list[float] = []
+    skipped_in_a_row = 0
     while iteration < t.train_iters:
         start = time.perf_counter()
         loss, grad_norm, update_ok = step()
@@ -245,6 +271,17 @@ def training_loop(cfg: NBPConfig, iteration: int, consumed: int,
         consumed += t.global_batch_size
         history.append(loss)
         logger.log(iteration, loss, current_lr(), grad_norm, update_ok, time.perf_counter() - start, consumed)
+        skipped_in_a_row = 0 if update_ok else skipped_in_a_row + 1
+        if not update_ok:
+            print_rank_0(f"> iteration {iteration}: non-finite loss or gradient, update skipped "
+                         f"({skipped_in_a_row} in a row, limit {t.max_skipped_iterations})")
+        if skipped_in_a_row >= t.max_skipped_iterations:
+            path = save(iteration, consumed) if cfg.save else None
+            logger.close()
+            raise FloatingPointError(
+                f"{skipped_in_a_row} consecutive iterations with a non-finite loss or gradient (up to iteration "
+                f"{iteration}; train.max_skipped_iterations={t.max_skipped_iterations}); "
+                + (f"saved the last good weights to {path}" if path else "no --save given, nothing saved"))
         exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
         if cfg.save and (exiting or iteration == t.train_iters
                          or (t.save_interval and iteration % t.save_interval == 0)):

@@ -99,9 +99,18 @@ def test_kv_cache_decoding_of_the_converted_model_equals_its_full_forward(layout
 
     config, workdir = layout_run
     cfg = NBPConfig.from_yaml(config)
-    if cfg.model.layout != "frame_prediction":  # hybrid sampling is not implemented: refused by name
-        with pytest.raises(ValueError, match="frame-prediction layout"):
-            BlockDecoder(load_inference_model(workdir / "converted"), 1)
+    if cfg.model.layout == "hybrid":
+        from tests.test_generation import teacher_forced_cached_logits
+
+        model = load_inference_model(workdir / "converted")
+        b = micro_batches(cfg)[0]
+        P = cfg.model.num_prefix_tokens
+        pad = b.key_padding[:, :P] if b.key_padding is not None else None
+        with torch.no_grad():
+            full = model(b.tokens, model_positions(cfg, b), block_causal_allowed(b.block_ids, key_padding=b.key_padding))
+            cached = teacher_forced_cached_logits(model, b.labels[:, P:] - cfg.model.video_token_offset,
+                                                  b.tokens[:, :P] - cfg.model.block_size, pad)
+        assert rel_err(cached, full[:, P:]) <= 1e-5
         return
     model = load_inference_model(workdir / "converted")
     batch = micro_batches(cfg)[0]

@@ -184,3 +184,17 @@ def test_manifest_round_trip_and_validation(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_failures_file_round_trip(tmp_path):
+    from data_prep.shards import FAILURES_NAME, read_failures, write_failures
+
+    entries = [{"path": "a/ü.mp4", "reason": "cannot decode: x"}, {"path": "b.txt", "reason": "not video media"}]
+    write_failures(tmp_path, entries)
+    lines = (tmp_path / FAILURES_NAME).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == entries  # one JSON object per line
+    assert read_failures(tmp_path) == entries
+    write_failures(tmp_path, [])
+    assert read_failures(tmp_path) == [] and (tmp_path / FAILURES_NAME).read_bytes() == b""
+    with pytest.raises(ShardFormatError):
+        write_failures(tmp_path, [{"path": "x"}])

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.shards import clip_key, iter_shard, read_manifest, read_sidecar, shard_name, sidecar_path
+from data_prep.shards import (
+    clip_key, iter_shard, read_failures, read_manifest, read_sidecar, shard_name, sidecar_path,
+)
 from data_prep.tokenize_job import TokenizeConfig, plan_shards, run_tokenize_job, shards_for_rank
 from data_prep.video_io import clip_starts, frames_to_tensor, load_clip
 from tests.synthetic_video import write_pattern_video
@@ -25,7 +27,8 @@ from tests.synthetic_video import write_pattern_video
 REPO = Path(__file__).resolve().parents[1]
 NUM_FRAMES, STRIDE, HOP, RES = 5, 2, 3, 16
 GOOD = {"classA/v0.mp4": 20, "classA/v1.mp4": 13, "classB/v2.mp4": 9}  # frames per good video
-BROKEN = {"classB/short.mp4": "too short", "corrupt.mp4": "cannot decode", "fake.avi": "cannot decode"}
+BROKEN = {"classB/short.mp4": "too short", "corrupt.mp4": "cannot decode", "fake.avi": "cannot decode",
+          "classA/truncated.mp4": "cannot decode", "notes.txt": "not video media"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,10 @@ def dataset(tmp_path_factory) -> dict:
     write_pattern_video(videos / "classB/short.mp4", num_frames=6)  # span needs 9 frames
     (videos / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     (videos / "fake.avi").write_text("not a video\n" * 100)
-    (videos / "notes.txt").write_text("ignored: not a video extension")
+    (videos / "notes.txt").write_text("listed as skipped: not a video extension")
+    write_pattern_video(root / "whole.mp4", num_frames=20, seed=7)
+    whole = (root / "whole.mp4").read_bytes()
+    (videos / "classA/truncated.mp4").write_bytes(whole[: len(whole) // 2])  # a download cut in half
     torch.manual_seed(0)
     ckpt = save_tokenizer(VideoTokenizer(TokenizerConfig.from_yaml(REPO / "configs/tokenizer/tiny.yaml")),
                           root / "tok.safetensors")
@@ -85,10 +91,12 @@ def test_every_clip_written_exactly_once(dataset):
     samples = _read_all(out)
     assert set(samples) == _expected_keys()
     assert manifest["num_samples"] == len(samples) == 7
-    assert [s["name"] for s in manifest["shards"]] == [shard_name(k) for k in range(3)]  # 6 videos / 2
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(k) for k in range(4)]  # 7 videos / 2
     tok = dataset["manifest"]["tokenizer"]
     assert tok["latent_shape"] == [2, 2, 2] and tok["codebook_size"] == 64000 and len(tok["sha256"]) == 64
-    assert manifest["clip"] == {"num_frames": NUM_FRAMES, "frame_stride": STRIDE, "resolution": [RES, RES]}
+    assert manifest["clip"] == {"num_frames": NUM_FRAMES, "frame_stride": STRIDE, "resolution": [RES, RES],
+                                "fps": None, "clip_hop": HOP, "clip_placement": "first", "max_clips_per_video": None}
+    assert manifest["media"] == "video" and manifest["labels"] == ["classA", "classB"]
     for key, (tokens, meta) in samples.items():
         assert tokens.dtype == np.uint16 and tokens.shape == (2, 2, 2)
         assert key == clip_key(meta["source"], meta["clip_start"])
@@ -101,8 +109,13 @@ def test_failures_listed_with_reasons(dataset):
     assert set(failures) == set(BROKEN)
     for path, word in BROKEN.items():
         assert word in failures[path], failures[path]
-    # ... and kept in the sidecar of the shard that met them (classB/short.mp4 is video 2 -> shard 1)
-    assert read_sidecar(dataset["cfg"].output_dir / shard_name(1))["failures"][0]["path"] == "classB/short.mp4"
+    # ... and kept in the sidecar of the shard that met them (sorted list: classA/truncated.mp4 is
+    # video 0 -> shard 0, classB/short.mp4 video 3 -> shard 1)
+    out = dataset["cfg"].output_dir
+    assert [f["path"] for f in read_sidecar(out / shard_name(0))["failures"]] == ["classA/truncated.mp4"]
+    assert [f["path"] for f in read_sidecar(out / shard_name(1))["failures"]] == ["classB/short.mp4"]
+    # ... and in failures.jsonl, one JSON object per line, the same list as the manifest's
+    assert read_failures(dataset["cfg"].output_dir) == dataset["manifest"]["failures"]
 
 
 def test_tokens_equal_direct_encoding(dataset):
@@ -181,7 +194,8 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "tokenize (2 ranks)" in proc.stderr  # rank-0 progress bar
+    assert "tokenize (2 ranks)" in proc.stderr and "clips/s" in proc.stderr  # rank-0 progress bar
+    assert "tokenize: rank 0/2:" in proc.stdout and "tokenize: rank 1/2:" in proc.stdout  # per-rank clips/s
     manifest = read_manifest(out)
     assert {k: v for k, v in manifest.items()} == dataset["manifest"]
     single, multi = _read_all(cfg.output_dir), _read_all(out)
@@ -189,5 +203,5 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
     for key in single:
         np.testing.assert_array_equal(multi[key][0], single[key][0])
         assert multi[key][1] == single[key][1]
-    for k in range(3):  # deterministic assignment and content: shards are byte-identical
+    for k in range(4):  # deterministic assignment and content: shards are byte-identical
         assert (out / shard_name(k)).read_bytes() == (cfg.output_dir / shard_name(k)).read_bytes()

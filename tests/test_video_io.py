@@ -146,3 +146,48 @@ def test_contact_sheet(tmp_path):
         write_contact_sheet([a, pattern_frames(2, 8, 8)], tmp_path / "x.png")
     with pytest.raises(ValueError, match="row labels"):
         write_contact_sheet([a], tmp_path / "x.png", row_labels=["a", "b"])
+
+
+def test_resample_indices_and_decode_with_fps(tmp_path):
+    from data_prep.video_io import resample_indices
+
+    assert resample_indices(10, 8, 4).tolist() == [0, 2, 4, 6, 8]  # halve the rate: every second frame
+    assert resample_indices(3, 4, 8).tolist() == [0, 0, 1, 1, 2, 2]  # double it: frames repeated
+    assert resample_indices(7, 30, 12).tolist() == [0, 2, 5]  # 30 -> 12 fps: floor(k * 2.5)
+    assert resample_indices(0, 8, 4).size == 0
+    with pytest.raises(ValueError):
+        resample_indices(5, 0, 4)
+    write_pattern_video(tmp_path / "v.mp4", num_frames=11, fps=8)
+    full, fps = decode_video(tmp_path / "v.mp4")
+    half, half_fps = decode_video(tmp_path / "v.mp4", fps=4)
+    assert fps == pytest.approx(8) and half_fps == 4.0
+    np.testing.assert_array_equal(half, full[::2])
+    first3, _ = decode_video(tmp_path / "v.mp4", max_frames=3, fps=4)
+    np.testing.assert_array_equal(first3, full[0:5:2])
+
+
+def test_clip_starts_uniform_placement():
+    assert clip_starts(21, 5, 1, max_clips=1, placement="uniform") == [8]  # middle of starts 0..16
+    assert clip_starts(21, 5, 1, max_clips=3, placement="uniform") == [0, 8, 16]
+    assert clip_starts(6, 5, 1, max_clips=4, placement="uniform") == [0, 1]  # only 2 distinct starts
+    assert clip_starts(4, 5, 1, max_clips=2, placement="uniform") == []
+    assert clip_starts(21, 5, 1, placement="uniform") == clip_starts(21, 5, 1)
+    with pytest.raises(ValueError):
+        clip_starts(21, 5, placement="random")
+
+
+def test_list_media_and_load_image(tmp_path):
+    from data_prep.video_io import IMAGE_EXTENSIONS, list_media, load_image
+
+    img = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    (tmp_path / "b").mkdir()
+    Image.fromarray(img).save(tmp_path / "b/x.PNG")
+    Image.fromarray(img).convert("RGBA").save(tmp_path / "a.png")
+    (tmp_path / "b/notes.txt").write_text("x")
+    media, others = list_media(tmp_path, IMAGE_EXTENSIONS)
+    assert [p.relative_to(tmp_path).as_posix() for p in media] == ["a.png", "b/x.PNG"]
+    assert [p.name for p in others] == ["notes.txt"]
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png"), img[None])  # RGBA -> RGB, lossless
+    assert load_image(tmp_path / "b/x.PNG", size=8).shape == (1, 8, 8, 3)
+    with pytest.raises(VideoDecodeError, match="cannot decode image"):
+        load_image(tmp_path / "b/notes.txt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +77,17 @@ def load_clip_bank(
     frame_stride: int = 1,
     rank: int = 0,
     world_size: int = 1,
+    holdout_fraction: float = 0.0,
 ) -> ClipBank:
     """Decode every video under ``root`` once (resized to ``resolution``), split clip windows by rank.
 
     Undecodable or too-short videos are skipped with a warning. Windows are listed in sorted file order
     and rank r keeps windows r, r + world_size, ... (deterministic, disjoint across ranks).
+
+    ``holdout_fraction`` f in (0, 1): the last ``ceil(f * N)`` frames of every N-frame video are held back:
+    training windows lie entirely in the first part, evaluation windows (non-overlapping) entirely in the
+    held-back tail (videos whose tail is shorter than a clip give no evaluation clip). f = 0: training
+    and evaluation windows both cover the whole video (reconstruction on seen footage).
 
     Raises:
         NotADirectoryError: ``root`` is not a directory (from ``video_io.list_videos``).
@@ -101,10 +108,19 @@ def load_clip_bank(
         names.append(Path(path).name)
     if not videos:
         raise ValueError(f"no usable video (>= {num_frames} frames at stride {frame_stride}) under {root}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in [0, 1), got {holdout_fraction}")
     windows, eval_windows = [], []
     for v, frames in enumerate(videos):
-        windows += [(v, s) for s in video_io.clip_starts(len(frames), num_frames, frame_stride, hop=1)]
-        eval_windows += [(v, s) for s in video_io.clip_starts(len(frames), num_frames, frame_stride)]
+        total = len(frames)
+        cut = total - math.ceil(holdout_fraction * total) if holdout_fraction > 0 else total
+        windows += [(v, s) for s in video_io.clip_starts(cut, num_frames, frame_stride, hop=1)]
+        if holdout_fraction > 0:
+            eval_windows += [(v, cut + s) for s in video_io.clip_starts(total - cut, num_frames, frame_stride)]
+        else:
+            eval_windows += [(v, s) for s in video_io.clip_starts(total, num_frames, frame_stride)]
+    if not windows:
+        raise ValueError(f"no training clip left after holding back {holdout_fraction:.0%} of every video")
     if len(windows) < world_size:
         raise ValueError(f"{len(windows)} clip windows cannot be split over {world_size} ranks")
     return ClipBank(

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .layers import PAD_MODES
+from .layers import ACTIVATIONS, PAD_MODES
 
 __all__ = ["TokenizerConfig", "SPATIAL_STRIDE", "TEMPORAL_STRIDE"]
 
@@ -30,6 +30,13 @@ class TokenizerConfig:
     MAGVITv2 / NBP: base 128, multipliers [1, 2, 2, 4], 4 residual units, 4 mid units,
     temporal_downsample [False, True, True], FSQ levels [8, 8, 8, 5, 5, 5].
 
+    Three switches select the exact math of the official NBP release (see ``official_import.py``);
+    the defaults are this project's cheaper choices:
+    ``activation`` "silu" | "swish_learned" (per-channel learned Swish slope, official),
+    ``spatial_pad_mode`` "zeros" | "replicate" (official), ``decoder_upsample`` "next" (upsampling conv
+    emits the next level's channels) | "current" (emits the current level's channels and the next level's
+    first residual unit changes the width, official).
+
     Raises (from :meth:`validate`, run on construction):
         ValueError: a field with an invalid value (names the field and the rule).
     """
@@ -43,6 +50,9 @@ class TokenizerConfig:
     temporal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
     norm_groups: int = 32
     pad_mode: str = "replicate"
+    spatial_pad_mode: str = "zeros"
+    activation: str = "silu"
+    decoder_upsample: str = "next"
 
     def __post_init__(self) -> None:
         self.channel_multipliers = [int(m) for m in self.channel_multipliers]
@@ -89,6 +99,12 @@ class TokenizerConfig:
             )
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        if self.spatial_pad_mode not in PAD_MODES:
+            raise ValueError(f"spatial_pad_mode must be one of {PAD_MODES}, got {self.spatial_pad_mode!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.decoder_upsample not in ("next", "current"):
+            raise ValueError(f"decoder_upsample must be 'next' or 'current', got {self.decoder_upsample!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-serializable dict of all fields."""

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CausalConv3d", "FrameGroupNorm", "ResBlock3d", "DepthToSpace3d", "PAD_MODES"]
+__all__ = ["CausalConv3d", "FrameGroupNorm", "ResBlock3d", "DepthToSpace3d", "Swish", "make_activation", "PAD_MODES",
+           "ACTIVATIONS"]
 
 PAD_MODES = ("replicate", "zeros")
+ACTIVATIONS = ("silu", "swish_learned")
 
 
 def _triple(value: int | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -37,6 +39,8 @@ class CausalConv3d(nn.Module):
         kernel_size: int or (t, h, w); spatial sizes must be odd.
         stride: int or (t, h, w).
         pad_mode: "replicate" (MAGVITv2/NBP default) or "zeros".
+        spatial_pad_mode: "zeros" (this project's default: symmetric zero padding) or "replicate"
+            (edge pixels copied, as the official NBP release's ``F.pad(..., mode="replicate")``).
 
     Shapes: ``[B, Cin, T, H, W] float -> [B, Cout, (T-1)//st + 1, ceil(H/sh), ceil(W/sw)]``.
 
@@ -51,6 +55,7 @@ class CausalConv3d(nn.Module):
         kernel_size: int | tuple[int, int, int] = 3,
         stride: int | tuple[int, int, int] = 1,
         pad_mode: str = "replicate",
+        spatial_pad_mode: str = "zeros",
     ):
         super().__init__()
         kt, kh, kw = _triple(kernel_size)
@@ -58,11 +63,14 @@ class CausalConv3d(nn.Module):
             raise ValueError(f"CausalConv3d needs odd spatial kernel sizes, got {(kt, kh, kw)}")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        if spatial_pad_mode not in PAD_MODES:
+            raise ValueError(f"spatial_pad_mode must be one of {PAD_MODES}, got {spatial_pad_mode!r}")
         self.time_pad = kt - 1
         self.pad_mode = pad_mode
-        self.conv = nn.Conv3d(
-            in_channels, out_channels, (kt, kh, kw), stride=_triple(stride), padding=(0, kh // 2, kw // 2)
-        )
+        self.spatial_pad_mode = spatial_pad_mode
+        self.spatial_pad = (kw // 2, kw // 2, kh // 2, kh // 2, 0, 0)
+        conv_padding = (0, kh // 2, kw // 2) if spatial_pad_mode == "zeros" else 0
+        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=_triple(stride), padding=conv_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the causal convolution to ``x`` float ``[B, Cin, T, H, W]``."""
@@ -72,6 +80,8 @@ class CausalConv3d(nn.Module):
             else:
                 front = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, x.shape[3], x.shape[4])
             x = torch.cat([front, x], dim=2)
+        if self.spatial_pad_mode == "replicate" and any(self.spatial_pad):
+            x = F.pad(x, self.spatial_pad, mode="replicate")
         return self.conv(x)
 
 
@@ -91,6 +101,34 @@ class FrameGroupNorm(nn.GroupNorm):
         return out.reshape(b, t, c, h, w).transpose(1, 2)
 
 
+class Swish(nn.Module):
+    """Swish with a learned per-channel slope, ``x * sigmoid(beta_c * x)`` (beta initialized to 1).
+
+    The official NBP MAGVITv2 uses this form (parameter ``beta`` of shape ``[1, C, 1, 1, 1]``); with
+    beta = 1 it is SiLU. Shapes: ``[B, C, T, H, W] float -> same``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta * x)
+
+
+def make_activation(kind: str, channels: int) -> nn.Module:
+    """``"silu"`` -> parameter-free ``nn.SiLU``; ``"swish_learned"`` -> :class:`Swish` (official NBP layout).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "silu":
+        return nn.SiLU()
+    if kind == "swish_learned":
+        return Swish(channels)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+
+
 class ResBlock3d(nn.Module):
     """MAGVITv2 residual unit: (GroupNorm, Swish, CausalConv3d 3x3x3) x 2 plus a skip connection.
 
@@ -103,15 +141,25 @@ class ResBlock3d(nn.Module):
         ValueError: a channel count not divisible by ``norm_groups``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, pad_mode: str = "replicate"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm_groups: int,
+        pad_mode: str = "replicate",
+        spatial_pad_mode: str = "zeros",
+        activation: str = "silu",
+    ):
         super().__init__()
         for channels in (in_channels, out_channels):
             if channels % norm_groups:
                 raise ValueError(f"{channels} channels are not divisible by norm_groups={norm_groups}")
         self.norm1 = FrameGroupNorm(norm_groups, in_channels)
-        self.conv1 = CausalConv3d(in_channels, out_channels, 3, pad_mode=pad_mode)
+        self.act1 = make_activation(activation, in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3, pad_mode=pad_mode, spatial_pad_mode=spatial_pad_mode)
         self.norm2 = FrameGroupNorm(norm_groups, out_channels)
-        self.conv2 = CausalConv3d(out_channels, out_channels, 3, pad_mode=pad_mode)
+        self.act2 = make_activation(activation, out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3, pad_mode=pad_mode, spatial_pad_mode=spatial_pad_mode)
         self.skip = (
             nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
         )
@@ -121,8 +169,8 @@ class ResBlock3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual update of ``x`` float ``[B, Cin, T, H, W]``."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.act1(self.norm1(x)))
+        h = self.conv2(self.act2(self.norm2(h)))
         return self.skip(x) + h
 
 

@@ -14,13 +14,13 @@ from torch import nn
 
 from .config import SPATIAL_STRIDE, TEMPORAL_STRIDE, TokenizerConfig
 from .fsq import FSQ
-from .layers import CausalConv3d, DepthToSpace3d, FrameGroupNorm, ResBlock3d
+from .layers import CausalConv3d, DepthToSpace3d, FrameGroupNorm, ResBlock3d, make_activation
 
 __all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder"]
 
 
-def _silu_head(channels: int, groups: int) -> list[nn.Module]:
-    return [FrameGroupNorm(groups, channels), nn.SiLU()]
+def _silu_head(channels: int, groups: int, activation: str = "silu") -> list[nn.Module]:
+    return [FrameGroupNorm(groups, channels), make_activation(activation, channels)]
 
 
 class Encoder(nn.Module):
@@ -32,17 +32,19 @@ class Encoder(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         chans, groups, pad = config.level_channels, config.norm_groups, config.pad_mode
-        layers: list[nn.Module] = [CausalConv3d(config.in_channels, chans[0], 3, pad_mode=pad)]
+        conv = dict(pad_mode=pad, spatial_pad_mode=config.spatial_pad_mode)
+        res = dict(spatial_pad_mode=config.spatial_pad_mode, activation=config.activation)
+        layers: list[nn.Module] = [CausalConv3d(config.in_channels, chans[0], 3, **conv)]
         current = chans[0]
         for level, channels in enumerate(chans):
             for _ in range(config.num_res_blocks):
-                layers.append(ResBlock3d(current, channels, groups, pad))
+                layers.append(ResBlock3d(current, channels, groups, pad, **res))
                 current = channels
             if level < len(chans) - 1:
                 time_stride = 2 if config.temporal_downsample[level] else 1
-                layers.append(CausalConv3d(current, current, 3, stride=(time_stride, 2, 2), pad_mode=pad))
-        layers += [ResBlock3d(current, current, groups, pad) for _ in range(config.num_mid_blocks)]
-        layers += _silu_head(current, groups)
+                layers.append(CausalConv3d(current, current, 3, stride=(time_stride, 2, 2), **conv))
+        layers += [ResBlock3d(current, current, groups, pad, **res) for _ in range(config.num_mid_blocks)]
+        layers += _silu_head(current, groups, config.activation)
         layers.append(nn.Conv3d(current, len(config.levels), 1))
         self.layers = nn.Sequential(*layers)
 
@@ -62,20 +64,25 @@ class Decoder(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         chans, groups, pad = config.level_channels, config.norm_groups, config.pad_mode
+        conv = dict(pad_mode=pad, spatial_pad_mode=config.spatial_pad_mode)
+        res = dict(spatial_pad_mode=config.spatial_pad_mode, activation=config.activation)
         current = chans[-1]
-        layers: list[nn.Module] = [CausalConv3d(len(config.levels), current, 3, pad_mode=pad)]
-        layers += [ResBlock3d(current, current, groups, pad) for _ in range(config.num_mid_blocks)]
+        layers: list[nn.Module] = [CausalConv3d(len(config.levels), current, 3, **conv)]
+        layers += [ResBlock3d(current, current, groups, pad, **res) for _ in range(config.num_mid_blocks)]
         for level in reversed(range(len(chans))):
             for _ in range(config.num_res_blocks):
-                layers.append(ResBlock3d(current, chans[level], groups, pad))
+                layers.append(ResBlock3d(current, chans[level], groups, pad, **res))
                 current = chans[level]
-            if level > 0:  # the upsampling conv also moves to the next level's channel count
+            if level > 0:
+                # "next": the upsampling conv also moves to the next level's channel count;
+                # "current" (official NBP): it keeps this level's width, the next ResBlock changes it.
                 time_factor = 2 if config.temporal_downsample[level - 1] else 1
-                layers.append(CausalConv3d(current, chans[level - 1] * time_factor * 4, 3, pad_mode=pad))
+                width = chans[level - 1] if config.decoder_upsample == "next" else current
+                layers.append(CausalConv3d(current, width * time_factor * 4, 3, **conv))
                 layers.append(DepthToSpace3d((time_factor, 2, 2)))
-                current = chans[level - 1]
-        layers += _silu_head(current, groups)
-        layers.append(CausalConv3d(current, config.in_channels, 3, pad_mode=pad))
+                current = width
+        layers += _silu_head(current, groups, config.activation)
+        layers.append(CausalConv3d(current, config.in_channels, 3, **conv))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,17 @@
-"""Reconstruction training of the video tokenizer (single process or torchrun + DDP/gloo on CPU).
+"""Tokenizer training (single process or torchrun + DDP/gloo on CPU, NCCL on GPU).
 
-First stage of the MAGVITv2 recipe (Yu et al. 2023): L1 + L2 reconstruction through FSQ's
-straight-through estimator; the perceptual / GAN losses come later. Joint image-video training
-(images as 1-frame videos) is optional via ``image_every``.
+The MAGVITv2 recipe (Yu et al. 2023) on top of VQGAN's (Esser et al. 2021):
+
+* reconstruction: ``l1_weight * L1 + l2_weight * L2`` through FSQ's straight-through estimator;
+* optional perceptual loss with a user-supplied TorchScript feature network (off by default);
+* adversarial: a 3D PatchGAN (:mod:`.gan`) with hinge or non-saturating loss, switched on at step
+  ``disc_start`` when ``disc_weight > 0``; the generator term is scaled by VQGAN's adaptive weight
+  (ratio of last-layer gradient norms) and D's loss gets the LeCam regularizer (Tseng et al. 2021);
+* EMA of the tokenizer weights (``torch.optim.swa_utils.AveragedModel``), exported when enabled;
+* linear warmup + cosine schedule (both optimizers), gradient clipping;
+* joint image-video training (``image_every``: every k-th step uses 1-frame videos);
+* checkpoints ``save/iter_XXXXXXX/`` + ``latest_checkpointed_iteration.txt`` with model, discriminator,
+  EMA, both optimizers, LeCam anchors and every rank's RNG; ``load`` resumes bitwise on CPU.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,15 +29,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import save_tokenizer
 from .clips import ClipBank, load_clip_bank
 from .config import TokenizerConfig
+from .gan import (LeCamEMA, PatchDiscriminator3d, PerceptualLoss, adaptive_generator_weight,
+                  discriminator_loss, generator_loss)
 from .model import VideoTokenizer
 
-__all__ = ["TrainOptions", "train_tokenizer", "psnr_from_mse", "evaluate_psnr"]
+__all__ = ["TrainOptions", "train_tokenizer", "psnr_from_mse", "evaluate_psnr", "latest_iteration"]
 
 log = logging.getLogger(__name__)
+LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 
 @dataclass
@@ -38,6 +52,13 @@ class TrainOptions:
     the decay's progress is the larger of step / train_steps and elapsed / max_minutes, so a run cut by
     the time limit still ends at a low learning rate. ``image_every`` k > 0: every k-th step trains on
     ``image_batch_size`` single frames (1-frame videos) instead of clips.
+
+    GAN: on when ``disc_weight > 0``, from step ``disc_start``; ``gan_loss`` "hinge" | "non_saturating";
+    ``adaptive_weight`` scales the generator term by VQGAN's gradient-norm ratio (times ``disc_weight``);
+    ``lecam_weight`` > 0 adds LeCam. ``ema_decay`` > 0 keeps an EMA of the tokenizer (exported if
+    ``export_ema``). ``perceptual_network``: path of a TorchScript feature network (used when
+    ``perceptual_weight`` > 0). ``save``/``save_interval``/``load``/``exit_interval`` as in Megatron.
+    ``holdout_fraction``: tail of every video kept out of training for the final evaluation.
     """
 
     config: str
@@ -62,6 +83,25 @@ class TrainOptions:
     log_interval: int = 10
     tensorboard_dir: str | None = None
     eval_clips: int = 128
+    holdout_fraction: float = 0.0
+    gan_loss: str = "hinge"
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_lr: float | None = None
+    disc_channels: int = 64
+    disc_layers: int = 3
+    adaptive_weight: bool = True
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    perceptual_weight: float = 0.0
+    perceptual_network: str | None = None
+    ema_decay: float = 0.0
+    export_ema: bool = True
+    save: str | None = None
+    save_interval: int = 0
+    load: str | None = None
+    exit_interval: int = 0
+    image_log_interval: int = 0
 
     @classmethod
     def yaml_defaults(cls, config_path: str | os.PathLike) -> dict[str, Any]:
@@ -120,11 +160,13 @@ def evaluate_psnr(model: VideoTokenizer, bank: ClipBank, max_clips: int, batch_s
     return (total / count if count else float("nan")), int(count)
 
 
-def _lr_at(opts: TrainOptions, step: int, progress: float) -> float:
+
+def _lr_at(opts: TrainOptions, step: int, progress: float, peak: float | None = None) -> float:
+    peak = opts.lr if peak is None else peak
     if step < opts.warmup_steps:
-        return opts.lr * (step + 1) / opts.warmup_steps
+        return peak * (step + 1) / opts.warmup_steps
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cosine)
+    return peak * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cosine)
 
 
 def _setup_threads() -> None:
@@ -134,20 +176,83 @@ def _setup_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def latest_iteration(save_dir: str | os.PathLike) -> int | None:
+    """Iteration named in ``save_dir/latest_checkpointed_iteration.txt``, or ``None`` if there is none."""
+    path = Path(save_dir) / LATEST_FILE
+    return int(path.read_text().strip()) if path.is_file() else None
+
+
+def _save_training_state(opts: TrainOptions, step: int, state: dict[str, Any], rng: dict[str, Any]) -> None:
+    """Write ``save/iter_XXXXXXX/`` (state.pt from rank 0, rng_rank{r}.pt from every rank), then mark it latest.
+
+    The directory is filled under a temporary name and renamed, and the latest-iteration file is replaced
+    atomically, so a crash never leaves a half checkpoint marked latest.
+    """
+    rank, world = _dist_info()
+    root = Path(opts.save)
+    final, tmp = root / f"iter_{step:07d}", root / f".iter_{step:07d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        marker = root / f".{LATEST_FILE}.tmp"
+        marker.write_text(f"{step}\n")
+        os.replace(marker, root / LATEST_FILE)
+        log.info("saved training state at step %d to %s", step, final)
+    if world > 1:
+        dist.barrier()
+
+
+def _load_training_state(load_dir: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(state, this rank's rng)`` of the latest checkpoint under ``load_dir``; ``None`` if none exists.
+
+    Files are read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
+
+    Raises:
+        FileNotFoundError: the latest file names a missing iteration or this rank's RNG file is missing.
+    """
+    step = latest_iteration(load_dir)
+    if step is None:
+        return None
+    rank, _ = _dist_info()
+    folder = Path(load_dir) / f"iter_{step:07d}"
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    rng = torch.load(folder / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)
+    return state, rng
+
+
+def _recon_grid(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Float ``[3, 2H, kW]`` in [0, 1]: first/middle/last frames of one clip, original above reconstruction."""
+    t = video.shape[1]
+    frames = sorted({0, t // 2, t - 1})
+    top = torch.cat([video[:, i] for i in frames], dim=-1)
+    bottom = torch.cat([recon[:, i] for i in frames], dim=-1)
+    return ((torch.cat([top, bottom], dim=-2).clamp(-1, 1) + 1) / 2).detach().cpu()
+
+
 def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     """Train a :class:`VideoTokenizer` on clips of the videos under ``opts.data`` and save it (rank 0).
 
-    Under torchrun (WORLD_SIZE > 1) a gloo process group is created and the model is wrapped in DDP;
-    each rank draws from its own disjoint share of clip windows; only rank 0 writes the checkpoint and
-    TensorBoard. Stops after ``train_steps`` or ``max_minutes`` (whichever first, agreed across ranks).
+    Under torchrun (WORLD_SIZE > 1) a gloo process group is created and the tokenizer and discriminator
+    are wrapped in DDP; each rank draws from its own disjoint share of clip windows; only rank 0 writes
+    the tokenizer, the training state's shared part and TensorBoard. Stops after ``train_steps``,
+    ``max_minutes`` (agreed across ranks) or ``exit_interval`` steps.
 
     Returns:
-        ``{"steps", "seconds", "final_loss", "psnr", "eval_clips", "parameters", "output"}``.
+        ``{"steps", "seconds", "final_loss", "psnr", "eval_clips", "parameters", "output"}`` (``psnr`` of
+        the exported weights: the EMA when enabled).
 
     Raises:
-        FileNotFoundError / NotADirectoryError / ValueError: missing config or data directory, bad config,
-            no usable video, T not 1 + 4n, resolution not a
-            multiple of 8.
+        FileNotFoundError / NotADirectoryError / ValueError: missing config, data directory or perceptual
+            network, bad config or options, no usable video, T not 1 + 4n, resolution not a multiple of 8.
     """
     _setup_threads()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,30 +262,86 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     rank, world = _dist_info()
     config = TokenizerConfig.from_yaml(opts.config)
     VideoTokenizer.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
+    if opts.gan_loss not in ("hinge", "non_saturating"):
+        raise ValueError(f"gan_loss must be 'hinge' or 'non_saturating', got {opts.gan_loss!r}")
+    if opts.perceptual_weight > 0 and not opts.perceptual_network:
+        raise ValueError("perceptual_weight > 0 needs perceptual_network (a TorchScript file you supply)")
 
     torch.manual_seed(opts.seed)
     model = VideoTokenizer(config)
+    use_gan = opts.disc_weight > 0
+    disc = PatchDiscriminator3d(config.in_channels, opts.disc_channels, opts.disc_layers) if use_gan else None
+    lecam = LeCamEMA(opts.lecam_decay)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay)) if opts.ema_decay > 0 else None
+    perceptual = PerceptualLoss(opts.perceptual_network) if opts.perceptual_weight > 0 else None
     num_params = sum(p.numel() for p in model.parameters())
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world)
+    disc_ddp = torch.nn.parallel.DistributedDataParallel(disc) if (world > 1 and disc is not None) else disc
+    bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
+                          holdout_fraction=opts.holdout_fraction)
     generator = torch.Generator().manual_seed(opts.seed + 1000 * rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=opts.weight_decay)
+    disc_lr = opts.disc_lr if opts.disc_lr is not None else opts.lr
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.9, 0.99)) if disc is not None else None
+    last_layer = model.decoder.layers[-1].conv.weight
+
+    step, elapsed_before = 0, 0.0
+    if opts.load:
+        loaded = _load_training_state(opts.load)
+        if loaded is None:
+            log.warning("no checkpoint under %s: starting from scratch", opts.load)
+        else:
+            state, rng = loaded
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if disc is not None:
+                if "discriminator" not in state:
+                    raise ValueError(f"{opts.load}: checkpoint has no discriminator but disc_weight > 0")
+                disc.load_state_dict(state["discriminator"])
+                opt_d.load_state_dict(state["disc_optimizer"])
+            if ema is not None:
+                if "ema" not in state:
+                    raise ValueError(f"{opts.load}: checkpoint has no EMA but ema_decay > 0")
+                ema.load_state_dict(state["ema"])
+            lecam.load_state_dict(state["lecam"])
+            step, elapsed_before = int(state["step"]), float(state["elapsed"])
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if rank == 0:
+                log.info("resumed from %s at step %d", opts.load, step)
+
     writer = None
     if rank == 0:
-        log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d",
-                 num_params / 1e6, len(bank.videos), bank.names, len(bank.windows), world)
+        log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d, GAN %s, EMA %s",
+                 num_params / 1e6, len(bank.videos), bank.names, len(bank.windows), world,
+                 f"{opts.gan_loss} from step {opts.disc_start}" if use_gan else "off",
+                 opts.ema_decay if ema is not None else "off")
         if opts.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(opts.tensorboard_dir)
 
-    start = time.time()
-    last_time, last_step, loss_value, step = start, 0, float("nan"), 0
+    def save_state(at_step: int, elapsed: float) -> None:
+        state = {"step": at_step, "elapsed": elapsed, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "lecam": lecam.state_dict(), "options": asdict(opts)}
+        if disc is not None:
+            state["discriminator"] = disc.state_dict()
+            state["disc_optimizer"] = opt_d.state_dict()
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        _save_training_state(opts, at_step, state, {"generator": generator.get_state(),
+                                                    "torch": torch.get_rng_state()})
+
+    start = time.time() - elapsed_before
+    first_step = step
+    last_time, last_step, loss_value = time.time(), step, float("nan")
     budget = opts.max_minutes * 60 if opts.max_minutes else None
     model.train()
     while step < opts.train_steps:
         elapsed = _all_reduce([time.time() - start], op=dist.ReduceOp.MAX if world > 1 else None)[0]
         if budget is not None and elapsed >= budget:
+            break
+        if opts.exit_interval and step - first_step >= opts.exit_interval:
             break
         progress = max(step / opts.train_steps, elapsed / budget if budget else 0.0)
         lr = _lr_at(opts, step, progress)
@@ -191,41 +352,94 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
             batch = bank.sample_images(opts.image_batch_size, generator)
         else:
             batch = bank.sample_clips(opts.batch_size, generator)
+        gan_on = use_gan and step >= opts.disc_start
+
+        # ---- generator (tokenizer) step
         recon, _ = ddp(batch)
         mse = F.mse_loss(recon, batch)
-        loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, batch)
+        rec_loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, batch)
+        if perceptual is not None:
+            rec_loss = rec_loss + opts.perceptual_weight * perceptual(batch, recon)
+        loss = rec_loss
+        g_adv = gan_weight = None
+        if gan_on:
+            disc.requires_grad_(False)  # plain module (not DDP) in the G step: D's grads are not needed here
+            g_adv = generator_loss(disc(recon), opts.gan_loss)
+            gan_weight = opts.disc_weight * (
+                adaptive_generator_weight(rec_loss, g_adv, last_layer) if opts.adaptive_weight else 1.0)
+            loss = rec_loss + gan_weight * g_adv
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if opts.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
+
+        # ---- discriminator step
+        d_loss = None
+        if gan_on:
+            disc.requires_grad_(True)
+            for group in opt_d.param_groups:
+                group["lr"] = _lr_at(opts, step, progress, peak=disc_lr)
+            logits_real = disc_ddp(torch.cat([batch, recon.detach()]))
+            logits_real, logits_fake = logits_real.chunk(2)
+            d_loss = discriminator_loss(logits_real, logits_fake, opts.gan_loss)
+            if opts.lecam_weight > 0:
+                d_loss = d_loss + opts.lecam_weight * lecam(logits_real, logits_fake)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if opts.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(disc.parameters(), opts.grad_clip)
+            opt_d.step()
+            lecam.update(logits_real, logits_fake)
+
         step += 1
         loss_value = float(loss.detach())
         if rank == 0 and (step % opts.log_interval == 0 or step == 1):
             now = time.time()
             rate = (step - last_step) / max(now - last_time, 1e-9)
             kind = "image" if is_image else "video"
-            log.info("step %6d | loss %.4f | psnr %.2f dB (%s batch) | lr %.2e | %.2f steps/s | %.0fs",
-                     step, loss_value, psnr_from_mse(mse.detach()), kind, lr, rate, now - start)
+            gan_text = ""
+            if gan_on:
+                gan_text = (f" | g_adv {float(g_adv.detach()):.3f} x {float(gan_weight):.3g}"
+                            f" | d_loss {float(d_loss.detach()):.3f}")
+            log.info("step %6d | loss %.4f | psnr %.2f dB (%s batch)%s | lr %.2e | %.2f steps/s | %.0fs",
+                     step, loss_value, psnr_from_mse(mse.detach()), kind, gan_text, lr, rate, now - start)
             if writer:
                 writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/rec_loss", float(rec_loss.detach()), step)
                 writer.add_scalar(f"train/psnr_{kind}", psnr_from_mse(mse.detach()), step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/steps_per_s", rate, step)
+                if gan_on:
+                    writer.add_scalar("train/g_adv", float(g_adv.detach()), step)
+                    writer.add_scalar("train/gan_weight", float(gan_weight), step)
+                    writer.add_scalar("train/d_loss", float(d_loss.detach()), step)
+                    writer.add_scalar("train/lecam_ema_real", float(lecam.ema_real), step)
+                    writer.add_scalar("train/lecam_ema_fake", float(lecam.ema_fake), step)
             last_time, last_step = now, step
+        if writer and opts.image_log_interval and step % opts.image_log_interval == 0:
+            writer.add_image(f"recon/{'image' if is_image else 'video'}", _recon_grid(batch[0], recon[0]), step)
+        if opts.save and opts.save_interval and step % opts.save_interval == 0:
+            save_state(step, time.time() - start)
     seconds = time.time() - start
-    psnr, n_eval = evaluate_psnr(model, bank, opts.eval_clips)
+    if opts.save and latest_iteration(opts.save) != step:
+        save_state(step, seconds)
+    export = ema.module if (ema is not None and opts.export_ema) else model
+    psnr, n_eval = evaluate_psnr(export, bank, opts.eval_clips)
     result = {"steps": step, "seconds": round(seconds, 1), "final_loss": loss_value, "psnr": psnr,
               "eval_clips": n_eval, "parameters": num_params, "output": opts.output}
     if rank == 0:
-        log.info("final: %d steps in %.0fs (%.2f steps/s), reconstruction PSNR %.2f dB on %d clips",
-                 step, seconds, step / max(seconds, 1e-9), psnr, n_eval)
+        log.info("final: %d steps in %.0fs (%.2f steps/s), reconstruction PSNR %.2f dB on %d %s clips",
+                 step, seconds, step / max(seconds, 1e-9), psnr, n_eval,
+                 "held-back" if opts.holdout_fraction > 0 else "(seen footage)")
         if writer:
             writer.add_scalar("eval/psnr", psnr, step)
             writer.close()
         metadata = {"train": asdict(opts), "result": {k: result[k] for k in ("steps", "psnr", "eval_clips")},
-                    "videos": bank.names}
-        save_tokenizer(model, opts.output, extra_metadata=metadata)
+                    "videos": bank.names, "weights": "ema" if export is not model else "raw"}
+        save_tokenizer(export, opts.output, extra_metadata=metadata)
         log.info("saved tokenizer to %s", opts.output)
     if world > 1:
         dist.barrier()

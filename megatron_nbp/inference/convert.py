@@ -99,7 +99,7 @@ def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: Mode
         condition_type=model_cfg.condition_type, text_vocab_size=model_cfg.text_vocab_size,
         num_condition_tokens=model_cfg.num_prefix_tokens,
         position_embedding_type=model_cfg.position_embedding_type, rotary_base=model_cfg.rotary_base,
-        mrope_section=model_cfg.mrope_section,
+        mrope_section=model_cfg.mrope_section, null_condition=model_cfg.null_condition,
         extra=extra,
     )
     output_dir = Path(output_dir)

@@ -1,9 +1,18 @@
-"""Block-by-block NBP generation with a static KV cache (frame-prediction layout).
+"""Block-by-block NBP generation with a static KV cache, for every layout.
 
-Given the first ``c`` latent frames of a clip (P = c*H*W tokens), the prompt is prefilled under the
-block-causal rule; the logits at its last block predict the next block (position i predicts i + L).
-Each later step feeds the L tokens just sampled, which attend to the cache and to each other, and
-predicts the following block. Forward passes: (N - P) / L, e.g. 48 for 5x16x16 latents, L = 16, c = 2.
+Frame prediction: the first ``c`` latent frames of a clip (c*H*W tokens) are prefilled under the
+block-causal rule; the logits at the prompt's last block predict the next block (position i predicts
+i + L). Each later step feeds the L tokens just sampled, which attend to the cache and to each other,
+and predicts the following block. Forward passes: (N - cHW) / L, e.g. 48 for 5x16x16, L = 16, c = 2.
+
+Class- or text-conditional hybrid: the condition and BOV are prefilled (BOV predicts z_0), the first
+block is generated token by token (z_k predicts z_{k+1}), then ``[z_{L-1}, MBOS_1..MBOS_{L-1}]``
+predicts block 1 and every block the next: L + N/L - 1 forward passes (16 + 79 = 95 for 5x16x16).
+Classifier-free guidance runs the conditional and the null-condition sequences as one batch and
+samples from ``uncond + scale * (cond - uncond)``.
+
+NTP is the same code with L = 1 (1280 / 768 passes). Every append after the prefill is exactly one
+block, which sees the whole cache and itself: that is the block-causal rule for the newest block.
 """
 
 from __future__ import annotations
@@ -15,22 +24,31 @@ import torch
 from tqdm import tqdm
 
 from megatron_nbp.inference.model import NBPDecoder
-from megatron_nbp.layouts import block_major_order, frame_prediction_block_ids, frame_prediction_grid_positions
+from megatron_nbp.layouts import (block_major_order, frame_prediction_block_ids, frame_prediction_grid_positions,
+                                  hybrid_block_ids, hybrid_grid_positions)
 from megatron_nbp.masks import block_causal_allowed
 
 
 @dataclass
 class SamplingConfig:
-    """temperature 0 = greedy; top_k / top_p as in the NBP release (paper default k=16000, p=0.9)."""
+    """temperature 0 = greedy; top_k / top_p as in the NBP release (the paper's defaults: k = 16000,
+    p = 0.9); ``cfg_scale`` is the classifier-free guidance scale (1 = no guidance; hybrid models
+    trained with a null condition)."""
 
     temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = 16000
+    top_p: float | None = 0.9
+    cfg_scale: float = 1.0
 
 
 def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample ids from logits [..., V_padded], never choosing padded ids >= vocab_size.
+
+    Top-k keeps the k largest logits; top-p then keeps the smallest prefix of those (by decreasing
+    probability, renormalised over the k) whose mass reaches p, as the NBP release's
+    ``top_k_top_p_filtering``. The nucleus is computed on the k survivors only (one partial sort of
+    size k instead of a full sort of the vocabulary: the cost that dominated a block step on CPU).
 
     Returns:
         int64 [...] sampled ids.
@@ -39,18 +57,22 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < vocab_size:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) > sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.view(probs.shape[:-1])
+    k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab_size else None
+    top_p = sampling.top_p if sampling.top_p is not None and sampling.top_p < 1.0 else None
+    if k is None and top_p is None:
+        probs = logits.softmax(-1)
+        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        return flat.view(probs.shape[:-1])
+    if k is not None:
+        values, ids = torch.topk(logits, k, dim=-1)                  # sorted, largest first
+    else:
+        values, ids = torch.sort(logits, descending=True, dim=-1)
+    if top_p is not None:
+        probs = values.softmax(-1)
+        values = values.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))
+    probs = values.softmax(-1)
+    choice = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return ids.reshape(-1, ids.shape[-1]).gather(1, choice).view(ids.shape[:-1])
 
 
 @dataclass
@@ -62,59 +84,198 @@ class GenerationResult:
     seconds: float
 
 
-class BlockDecoder:
+class KVDecoder:
+    """Static-KV-cache decoding of one batch of sequences of a layout.
+
+    Args:
+        model: the converted NBP model.
+        batch_size: sequences decoded together.
+        positions: the layout's position ids of every input position: int64 [S] (learned tables) or
+            [3, S] (rope3d (t, h, w) coordinates).
+        block_ids: int64 [S] block ids of the layout.
+        key_padding: bool [B, S], True at padded positions (never attended), or None.
+
+    ``append(tokens)`` feeds the next s tokens: the first call (the prefill) under the block-causal
+    rule, every later call as one block that sees the cache and itself. Returns their logits.
+
+    Raises:
+        ValueError: appending past the end of the layout.
+    """
+
+    def __init__(self, model: NBPDecoder, batch_size: int, positions: torch.Tensor, block_ids: torch.Tensor,
+                 key_padding: torch.Tensor | None = None) -> None:
+        self.model = model
+        self.device = model.embedding.word_embeddings.weight.device
+        self.max_length = block_ids.shape[0]
+        self.cache = model.new_cache(batch_size, self.max_length)
+        self.positions = positions.to(self.device)
+        self.block_ids = block_ids.to(self.device)
+        self.key_padding = None if key_padding is None else key_padding.to(self.device)
+        self.length = 0
+
+    def append(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: int64 [B, s] model ids. Returns logits [B, s, V_padded]."""
+        start, end = self.length, self.length + tokens.shape[1]
+        if end > self.max_length:
+            raise ValueError(f"no room for {tokens.shape[1]} more tokens: {start} of {self.max_length} positions used")
+        positions = self.positions[..., start:end].unsqueeze(-2)          # [1, s] or [3, 1, s]
+        pad = None if self.key_padding is None else self.key_padding[:, :end]
+        if start == 0:
+            allowed = block_causal_allowed(self.block_ids[:end], key_padding=pad)
+            allowed = allowed if allowed.dim() == 3 else allowed.unsqueeze(0)
+        else:
+            allowed = None if pad is None else (~pad).unsqueeze(1).expand(-1, end - start, -1)
+        logits = self.model(tokens.to(self.device), positions, allowed, self.cache, start=start)
+        self.length = end
+        return logits
+
+
+class BlockDecoder(KVDecoder):
     """KV-cache decoding of one batch under the frame-prediction layout.
 
     Tokens are in the layout's block order (megatron_nbp.layouts.block_major_order; the (t, h, w)
-    order for row blocks). ``prefill(prompt)`` runs the prompt (P tokens, P a multiple of L) under the
-    block-causal rule and
-    returns the logits of its last block; ``step(block)`` appends L tokens at the next positions
-    (attending to the cache and to each other, no mask) and returns their logits. Logits at input
-    position i predict video token i + L. The cache is preallocated for N - L positions.
+    order for row blocks). ``prefill(prompt)`` runs the prompt (a multiple of L tokens) under the
+    block-causal rule and returns the logits of its last block; ``step(block)`` appends L tokens and
+    returns their logits. Logits at input position i predict video token i + L. The cache holds N - L
+    positions.
 
     Raises:
-        ValueError: prompt not a positive multiple of L below N, or a step past the end of the clip.
+        ValueError: a model of another layout, a prompt not a positive multiple of L below N, or a step
+            past the end of the clip.
     """
 
     def __init__(self, model: NBPDecoder, batch_size: int) -> None:
         cfg = model.config
         if cfg.layout != "frame_prediction":
-            raise ValueError(f"block decoding here implements the frame-prediction layout; the model's "
-                             f"layout is {cfg.layout!r} (class-conditional sampling is not implemented yet)")
-        self.model, self.block = model, cfg.block_size
-        self.max_length = cfg.num_video_tokens - cfg.block_size
-        self.device = model.embedding.word_embeddings.weight.device
-        self.cache = model.new_cache(batch_size, self.max_length)
-        self.length = 0
-        self._grid = frame_prediction_grid_positions(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(self.device)
-
-    def positions(self, start: int, length: int) -> torch.Tensor:
-        """Position ids of inputs start .. start+length-1 in the model's form: int64 [1, length]
-        (learned tables) or (t, h, w) coordinates [3, 1, length] (rope3d)."""
-        if self.model.rope:
-            return self._grid[:, None, start:start + length]
-        return torch.arange(start, start + length, device=self.device).unsqueeze(0)
+            raise ValueError(f"BlockDecoder implements the frame-prediction layout; the model's layout is "
+                             f"{cfg.layout!r} (use HybridDecoder)")
+        self.block = cfg.block_size
+        seq = cfg.num_video_tokens - cfg.block_size
+        grid = frame_prediction_grid_positions(tuple(cfg.latent_shape), tuple(cfg.block_shape))
+        super().__init__(model, batch_size, grid if model.rope else torch.arange(seq),
+                         frame_prediction_block_ids(seq, self.block))
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt: int64 [B, P]. Returns logits [B, L, V] of the prompt's last block."""
         plen = prompt.shape[1]
-        if plen % self.block or not 0 < plen <= self.max_length:
+        if plen % self.block or not 0 < plen <= self.max_length or self.length:
             raise ValueError(f"prompt length {plen} must be a positive multiple of the block size "
-                             f"{self.block}, at most {self.max_length}")
-        positions = self.positions(0, plen)
-        allowed = block_causal_allowed(frame_prediction_block_ids(plen, self.block).to(self.device)).unsqueeze(0)
-        logits = self.model(prompt.to(self.device), positions, allowed, self.cache, start=0)
-        self.length = plen
-        return logits[:, -self.block:]
+                             f"{self.block}, at most {self.max_length}, and come first")
+        return self.append(prompt)[:, -self.block:]
 
     def step(self, block_tokens: torch.Tensor) -> torch.Tensor:
         """block_tokens: int64 [B, L] at the next L positions. Returns their logits [B, L, V]."""
-        if self.length + self.block > self.max_length:
-            raise ValueError(f"no room for another block: {self.length} of {self.max_length} positions used")
-        positions = self.positions(self.length, self.block)
-        logits = self.model(block_tokens.to(self.device), positions, None, self.cache, start=self.length)
-        self.length += self.block
-        return logits
+        return self.append(block_tokens)
+
+
+class HybridDecoder(KVDecoder):
+    """KV-cache decoding under the class- or text-conditional hybrid layout (model ids throughout).
+
+    ``prefill(condition)`` runs [condition (P), BOV] and returns BOV's logits [B, 1, V] (predicting
+    z_0); ``append`` then takes z_0 .. z_{L-2} one at a time, then ``[z_{L-1}, MBOS_1..MBOS_{L-1}]``,
+    then each block. Video tokens are in block order.
+
+    Args:
+        condition_padding: bool [B, P], True at padded text positions.
+    """
+
+    def __init__(self, model: NBPDecoder, batch_size: int, condition_padding: torch.Tensor | None = None) -> None:
+        cfg = model.config
+        if cfg.layout != "hybrid":
+            raise ValueError(f"HybridDecoder implements the hybrid layout; the model's layout is {cfg.layout!r}")
+        P, N, L = cfg.num_condition_tokens, cfg.num_video_tokens, cfg.block_size
+        self.P, self.L = P, L
+        grid = hybrid_grid_positions(P, tuple(cfg.latent_shape), tuple(cfg.block_shape))
+        padding = None
+        if condition_padding is not None and bool(condition_padding.any()):
+            padding = torch.cat([condition_padding.bool(), torch.zeros(batch_size, N, dtype=torch.bool)], dim=1)
+        super().__init__(model, batch_size, grid if model.rope else torch.arange(P + N),
+                         hybrid_block_ids(P, N, L), padding)
+
+    def prefill(self, condition: torch.Tensor) -> torch.Tensor:
+        """condition: int64 [B, P] condition *model* ids. Returns BOV's logits [B, 1, V]."""
+        bov = torch.zeros(condition.shape[0], 1, dtype=torch.long, device=condition.device)  # BOV = 0
+        return self.append(torch.cat([condition, bov], dim=1))[:, -1:]
+
+
+def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+    """Classifier-free guidance over a [2B, ...] batch (conditional rows first)."""
+    if scale == 1.0:
+        return logits[:batch]
+    cond, uncond = logits[:batch], logits[batch:]
+    return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_padding: torch.Tensor | None = None,
+                    sampling: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
+                    progress: bool = False) -> GenerationResult:
+    """Class- or text-conditional generation of whole clips (hybrid layout), one block per forward pass
+    after the first block's tokens.
+
+    Args:
+        model: converted NBP model in the hybrid layout.
+        condition: int64 [B, P] condition ids (class ids [B, 1], or text ids padded to P).
+        condition_padding: bool [B, P], True at padded text positions.
+        sampling: temperature / top-k / top-p / classifier-free guidance scale.
+        generator: torch.Generator for reproducible sampling.
+        progress: tqdm bar over forward passes.
+
+    Returns:
+        GenerationResult: tokens [B, N] video codes in (t, h, w) order; steps = L + N/L - 1.
+
+    Raises:
+        ValueError: wrong condition shape or ids, or guidance without a null condition in the model.
+    """
+    cfg = model.config
+    P, N, L, offset = cfg.num_condition_tokens, cfg.num_video_tokens, cfg.block_size, cfg.video_token_offset
+    real = offset - L - (1 if cfg.null_condition else 0)
+    if condition.dim() != 2 or condition.shape[1] != P:
+        raise ValueError(f"condition must be [B, {P}] ids, got {tuple(condition.shape)}")
+    batch = condition.shape[0]
+    pad = torch.zeros_like(condition, dtype=torch.bool) if condition_padding is None else condition_padding.bool()
+    if bool((condition[~pad] < 0).any() or (condition[~pad] >= real).any()):
+        raise ValueError(f"condition ids must be in [0, {real}), got {condition.tolist()}")
+    ids = condition.masked_fill(pad, 0) + L
+    guided = sampling.cfg_scale != 1.0
+    if guided:
+        if not cfg.null_condition:
+            raise ValueError("classifier-free guidance needs a model trained with a null condition "
+                             "(model.null_condition, train.p_drop_cond)")
+        ids = torch.cat([ids, torch.full_like(ids, offset - 1)])
+        pad = torch.cat([pad, torch.zeros_like(pad)])
+    decoder = HybridDecoder(model, ids.shape[0], pad)
+    start_time = time.perf_counter()
+    bar = tqdm(total=L + N // L - 1, desc="generating", unit="step", disable=not progress)
+    steps = 0
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal steps
+        steps += 1
+        bar.update(1)
+        codes = sample_tokens(_guided(logits, batch, sampling.cfg_scale)[..., offset:], cfg.vocab_size,
+                              sampling, generator)
+        return codes
+
+    def feed(codes: torch.Tensor) -> torch.Tensor:
+        model_ids = codes + offset
+        return torch.cat([model_ids, model_ids]) if guided else model_ids
+
+    pieces = [sample(decoder.prefill(ids.to(decoder.device)))]            # z_0
+    for _ in range(L - 1):                                                   # z_1 .. z_{L-1}
+        pieces.append(sample(decoder.append(feed(pieces[-1]))))
+    mbos = torch.arange(1, L, device=decoder.device).expand(ids.shape[0], L - 1)
+    first = torch.cat([feed(pieces[-1]), mbos], dim=1)                       # [z_{L-1}, MBOS_1..]
+    block = sample(decoder.append(first))                                    # block 1
+    pieces.append(block)
+    while sum(p.shape[1] for p in pieces) < N:
+        block = sample(decoder.append(feed(block)))
+        pieces.append(block)
+    bar.close()
+    tokens = torch.cat(pieces, dim=1)
+    order = block_major_order(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(tokens.device)
+    tokens = torch.empty_like(tokens).index_copy_(1, order, tokens)
+    return GenerationResult(tokens, steps, time.perf_counter() - start_time)
 
 
 @torch.no_grad()

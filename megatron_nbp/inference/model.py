@@ -42,6 +42,8 @@ class InferenceConfig:
         condition_type, text_vocab_size, num_condition_tokens: hybrid: "class" or "text", the text
             vocabulary, and P (condition positions).
         position_embedding_type, rotary_base, mrope_section: "learned_absolute" or "rope3d" (ModelConfig).
+        null_condition: the last condition id (model id video_token_offset - 1) is the learned null
+            condition (classifier-free guidance).
     """
 
     num_layers: int
@@ -68,6 +70,7 @@ class InferenceConfig:
     position_embedding_type: str = "learned_absolute"
     rotary_base: int = 10000
     mrope_section: list[int] | None = None
+    null_condition: bool = False
     format_version: int = 2
     extra: dict = field(default_factory=dict)
 
@@ -229,5 +232,13 @@ def load_inference_model(checkpoint_dir: str | Path, device: str | torch.device 
             raise FileNotFoundError(f"{checkpoint_dir / name} not found (run launchers/convert_checkpoint.py)")
     cfg = InferenceConfig.load(checkpoint_dir / "config.json")
     model = NBPDecoder(cfg)
-    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors"), device=str(device)), strict=True)
+    tensors = load_file(str(checkpoint_dir / "model.safetensors"), device=str(device))
+    old_table = tensors.pop("embedding.position_embeddings.weight", None)
+    if old_table is not None:  # format 1: one table over [condition, video stream]; split it in two
+        p = cfg.num_condition_tokens = (1 if cfg.layout == "hybrid" else 0)
+        model = NBPDecoder(cfg)
+        tensors["embedding.position_embeddings.video.weight"] = old_table[p:]
+        if p:
+            tensors["embedding.position_embeddings.condition.weight"] = old_table[:p]
+    model.load_state_dict(tensors, strict=True)
     return model.to(device).eval()

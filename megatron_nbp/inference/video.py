@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_nbp.inference.generate import GenerationResult, SamplingConfig, generate_frame_prediction
+from megatron_nbp.inference.generate import GenerationResult, SamplingConfig, generate_frame_prediction, generate_hybrid
 from megatron_nbp.inference.model import NBPDecoder
 
 
@@ -67,6 +67,29 @@ def predict_frames(model: NBPDecoder, tokenizer, clip: np.ndarray, num_samples: 
     result = generate_frame_prediction(model, flat[:, : c * h * w], sampling, generator, progress=progress)
     decoded = tokenizer.decode(result.tokens.view(num_samples, t, h, w))
     return recon, [tensor_to_frames(v) for v in decoded], result
+
+
+@torch.no_grad()
+def generate_conditional_videos(model: NBPDecoder, tokenizer, condition: torch.Tensor,
+                                condition_padding: torch.Tensor | None = None,
+                                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                                progress: bool = True) -> tuple[list[np.ndarray], GenerationResult]:
+    """Class- or text-conditional generation (hybrid layout) decoded to frames.
+
+    Args:
+        condition: int64 [B, P] condition ids (one row per video to generate).
+        condition_padding: bool [B, P] for padded text ids.
+
+    Returns:
+        (generated videos: list of uint8 [T, H, W, 3], the GenerationResult).
+    """
+    from data_prep.video_io import tensor_to_frames
+
+    t, h, w = model.config.latent_shape
+    result = generate_hybrid(model, condition, condition_padding, sampling, torch.Generator().manual_seed(seed),
+                             progress=progress)
+    decoded = tokenizer.decode(result.tokens.view(-1, t, h, w))
+    return [tensor_to_frames(v) for v in decoded], result
 
 
 def condition_pixel_frames(condition_latent_frames: int) -> int:

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Generation speed of NBP (block 1x1x16, L = 16) vs NTP (block 1x1x1, L = 1) at equal model size.
+
+Two decoders of the same architecture (layers / hidden / heads / FFN / padded vocabulary; only the
+learned position tables differ by L - 1 rows in the frame-prediction layout) are built from an
+``InferenceConfig`` with random weights: speed does not depend on the weights, but the generated
+videos are noise. Both generate the same clips of 17 x 128 x 128 pixels = 5 x 16 x 16 latents, through
+the project's KV-cache generation code, with the paper's sampling (top-k 16000, top-p 0.9):
+
+* ``--layout frame_prediction`` (K600 protocol): encode the first 5 pixel frames (2 latent frames),
+  generate the other 768 tokens (48 NBP vs 768 NTP forward steps), decode the 5 latent frames;
+  12 new pixel frames per clip.
+* ``--layout hybrid`` (UCF-101, class-conditional, 101 classes): generate all 1280 tokens from a class
+  id (95 NBP vs 1280 NTP steps), decode; 17 new pixel frames per clip.
+
+frames/s counts new pixel frames over tokenizer encode + generation + decode; tokens/s counts
+generated tokens over generation alone. One warm-up run per model, then ``--repeats`` timed runs
+(time.perf_counter, CUDA synchronised). The tokenizer (fp32) is a randomly initialised
+configs/tokenizer/tiny.yaml unless ``--tokenizer PATH.safetensors``.
+
+    python bench/nbp_vs_ntp.py                                     # CPU, 4 x 256 x 4, frame prediction
+    python bench/nbp_vs_ntp.py --layout hybrid --repeats 1
+    python bench/nbp_vs_ntp.py --config configs/model/nbp_xl.yaml --device cuda --dtype bf16 --batch-size 8 \\
+        --tokenizer TOK.safetensors                                # GPU, the paper's 700M shape
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer  # noqa: E402
+from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid  # noqa: E402
+from megatron_nbp.inference.model import InferenceConfig, NBPDecoder  # noqa: E402
+
+LATENT = [5, 16, 16]          # 17 x 128 x 128 pixels
+FRAMES, RES, COND_FRAMES, COND_LATENT = 17, 128, 5, 2
+VOCAB, CLASSES = 64000, 101
+
+
+def model_config(args: argparse.Namespace, L: int) -> InferenceConfig:
+    """The decoder for block 1x1xL; every other field is shared by NBP and NTP."""
+    shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.heads,
+                 ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size)
+    if args.config:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(InferenceConfig)}
+        shape.update({k: v for k, v in data.get("model", data).items() if k in known})
+    n = LATENT[0] * LATENT[1] * LATENT[2]
+    if args.layout == "frame_prediction":
+        return InferenceConfig(**shape, vocab_size=VOCAB, padded_vocab_size=VOCAB, max_seq_length=n - L,
+                               latent_shape=LATENT, block_shape=[1, 1, L])
+    # hybrid: ids = [L special (BOV, MBOS_1..L-1)] [101 classes] [64000 codes]; pad for the larger L (NBP)
+    # so that both models have the same vocabulary rows.
+    padded = -(-(16 + CLASSES + VOCAB) // 128) * 128
+    return InferenceConfig(**shape, vocab_size=VOCAB, padded_vocab_size=padded, max_seq_length=1 + n,
+                           latent_shape=LATENT, block_shape=[1, 1, L], layout="hybrid", num_condition_tokens=1,
+                           video_token_offset=L + CLASSES, condition_labels=[str(i) for i in range(CLASSES)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(args, model, tokenizer, video, device) -> dict:
+    """Encode (frame prediction) -> generate -> decode one batch; returns the timings and step count."""
+    sampling = SamplingConfig(top_k=16000, top_p=0.9)
+    gen = torch.Generator(device=device).manual_seed(0)
+    B = video.shape[0]
+    sync(device)
+    t0 = time.perf_counter()
+    if args.layout == "frame_prediction":
+        prompt = tokenizer.encode(video[:, :, :COND_FRAMES]).reshape(B, -1)   # [B, 2*16*16]
+        sync(device)
+        t1 = time.perf_counter()
+        result = generate_frame_prediction(model, prompt, sampling, gen)
+        new_tokens, new_frames = result.tokens.shape[1] - prompt.shape[1], FRAMES - COND_FRAMES
+    else:
+        t1 = t0
+        condition = torch.randint(0, CLASSES, (B, 1), generator=gen, device=device)
+        result = generate_hybrid(model, condition, None, sampling, gen)
+        new_tokens, new_frames = result.tokens.shape[1], FRAMES
+    sync(device)
+    t2 = time.perf_counter()
+    pixels = tokenizer.decode(result.tokens.reshape(B, *LATENT))
+    assert pixels.shape[2:] == (FRAMES, RES, RES), pixels.shape
+    sync(device)
+    t3 = time.perf_counter()
+    return dict(steps=result.steps, encode=t1 - t0, generate=t2 - t1, decode=t3 - t2, total=t3 - t0,
+                tokens=B * new_tokens, frames=B * new_frames)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", choices=["frame_prediction", "hybrid"], default="frame_prediction")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn-hidden-size", type=int, help="default 4 x hidden")
+    p.add_argument("--config", help="model YAML (e.g. configs/model/nbp_xl.yaml): its shape overrides the flags")
+    p.add_argument("--tokenizer", help="tokenizer .safetensors (default: random configs/tokenizer/tiny.yaml)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="transformer dtype")
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    torch.manual_seed(0)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer, device=device)
+    else:
+        tokenizer = VideoTokenizer(TokenizerConfig.from_yaml(REPO / "configs/tokenizer/tiny.yaml")).to(device).eval()
+    video = torch.rand(args.batch_size, 3, FRAMES, RES, RES, device=device) * 2 - 1
+
+    models = {}
+    for name, L in (("NBP", 16), ("NTP", 1)):
+        torch.manual_seed(0)
+        models[name] = (L, NBPDecoder(model_config(args, L)).to(device=device, dtype=dtype).eval())
+    runs = {name: [] for name in models}
+    with torch.inference_mode():
+        for name, (_, model) in models.items():
+            run_once(args, model, tokenizer, video, device)                       # warm-up
+        for _ in range(args.repeats):            # interleaved, so that load drift hits both alike
+            for name, (_, model) in models.items():
+                runs[name].append(run_once(args, model, tokenizer, video, device))
+    rows = []
+    for name, (L, model) in models.items():
+        mean = {k: sum(r[k] for r in runs[name]) / args.repeats for k in runs[name][0]}
+        rows.append((name, L, sum(t.numel() for t in model.parameters()), mean))
+
+    cfg = model_config(args, 16)
+    print(f"# NBP vs NTP | layout {args.layout} | model {cfg.num_layers} x {cfg.hidden_size} x "
+          f"{cfg.num_attention_heads} heads (ffn {cfg.ffn_hidden_size}), RANDOM weights | tokenizer "
+          f"{args.tokenizer or 'random configs/tokenizer/tiny.yaml'} (fp32) | {FRAMES}x{RES}x{RES} -> "
+          f"{'x'.join(map(str, LATENT))} | batch {args.batch_size} | {args.dtype} | "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'} | "
+          f"torch {torch.__version__} | top-k 16000, top-p 0.9 | mean of {args.repeats} after 1 warm-up")
+    print("| method | L | params | forward steps | encode s | generate s | decode s | total s | "
+          "tokens/s (generation) | frames/s (incl. tokenizer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, L, params, m in rows:
+        print(f"| {name} | {L} | {params / 1e6:.2f}M | {m['steps']:.0f} | {m['encode']:.3f} | {m['generate']:.3f} | "
+              f"{m['decode']:.3f} | {m['total']:.3f} | {m['tokens'] / m['generate']:.0f} | "
+              f"{m['frames'] / m['total']:.2f} |")
+    nbp, ntp = rows[0][3], rows[1][3]
+    print(f"| NBP / NTP | | | {ntp['steps'] / nbp['steps']:.1f}x fewer | | {ntp['generate'] / nbp['generate']:.2f}x | | "
+          f"{ntp['total'] / nbp['total']:.2f}x | {ntp['generate'] / nbp['generate']:.2f}x | "
+          f"{ntp['total'] / nbp['total']:.2f}x |")
+    print(f"per forward step: NBP {1000 * nbp['generate'] / nbp['steps']:.2f} ms (16 tokens), "
+          f"NTP {1000 * ntp['generate'] / ntp['steps']:.2f} ms (1 token)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: the Kinetics-400 I3D network and Frechet Video Distance (see docs/evaluation.md)."""

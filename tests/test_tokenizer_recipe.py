@@ -1,0 +1,281 @@
+"""The tokenizer's training recipe: GAN losses, LeCam, adaptive weight, EMA, perceptual loss, resume, metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_prep.tokenizer.gan import (
+    LeCamEMA,
+    PatchDiscriminator3d,
+    PerceptualLoss,
+    adaptive_generator_weight,
+    discriminator_loss,
+    generator_loss,
+)
+from data_prep.tokenizer.metrics import psnr, ssim
+
+
+def _smooth_videos(n: int, t: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, t, 4, 4, generator=g) * 2 - 1
+    return F.interpolate(low, size=(t, size, size), mode="trilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "non_saturating"])
+def test_discriminator_steps_lower_d_loss_and_separate_real_from_fake(kind):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator3d(3, channels=8, num_layers=1, norm_groups=4)
+    real = _smooth_videos(2, t=1)
+    fake = torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+
+    def measure():
+        with torch.no_grad():
+            lr_, lf = disc(real), disc(fake)
+            return float(discriminator_loss(lr_, lf, kind)), float(lr_.mean() - lf.mean())
+
+    loss0, gap0 = measure()
+    assert disc(real).shape == (2, 1, 1, 6, 6)
+    assert disc(_smooth_videos(1, t=5)).shape == (1, 1, 5, 6, 6)  # videos and images share D
+    for _ in range(10):
+        loss = discriminator_loss(disc(real), disc(fake), kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    loss1, gap1 = measure()
+    assert loss1 < loss0 - 0.1 and gap1 > gap0 + 0.2, (loss0, loss1, gap0, gap1)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "non_saturating"])
+def test_generator_adversarial_loss_falls_against_a_fixed_discriminator(kind):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator3d(3, channels=8, num_layers=1, norm_groups=4).requires_grad_(False)
+    fake = torch.nn.Parameter(torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    opt = torch.optim.Adam([fake], lr=1e-2)
+    before = float(generator_loss(disc(fake), kind))
+    for _ in range(10):
+        loss = generator_loss(disc(fake), kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = float(generator_loss(disc(fake), kind))
+    assert after < before - 1e-3, (before, after)
+    assert all(p.grad is None for p in disc.parameters())
+
+
+def test_loss_formulas_against_hand_values():
+    real, fake = torch.tensor([0.5, 2.0]), torch.tensor([-2.0, 0.0])
+    assert float(discriminator_loss(real, fake, "hinge")) == pytest.approx(0.25 + 0.5)
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    assert float(discriminator_loss(real, fake, "non_saturating")) == pytest.approx(
+        (sp(-0.5) + sp(-2.0)) / 2 + (sp(-2.0) + sp(0.0)) / 2)
+    assert float(generator_loss(fake, "hinge")) == pytest.approx(1.0)
+    assert float(generator_loss(fake, "non_saturating")) == pytest.approx((sp(2.0) + sp(0.0)) / 2)
+    with pytest.raises(ValueError, match="hinge"):
+        generator_loss(fake, "wasserstein")
+
+
+def test_lecam_anchors_and_penalty_match_hand_computation():
+    lecam = LeCamEMA(decay=0.9)
+    real1, fake1 = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])
+    lecam.update(real1, fake1)
+    assert float(lecam.ema_real) == pytest.approx(0.1 * 2.0) and float(lecam.ema_fake) == pytest.approx(0.1 * -0.5)
+    lecam.update(torch.tensor([0.0]), torch.tensor([1.0]))
+    a_r, a_f = 0.9 * 0.2, 0.9 * -0.05 + 0.1 * 1.0
+    assert float(lecam.ema_real) == pytest.approx(a_r) and float(lecam.ema_fake) == pytest.approx(a_f)
+    real, fake = torch.tensor([0.5, -1.0]), torch.tensor([0.0, 0.3])
+    expected = np.mean([max(r - a_f, 0) ** 2 for r in (0.5, -1.0)]) + np.mean([max(a_r - f, 0) ** 2 for f in (0.0, 0.3)])
+    assert float(lecam(real, fake)) == pytest.approx(expected, rel=1e-6)
+    assert set(lecam.state_dict()) == {"ema_real", "ema_fake"}
+
+
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
+    torch.manual_seed(0)
+    hidden, last = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    out = last(torch.tanh(hidden(x)))
+    rec, gan = out.pow(2).mean(), -out[:, 0].mean() * 0.01
+    weight = adaptive_generator_weight(rec, gan, last.weight)
+    g_rec = torch.autograd.grad(rec, last.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, last.weight, retain_graph=True)[0]
+    assert float(weight) == pytest.approx(float(g_rec.norm() / (g_gan.norm() + 1e-4)), rel=1e-6)
+    assert not weight.requires_grad
+    (rec + weight * gan).backward()  # the graph is still usable afterwards
+
+
+def test_perceptual_loss_with_a_user_supplied_torchscript_network(tmp_path):
+    torch.manual_seed(0)
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3)))
+    path = tmp_path / "features.pt"
+    net.save(str(path))
+    loss_fn = PerceptualLoss(path)
+    real = _smooth_videos(2, t=2)
+    fake = (real + 0.3 * torch.randn_like(real)).requires_grad_(True)
+    assert float(loss_fn(real, real)) == pytest.approx(0.0, abs=1e-10)
+    loss = loss_fn(real, fake)
+    assert float(loss) > 0
+    loss.backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in loss_fn.parameters())
+    with pytest.raises(FileNotFoundError, match="TorchScript"):
+        PerceptualLoss(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def _ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004 on one [0, 1] image pair: Gaussian 11x11 (sigma 1.5), valid positions, loops."""
+    coords = np.arange(11) - 5
+    g = np.exp(-coords**2 / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+            cxy = (w * (px - mx) * (py - my)).sum()
+            values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_and_psnr_against_independent_references():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 1, 14, 13, generator=g, dtype=torch.float64) * 2 - 1
+    b = (a + 0.2 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    ref = _ssim_reference(((a[0, 0, 0] + 1) / 2).numpy(), ((b[0, 0, 0] + 1) / 2).numpy())
+    assert float(ssim(a, b)[0]) == pytest.approx(ref, rel=1e-9)
+    assert float(ssim(a, a)[0]) == pytest.approx(1.0, rel=1e-12)
+    # constant frames: SSIM = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
+    x, y = torch.full((1, 3, 2, 12, 12), -0.5), torch.full((1, 3, 2, 12, 12), 0.5)
+    assert float(ssim(x, y)[0]) == pytest.approx((2 * 0.25 * 0.75 + 1e-4) / (0.25**2 + 0.75**2 + 1e-4), rel=1e-9)
+    assert float(psnr(x, y)[0]) == pytest.approx(10 * math.log10(4 / 1.0))
+
+
+# ------------------------------------------------------------------------- training loop
+
+
+def _write_pattern(path: Path, frames: int = 24, size: int = 32) -> None:
+    from data_prep.video_io import write_mp4
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    video = [np.stack([127.5 + 100 * np.sin((xx + 2 * t) / 5.0), 127.5 + 100 * np.cos((yy - t) / 7.0),
+                       127.5 + 60 * np.sin((xx + yy + 3 * t) / 9.0)], -1).clip(0, 255).astype(np.uint8)
+             for t in range(frames)]
+    write_mp4(np.stack(video), path, fps=8)
+
+
+@pytest.fixture(scope="module")
+def recipe_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    _write_pattern(root / "videos" / "pattern.mp4")
+    config = root / "small.yaml"
+    config.write_text(
+        "model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
+        "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n"
+    )
+    return root, config
+
+
+def _opts(root: Path, config: Path, name: str, **overrides):
+    from data_prep.tokenizer.train import TrainOptions
+
+    values = dict(config=str(config), data=str(root / "videos"), output=str(root / name / "tok.safetensors"),
+                  resolution=16, num_frames=5, train_steps=4, batch_size=1, lr=1e-3, warmup_steps=2, seed=3,
+                  log_interval=100, eval_clips=1, image_every=2, image_batch_size=2, disc_weight=0.5,
+                  disc_start=1, disc_channels=4, disc_layers=2, lecam_weight=0.1, lecam_decay=0.9,
+                  ema_decay=0.8, save=str(root / name / "ckpt"), holdout_fraction=0.25)
+    values.update(overrides)
+    return TrainOptions(**values)
+
+
+def _state(save_dir: str, step: int):
+    folder = Path(save_dir) / f"iter_{step:07d}"
+    return (torch.load(folder / "state.pt", weights_only=True),
+            torch.load(folder / "rng_rank0.pt", weights_only=True))
+
+
+def _assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            if key not in ("options", "elapsed"):
+                _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recipe_setup):
+    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer.train import latest_iteration, train_tokenizer
+
+    root, config = recipe_setup
+    full = _opts(root, config, "full", save_interval=1)
+    result = train_tokenizer(full)
+    assert result["steps"] == 4 and latest_iteration(full.save) == 4
+    # interrupted at step 2 (exit_interval), resumed to step 4
+    part = _opts(root, config, "resumed", exit_interval=2)
+    assert train_tokenizer(part)["steps"] == 2 and latest_iteration(part.save) == 2
+    train_tokenizer(_opts(root, config, "resumed", load=part.save))
+    assert latest_iteration(part.save) == 4
+    state_full, rng_full = _state(full.save, 4)
+    state_res, rng_res = _state(part.save, 4)
+    for key in ("model", "discriminator", "ema", "optimizer", "disc_optimizer", "lecam"):
+        assert key in state_full
+    _assert_same(state_full, state_res)
+    _assert_same(rng_full, rng_res)
+    full_tok, res_tok = load_tokenizer(full.output), load_tokenizer(part.output)
+    _assert_same(full_tok.state_dict(), res_tok.state_dict())
+    # EMA by hand from the raw weights saved after every step: e_1 = p_1, e_k = d e_{k-1} + (1 - d) p_k
+    ema = None
+    for step in range(1, 5):
+        params = _state(full.save, step)[0]["model"]
+        ema = dict(params) if ema is None else {k: 0.8 * ema[k] + 0.2 * params[k] for k in ema}
+    ema_state = state_full["ema"]
+    assert int(ema_state["n_averaged"]) == 4
+    for key, value in ema.items():
+        torch.testing.assert_close(ema_state[f"module.{key}"], value, rtol=1e-5, atol=1e-6)
+    # the exported tokenizer holds the EMA weights
+    for key, value in full_tok.state_dict().items():
+        assert torch.equal(value, ema_state[f"module.{key}"])
+    # the discriminator trained (it differs from its initialization) and LeCam anchors moved
+    assert float(state_full["lecam"]["ema_real"]) != 0.0
+    # the eval launcher reproduces the trainer's held-back PSNR and writes its PNG and JSON
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+    import eval_tokenizer
+
+    png, out = root / "full" / "recon.png", root / "full" / "eval.json"
+    assert eval_tokenizer.main(["--tokenizer", full.output, "--data", full.data, "--resolution", "16",
+                                "--num-frames", "5", "--holdout-fraction", "0.25", "--max-clips", "1",
+                                "--png", str(png), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["psnr_db"] == pytest.approx(result["psnr"], abs=1e-4) and 0 < report["ssim"] <= 1
+    assert png.stat().st_size > 0 and report["fvd"] is None
+
+
+def test_holdout_split_keeps_evaluation_clips_out_of_training(recipe_setup):
+    from data_prep.tokenizer.clips import load_clip_bank
+
+    root, _ = recipe_setup
+    bank = load_clip_bank(root / "videos", 16, 5, holdout_fraction=0.25)  # 24 frames: train 0..17, eval 18..23
+    assert max(s + 4 for _, s in bank.windows) == 17
+    assert bank.eval_windows == [(0, 18)]
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        load_clip_bank(root / "videos", 32, 5, holdout_fraction=1.0)
