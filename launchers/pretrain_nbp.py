@@ -141,7 +141,14 @@ def main(argv=None) -> None:
         from megatron_nbp.deepspeed_backend import pretrain_deepspeed as pretrain
     else:
         from megatron_nbp.training import pretrain
-    pretrain(cfg)
+    from megatron_nbp.checkpointing import CheckpointError
+    from megatron_nbp.data import DataError
+
+    try:
+        pretrain(cfg)
+    except (ConfigError, CheckpointError, DataError) as err:  # a user error: one clear line per rank
+        rank = os.environ.get("RANK", "0")
+        sys.exit(f"pretrain_nbp.py [rank {rank}]: {type(err).__name__}: {err}")
     destroy_parallel()
 
 

@@ -26,13 +26,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data_prep.shards import atomic_write_bytes
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # Model settings that must match between a checkpoint and the model loading it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-               "latent_shape", "block_shape", "layout", "share_embeddings_and_output_weights")
+               "latent_shape", "block_shape", "layout", "share_embeddings_and_output_weights", "normalization",
+               "activation", "add_bias_linear", "condition_type", "condition_labels", "text_vocab_size",
+               "num_condition_tokens", "null_condition", "position_embedding_type")
 
 
 class CheckpointError(RuntimeError):
@@ -166,12 +169,21 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
                                   "(convert_checkpoint.py exports either kind)")
         return 0, 0
     ckpt = iteration_dir(load_dir, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as err:  # missing / truncated common.pt or metadata
+        raise CheckpointError(f"checkpoint {ckpt} (named by {LATEST_FILE}) is unreadable: {err}") from err
     check_model_config(common.get("model_config", {}), model_config, ckpt)
     state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
     if load_rng:
         state["rng_state"] = _sharded_rng(None)
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt))
+    except (Exception, CheckpointException) as err:  # a damaged/missing shard file, tensors of other shapes
+        # (torch.distributed.checkpoint's CheckpointException is a BaseException)
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]  # torch.dcp nests tracebacks
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or does not fit this model: "
+                              f"{lines[-1].strip() if lines else type(err).__name__}") from err
     unwrap(model).load_state_dict(loaded["model"])
     if load_optimizer:
         with torch.no_grad():

@@ -147,5 +147,18 @@ def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_con
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     scheduler.load_state_dict(client_state["scheduler"])
-    set_rng_state(torch.load(_rng_file(ckpt, dist.get_rank()), weights_only=False))
+    set_rng_state(load_rng_file(_rng_file(ckpt, dist.get_rank())))
     return int(client_state["iteration"]), int(client_state["consumed_samples"])
+
+
+def load_rng_file(path) -> dict:
+    """Read a per-rank RNG file with ``torch.load(weights_only=True)``: tensors, plain containers and the
+    numpy pieces of ``np.random.get_state()`` (array reconstruction and dtypes) only, never code."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
+        return torch.load(path, map_location="cpu", weights_only=True)

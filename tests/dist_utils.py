@@ -31,3 +31,24 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subproc
     """``torchrun --nproc-per-node nproc script args`` on a free local port."""
     return run(["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
                 script, *args], timeout=timeout)
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process below it at once, like a node failure. torchrun starts its
+    workers in their own sessions, so killing the launcher's process group alone leaves them running."""
+    import signal
+
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(family, timeout=30)

@@ -15,6 +15,8 @@ LAUNCHER = "launchers/pretrain_nbp.py"
 def tb_losses(logdir) -> dict[int, float]:
     acc = EventAccumulator(str(logdir))
     acc.Reload()
+    if "lm-loss" not in acc.Tags().get("scalars", []):
+        return {}
     return {e.step: e.value for e in acc.Scalars("lm-loss")}
 
 
@@ -59,3 +61,96 @@ def test_checkpoint_layout_is_megatron_style(runs):
     assert (ckpt / LATEST_FILE).read_text().strip() == "6"
     assert (ckpt / "iter_0000003" / "metadata.json").is_file() and (ckpt / "iter_0000006").is_dir()
     assert not list(ckpt.glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def killed_run(runs, tmp_path_factory):
+    """A TP2 x PP2 run saving every iteration, SIGKILLed (whole process group, like a node failure) at a
+    random moment after its first checkpoint, then restarted with --load until the end."""
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from tests.dist_utils import REPO, free_port, kill_process_tree
+
+    root, _ = runs
+    work = tmp_path_factory.mktemp("killed")
+    seed = int(os.environ.get("RESUME_KILL_SEED", time.time_ns() % 1_000_000))
+    args = ["--tp", "2", "--pp", "2", "--config", CONFIG, "--data", str(root / "data"), "--train-iters", "6",
+            "--tensorboard-dir", str(work / "tb_killed"), "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+            "--save", str(work / "ckpt"), "--save-interval", "1"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                             f"--master-port={free_port()}", LAUNCHER, *args], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, 4)          # checkpoints published before the kill, then a random delay
+    latest_file = work / "ckpt" / LATEST_FILE
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if latest_file.exists() and int(latest_file.read_text() or 0) >= kill_after:
+            break
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.8))       # inside the next iteration or inside its save
+    killed_running = proc.poll() is None
+    if killed_running:
+        kill_process_tree(proc)  # the agent and every worker at once
+    proc.wait(timeout=60)
+    latest = int((work / "ckpt" / LATEST_FILE).read_text())
+    out = train(root / "data", work / "tb_resumed", save=work / "ckpt", load=work / "ckpt", save_interval=1)
+    return work, seed, latest, killed_running, out.stdout
+
+
+def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(runs, killed_run):
+    root, _ = runs
+    work, seed, latest, killed_running, stdout = killed_run
+    full, resumed = tb_losses(root / "tb_full"), tb_losses(work / "tb_resumed")
+    assert 1 <= latest <= 6, (seed, latest)
+    if latest < 6:
+        assert f"iteration {latest}" in stdout, (seed, stdout[-2000:])
+    assert sorted(resumed) == list(range(latest + 1, 7)), (seed, latest, sorted(resumed))
+    for step in resumed:
+        assert resumed[step] == full[step], (seed, step, resumed[step], full[step])  # bitwise on CPU
+    assert killed_running or latest == 6, seed
+
+
+def test_interrupted_save_is_never_latest_and_a_damaged_one_is_refused(runs, tmp_path):
+    """A half-written iter_*.tmp next to a complete checkpoint: --load takes the complete one. A
+    checkpoint with a shard file removed: --load fails naming the checkpoint."""
+    import shutil
+
+    from megatron_nbp.checkpointing import read_latest_iteration
+
+    root, _ = runs
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", ckpt)
+    shutil.copytree(ckpt / "iter_0000006", ckpt / "iter_0000009.tmp")     # what a crash mid-save leaves
+    for f in list((ckpt / "iter_0000009.tmp").iterdir())[:2]:
+        f.unlink()
+    assert read_latest_iteration(ckpt) == 6
+    other = failing_run("--config", "tests/configs/tiny_test_llama.yaml", "--data", str(root / "data"),
+                        "--load", str(ckpt))                                     # another model: refused by name
+    assert "does not match the model" in other and "normalization: checkpoint LayerNorm vs model RMSNorm" in other
+    for f in (ckpt / "iter_0000006").glob("*.distcp"):
+        f.unlink()
+        break
+    damaged = failing_run("--config", CONFIG, "--data", str(root / "data"), "--load", str(ckpt))
+    assert "iter_0000006 is damaged or does not fit this model" in damaged and "No such file" in damaged
+
+
+def failing_run(*args: str) -> str:
+    """Run the TP2 x PP2 launcher for 7 iterations, expect it to fail, return its whole output."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO, free_port
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                           f"--master-port={free_port()}", LAUNCHER, "--tp", "2", "--pp", "2", "--train-iters", "7",
+                           *args], cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr

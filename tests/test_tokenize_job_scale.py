@@ -12,7 +12,6 @@ import dataclasses
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from data_prep.shards import (
 from data_prep.tokenize_job import TokenizeConfig, run_tokenize_job
 from data_prep.video_io import decode_video, frames_to_tensor
 from tests.synthetic_video import pattern_frames, write_pattern_video
+from tests.dist_utils import kill_process_tree
 from tests.test_tokenize_job import _read_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +111,7 @@ def test_sigkill_at_random_point_then_rerun_writes_each_clip_once(dataset, tmp_p
         per_shard = (time.monotonic() - first) / max(1, wait_for - 1) if first else 0.2
         time.sleep(rng.uniform(0.0, 0.5 * per_shard) / (attempt + 1))
         assert proc.poll() is None, f"seed {seed}: job ended before the kill: {proc.stderr.read().decode()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job (torchrun agent and all ranks), like a node failure
-        proc.wait(timeout=30)
+        kill_process_tree(proc)  # the whole job (torchrun agent and all ranks), like a node failure
         proc.stderr.close()
         done_before = {n: (out / n).stat().st_mtime_ns for n in _finished(out)}
         if len(done_before) < num_shards and not (out / "manifest.json").exists():
