@@ -20,7 +20,6 @@ bf16 on GPU (fp32 master weights in the ZeRO optimizer).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,10 +32,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_nbp.config import NBPConfig
 from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 from megatron_nbp.model.builder import build_gpt_model
-from megatron_nbp.model.params import count_parameters, format_count
-from megatron_nbp.parallel import initialize_parallel, print_rank_0
+from megatron_nbp.parallel import print_rank_0
 from megatron_nbp.training import (build_data_iterator, build_scheduler, make_forward_step, optimizer_config,
-                                   reduce_losses, training_loop)
+                                   reduce_losses, report_resume, start_job, training_loop)
 
 
 class MegatronMPU:
@@ -187,16 +185,9 @@ def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches:
 def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:
     """The training job with ``train.backend: deepspeed``; same contract as megatron_nbp.training.pretrain
     (per-iteration losses on the logging rank, resume from ``cfg.load``, saves per the intervals)."""
-    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.data is None:
-        raise ValueError("--data (directory of token shards with manifest.json) is required")
-    p, t = cfg.parallel, cfg.train
-    initialize_parallel(p.tensor_model_parallel_size, 1, seed=t.seed)
-    dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
+    p = cfg.parallel
+    dp_size, num_microbatches = start_job(cfg, 1)
     state = build_deepspeed_state(cfg)
-    count = count_parameters(cfg.model)
-    print_rank_0(f"> parameters: transformer {format_count(count.transformer)}, total {format_count(count.total)}")
     print_rank_0(
         f"> DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "
         f"TP={p.tensor_model_parallel_size} DP={dp_size} | micro-batches per iteration: {num_microbatches} | "
@@ -207,8 +198,7 @@ def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:
     iteration, consumed = 0, 0
     if cfg.load:
         iteration, consumed = load_deepspeed_checkpoint(cfg.load, state.engine, state.scheduler, model_config)
-        print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
-                     else f"> no checkpoint in {cfg.load}, starting from scratch")
+        report_resume(cfg, iteration)
     data_iterator = build_data_iterator(cfg, consumed)
     return training_loop(
         cfg, iteration, consumed,

@@ -204,20 +204,41 @@ def reduce_losses(losses: list[dict[str, torch.Tensor]]) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def pretrain(cfg: NBPConfig) -> list[float]:
-    """The training job (launchers/pretrain_nbp.py): returns the per-iteration losses seen on the
-    logging rank (empty elsewhere). Resumes from ``cfg.load`` if it holds a checkpoint."""
+def start_job(cfg: NBPConfig, pipeline_parallel: int) -> tuple[int, int]:
+    """What both backends do before building a model: validate the config, check the data manifest
+    against the model (no process group or allocation yet), start the process groups, print the
+    parameter count.
+
+    Returns:
+        (data-parallel size, micro-batches per iteration).
+
+    Raises:
+        ConfigError, DataError, ValueError: a bad config, mismatched data, or no ``--data``.
+    """
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.data is None:
         raise ValueError("--data (directory of token shards with manifest.json) is required")
     check_manifest(cfg.data, cfg.model, cfg.train.tokenizer_sha256)  # before any model is built
-    p, t = cfg.parallel, cfg.train
-    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
+    t = cfg.train
+    initialize_parallel(cfg.parallel.tensor_model_parallel_size, pipeline_parallel, seed=t.seed)
     dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
-    state = build_training_state(cfg)
     count = count_parameters(cfg.model)
     print_rank_0(f"> parameters: transformer {format_count(count.transformer)}, total {format_count(count.total)}")
+    return dp_size, t.global_batch_size // (t.micro_batch_size * dp_size)
+
+
+def report_resume(cfg: NBPConfig, iteration: int) -> None:
+    """The Megatron-style line saying where ``--load`` resumed."""
+    print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
+                 else f"> no checkpoint in {cfg.load}, starting from scratch")
+
+
+def pretrain(cfg: NBPConfig) -> list[float]:
+    """The training job (launchers/pretrain_nbp.py): returns the per-iteration losses seen on the
+    logging rank (empty elsewhere). Resumes from ``cfg.load`` if it holds a checkpoint."""
+    p = cfg.parallel
+    dp_size, num_microbatches = start_job(cfg, p.pipeline_model_parallel_size)
+    state = build_training_state(cfg)
     print_rank_0(
         f"> TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={dp_size} | "
         f"micro-batches per iteration: {num_microbatches} | seq length {cfg.model.seq_length} | "
@@ -227,8 +248,7 @@ def pretrain(cfg: NBPConfig) -> list[float]:
     if cfg.load:
         iteration, consumed = load_checkpoint(cfg.load, state.model, state.optimizer, state.scheduler,
                                               cfg.to_dict()["model"])
-        print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
-                     else f"> no checkpoint in {cfg.load}, starting from scratch")
+        report_resume(cfg, iteration)
     data_iterator = build_data_iterator(cfg, consumed)
     return training_loop(
         cfg, iteration, consumed,

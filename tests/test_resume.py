@@ -107,9 +107,7 @@ def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(runs, killed
     root, _ = runs
     work, seed, latest, killed_running, stdout = killed_run
     full, resumed = tb_losses(root / "tb_full"), tb_losses(work / "tb_resumed")
-    assert 1 <= latest <= 6, (seed, latest)
-    if latest < 6:
-        assert f"iteration {latest}" in stdout, (seed, stdout[-2000:])
+    assert f"loaded checkpoint from {work / 'ckpt'} at iteration {latest}" in stdout, (seed, stdout[-2000:])
     assert sorted(resumed) == list(range(latest + 1, 7)), (seed, latest, sorted(resumed))
     for step in resumed:
         assert resumed[step] == full[step], (seed, step, resumed[step], full[step])  # bitwise on CPU
