@@ -26,16 +26,14 @@ configs/tokenizer/tiny.yaml unless ``--tokenizer PATH.safetensors``.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
+import time
+from pathlib import Path
 
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

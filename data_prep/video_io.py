@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,6 +21,8 @@ import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from data_prep.file_io import atomic_output
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".ogv", ".m4v", ".mpg", ".mpeg"})
 """Lower-case file suffixes that :func:`list_videos` treats as videos."""
@@ -381,11 +382,6 @@ def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
 
-def _temp_path(path: Path) -> Path:
-    """A fresh temporary file name next to ``path`` (same directory, so ``os.replace`` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float = 8, crf: int = 17) -> Path:
     """Write frames as an H.264 (libx264, yuv420p) mp4 with PyAV, atomically.
 
@@ -407,19 +403,13 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float = 8, crf: 
         raise ValueError(f"need at least one frame and even height/width for yuv420p, got shape {frames.shape}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode(None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
     return path
 
 
@@ -457,11 +447,6 @@ def write_contact_sheet(
             sheet.paste(Image.fromarray(frame), (margin + j * w, i * h))
         if row_labels is not None:
             draw.text((4, i * h + 4), str(row_labels[i]), fill=(255, 255, 255))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
+    with atomic_output(path) as tmp:
         sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -44,6 +44,7 @@ _OVERRIDES = {
     "deepspeed_config": "deepspeed.config_file",
     "hidden_dropout": "model.hidden_dropout",
     "attention_dropout": "model.attention_dropout",
+    "max_position_embeddings": "model.max_position_embeddings",
     "data": "data",
     "save": "save",
     "load": "load",
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> NBPConfig:
     parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--seq-length", type=int, help="checked against the layout (N - L); derived if omitted")
+    parser.add_argument("--max-position-embeddings", type=int,
+                        help="rows of the learned position tables (default: the layout's sequence length)")
     parser.add_argument("--train-iters", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--min-lr", type=float)

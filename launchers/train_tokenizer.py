@@ -7,6 +7,12 @@ Example::
     torchrun --nproc-per-node 2 launchers/train_tokenizer.py ...   # same flags
 
 Defaults for the training flags come from the ``train:`` section of the YAML config; flags override them.
+
+Crash and resume: ``--save DIR --save-interval N`` publishes ``DIR/iter_XXXXXXX/`` atomically (staged under a
+temporary name, then renamed; the latest file is replaced atomically), so after a crash or SIGKILL rerunning
+the same command with ``--load DIR`` continues from the last published step (bitwise on CPU). A damaged
+checkpoint or one written for other settings (model config, FSQ levels, latent shape, discriminator, EMA,
+world size) is refused before training: exit status 2 and the reason on stderr.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.tokenizer.checkpoint import TrainingCheckpointError  # noqa: E402
 from data_prep.tokenizer.train import TrainOptions, train_tokenizer  # noqa: E402
 
 
@@ -73,10 +80,20 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train with the parsed flags; print the result JSON (rank 0).
+
+    Returns:
+        0 on success, 2 when ``--load`` names a damaged checkpoint or one written for other settings (the
+        reason, naming the checkpoint and each differing value, goes to stderr; nothing is trained).
+    """
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
-    result = train_tokenizer(parse_args(argv))
+    try:
+        result = train_tokenizer(parse_args(argv))
+    except TrainingCheckpointError as exc:
+        print(f"train_tokenizer.py: error: {exc}", file=sys.stderr)
+        return 2
     if rank == 0:
         print(json.dumps(result))
     return 0

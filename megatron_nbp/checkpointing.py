@@ -28,14 +28,15 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from data_prep.shards import atomic_write_bytes
+from data_prep.file_io import atomic_write_bytes
+from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_megatron_checkpoint
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # Model settings that must match between a checkpoint and the model loading it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                "latent_shape", "block_shape", "layout", "share_embeddings_and_output_weights", "normalization",
                "activation", "add_bias_linear", "condition_type", "condition_labels", "text_vocab_size",
-               "num_condition_tokens", "null_condition", "position_embedding_type")
+               "num_condition_tokens", "null_condition", "position_embedding_type", "max_position_embeddings")
 
 
 class CheckpointError(RuntimeError):
@@ -159,8 +160,9 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
         (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
 
     Raises:
-        CheckpointError: the checkpoint's model settings differ from ``model_config``, or ``load_dir``
-            holds a DeepSpeed checkpoint.
+        CheckpointError: the checkpoint's model settings differ from ``model_config``; ``load_dir``
+            holds a DeepSpeed checkpoint; a file is damaged; or a pickled item in it needs more than
+            tensors and plain data (megatron_nbp.safe_loading: refused before anything is unpickled).
     """
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
@@ -169,6 +171,13 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
                                   "(convert_checkpoint.py exports either kind)")
         return 0, 0
     ckpt = iteration_dir(load_dir, iteration)
+    try:
+        # torch.distributed.checkpoint would unpickle the bytes items with weights_only=False
+        verify_megatron_checkpoint(ckpt)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
+    except (Exception, CheckpointException) as err:  # a missing / truncated file or index
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or does not fit this model: {err}") from err
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
     except Exception as err:  # missing / truncated common.pt or metadata

@@ -50,6 +50,9 @@ class ModelConfig:
             condition positions and the video-stream positions) or "rope3d" (rotary embedding over
             (t, h, w) coordinates, megatron-core's multimodal RoPE; no position table).
         rotary_base: RoPE base period (rope3d).
+        max_position_embeddings: rows of the learned position tables, condition + video stream
+            (Megatron-LM's ``--max-position-embeddings``); None = exactly ``seq_length``. A layout whose
+            sequence is longer than the table is refused by ``NBPConfig.validate``.
         null_condition: hybrid only: reserve the last condition id as the learned "no condition"
             embedding (all P positions, unpadded), trained with ``train.p_drop_cond`` and sampled
             against by classifier-free guidance.
@@ -91,6 +94,7 @@ class ModelConfig:
     rotary_base: int = 10000
     null_condition: bool = False
     transformer_impl: str = "local"
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         self.latent_shape = tuple(int(x) for x in self.latent_shape)
@@ -133,6 +137,12 @@ class ModelConfig:
     def null_condition_id(self) -> int | None:
         """Condition id of the learned null condition (the last one), or None without it."""
         return self.condition_vocab_size - 1 if self.layout == "hybrid" and self.null_condition else None
+
+    @property
+    def position_table_size(self) -> int:
+        """Rows of the learned position tables (condition + video stream): ``max_position_embeddings``
+        if set, else ``seq_length``."""
+        return self.max_position_embeddings or self.seq_length
 
     @property
     def kv_channels(self) -> int:
@@ -270,6 +280,9 @@ class DeepSpeedConfig:
             errors.append(f"deepspeed.zero_stage={stage} contradicts stage {section['stage']} in {self.config_file}")
         if offload not in ("none", "cpu"):
             errors.append(f"deepspeed.offload_optimizer={offload!r} not in ('none', 'cpu')")
+        if section.get("compute_grad_norm", True) is False:
+            errors.append(f"zero_optimization.compute_grad_norm=false in {self.config_file} turns off DeepSpeed's "
+                          "non-finite gradient check, which the NaN/Inf step skip relies on; remove it")
         file_offload = (section.get("offload_optimizer") or {}).get("device", offload)
         if file_offload != offload:
             errors.append(f"deepspeed.offload_optimizer={offload!r} contradicts {file_offload!r} in {self.config_file}")
@@ -426,6 +439,10 @@ class NBPConfig:
                 f"condition_frames={m.condition_frames} must be in [1, {m.latent_shape[0] - 1}] "
                 f"for latent_shape {m.latent_shape}"
             )
+        if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+            errors.append(f"sequence length {m.seq_length} (layout {m.layout}, latent_shape {m.latent_shape}, "
+                          f"block_shape {m.block_shape}) exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings} (the position table)")
         if m.hidden_size % m.num_attention_heads:
             errors.append(f"hidden_size={m.hidden_size} not divisible by num_attention_heads={m.num_attention_heads}")
         if m.num_attention_heads % tp:

@@ -13,10 +13,28 @@ Tensor- and pipeline-parallel partners share a data-parallel rank and so read id
 reads every shard: token shards are small next to the compute they feed, and it keeps the split exact.
 Resuming skips the samples already consumed (stored in the checkpoint), so a resumed run sees exactly
 the samples an uninterrupted run would have.
+
+Damaged shards never stop a run and never cost good data. When the stream is built, every shard the
+manifest lists is read once (:func:`data_prep.shards.iter_shard_readable`; token shards are small):
+
+* a missing shard, a truncated one (its complete samples before the cut are kept), a corrupt one
+  (undecodable samples are skipped, the others kept; a corrupt tar header ends the readable part),
+  and samples with the wrong latent shape or ids outside the codebook are REPORTED: one ``logging``
+  warning per shard, the same text on every rank, naming the shard, its readable vs listed sample
+  count and the first error; the records are in ``TokenClipStream.damaged_shards``;
+* the epoch length is the READABLE total (not the manifest's ``num_samples``), so each readable sample
+  is used exactly once per epoch and the rank split and the resume arithmetic above stay exact. Every
+  rank reads the same bytes and so counts the same total.
+* if a shard is damaged after the stream was built (an epoch comes out shorter than counted), it is
+  reported when met and the epoch is filled to its counted length by repeating that epoch's stream
+  from its start, identically on every rank, so the per-rank sample counts and resume stay exact.
+
+No readable sample at all is a DataError.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Iterator
@@ -24,9 +42,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data_prep.shards import iter_shard, read_manifest
+from data_prep.shards import iter_shard_readable, read_manifest
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.layouts import LayoutBatch, frame_prediction_batch, hybrid_batch
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -41,6 +61,8 @@ def check_manifest(data_dir: str | Path, model: ModelConfig, tokenizer_sha256: s
     tokenizer codebook against ``model.vocab_size``, the tokenizer checkpoint's SHA-256 against
     ``tokenizer_sha256`` (config ``train.tokenizer_sha256``; ``None`` skips that check), and, for the
     class-conditional hybrid layout, that every clip label the manifest lists is in ``model.condition_labels``.
+    A listed shard that is missing is NOT refused here (the training stream reports and skips it, see
+    :class:`TokenClipStream`); only a manifest none of whose shards with samples exists is.
 
     Args:
         data_dir: directory with ``manifest.json`` and the shards.
@@ -51,11 +73,16 @@ def check_manifest(data_dir: str | Path, model: ModelConfig, tokenizer_sha256: s
         The manifest (dict).
     Raises:
         FileNotFoundError: no manifest (tokenization job not finished).
-        data_prep.shards.ShardFormatError: invalid manifest or a listed shard missing.
-        DataError: any mismatch; the message names the manifest, the manifest's value and the model's.
+        data_prep.shards.ShardFormatError: invalid manifest.
+        DataError: any mismatch; the message names the manifest, the manifest's value and the model's;
+            or every listed shard with samples is missing.
     """
-    manifest = read_manifest(data_dir)
+    manifest = read_manifest(data_dir, require_shards=False)
     where = Path(data_dir) / "manifest.json"
+    listed = [s["name"] for s in manifest["shards"] if int(s["num_samples"]) > 0]
+    if listed and not any((Path(data_dir) / name).is_file() for name in listed):
+        raise DataError(f"{where}: none of the {len(listed)} shards it lists exists in {data_dir} "
+                        f"(e.g. {listed[0]}); was the data directory moved or only partly copied?")
     tok = manifest["tokenizer"]
     if tuple(tok["latent_shape"]) != tuple(model.latent_shape):
         clip = manifest.get("clip", {})
@@ -85,25 +112,46 @@ class TokenClipStream:
     the condition is the clip metadata's ``condition_key`` entry (the class label string, or a list of
     text ids written by the user's text tokenizer) or None.
 
+    Damaged data (module docstring, "Damaged shards"): at construction every listed shard is read once
+    with :func:`data_prep.shards.iter_shard_readable`; a missing, truncated or corrupt shard is reported
+    (a ``logging`` warning, once per shard, naming the shard, its readable vs listed sample count and
+    the first error) and recorded in :attr:`damaged_shards`; its readable samples are still used and
+    the epoch length is set from the readable total, so every readable sample is seen exactly once per
+    epoch and the rank split and resume arithmetic stay exact.
+
     Args:
         data_dir: directory with ``manifest.json`` and the shards.
         dp_rank, dp_size: this rank's data-parallel position.
         seed: data order seed (the same on all ranks).
-        latent_shape: expected (T', H', W') of every clip; a mismatch is refused.
-        vocab_size: ids must be below it.
+        latent_shape: expected (T', H', W') of every clip; a manifest mismatch is refused, a sample
+            with another shape is damage (reported and skipped).
+        vocab_size: ids must be below it (the manifest's codebook must fit; a sample with an id outside
+            the codebook is damage, reported and skipped).
         shuffle_buffer: samples held by the shuffle buffer (1 = no shuffling within shards).
         consumed: samples this rank has already consumed (resume position).
         condition_key: metadata key read as the condition ("label" or "text_ids").
 
+    Attributes:
+        shards: the shards with readable samples (paths, manifest order).
+        shard_samples: readable samples per shard (path -> int), counted at construction.
+        num_samples: readable samples in all (one epoch of the global stream is cut to a multiple of
+            ``dp_size`` of it).
+        samples_per_rank: samples each rank gets per epoch (``num_samples // dp_size``).
+        damaged_shards: one dict per damaged shard: ``{"shard": file name, "path": str, "readable": int,
+            "expected": int (the manifest's count), "skipped": int, "error": str (the first problem),
+            "errors": [str], "found": "at startup" | "in epoch E"}``.
+
     Raises:
-        DataError: manifest latent shape or codebook not compatible with the model, or no samples.
+        DataError: manifest latent shape or codebook not compatible with the model, no readable sample
+            in any shard, or fewer readable samples than ``dp_size``.
+        FileNotFoundError: no manifest. data_prep.shards.ShardFormatError: an invalid manifest.
     """
 
     def __init__(self, data_dir: str | Path, dp_rank: int, dp_size: int, seed: int,
                  latent_shape: tuple[int, int, int], vocab_size: int, shuffle_buffer: int = 256,
                  consumed: int = 0, condition_key: str = "label") -> None:
         self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir)
+        self.manifest = read_manifest(self.data_dir, require_shards=False)  # missing shards: reported below
         tok = self.manifest["tokenizer"]
         if tuple(tok["latent_shape"]) != tuple(latent_shape):
             raise DataError(
@@ -112,51 +160,125 @@ class TokenClipStream:
             )
         if int(tok["codebook_size"]) > vocab_size:
             raise DataError(f"tokenizer codebook {tok['codebook_size']} exceeds model vocab_size {vocab_size}")
-        self.shards = [self.data_dir / s["name"] for s in self.manifest["shards"] if s["num_samples"] > 0]
-        self.samples_per_rank = int(self.manifest["num_samples"]) // dp_size
-        if self.samples_per_rank == 0:
-            raise DataError(
-                f"{self.manifest['num_samples']} samples in {self.data_dir} cannot feed {dp_size} data-parallel ranks"
-            )
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.latent_shape, self.vocab_size = tuple(latent_shape), vocab_size
+        self.codebook_size = int(tok["codebook_size"])
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.consumed = consumed
         self.condition_key = condition_key
+        self.damaged_shards: list[dict] = []
+        self._reported: set[str] = set()
+        self._refill_reported = False
+        self._listed: dict[Path, int] = {}
+        self.shard_samples: dict[Path, int] = {}
+        for entry in self.manifest["shards"]:
+            if int(entry["num_samples"]) <= 0:
+                continue
+            path = self.data_dir / entry["name"]
+            self._listed[path] = int(entry["num_samples"])
+            problems: list[str] = []
+            count = sum(1 for _ in self._readable(path, problems))
+            if problems or count != self._listed[path]:
+                self._report(path, count, problems, "at startup")
+            if count:
+                self.shard_samples[path] = count
+        self.shards = list(self.shard_samples)
+        self.num_samples = sum(self.shard_samples.values())
+        if self.num_samples == 0:
+            first = f"; first problem: {self.damaged_shards[0]['error']}" if self.damaged_shards else ""
+            raise DataError(
+                f"no readable token samples in {self.data_dir}: its manifest lists {self.manifest['num_samples']} "
+                f"samples in {len(self._listed)} shards, and {len(self.damaged_shards)} of those shards are "
+                f"missing or damaged beyond use{first}"
+            )
+        self.samples_per_rank = self.num_samples // dp_size
+        if self.samples_per_rank == 0:
+            raise DataError(
+                f"{self.num_samples} readable samples in {self.data_dir} cannot feed {dp_size} data-parallel ranks"
+            )
+
+    def _report(self, path: Path, readable: int, problems: list[str], found: str) -> None:
+        """Record a damaged shard in :attr:`damaged_shards` and log one warning for it."""
+        expected = self._listed[path]
+        error = problems[0] if problems else f"{readable} readable samples, the manifest lists {expected}"
+        self.damaged_shards.append({
+            "shard": path.name, "path": str(path), "readable": readable, "expected": expected,
+            "skipped": max(expected - readable, 0), "error": error, "errors": list(problems), "found": found,
+        })
+        self._reported.add(path.name)
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        log.warning("damaged token shard %s (found %s): %d of the %d samples the manifest lists are readable "
+                    "and used, the rest is skipped; %s%s", path, found, readable, expected, error, more)
+
+    def _readable(self, path: Path, problems: list[str]) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """The shard's usable samples ``(key, uint16 [T', H', W'], meta)``; damage goes to ``problems``."""
+        for key, tokens, meta in iter_shard_readable(path, problems):
+            if tokens.shape != self.latent_shape:
+                problems.append(f"{path}: sample {key!r} has latent shape {tokens.shape}, expected "
+                                f"{self.latent_shape}; skipped")
+            elif tokens.size and int(tokens.max()) >= self.codebook_size:
+                problems.append(f"{path}: sample {key!r} has token id {int(tokens.max())} outside the codebook "
+                                f"({self.codebook_size}); skipped")
+            else:
+                yield key, tokens, meta
 
     def _epoch_stream(self, epoch: int) -> Iterator[tuple[np.ndarray, str | None]]:
+        """The global stream of one epoch: (uint16 [T', H', W'], condition), every readable sample once."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
         shards = list(self.shards)
         rng.shuffle(shards)
         buffer: list[np.ndarray] = []
         for shard in shards:
-            for key, tokens, meta in iter_shard(shard):
-                if tokens.shape != self.latent_shape:
-                    raise DataError(f"{shard}:{key} has latent shape {tokens.shape}, expected {self.latent_shape}")
+            problems: list[str] = []
+            count = 0
+            for _key, tokens, meta in self._readable(shard, problems):
+                count += 1
                 buffer.append((tokens, meta.get(self.condition_key)))
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
+            if (problems or count != self.shard_samples[shard]) and shard.name not in self._reported:
+                self._report(shard, count, problems, f"in epoch {epoch}")  # damaged after construction
         rng.shuffle(buffer)
         yield from buffer
+
+    def _filled_epoch(self, epoch: int, limit: int) -> Iterator[tuple[np.ndarray, str | None]]:
+        """Exactly ``limit`` positions of epoch ``epoch``: its stream, repeated from its start if a shard
+        got damaged after construction and the stream came out short (the same on every rank).
+
+        Raises:
+            DataError: the epoch's stream has no readable sample at all.
+        """
+        produced = 0
+        while produced < limit:
+            length = 0
+            for item in self._epoch_stream(epoch):
+                if produced >= limit:
+                    return
+                yield item
+                produced += 1
+                length += 1
+            if length == 0:
+                raise DataError(f"no readable token samples left in {self.data_dir} in epoch {epoch} "
+                                f"(damaged since the stream was built: {self.damaged_shards[-1:]})")
+            if produced < limit and not self._refill_reported:
+                self._refill_reported = True
+                log.warning("token data in %s: epoch %d has %d readable samples, fewer than the %d counted at "
+                            "startup; the epoch is filled by repeating its stream from the start", self.data_dir,
+                            epoch, length, limit)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, str | None]]:
         while True:
             epoch, offset = divmod(self.consumed, self.samples_per_rank)
             limit = self.samples_per_rank * self.dp_size
             mine = 0
-            for position, (tokens, label) in enumerate(self._epoch_stream(epoch)):
-                if position >= limit:
-                    break
+            for position, (tokens, label) in enumerate(self._filled_epoch(epoch, limit)):
                 if position % self.dp_size != self.dp_rank:
                     continue
                 mine += 1
                 if mine <= offset:
                     continue
                 self.consumed += 1
-                flat = tokens.reshape(-1).astype(np.int64)
-                if flat.max(initial=0) >= self.vocab_size:
-                    raise DataError(f"token id {flat.max()} >= vocab_size {self.vocab_size}")
-                yield flat, label
+                yield tokens.reshape(-1).astype(np.int64), label
 
 
 def condition_key(model: ModelConfig) -> str:

@@ -14,7 +14,8 @@ divides it by the gradient-accumulation steps and averages gradients over data-p
 megatron schedule + DDP do; the optimizer is torch AdamW on megatron's parameter groups (no weight
 decay on biases and norms), which is what megatron-core uses when neither TE nor Apex is installed;
 clipping is DeepSpeed's ``gradient_clipping`` (clip / (norm + 1e-6), as megatron's clip_grad_norm).
-bf16 on GPU (fp32 master weights in the ZeRO optimizer).
+bf16 on GPU (fp32 master weights in the ZeRO optimizer). A non-finite loss or gradient on any rank skips
+the update on every rank, as in the megatron backend (see :func:`deepspeed_train_step`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_nbp.config import NBPConfig
+from megatron_nbp.config import ConfigError, NBPConfig
 from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 from megatron_nbp.model.builder import build_gpt_model
 from megatron_nbp.parallel import print_rank_0
@@ -71,9 +72,17 @@ def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]
     ``gradient_clipping`` = train.clip_grad (DeepSpeed would otherwise clip at 1.0 silently), ZeRO stage
     and optimizer offload from ``cfg.deepspeed`` with ``config_file``'s zero_optimization merged under
     them, bf16 only when ``bf16``. Logging and step printing are left to the training loop.
+
+    Raises:
+        ConfigError: ``config_file`` sets ``zero_optimization.compute_grad_norm: false`` (the non-finite
+            gradient skip of :func:`deepspeed_train_step` needs the norm). NBPConfig.validate refuses it
+            first, before any process group; this guards direct callers.
     """
     t, d = cfg.train, cfg.deepspeed
     zero = dict(d.file_zero_optimization())
+    if zero.get("compute_grad_norm", True) is False:
+        raise ConfigError(f"{d.config_file}: zero_optimization.compute_grad_norm=false turns off DeepSpeed's "
+                          "non-finite gradient check, which the NaN/Inf step skip relies on; remove it")
     zero["stage"] = d.stage
     if d.offload == "cpu":
         zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}), "device": "cpu"}
@@ -85,7 +94,9 @@ def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
         "gradient_clipping": t.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        # check_grad_overflow (DeepSpeed's default, explicit here): bf16 ZeRO-1/2 skips a step whose gradient
+        # norm is not finite, as fp32 and ZeRO-3 always do (deepspeed_train_step relies on it)
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "fp16": {"enabled": False},
         # torch AdamW is the client optimizer (megatron's choice without TE/Apex); DeepSpeedCPUAdam
         # replaces it under offload on GPU (see build_optimizer).
@@ -162,24 +173,60 @@ def build_deepspeed_state(cfg: NBPConfig) -> DeepSpeedState:
 
 def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches: int):
     """One iteration: forward/backward of each micro-batch through the engine (DeepSpeed accumulates and
-    applies the ZeRO step at the last one), then the scheduler step.
+    takes the ZeRO step at the last one), then the scheduler step, unless the update is skipped.
+
+    Non-finite loss or gradient (any micro-batch, any rank): the update is skipped on every rank, and
+    weights, fp32 master weights, optimizer state and the LR schedule do not move. The skip is
+    DeepSpeed's own: at the accumulation boundary the ZeRO optimizer (stages 1, 2 and 3, fp32 and
+    bf16) computes the global gradient norm over the data- and tensor-parallel groups (with PP = 1, the
+    world) and, when it is not finite, discards the accumulated gradients without stepping, counts
+    ``engine.skipped_steps`` and still advances ``global_steps`` / ``micro_steps``, so later iterations,
+    checkpoints and resume stay consistent. That covers a non-finite gradient on any rank. A non-finite
+    loss can come with finite gradients (e.g. an inf at a masked-out token), so the micro-batch losses
+    are checked too: after the last forward, every rank's "all my losses are finite" flag is all-reduced
+    (MIN over the world) and, if any rank has a non-finite loss, each rank back-propagates its last
+    micro-batch loss times NaN, which makes the gradients and so the norm NaN and routes the step into
+    the same DeepSpeed skip. Whether the step was applied (``engine.was_step_applied()``) is all-reduced
+    again (MIN) so every rank reports the same; the scheduler steps only when it was.
 
     Returns:
-        (loss: token-weighted mean over micro-batches and DP ranks, float; grad_norm: float, before
-        clipping; update_ok: bool, False if DeepSpeed skipped the step)
+        (loss: token-weighted mean over micro-batches and DP ranks, float (nan/inf on a skipped step);
+        grad_norm: float, before clipping, nan on a skipped step; update_ok: bool, False if the update
+        was skipped)
+
+    Raises:
+        RuntimeError: DeepSpeed applied the update on some ranks but not on others (replicas diverged).
     """
     engine = state.engine
-    skipped = engine.skipped_steps
     reported = []
-    for _ in range(num_microbatches):
+    for i in range(num_microbatches):
         output, loss_fn = state.forward_step(data_iterator, engine)
         loss_sum, num_tokens, logged = loss_fn(output)
-        engine.backward(loss_sum / num_tokens.clamp(min=1))
-        engine.step()
         reported.append(logged)
+        loss = loss_sum / num_tokens.clamp(min=1)
+        if i == num_microbatches - 1 and not _on_every_rank(all(bool(torch.isfinite(x["lm loss"]).all())
+                                                                for x in reported)):
+            loss = loss * float("nan")  # every gradient NaN -> DeepSpeed's overflow path skips the step
+        engine.backward(loss)
+        engine.step()
+    applied = bool(engine.was_step_applied())
+    update_ok = _on_every_rank(applied)
+    if applied != update_ok:
+        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed applied the update here but skipped it on another "
+                           "rank; the data-parallel replicas no longer agree")
+    if not update_ok:
+        return reduce_losses(reported), float("nan"), False
     state.scheduler.step(increment=1)
     grad_norm = engine.get_global_grad_norm()
-    return reduce_losses(reported), float(grad_norm if grad_norm is not None else 0.0), engine.skipped_steps == skipped
+    return reduce_losses(reported), float(grad_norm if grad_norm is not None else 0.0), True
+
+
+def _on_every_rank(flag: bool) -> bool:
+    """``flag`` and-ed over every rank of the world (an int32 MIN all-reduce; collective)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:

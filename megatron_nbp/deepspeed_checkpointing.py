@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_prep.shards import atomic_write_bytes
+from data_prep.file_io import atomic_write_bytes
 from megatron_nbp.checkpointing import LATEST_FILE, CheckpointError, check_model_config, rng_state, set_rng_state
+from megatron_nbp.safe_loading import UnsafeCheckpointError, safe_torch_load, use_weights_only_loading
 
 LATEST_TAG_FILE = "latest"
 META_FILE = "nbp_checkpoint.json"
@@ -143,7 +144,11 @@ def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_con
     if saved != layout:
         raise CheckpointError(f"{ckpt} was written with TP={saved[0]} DP={saved[1]}; this run has TP={layout[0]} "
                               f"DP={layout[1]}. Resume with the same layout (convert_checkpoint.py exports any layout)")
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    use_weights_only_loading(engine)  # DeepSpeed itself would torch.load(weights_only=False)
+    try:
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     scheduler.load_state_dict(client_state["scheduler"])
@@ -152,13 +157,6 @@ def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_con
 
 
 def load_rng_file(path) -> dict:
-    """Read a per-rank RNG file with ``torch.load(weights_only=True)``: tensors, plain containers and the
-    numpy pieces of ``np.random.get_state()`` (array reconstruction and dtypes) only, never code."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a per-rank RNG file weights-only (tensors, plain containers and the numpy pieces of
+    ``np.random.get_state()``; megatron_nbp.safe_loading), never code."""
+    return safe_torch_load(path)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +53,28 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait(timeout=60)
     psutil.wait_procs(family, timeout=30)
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, published: Callable[[], int | None], kill_after: int,
+                          delay: float, timeout: float = 300, poll: float = 0.02) -> bool:
+    """Wait until ``published()`` (the iteration the run's latest pointer names, None before the first)
+    reaches ``kill_after``, then ``delay`` seconds more (a random moment inside a later iteration or its
+    save), then SIGKILL ``proc``'s whole tree with :func:`kill_process_tree`.
+
+    Returns:
+        True if the run was still going when killed, False if it had already exited.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        step = published()
+        if step is not None and step >= kill_after:
+            break
+        time.sleep(poll)
+    time.sleep(delay)
+    running = proc.poll() is None
+    if running:
+        kill_process_tree(proc)
+    proc.wait(timeout=60)
+    return running

@@ -2,9 +2,11 @@
 and weights: per-iteration losses, learning rates and gradient norms; ZeRO-3 save / resume against an
 uninterrupted ZeRO-3 run; ZeRO-1 and ZeRO-3 checkpoints converted to the inference format against the
 megatron backend's converted checkpoint (logits); the TP merge against megatron's own TP split; and
-the invalid combinations refused by config validation before any process group starts.
+the invalid combinations refused by config validation before any process group starts; a ZeRO-3 run
+SIGKILLed at a random point and resumed against the uninterrupted one.
 
-All torchrun runs happen once, in the module fixture (about 2.5 minutes on 2 busy CPU cores)."""
+The torchrun runs happen once, in the module fixtures (about 2.5 minutes on 2 busy CPU cores, plus the
+killed and resumed ZeRO-3 runs)."""
 
 import json
 import os
@@ -38,16 +40,23 @@ COMMON = {"parallel.tensor_model_parallel_size": 2, "train.train_iters": ITERS, 
 def scalars(logdir, tag="lm-loss") -> dict[int, float]:
     acc = EventAccumulator(str(logdir))
     acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return {}  # e.g. a resumed run that had nothing left to train
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def zero3_args(data, tensorboard_dir, *extra) -> list[str]:
+    """Launcher arguments: ZeRO-3 with the same settings as COMMON."""
+    return [LAUNCHER, "--config", CONFIG, "--data", str(data), "--tp", "2",
+            "--train-iters", str(ITERS), "--clip-grad", "0.5", "--hidden-dropout", "0.1",
+            "--attention-dropout", "0.1", "--backend", "deepspeed",
+            "--deepspeed-config", "configs/deepspeed/zero3.json",
+            "--tensorboard-dir", str(tensorboard_dir), *extra]
 
 
 def launch_zero3(root, name, *extra):
     """The launcher itself (command line, exit and resume), ZeRO-3 with the same settings as COMMON."""
-    return torchrun(4, LAUNCHER, "--config", CONFIG, "--data", str(root / "data"), "--tp", "2",
-                    "--train-iters", str(ITERS), "--clip-grad", "0.5", "--hidden-dropout", "0.1",
-                    "--attention-dropout", "0.1", "--backend", "deepspeed",
-                    "--deepspeed-config", "configs/deepspeed/zero3.json",
-                    "--tensorboard-dir", str(root / f"tb_{name}"), *extra)
+    return torchrun(4, *zero3_args(root / "data", root / f"tb_{name}", *extra))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +107,66 @@ def test_zero3_resume_equals_uninterrupted(runs):
         assert first[step] == full[step]
     for step in (4, 5, 6):
         assert resumed[step] == full[step], (step, resumed[step], full[step])
+
+
+@pytest.fixture(scope="module")
+def killed_zero3(runs, tmp_path_factory):
+    """The ZeRO-3 launcher run (TP2 x DP2, 4 ranks, settings of the uninterrupted ``zero3`` run) saving
+    every iteration, SIGKILLed as a whole process tree (like a node failure) at a random moment after a
+    random number of published checkpoints, then restarted with --load until the end.
+
+    Returns:
+        (work dir, seed, tag named by ``latest`` after the kill, whether it was killed while running,
+        ``.tmp`` directories left by the kill, stdout of the resumed run)
+    """
+    import random
+    import time
+
+    from tests.dist_utils import free_port, kill_after_checkpoint
+
+    root, _ = runs
+    work = tmp_path_factory.mktemp("zero3_killed")
+    seed = int(os.environ.get("RESUME_KILL_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, 4)  # published checkpoints before the kill, then a random delay
+    ckpt = work / "ckpt"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                             f"--master-port={free_port()}",
+                             *zero3_args(root / "data", work / "tb_killed", "--save", str(ckpt),
+                                         "--save-interval", "1")],
+                            cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest_file = ckpt / LATEST_TAG_FILE
+
+    def published() -> int | None:
+        tag = latest_file.read_text().strip() if latest_file.exists() else ""
+        return int(tag.removeprefix("global_step")) if tag else None
+
+    # the agent and every worker at once, inside the next iteration or inside its save
+    killed_running = kill_after_checkpoint(proc, published, kill_after, delay=rng.uniform(0.0, 0.8))
+    tag = latest_file.read_text().strip()
+    left_tmp = sorted(p.name for p in ckpt.glob("*.tmp"))
+    resumed = torchrun(4, *zero3_args(root / "data", work / "tb_resumed", "--save", str(ckpt),
+                                      "--save-interval", "1", "--load", str(ckpt)))
+    return work, seed, tag, killed_running, left_tmp, resumed.stdout
+
+
+def test_zero3_sigkill_at_a_random_point_then_resume_equals_uninterrupted(runs, killed_zero3):
+    root, _ = runs
+    work, seed, tag, killed_running, left_tmp, stdout = killed_zero3
+    info = (seed, tag, killed_running, left_tmp)
+    assert tag.startswith("global_step") and not tag.endswith(".tmp"), info  # only published ones are named
+    assert (work / "ckpt" / tag / "nbp_checkpoint.json").is_file(), info
+    latest = int(tag.removeprefix("global_step"))
+    assert 1 <= latest <= ITERS, info
+    assert f"loaded checkpoint from {work / 'ckpt'} at iteration {latest}" in stdout, (info, stdout[-2000:])
+    full, resumed = scalars(root / "tb_zero3"), scalars(work / "tb_resumed")
+    assert sorted(resumed) == list(range(latest + 1, ITERS + 1)), (info, sorted(resumed))
+    for step in resumed:
+        assert resumed[step] == full[step], (info, step, resumed[step], full[step])  # bitwise on CPU
+    assert killed_running or latest == ITERS, info
+    assert (work / "ckpt" / LATEST_TAG_FILE).read_text().strip() == f"global_step{ITERS}", info
 
 
 def test_checkpoint_layout_is_published_atomically(runs):

@@ -143,9 +143,14 @@ def official_top_k_top_p(logits, top_k=0, top_p=1.0):
     return logits.softmax(-1)
 
 
-@pytest.mark.parametrize("k,p", [(5, 0.9), (None, 0.7), (4, None), (None, None)])
-def test_sampling_distribution_equals_the_official_filter(k, p):
+@pytest.mark.parametrize("k,p,rounds", [(5, 0.9, 8), (None, 0.7, 8), (4, None, 8), (None, None, 8), (8, 0.3, 8),
+                                         (8, 0.3, 0), (None, 0.7, 1)])
+def test_sampling_distribution_equals_the_official_filter(k, p, rounds, monkeypatch):
+    """rounds: rejection rounds before the sorted fallback (0: all rows take the fallback)."""
+    import megatron_nbp.inference.generate as generate
     from megatron_nbp.inference.generate import sample_tokens
+
+    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
 
     logits = torch.tensor([[2.0, 1.5, 1.2, 0.3, 0.2, -0.5, -1.0, 0.9, 0.0, -2.0]])
     want = official_top_k_top_p(logits, k or 0, p or 1.0)[0]

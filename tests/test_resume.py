@@ -73,7 +73,8 @@ def killed_run(runs, tmp_path_factory):
     import sys
     import time
 
-    from tests.dist_utils import REPO, free_port, kill_process_tree
+    from megatron_nbp.checkpointing import read_latest_iteration
+    from tests.dist_utils import REPO, free_port, kill_after_checkpoint
 
     root, _ = runs
     work = tmp_path_factory.mktemp("killed")
@@ -87,17 +88,9 @@ def killed_run(runs, tmp_path_factory):
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rng = random.Random(seed)
     kill_after = rng.randint(1, 4)          # checkpoints published before the kill, then a random delay
-    latest_file = work / "ckpt" / LATEST_FILE
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if latest_file.exists() and int(latest_file.read_text() or 0) >= kill_after:
-            break
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.8))       # inside the next iteration or inside its save
-    killed_running = proc.poll() is None
-    if killed_running:
-        kill_process_tree(proc)  # the agent and every worker at once
-    proc.wait(timeout=60)
+    # the agent and every worker at once, inside the next iteration or inside its save
+    killed_running = kill_after_checkpoint(proc, lambda: read_latest_iteration(work / "ckpt"), kill_after,
+                                           delay=rng.uniform(0.0, 0.8))
     latest = int((work / "ckpt" / LATEST_FILE).read_text())
     out = train(root / "data", work / "tb_resumed", save=work / "ckpt", load=work / "ckpt", save_interval=1)
     return work, seed, latest, killed_running, out.stdout

@@ -205,3 +205,44 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
         assert multi[key][1] == single[key][1]
     for k in range(4):  # deterministic assignment and content: shards are byte-identical
         assert (out / shard_name(k)).read_bytes() == (cfg.output_dir / shard_name(k)).read_bytes()
+
+
+def _write_rgb_video(path: Path, height: int, width: int, num_frames: int) -> None:
+    """A lossless PNG-in-QuickTime video, which (unlike yuv420p H.264) allows odd sizes."""
+    from tests.synthetic_video import pattern_frames
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("png", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        for frame in pattern_frames(num_frames, height, width, 3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def test_empty_files_are_skipped_and_odd_or_small_resolutions_are_kept(dataset, tmp_path):
+    """A 0-byte video is listed as a failure; odd-sized (33x45), portrait and smaller-than-crop (6x10) videos are
+    good data: resized / centre-cropped to the clip resolution and tokenized, not dropped."""
+    videos = tmp_path / "videos"
+    write_pattern_video(videos / "good.mp4", num_frames=9)
+    (videos / "empty.mp4").parent.mkdir(parents=True, exist_ok=True)
+    (videos / "empty.mp4").write_bytes(b"")
+    for name, (h, w) in {"odd.mov": (33, 45), "portrait.mov": (47, 21), "tiny.mov": (6, 10)}.items():
+        _write_rgb_video(videos / name, h, w, num_frames=9)
+    cfg = dataclasses.replace(dataset["cfg"], input_dir=videos, output_dir=tmp_path / "out", label_from_dir=False)
+    manifest = run_tokenize_job(cfg)
+    failures = {f["path"]: f["reason"] for f in manifest["failures"]}
+    assert list(failures) == ["empty.mp4"], failures
+    samples = _read_all(cfg.output_dir)
+    assert {meta["source"] for _, meta in samples.values()} == {"good.mp4", "odd.mov", "portrait.mov", "tiny.mov"}
+    assert all(tokens.shape == (2, 2, 2) for tokens, _ in samples.values())
+    # the odd-sized clip's tokens are those of its frames resized/cropped independently
+    key = clip_key("odd.mov", 0)
+    clip = load_clip(videos / "odd.mov", NUM_FRAMES, RES, 0, STRIDE)
+    assert clip.shape[1:3] == (RES, RES)
+    from data_prep.tokenizer import load_tokenizer
+
+    with torch.no_grad():
+        expected = load_tokenizer(dataset["ckpt"]).encode(frames_to_tensor(clip)[None])[0].numpy()
+    np.testing.assert_array_equal(samples[key][0].astype(np.int64), expected.astype(np.int64))

@@ -11,7 +11,8 @@ The MAGVITv2 recipe (Yu et al. 2023) on top of VQGAN's (Esser et al. 2021):
 * linear warmup + cosine schedule (both optimizers), gradient clipping;
 * joint image-video training (``image_every``: every k-th step uses 1-frame videos);
 * checkpoints ``save/iter_XXXXXXX/`` + ``latest_checkpointed_iteration.txt`` with model, discriminator,
-  EMA, both optimizers, LeCam anchors and every rank's RNG; ``load`` resumes bitwise on CPU.
+  EMA, both optimizers, LeCam anchors and every rank's RNG; ``load`` resumes bitwise on CPU. Saves are
+  staged and published atomically, and loads verify files and settings (see :mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .checkpoint import save_tokenizer
+from .checkpoint import (TrainingCheckpointError, load_training_checkpoint, publish_training_checkpoint,
+                         read_latest_training_iteration, save_tokenizer, stage_training_checkpoint,
+                         training_iteration_dir, training_staging_dir, write_training_file)
 from .clips import ClipBank, load_clip_bank
 from .config import TokenizerConfig
 from .gan import (LeCamEMA, PatchDiscriminator3d, PerceptualLoss, adaptive_generator_weight,
@@ -41,7 +43,7 @@ from .model import VideoTokenizer
 __all__ = ["TrainOptions", "train_tokenizer", "psnr_from_mse", "evaluate_psnr", "latest_iteration"]
 
 log = logging.getLogger(__name__)
-LATEST_FILE = "latest_checkpointed_iteration.txt"
+LATEST_FILE = "latest_checkpointed_iteration.txt"  # = checkpoint.TRAIN_LATEST_FILE
 
 
 @dataclass
@@ -177,56 +179,85 @@ def _setup_threads() -> None:
 
 
 def latest_iteration(save_dir: str | os.PathLike) -> int | None:
-    """Iteration named in ``save_dir/latest_checkpointed_iteration.txt``, or ``None`` if there is none."""
-    path = Path(save_dir) / LATEST_FILE
-    return int(path.read_text().strip()) if path.is_file() else None
+    """Iteration named in ``save_dir/latest_checkpointed_iteration.txt``, or ``None`` if there is none.
+
+    Raises:
+        TrainingCheckpointError: the file is garbled or names a missing directory.
+    """
+    return read_latest_training_iteration(save_dir)
 
 
-def _save_training_state(opts: TrainOptions, step: int, state: dict[str, Any], rng: dict[str, Any]) -> None:
-    """Write ``save/iter_XXXXXXX/`` (state.pt from rank 0, rng_rank{r}.pt from every rank), then mark it latest.
+def _latest_or_none(save_dir: str) -> int | None:
+    """:func:`latest_iteration`, with ``None`` for a garbled latest file (the next save replaces it)."""
+    try:
+        return latest_iteration(save_dir)
+    except TrainingCheckpointError:
+        return None
 
-    The directory is filled under a temporary name and renamed, and the latest-iteration file is replaced
-    atomically, so a crash never leaves a half checkpoint marked latest.
+
+def _run_settings(config: TokenizerConfig, opts: TrainOptions, world: int) -> dict[str, Any]:
+    """Settings a training checkpoint must share with the run resuming it (``None``: not used by this run)."""
+    return {
+        "model": config.to_dict(),
+        "codebook_size": config.codebook_size,
+        "latent_shape": list(VideoTokenizer.latent_shape(opts.num_frames, opts.resolution, opts.resolution)),
+        "num_frames": opts.num_frames,
+        "resolution": opts.resolution,
+        "discriminator": ({"channels": opts.disc_channels, "layers": opts.disc_layers}
+                          if opts.disc_weight > 0 else None),
+        "ema": True if opts.ema_decay > 0 else None,
+        "world_size": world,
+    }
+
+
+def _save_training_state(opts: TrainOptions, step: int, state: dict[str, Any], rng: dict[str, Any],
+                         settings: dict[str, Any]) -> None:
+    """Write ``save/iter_XXXXXXX/`` (state.pt from rank 0, rng_rank{r}.pt = ``rng`` from every rank), mark it latest.
+
+    The files are written (and fsync-ed) in ``save/.iter_XXXXXXX.tmp/``; rank 0 adds ``manifest.json``
+    (sizes, SHA-256, ``settings``), renames the directory into place and replaces the latest file atomically
+    (:func:`~.checkpoint.publish_training_checkpoint`), so a crash never leaves a half checkpoint marked latest.
     """
     rank, world = _dist_info()
-    root = Path(opts.save)
-    final, tmp = root / f"iter_{step:07d}", root / f".iter_{step:07d}.tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        stage_training_checkpoint(opts.save, step)
     if world > 1:
         dist.barrier()
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    staging = training_staging_dir(opts.save, step)
+    write_training_file(rng, staging / f"rng_rank{rank}.pt")
     if world > 1:
         dist.barrier()
     if rank == 0:
-        torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        marker = root / f".{LATEST_FILE}.tmp"
-        marker.write_text(f"{step}\n")
-        os.replace(marker, root / LATEST_FILE)
+        write_training_file(state, staging / "state.pt")
+        final = publish_training_checkpoint(opts.save, step, settings)
         log.info("saved training state at step %d to %s", step, final)
     if world > 1:
         dist.barrier()
 
 
-def _load_training_state(load_dir: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def _load_training_state(load_dir: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(state, this rank's rng)`` of the latest checkpoint under ``load_dir``; ``None`` if none exists.
 
-    Files are read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
+    The checkpoint is verified against its manifest and ``settings`` (see
+    :func:`~.checkpoint.load_training_checkpoint`); files are read with ``torch.load(weights_only=True)``.
 
     Raises:
-        FileNotFoundError: the latest file names a missing iteration or this rank's RNG file is missing.
+        TrainingCheckpointError: damaged checkpoint (missing / truncated / altered file, garbled latest file)
+            or one written for other settings (names the checkpoint and each differing setting).
     """
-    step = latest_iteration(load_dir)
-    if step is None:
-        return None
-    rank, _ = _dist_info()
-    folder = Path(load_dir) / f"iter_{step:07d}"
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    rng = torch.load(folder / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)
-    return state, rng
+    loaded = load_training_checkpoint(load_dir, _dist_info()[0], settings)
+    return None if loaded is None else loaded[1:]
+
+
+def _restore(module: Any, saved: dict[str, Any], what: str, folder: Path) -> None:
+    """``module.load_state_dict(saved)`` with a clear error naming the checkpoint on a mismatch."""
+    try:
+        module.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines[:4]) + (f" (and {len(lines) - 4} more)" if len(lines) > 4 else "")
+        raise TrainingCheckpointError(f"checkpoint {folder}: the saved {what} does not fit this run: "
+                                      f"{detail or repr(exc)}") from exc
 
 
 def _recon_grid(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -253,6 +284,9 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     Raises:
         FileNotFoundError / NotADirectoryError / ValueError: missing config, data directory or perceptual
             network, bad config or options, no usable video, T not 1 + 4n, resolution not a multiple of 8.
+        TrainingCheckpointError (a ValueError): ``load`` names a damaged checkpoint or one written for other
+            settings (model config, codebook size, latent shape, discriminator, EMA, world size); raised
+            before the first step, naming the checkpoint and each differing value.
     """
     _setup_threads()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -286,29 +320,35 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     last_layer = model.decoder.layers[-1].conv.weight
 
     step, elapsed_before = 0, 0.0
+    settings = _run_settings(config, opts, world)
     if opts.load:
-        loaded = _load_training_state(opts.load)
+        loaded = _load_training_state(opts.load, settings)
         if loaded is None:
             log.warning("no checkpoint under %s: starting from scratch", opts.load)
         else:
             state, rng = loaded
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            folder = training_iteration_dir(opts.load, int(state["step"]))
+            _restore(model, state["model"], "tokenizer", folder)
+            _restore(optimizer, state["optimizer"], "tokenizer optimizer", folder)
             if disc is not None:
                 if "discriminator" not in state:
-                    raise ValueError(f"{opts.load}: checkpoint has no discriminator but disc_weight > 0")
-                disc.load_state_dict(state["discriminator"])
-                opt_d.load_state_dict(state["disc_optimizer"])
+                    raise TrainingCheckpointError(f"checkpoint {folder} has no discriminator but disc_weight > 0")
+                _restore(disc, state["discriminator"], "discriminator", folder)
+                _restore(opt_d, state["disc_optimizer"], "discriminator optimizer", folder)
             if ema is not None:
                 if "ema" not in state:
-                    raise ValueError(f"{opts.load}: checkpoint has no EMA but ema_decay > 0")
-                ema.load_state_dict(state["ema"])
-            lecam.load_state_dict(state["lecam"])
+                    raise TrainingCheckpointError(f"checkpoint {folder} has no EMA but ema_decay > 0")
+                _restore(ema, state["ema"], "EMA", folder)
+            # this rank's anchors (older checkpoints only hold rank 0's, in state.pt)
+            _restore(lecam, rng.get("lecam", state["lecam"]), "LeCam anchors", folder)
             step, elapsed_before = int(state["step"]), float(state["elapsed"])
-            generator.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
+            try:
+                generator.set_state(rng["generator"])
+                torch.set_rng_state(rng["torch"])
+            except (KeyError, RuntimeError, TypeError) as exc:
+                raise TrainingCheckpointError(f"checkpoint {folder}: unusable RNG state for rank {rank}: {exc}") from exc
             if rank == 0:
-                log.info("resumed from %s at step %d", opts.load, step)
+                log.info("resumed from %s at step %d", folder, step)
 
     writer = None
     if rank == 0:
@@ -329,8 +369,9 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
             state["disc_optimizer"] = opt_d.state_dict()
         if ema is not None:
             state["ema"] = ema.state_dict()
-        _save_training_state(opts, at_step, state, {"generator": generator.get_state(),
-                                                    "torch": torch.get_rng_state()})
+        # per rank: the data-order generator, torch's RNG and LeCam's anchors (EMAs of this rank's logits)
+        _save_training_state(opts, at_step, state, {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                                                    "lecam": lecam.state_dict()}, settings)
 
     start = time.time() - elapsed_before
     first_step = step
@@ -424,7 +465,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         if opts.save and opts.save_interval and step % opts.save_interval == 0:
             save_state(step, time.time() - start)
     seconds = time.time() - start
-    if opts.save and latest_iteration(opts.save) != step:
+    if opts.save and _latest_or_none(opts.save) != step:
         save_state(step, seconds)
     export = ema.module if (ema is not None and opts.export_ema) else model
     psnr, n_eval = evaluate_psnr(export, bank, opts.eval_clips)

@@ -40,6 +40,7 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     from megatron_nbp.deepspeed_checkpointing import is_deepspeed_checkpoint
     from megatron_nbp.model.builder import build_gpt_model
     from megatron_nbp.parallel import destroy_parallel, initialize_parallel
+    from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_megatron_checkpoint
 
     if is_deepspeed_checkpoint(load_dir) and read_latest_iteration(load_dir) is None:
         from megatron_nbp.inference.convert_zero import convert_deepspeed_checkpoint
@@ -51,6 +52,10 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     ckpt = iteration_dir(load_dir, iteration)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} does not exist")
+    try:  # torch.distributed.checkpoint unpickles its bytes items with weights_only=False: check them first
+        verify_megatron_checkpoint(ckpt)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     model_cfg = ModelConfig(**common["model_config"])
     model_cfg.transformer_impl = "local"  # TE checkpoints load into the local spec (same sharded keys)
@@ -89,7 +94,7 @@ def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: Mode
         num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads, ffn_hidden_size=model_cfg.ffn_hidden_size,
         vocab_size=model_cfg.vocab_size, padded_vocab_size=model_cfg.padded_vocab_size,
-        max_seq_length=model_cfg.seq_length, latent_shape=list(model_cfg.latent_shape),
+        max_seq_length=model_cfg.position_table_size, latent_shape=list(model_cfg.latent_shape),
         block_shape=list(model_cfg.block_shape), layout=model_cfg.layout,
         condition_frames=model_cfg.condition_frames, layernorm_epsilon=model_cfg.layernorm_epsilon,
         condition_labels=model_cfg.condition_labels, video_token_offset=model_cfg.video_token_offset,

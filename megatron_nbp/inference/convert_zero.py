@@ -24,6 +24,7 @@ import torch
 from megatron_nbp.checkpointing import CheckpointError
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.deepspeed_checkpointing import read_latest_tag, read_meta, tag_name
+from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_torch_files
 
 
 def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]],
@@ -70,7 +71,8 @@ def tp_rank_state_dict(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     (all its data-parallel partitions consolidated by DeepSpeed's zero_to_fp32).
 
     Raises:
-        CheckpointError: no files of this TP rank in ``ckpt_dir``.
+        CheckpointError: no files of this TP rank in ``ckpt_dir``, or one references globals beyond tensors
+            and plain data (megatron_nbp.safe_loading.verify_torch_files; nothing is unpickled then).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -78,6 +80,10 @@ def tp_rank_state_dict(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     files = [f for f in ckpt_dir.iterdir() if marker in f.name and f.name.endswith("_states.pt")]
     if not files:
         raise CheckpointError(f"no files of tensor-parallel rank {tp_rank} ({marker}*) in {ckpt_dir}")
+    try:  # zero_to_fp32 reads them with torch.load(weights_only=False)
+        verify_torch_files(files)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from err
     with tempfile.TemporaryDirectory() as view:
         (Path(view) / ckpt_dir.name).mkdir()
         for f in files:

@@ -45,10 +45,20 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample ids from logits [..., V_padded], never choosing padded ids >= vocab_size.
 
-    Top-k keeps the k largest logits; top-p then keeps the smallest prefix of those (by decreasing
-    probability, renormalised over the k) whose mass reaches p, as the NBP release's
-    ``top_k_top_p_filtering``. The nucleus is computed on the k survivors only (one partial sort of
-    size k instead of a full sort of the vocabulary: the cost that dominated a block step on CPU).
+    The distribution is the NBP release's ``top_k_top_p_filtering``: top-k keeps the logits >= the k-th
+    largest; top-p then keeps, by decreasing probability (renormalised over the k), each token whose
+    predecessors' mass is <= p (so the smallest prefix reaching p). It is sampled without sorting the
+    vocabulary (the cost that dominated a block step): the k-th largest logit comes from an unsorted
+    top-k, a candidate is drawn from the top-k distribution by inverse CDF, and it is accepted if the
+    mass of the tokens more probable than it is <= p, else redrawn (rejection sampling from a superset
+    gives exactly the renormalised nucleus; acceptance >= p per draw). Rows still rejected after
+    ``_REJECTION_ROUNDS`` fall back to the sorted filter. Ties at the nucleus edge are all kept (the
+    release keeps them in sort order).
+
+    Args:
+        logits: float [..., V_padded] (any dtype; computed in fp32).
+        vocab_size: ids >= this are never sampled.
+        generator: torch.Generator on the logits' device (seeded for reproducibility).
 
     Returns:
         int64 [...] sampled ids.
@@ -57,22 +67,46 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     logits = logits / sampling.temperature
+    shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1])
     k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab_size else None
     top_p = sampling.top_p if sampling.top_p is not None and sampling.top_p < 1.0 else None
-    if k is None and top_p is None:
-        probs = logits.softmax(-1)
-        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        return flat.view(probs.shape[:-1])
     if k is not None:
-        values, ids = torch.topk(logits, k, dim=-1)                  # sorted, largest first
-    else:
-        values, ids = torch.sort(logits, descending=True, dim=-1)
+        kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    for _ in range(_REJECTION_ROUNDS):
+        u = torch.rand(rows.numel(), 1, generator=generator, dtype=torch.float64, device=logits.device)
+        cand = torch.searchsorted(cdf[rows], u * cdf[rows, -1:], right=True).clamp(max=logits.shape[-1] - 1)
+        if top_p is None:
+            ok = torch.ones(rows.numel(), dtype=torch.bool, device=logits.device)
+        else:
+            ahead = (probs[rows] * (logits[rows] > logits[rows].gather(1, cand))).sum(-1)
+            ok = ahead <= top_p
+        out[rows[ok]] = cand[ok, 0]
+        rows = rows[~ok]
+        if rows.numel() == 0:
+            return out.view(shape)
+    out[rows] = _sorted_nucleus_sample(logits[rows], top_p, generator)
+    return out.view(shape)
+
+
+_REJECTION_ROUNDS = 8
+
+
+def _sorted_nucleus_sample(logits: torch.Tensor, top_p: float | None,
+                           generator: torch.Generator | None) -> torch.Tensor:
+    """The release's sorted top-p filter and a multinomial draw: logits fp32 [R, V] (top-k already
+    applied as -inf) -> int64 [R]."""
+    values, ids = torch.sort(logits, descending=True, dim=-1)
     if top_p is not None:
         probs = values.softmax(-1)
         values = values.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))
-    probs = values.softmax(-1)
-    choice = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return ids.reshape(-1, ids.shape[-1]).gather(1, choice).view(ids.shape[:-1])
+    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    return ids.gather(1, choice)[:, 0]
 
 
 @dataclass

@@ -77,7 +77,7 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
         config=config,
         transformer_layer_spec=nbp_layer_spec(model.attention_backend, model.normalization, model.transformer_impl),
         vocab_size=model.padded_vocab_size,
-        max_sequence_length=model.seq_length,
+        max_sequence_length=model.position_table_size,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
@@ -89,6 +89,6 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
         p = model.num_prefix_tokens
         with torch.no_grad():
             gpt.embedding.position_embeddings = ConditionVideoPositionEmbedding(
-                p, model.seq_length - p, model.hidden_size, config.embedding_init_method
+                p, model.position_table_size - p, model.hidden_size, config.embedding_init_method
             ).to(dtype=params_dtype, device=gpt.embedding.word_embeddings.weight.device)
     return gpt

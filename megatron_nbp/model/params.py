@@ -44,7 +44,7 @@ def count_parameters(model: ModelConfig) -> ParameterCount:
     )
     return ParameterCount(
         word_embeddings=vocab * h,
-        position_embeddings=model.seq_length * h if model.position_embedding_type == "learned_absolute" else 0,
+        position_embeddings=model.position_table_size * h if model.position_embedding_type == "learned_absolute" else 0,
         transformer=model.num_layers * layer + norm,
         output_layer=0 if model.share_embeddings_and_output_weights else vocab * h,
     )

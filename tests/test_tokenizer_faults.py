@@ -1,0 +1,305 @@
+"""Fault tolerance of tokenizer training: SIGKILL at a random moment then --load equals an uninterrupted run
+(bitwise on CPU), an interrupted save is never chosen as latest, and --load refuses damaged or mismatched
+checkpoints before training with a message naming the checkpoint and the differing values."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import REPO, free_port, kill_after_checkpoint
+from tests.test_tokenizer_recipe import _assert_same, _write_pattern
+
+LAUNCHER = "launchers/train_tokenizer.py"
+SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
+               "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
+STEPS = 30  # of the subprocess runs (about 20 steps/s with a save every step on one core)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokfaults")
+    _write_pattern(root / "videos" / "a.mp4")
+    _write_pattern(root / "videos" / "b.mp4", frames=20)
+    config = root / "small.yaml"
+    config.write_text(SMALL_MODEL)
+    return root, config
+
+
+def _cli(root: Path, config: Path, name: str, steps: int = STEPS, *extra: str) -> list[str]:
+    """Launcher flags of a GAN + LeCam + EMA + joint image/video run saving every step."""
+    return [LAUNCHER, "--config", str(config), "--data", str(root / "videos"),
+            "--output", str(root / name / "tok.safetensors"), "--resolution", "16", "--num-frames", "5",
+            "--train-steps", str(steps), "--batch-size", "1", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "3",
+            "--log-interval", "1", "--eval-clips", "1", "--image-every", "2", "--image-batch-size", "2",
+            "--disc-weight", "0.5", "--disc-start", "1", "--disc-channels", "4", "--disc-layers", "2",
+            "--lecam-weight", "0.1", "--lecam-decay", "0.9", "--ema-decay", "0.8", "--holdout-fraction", "0.25",
+            "--save", str(root / name / "ckpt"), "--save-interval", "1", *extra]
+
+
+def _command(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", *args]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def _run(nproc: int, args: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(nproc, args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _load(folder: Path, name: str):
+    return torch.load(folder / name, map_location="cpu", weights_only=True)
+
+
+def _opts(root: Path, config: Path, name: str, **overrides):
+    """In-process TrainOptions with the same recipe as :func:`_cli` (4 steps, a save every 2)."""
+    from data_prep.tokenizer.train import TrainOptions
+
+    values = dict(config=str(config), data=str(root / "videos"), output=str(root / name / "tok.safetensors"),
+                  resolution=16, num_frames=5, train_steps=4, batch_size=1, lr=1e-3, warmup_steps=2, seed=3,
+                  log_interval=100, eval_clips=1, image_every=2, image_batch_size=2, disc_weight=0.5,
+                  disc_start=1, disc_channels=4, disc_layers=2, lecam_weight=0.1, lecam_decay=0.9,
+                  ema_decay=0.8, save=str(root / name / "ckpt"), save_interval=2, holdout_fraction=0.25)
+    values.update(overrides)
+    return TrainOptions(**values)
+
+
+# ------------------------------------------------------------------------------ SIGKILL + resume
+
+
+@pytest.mark.parametrize("nproc", [1, 2])  # 2: torchrun, DDP, per-rank LeCam anchors and RNG
+def test_sigkill_at_a_random_moment_then_load_equals_uninterrupted_bitwise(setup, nproc):
+    """A run saving every step is SIGKILLed (launcher and workers at once) at a random moment after a random
+    number of published checkpoints, rerun with --load to the same --train-steps; its final training state
+    (tokenizer, discriminator, EMA, both optimizers, LeCam, every rank's RNG) and exported tokenizer equal an
+    uninterrupted run's bit for bit."""
+    from data_prep.tokenizer.checkpoint import read_latest_training_iteration, verify_training_checkpoint
+
+    root, config = setup
+    full, killed = f"full{nproc}", f"killed{nproc}"
+    _run(nproc, _cli(root, config, full))
+
+    seed = int(os.environ.get("TOKENIZER_KILL_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, STEPS // 2)
+    ckpt = root / killed / "ckpt"
+    proc = subprocess.Popen(_command(nproc, _cli(root, config, killed)), cwd=REPO, env=_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # inside a later step or inside its save
+    killed_running = kill_after_checkpoint(proc, lambda: read_latest_training_iteration(ckpt), kill_after,
+                                           delay=rng.uniform(0.0, 0.15), timeout=120, poll=0.005)
+    latest = read_latest_training_iteration(ckpt)
+    assert latest >= kill_after, (seed, latest)
+    verify_training_checkpoint(ckpt / f"iter_{latest:07d}")  # what was published is complete
+
+    out = _run(nproc, _cli(root, config, killed, STEPS, "--load", str(ckpt)))
+    log_text = out.stdout + out.stderr
+    if latest < STEPS:
+        assert f"resumed from {ckpt / f'iter_{latest:07d}'} at step {latest}" in log_text, (seed, log_text[-2000:])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == STEPS
+    assert read_latest_training_iteration(ckpt) == STEPS and not list(ckpt.glob(".iter_*.tmp")), seed
+    a, b = root / full / "ckpt" / f"iter_{STEPS:07d}", ckpt / f"iter_{STEPS:07d}"
+    state_full, state_resumed = _load(a, "state.pt"), _load(b, "state.pt")
+    for key in ("model", "optimizer", "discriminator", "disc_optimizer", "ema", "lecam"):
+        assert key in state_full, key
+    _assert_same(state_full, state_resumed, f"state (seed {seed}, killed after {latest})")
+    for r in range(nproc):
+        _assert_same(_load(a, f"rng_rank{r}.pt"), _load(b, f"rng_rank{r}.pt"), f"rng_rank{r} (seed {seed})")
+    from data_prep.tokenizer import load_tokenizer
+
+    _assert_same(load_tokenizer(root / full / "tok.safetensors").state_dict(),
+                 load_tokenizer(root / killed / "tok.safetensors").state_dict(), f"exported (seed {seed})")
+    assert killed_running or latest == STEPS, seed
+
+
+# ------------------------------------------------------------------------- interrupted saves
+
+
+@pytest.fixture(scope="module")
+def short_run(setup):
+    """In-process 4-step run with checkpoints at steps 2 and 4."""
+    from data_prep.tokenizer.train import train_tokenizer
+
+    root, config = setup
+    opts = _opts(root, config, "short")
+    assert train_tokenizer(opts)["steps"] == 4
+    return Path(opts.save)
+
+
+def _copy(short_run: Path, tmp_path: Path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(short_run, ckpt)
+    return ckpt
+
+
+def test_an_interrupted_save_is_never_chosen_as_latest(setup, short_run, tmp_path, caplog):
+    """A staging directory with partial content (and a stray latest-file temp naming it) beside the complete
+    iter_0000004: --load resumes from step 4, the leftovers are cleaned at the next save."""
+    from data_prep.tokenizer.checkpoint import verify_training_checkpoint
+    from data_prep.tokenizer.train import latest_iteration, train_tokenizer
+
+    root, config = setup
+    ckpt = _copy(short_run, tmp_path)
+    partial = ckpt / ".iter_0000006.tmp"  # what a SIGKILL in the middle of the step-6 save leaves
+    shutil.copytree(ckpt / "iter_0000004", partial)
+    (partial / "manifest.json").unlink()
+    data = (partial / "state.pt").read_bytes()
+    (partial / "state.pt").write_bytes(data[: len(data) // 3])
+    stray = ckpt / ".latest_checkpointed_iteration.txt.0123abcd.tmp"
+    stray.write_text("6\n")
+    assert latest_iteration(ckpt) == 4
+
+    opts = _opts(root, config, "interrupted", save=str(ckpt), load=str(ckpt), train_steps=6)
+    with caplog.at_level(logging.INFO, logger="data_prep.tokenizer.train"):
+        assert train_tokenizer(opts)["steps"] == 6
+    assert f"resumed from {ckpt / 'iter_0000004'} at step 4" in caplog.text
+    assert latest_iteration(ckpt) == 6 and not partial.exists() and not stray.exists()
+    manifest = verify_training_checkpoint(ckpt / "iter_0000006")
+    assert set(manifest["files"]) == {"state.pt", "rng_rank0.pt"} and manifest["step"] == 6
+    assert int(_load(ckpt / "iter_0000006", "state.pt")["step"]) == 6
+    # LeCam's anchors are per rank (EMAs of that rank's logits): saved with the rank's RNG and restored from it
+    rank_state = _load(ckpt / "iter_0000006", "rng_rank0.pt")
+    assert set(rank_state) == {"generator", "torch", "lecam"}
+    _assert_same(rank_state["lecam"], _load(ckpt / "iter_0000006", "state.pt")["lecam"])
+
+
+def test_a_checkpoint_published_before_a_crash_but_not_marked_latest_is_replaced(setup, short_run, tmp_path):
+    """iter_0000004 renamed into place but the latest file still names step 2 (killed between the two
+    renames): --load resumes from step 2 and the re-save of step 4 replaces the orphan directory."""
+    from data_prep.tokenizer.train import latest_iteration, train_tokenizer
+
+    root, config = setup
+    ckpt = _copy(short_run, tmp_path)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2\n")
+    (ckpt / "iter_0000004" / "state.pt").write_bytes(b"orphan")
+    opts = _opts(root, config, "orphan", save=str(ckpt), load=str(ckpt))
+    assert train_tokenizer(opts)["steps"] == 4 and latest_iteration(ckpt) == 4
+    _assert_same(_load(short_run / "iter_0000004", "state.pt"), _load(ckpt / "iter_0000004", "state.pt"))
+    assert not list(ckpt.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ damaged / mismatched --load
+
+
+def _refused(opts, match: str) -> str:
+    """Run train_tokenizer(opts), expect TrainingCheckpointError matching ``match``; no training happened."""
+    from data_prep.tokenizer.checkpoint import TrainingCheckpointError
+    from data_prep.tokenizer.train import train_tokenizer
+
+    before = sorted(p.name for p in Path(opts.load).iterdir())
+    with pytest.raises(TrainingCheckpointError, match=match) as info:
+        train_tokenizer(opts)
+    assert sorted(p.name for p in Path(opts.load).iterdir()) == before  # nothing saved
+    assert not Path(opts.output).exists()  # nothing exported
+    return str(info.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"state\.pt has \d+ bytes, expected \d+ \(truncated\?\)"),
+    ("missing_rng", r"rng_rank0\.pt is missing"),
+    ("flip_byte", r"state\.pt has another SHA-256 than when it was written"),
+    ("bad_manifest", r"unreadable manifest\.json"),
+    ("legacy_truncated", r"cannot read state\.pt"),
+    ("bad_latest", r"does not hold an iteration number: 'iter4'"),
+    ("latest_names_missing", r"names iteration 8 but .*iter_0000008 is missing"),
+])
+def test_load_of_a_damaged_checkpoint_fails_before_training(setup, short_run, tmp_path, damage, message):
+    root, config = setup
+    ckpt = _copy(short_run, tmp_path)
+    folder = ckpt / "iter_0000004"
+    state = folder / "state.pt"
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:-100])
+    elif damage == "missing_rng":
+        (folder / "rng_rank0.pt").unlink()
+    elif damage == "flip_byte":
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+    elif damage == "bad_manifest":
+        (folder / "manifest.json").write_text('{"format": "megatron-nbp-tok')
+    elif damage == "legacy_truncated":  # a checkpoint from before manifests existed
+        (folder / "manifest.json").unlink()
+        state.write_bytes(state.read_bytes()[:-100])
+    elif damage == "bad_latest":
+        (ckpt / "latest_checkpointed_iteration.txt").write_text("iter4\n")
+    elif damage == "latest_names_missing":
+        (ckpt / "latest_checkpointed_iteration.txt").write_text("8\n")
+    text = _refused(_opts(root, config, f"damaged_{damage}", load=str(ckpt), save=None, train_steps=6), message)
+    assert str(ckpt) in text
+    if damage not in ("bad_latest", "latest_names_missing"):
+        assert f"checkpoint {folder} is damaged" in text
+
+
+def _config(tmp_path: Path, extra: str) -> Path:
+    path = tmp_path / "other.yaml"
+    path.write_text(SMALL_MODEL + extra)
+    return path
+
+
+def test_load_of_a_checkpoint_for_other_settings_fails_naming_each_difference(setup, short_run, tmp_path):
+    root, _ = setup
+    ckpt = _copy(short_run, tmp_path)
+    folder = ckpt / "iter_0000004"
+
+    def opts(config, **overrides):
+        return _opts(root, config, "mismatch", load=str(ckpt), save=None, train_steps=6, **overrides)
+
+    wider = _config(tmp_path, "").read_text().replace("base_channels: 4", "base_channels: 8")
+    (tmp_path / "wider.yaml").write_text(wider)
+    text = _refused(opts(tmp_path / "wider.yaml"), "does not match this run")
+    assert text == f"checkpoint {folder} does not match this run: model.base_channels: checkpoint 4 vs current 8"
+
+    text = _refused(opts(_config(tmp_path, "  levels: [8, 5, 5, 5]\n")), "does not match this run")
+    assert "model.levels: checkpoint [8, 8, 8, 5, 5, 5] vs current [8, 5, 5, 5]" in text
+    assert "codebook_size: checkpoint 64000 vs current 1000" in text and str(folder) in text
+
+    text = _refused(opts(_config(tmp_path, ""), resolution=32), "does not match this run")
+    assert "latent_shape: checkpoint [2, 2, 2] vs current [2, 4, 4]" in text and "resolution: checkpoint 16 vs current 32" in text
+
+    text = _refused(opts(_config(tmp_path, ""), disc_channels=8), "does not match this run")
+    assert text.endswith("discriminator.channels: checkpoint 4 vs current 8")
+
+    # another number of ranks: the per-rank data order and RNG cannot be continued
+    from data_prep.tokenizer.checkpoint import TrainingCheckpointError, check_training_settings
+
+    saved = json.loads((folder / "manifest.json").read_text())["settings"]
+    with pytest.raises(TrainingCheckpointError, match="world_size: checkpoint 1 vs current 2$"):
+        check_training_settings(saved, dict(saved, world_size=2), folder)
+    check_training_settings(saved, dict(saved, discriminator=None, ema=None), folder)  # unused here: not compared
+
+    # a checkpoint without manifest (older format): the tensors themselves are checked
+    (folder / "manifest.json").unlink()
+    text = _refused(opts(tmp_path / "wider.yaml"), "the saved tokenizer does not fit this run")
+    assert str(folder) in text and "size mismatch" in text
+
+
+def test_launcher_refuses_a_mismatched_checkpoint_with_a_clear_message(setup, short_run, tmp_path):
+    """Through the command line: exit status 2, the reason on stderr, no traceback, nothing trained."""
+    root, _ = setup
+    ckpt = _copy(short_run, tmp_path)
+    config = _config(tmp_path, "  levels: [8, 5, 5, 5]\n")
+    proc = _run(1, _cli(root, config, "cli_mismatch", 6, "--load", str(ckpt)), expect_ok=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"train_tokenizer.py: error: checkpoint {ckpt / 'iter_0000004'} does not match this run: "
+            "model.levels: checkpoint [8, 8, 8, 5, 5, 5] vs current [8, 5, 5, 5]") in proc.stderr
+    assert "Traceback" not in proc.stderr and "step      1" not in proc.stderr
+    assert not (root / "cli_mismatch" / "tok.safetensors").exists()
