@@ -20,6 +20,7 @@ configs/tokenizer/tiny.yaml unless ``--tokenizer PATH.safetensors``.
 
     python bench/nbp_vs_ntp.py                                     # CPU, 4 x 256 x 4, frame prediction
     python bench/nbp_vs_ntp.py --layout hybrid --repeats 1
+    python bench/nbp_vs_ntp.py --config configs/model/nbp_xl.yaml --dtype bf16   # CPU, the paper's shape (~5 min)
     python bench/nbp_vs_ntp.py --config configs/model/nbp_xl.yaml --device cuda --dtype bf16 --batch-size 8 \\
         --tokenizer TOK.safetensors                                # GPU, the paper's 700M shape
 """

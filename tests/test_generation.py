@@ -143,19 +143,43 @@ def official_top_k_top_p(logits, top_k=0, top_p=1.0):
     return logits.softmax(-1)
 
 
-@pytest.mark.parametrize("k,p,rounds", [(5, 0.9, 8), (None, 0.7, 8), (4, None, 8), (None, None, 8), (8, 0.3, 8),
-                                         (8, 0.3, 0), (None, 0.7, 1)])
-def test_sampling_distribution_equals_the_official_filter(k, p, rounds, monkeypatch):
-    """rounds: rejection rounds before the sorted fallback (0: all rows take the fallback)."""
+DISTINCT = [2.0, 1.5, 1.2, 0.3, 0.2, -0.5, -1.0, 0.9, 0.0, -2.0]
+TIES = [2.0, 1.0, 1.0, 1.0, 0.5, -1.0, 1.0, 0.0, 0.0, -2.0]    # four logits tie at the 2nd..5th largest
+
+
+@pytest.mark.parametrize("values,k,p,rounds", [
+    (DISTINCT, 5, 0.9, 8), (DISTINCT, None, 0.7, 8), (DISTINCT, 4, None, 8), (DISTINCT, None, None, 8),
+    (DISTINCT, 8, 0.3, 8), (DISTINCT, 8, 0.3, 0), (DISTINCT, None, 0.7, 1),
+    (TIES, 2, None, 8), (TIES, 3, 0.95, 8), (TIES, 3, 0.95, 0), (TIES, None, 0.85, 8)])
+def test_sampling_distribution_equals_the_official_filter(values, k, p, rounds, monkeypatch):
+    """rounds: rejection rounds before the sorted fallback (0: all rows take the fallback). TIES at the k-th
+    value: the release keeps every logit >= the k-th largest, so more than k survive."""
     import megatron_nbp.inference.generate as generate
     from megatron_nbp.inference.generate import sample_tokens
 
     monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
 
-    logits = torch.tensor([[2.0, 1.5, 1.2, 0.3, 0.2, -0.5, -1.0, 0.9, 0.0, -2.0]])
+    logits = torch.tensor([values])
     want = official_top_k_top_p(logits, k or 0, p or 1.0)[0]
     g = torch.Generator().manual_seed(0)
     draws = sample_tokens(logits.expand(40000, 10), 10, SamplingConfig(top_k=k, top_p=p), g)
     freq = torch.bincount(draws, minlength=10).float() / draws.numel()
     assert torch.equal(freq > 0, want > 0)                      # exactly the official support
     assert float((freq - want).abs().max()) < 0.01
+
+
+@pytest.mark.parametrize("rounds", [8, 0])
+def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
+    """TIES, k = 3, p = 0.8: top-k keeps 2.0 and the four 1.0s (probabilities 0.405, 4 x 0.149); the mass
+    ahead of each 1.0 is 0.405 <= p, so all four stay, equally likely. (The release keeps three of them,
+    whichever its unstable sort puts first.)"""
+    import megatron_nbp.inference.generate as generate
+    from megatron_nbp.inference.generate import sample_tokens
+
+    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_tokens(torch.tensor([TIES]).expand(40000, 10), 10, SamplingConfig(top_k=3, top_p=0.8), g)
+    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
+    assert sorted(torch.nonzero(freq).flatten().tolist()) == [0, 1, 2, 3, 6]
+    want = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]).softmax(0)
+    assert float((freq[[0, 1, 2, 3, 6]] - want).abs().max()) < 0.01

@@ -48,12 +48,12 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     The distribution is the NBP release's ``top_k_top_p_filtering``: top-k keeps the logits >= the k-th
     largest; top-p then keeps, by decreasing probability (renormalised over the k), each token whose
     predecessors' mass is <= p (so the smallest prefix reaching p). It is sampled without sorting the
-    vocabulary (the cost that dominated a block step): the k-th largest logit comes from an unsorted
-    top-k, a candidate is drawn from the top-k distribution by inverse CDF, and it is accepted if the
+    vocabulary (the cost that dominated a block step): an unsorted top-k gives the k survivors, a candidate
+    is drawn from their distribution by inverse CDF (fp64), and it is accepted if the
     mass of the tokens more probable than it is <= p, else redrawn (rejection sampling from a superset
     gives exactly the renormalised nucleus; acceptance >= p per draw). Rows still rejected after
     ``_REJECTION_ROUNDS`` fall back to the sorted filter. Ties at the nucleus edge are all kept (the
-    release keeps them in sort order).
+    release keeps those its unstable sort happens to put first).
 
     Args:
         logits: float [..., V_padded] (any dtype; computed in fp32).
@@ -71,27 +71,43 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     logits = logits.reshape(-1, logits.shape[-1])
     k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab_size else None
     top_p = sampling.top_p if sampling.top_p is not None and sampling.top_p < 1.0 else None
-    if k is not None:
-        kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
+    candidates, candidate_ids = _top_k_candidates(logits, k)
+    probs = candidates.softmax(-1)
     cdf = probs.double().cumsum(-1)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    rows = torch.arange(logits.shape[0], device=logits.device)
+    num_rows, width = candidates.shape
+    out = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+    rows = torch.arange(num_rows, device=logits.device)
     for _ in range(_REJECTION_ROUNDS):
+        every = rows.numel() == num_rows          # first round: no row copies
+        c, pr, cd = (candidates, probs, cdf) if every else (candidates[rows], probs[rows], cdf[rows])
         u = torch.rand(rows.numel(), 1, generator=generator, dtype=torch.float64, device=logits.device)
-        cand = torch.searchsorted(cdf[rows], u * cdf[rows, -1:], right=True).clamp(max=logits.shape[-1] - 1)
+        cand = torch.searchsorted(cd, u * cd[:, -1:], right=True).clamp(max=width - 1)
         if top_p is None:
             ok = torch.ones(rows.numel(), dtype=torch.bool, device=logits.device)
         else:
-            ahead = (probs[rows] * (logits[rows] > logits[rows].gather(1, cand))).sum(-1)
-            ok = ahead <= top_p
+            ok = (pr * (c > c.gather(1, cand))).sum(-1) <= top_p   # mass strictly ahead of the candidate
         out[rows[ok]] = cand[ok, 0]
         rows = rows[~ok]
         if rows.numel() == 0:
-            return out.view(shape)
-    out[rows] = _sorted_nucleus_sample(logits[rows], top_p, generator)
+            break
+    else:
+        out[rows] = _sorted_nucleus_sample(candidates[rows], top_p, generator)
+    if candidate_ids is not None:
+        out = candidate_ids.gather(1, out[:, None])[:, 0]
     return out.view(shape)
+
+
+def _top_k_candidates(logits: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top-k survivors of logits fp32 [R, V]: (their logits [R, k], their vocabulary ids int64 [R, k]),
+    unsorted. Without top-k, or where a row has ties at the k-th value (the release keeps every logit >= the
+    k-th, which can be more than k), the whole row with the rest set to -inf and ``None`` for the ids."""
+    if k is None:
+        return logits, None
+    values, ids = torch.topk(logits, k, dim=-1, sorted=False)
+    kth = values.amin(-1, keepdim=True)
+    if bool(((logits >= kth).sum(-1) > k).any()):
+        return logits.masked_fill(logits < kth, float("-inf")), None
+    return values, ids
 
 
 _REJECTION_ROUNDS = 8
@@ -99,12 +115,15 @@ _REJECTION_ROUNDS = 8
 
 def _sorted_nucleus_sample(logits: torch.Tensor, top_p: float | None,
                            generator: torch.Generator | None) -> torch.Tensor:
-    """The release's sorted top-p filter and a multinomial draw: logits fp32 [R, V] (top-k already
-    applied as -inf) -> int64 [R]."""
+    """The release's sorted top-p filter and a multinomial draw: logits fp32 [R, C] (top-k already
+    applied) -> int64 [R] positions in C. The mass ahead of a token is that of the tokens strictly more
+    probable (every member of a tie sees the mass before the tie), as in the rejection path."""
     values, ids = torch.sort(logits, descending=True, dim=-1)
     if top_p is not None:
         probs = values.softmax(-1)
-        values = values.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))
+        first_of_tie = torch.searchsorted(-values, -values)      # first position holding the same value
+        ahead = (probs.cumsum(-1) - probs).gather(1, first_of_tie)
+        values = values.masked_fill(ahead > top_p, float("-inf"))
     choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
     return ids.gather(1, choice)[:, 0]
 
