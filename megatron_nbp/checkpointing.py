@@ -149,6 +149,23 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
     return final
 
 
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Check a ``torch_dist`` checkpoint directory before anything in it is unpickled
+    (:func:`megatron_nbp.safe_loading.verify_megatron_checkpoint`: torch.distributed.checkpoint would
+    unpickle its bytes items with ``weights_only=False``).
+
+    Raises:
+        CheckpointError: a pickled item needs more than tensors and plain data, or a file or the index
+            is missing or truncated; the message names the checkpoint.
+    """
+    try:
+        verify_megatron_checkpoint(ckpt)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
+    except (Exception, CheckpointException) as err:  # a missing / truncated file or index
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or does not fit this model: {err}") from err
+
+
 def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_config: dict[str, Any],
                     load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
     """Collective: restore the latest checkpoint in ``load_dir`` into model / optimizer / scheduler.
@@ -171,13 +188,7 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
                                   "(convert_checkpoint.py exports either kind)")
         return 0, 0
     ckpt = iteration_dir(load_dir, iteration)
-    try:
-        # torch.distributed.checkpoint would unpickle the bytes items with weights_only=False
-        verify_megatron_checkpoint(ckpt)
-    except UnsafeCheckpointError as err:
-        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
-    except (Exception, CheckpointException) as err:  # a missing / truncated file or index
-        raise CheckpointError(f"checkpoint {ckpt} is damaged or does not fit this model: {err}") from err
+    verify_checkpoint(ckpt)
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
     except Exception as err:  # missing / truncated common.pt or metadata

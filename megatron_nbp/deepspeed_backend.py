@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_nbp.config import ConfigError, NBPConfig
+from megatron_nbp.config import NBPConfig
 from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 from megatron_nbp.model.builder import build_gpt_model
 from megatron_nbp.parallel import print_rank_0
@@ -73,16 +73,11 @@ def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]
     and optimizer offload from ``cfg.deepspeed`` with ``config_file``'s zero_optimization merged under
     them, bf16 only when ``bf16``. Logging and step printing are left to the training loop.
 
-    Raises:
-        ConfigError: ``config_file`` sets ``zero_optimization.compute_grad_norm: false`` (the non-finite
-            gradient skip of :func:`deepspeed_train_step` needs the norm). NBPConfig.validate refuses it
-            first, before any process group; this guards direct callers.
+    ``cfg`` must have passed ``NBPConfig.validate`` (which refuses, e.g., a ``config_file`` that turns off
+    ``zero_optimization.compute_grad_norm``, needed by the non-finite step skip).
     """
     t, d = cfg.train, cfg.deepspeed
     zero = dict(d.file_zero_optimization())
-    if zero.get("compute_grad_norm", True) is False:
-        raise ConfigError(f"{d.config_file}: zero_optimization.compute_grad_norm=false turns off DeepSpeed's "
-                          "non-finite gradient check, which the NaN/Inf step skip relies on; remove it")
     zero["stage"] = d.stage
     if d.offload == "cpu":
         zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}), "device": "cpu"}

@@ -88,8 +88,6 @@ def safe_torch_load(source: str | os.PathLike | io.BytesIO, map_location: Any = 
 
 def pickle_errors() -> tuple[type[BaseException], ...]:
     """The exceptions torch's weights-only unpickler raises for a refused payload."""
-    import pickle
-
     return (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError)
 
 

@@ -149,17 +149,17 @@ def killed_zero3(runs, tmp_path_factory):
     left_tmp = sorted(p.name for p in ckpt.glob("*.tmp"))
     resumed = torchrun(4, *zero3_args(root / "data", work / "tb_resumed", "--save", str(ckpt),
                                       "--save-interval", "1", "--load", str(ckpt)))
-    return work, seed, tag, killed_running, left_tmp, resumed.stdout
+    return work, seed, kill_after, tag, killed_running, left_tmp, resumed.stdout
 
 
 def test_zero3_sigkill_at_a_random_point_then_resume_equals_uninterrupted(runs, killed_zero3):
     root, _ = runs
-    work, seed, tag, killed_running, left_tmp, stdout = killed_zero3
-    info = (seed, tag, killed_running, left_tmp)
+    work, seed, kill_after, tag, killed_running, left_tmp, stdout = killed_zero3
+    info = (seed, kill_after, tag, killed_running, left_tmp)
     assert tag.startswith("global_step") and not tag.endswith(".tmp"), info  # only published ones are named
     assert (work / "ckpt" / tag / "nbp_checkpoint.json").is_file(), info
     latest = int(tag.removeprefix("global_step"))
-    assert 1 <= latest <= ITERS, info
+    assert kill_after <= latest <= ITERS, info  # killed only after kill_after checkpoints were published
     assert f"loaded checkpoint from {work / 'ckpt'} at iteration {latest}" in stdout, (info, stdout[-2000:])
     full, resumed = scalars(root / "tb_zero3"), scalars(work / "tb_resumed")
     assert sorted(resumed) == list(range(latest + 1, ITERS + 1)), (info, sorted(resumed))

@@ -97,12 +97,12 @@ def test_poisoned_distcp_item_is_refused_and_never_runs(checkpoints, tmp_path):
 def test_control_without_the_check_torch_runs_the_payload(checkpoints, tmp_path, monkeypatch):
     """The same poisoned checkpoint with verify_megatron_checkpoint switched off: torch.distributed.checkpoint
     unpickles the item with weights_only=False and the payload runs (so the test above can fail)."""
-    import megatron_nbp.safe_loading as safe_loading
+    import megatron_nbp.checkpointing as checkpointing
 
     marker = tmp_path / "pwned"
     ckpt = _copy(checkpoints / "megatron", tmp_path / "ckpt")
     _poison_item(ckpt / "iter_0000003", EXTRA_STATE, _payload(marker))
-    monkeypatch.setattr(safe_loading, "verify_megatron_checkpoint", lambda path: None)
+    monkeypatch.setattr(checkpointing, "verify_megatron_checkpoint", lambda path: None)  # what verify_checkpoint calls
     try:
         _convert(ckpt, tmp_path / "out")
     except Exception:

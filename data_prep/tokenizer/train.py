@@ -43,7 +43,6 @@ from .model import VideoTokenizer
 __all__ = ["TrainOptions", "train_tokenizer", "psnr_from_mse", "evaluate_psnr", "latest_iteration"]
 
 log = logging.getLogger(__name__)
-LATEST_FILE = "latest_checkpointed_iteration.txt"  # = checkpoint.TRAIN_LATEST_FILE
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_nbp.checkpointing import CheckpointError, iteration_dir, read_latest_iteration
+from megatron_nbp.checkpointing import CheckpointError, iteration_dir, read_latest_iteration, verify_checkpoint
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference.model import InferenceConfig
 
@@ -35,12 +35,12 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         ``output_dir`` as a Path.
 
     Raises:
-        CheckpointError: no checkpoint in ``load_dir`` or the requested iteration is missing.
+        CheckpointError: no checkpoint in ``load_dir``, the requested iteration is missing or damaged, or a
+            pickled item in it needs more than tensors and plain data (refused before it is unpickled).
     """
     from megatron_nbp.deepspeed_checkpointing import is_deepspeed_checkpoint
     from megatron_nbp.model.builder import build_gpt_model
     from megatron_nbp.parallel import destroy_parallel, initialize_parallel
-    from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_megatron_checkpoint
 
     if is_deepspeed_checkpoint(load_dir) and read_latest_iteration(load_dir) is None:
         from megatron_nbp.inference.convert_zero import convert_deepspeed_checkpoint
@@ -52,10 +52,7 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     ckpt = iteration_dir(load_dir, iteration)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} does not exist")
-    try:  # torch.distributed.checkpoint unpickles its bytes items with weights_only=False: check them first
-        verify_megatron_checkpoint(ckpt)
-    except UnsafeCheckpointError as err:
-        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
+    verify_checkpoint(ckpt)  # before torch.distributed.checkpoint unpickles anything
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     model_cfg = ModelConfig(**common["model_config"])
     model_cfg.transformer_impl = "local"  # TE checkpoints load into the local spec (same sharded keys)
