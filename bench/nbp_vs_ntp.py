@@ -15,7 +15,9 @@ the project's KV-cache generation code, with the paper's sampling (top-k 16000, 
 
 frames/s counts new pixel frames over tokenizer encode + generation + decode; tokens/s counts
 generated tokens over generation alone. One warm-up run per model, then ``--repeats`` timed runs
-(time.perf_counter, CUDA synchronised). The tokenizer (fp32) is a randomly initialised
+(time.perf_counter, CUDA synchronised). The last line splits generation into the prefill (frame
+prediction: the 512 condition tokens in one forward pass, the same work for NBP and NTP) and the steps
+after it. The tokenizer (fp32) is a randomly initialised
 configs/tokenizer/tiny.yaml unless ``--tokenizer PATH.safetensors``.
 
     python bench/nbp_vs_ntp.py                                     # CPU, 4 x 256 x 4, frame prediction
@@ -97,8 +99,8 @@ def run_once(args, model, tokenizer, video, device) -> dict:
     assert pixels.shape[2:] == (FRAMES, RES, RES), pixels.shape
     sync(device)
     t3 = time.perf_counter()
-    return dict(steps=result.steps, encode=t1 - t0, generate=t2 - t1, decode=t3 - t2, total=t3 - t0,
-                tokens=B * new_tokens, frames=B * new_frames)
+    return dict(steps=result.steps, encode=t1 - t0, generate=t2 - t1, prefill=result.prefill_seconds,
+                decode=t3 - t2, total=t3 - t0, tokens=B * new_tokens, frames=B * new_frames)
 
 
 def main() -> None:
@@ -161,6 +163,10 @@ def main() -> None:
           f"{ntp['total'] / nbp['total']:.2f}x |")
     print(f"per forward step: NBP {1000 * nbp['generate'] / nbp['steps']:.2f} ms (16 tokens), "
           f"NTP {1000 * ntp['generate'] / ntp['steps']:.2f} ms (1 token)")
+    after = {name: 1000 * (m["generate"] - m["prefill"]) / (m["steps"] - 1)
+             for name, m in (("NBP", nbp), ("NTP", ntp))}
+    print(f"prefill (+ first sampling): NBP {nbp['prefill']:.3f} s, NTP {ntp['prefill']:.3f} s | per step after "
+          f"it: NBP {after['NBP']:.2f} ms, NTP {after['NTP']:.2f} ms (cost ratio {after['NBP'] / after['NTP']:.2f})")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     print(f"> condition: {condition_pixel_frames(c)} frames ({c} latent frames) of {args.prompt_video}; "
           f"generated {geo.num_frames - condition_pixel_frames(c)} frames per sample", flush=True)
     print(f"> {result.steps} forward passes (block size {model.config.block_size}) for {generated} tokens "
-          f"in {result.seconds:.2f} s ({generated / result.seconds:.0f} tokens/s)", flush=True)
+          f"in {result.seconds:.2f} s ({generated / result.seconds:.0f} tokens/s; the prompt's prefill "
+          f"{result.prefill_seconds:.2f} s)", flush=True)
     print(f"> wrote {', '.join(map(str, paths))} and {sheet}", flush=True)
 
 

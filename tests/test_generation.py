@@ -168,6 +168,42 @@ def test_sampling_distribution_equals_the_official_filter(values, k, p, rounds, 
     assert float((freq - want).abs().max()) < 0.01
 
 
+@pytest.mark.parametrize("margin,path", [(3, "whole row"), (4, "top-W"), (256, "top-W")])
+def test_ties_at_the_kth_value_within_and_beyond_the_tie_margin(margin, path, monkeypatch):
+    """TIES, k = 2: the k-th largest is 1.0, held four times. top-(k + 3) cannot tell whether more 1.0s lie
+    outside it (whole-row fallback); top-(k + 4) reaches 0.5, so it holds them all. Both give the release's
+    distribution."""
+    import megatron_nbp.inference.generate as generate
+    from megatron_nbp.inference.generate import _top_k_candidates, sample_tokens
+
+    monkeypatch.setattr(generate, "_TIE_MARGIN_MIN", margin)
+    logits = torch.tensor([TIES])
+    _, ids = _top_k_candidates(logits, 2)
+    assert (ids is None) == (path == "whole row")
+    want = official_top_k_top_p(logits, 2, 0.95)[0]
+    draws = sample_tokens(logits.expand(40000, 10), 10, SamplingConfig(top_k=2, top_p=0.95),
+                          torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
+    assert torch.equal(freq > 0, want > 0)
+    assert float((freq - want).abs().max()) < 0.01
+
+
+def test_top_k_keeps_every_bf16_tie_at_the_paper_setting():
+    """bf16 logits, 16 x 64000, k = 16000: tens of logits per row tie at the k-th value. The candidates are
+    exactly the release's top-k survivors (every logit >= the k-th), found without the whole-row fallback."""
+    from megatron_nbp.inference.generate import _top_k_candidates
+
+    logits = (torch.randn(16, 64000, generator=torch.Generator().manual_seed(0)) * 3).bfloat16().float()
+    k = 16000
+    kth = torch.topk(logits, k).values[:, -1:]
+    assert int(((logits >= kth).sum(-1) - k).max()) > 10                  # the case has ties
+    values, ids = _top_k_candidates(logits, k)
+    assert ids is not None
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, values.isfinite())
+    assert torch.equal(kept, official_top_k_top_p(logits, k) > 0)
+    assert torch.equal(values[values.isfinite()], logits.gather(1, ids)[values.isfinite()])
+
+
 @pytest.mark.parametrize("rounds", [8, 0])
 def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
     """TIES, k = 3, p = 0.8: top-k keeps 2.0 and the four 1.0s (probabilities 0.405, 4 x 0.149); the mass

@@ -68,6 +68,7 @@ def test_generation_steps_and_reproducibility():
     a = generate_frame_prediction(model, prompt, sampling, torch.Generator().manual_seed(3))
     b = generate_frame_prediction(model, prompt, sampling, torch.Generator().manual_seed(3))
     assert a.steps == (80 - 32) // 4 == 12
+    assert 0 < a.prefill_seconds < a.seconds
     assert a.tokens.shape == (2, 80) and torch.equal(a.tokens[:, :32], prompt)
     assert torch.equal(a.tokens, b.tokens)
     assert int(a.tokens.max()) < 500  # padded vocabulary ids are never sampled
@@ -87,3 +88,16 @@ def test_bad_prompt_length_is_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="multiple of the block size"):
         BlockDecoder(model, 1).prefill(torch.zeros(1, 30, dtype=torch.long))
+
+
+def test_num_logits_gives_the_last_positions_of_the_full_output():
+    model = tiny_model()
+    batch = frame_prediction_batch(torch.randint(0, 500, (2, 80)), 4)
+    allowed = block_causal_allowed(batch.block_ids)
+    with torch.no_grad():
+        full = model(batch.tokens, batch.position_ids, allowed)
+        last = model(batch.tokens, batch.position_ids, allowed, num_logits=4)
+        assert last.shape == (2, 4, 512) and torch.allclose(last, full[:, -4:], rtol=0, atol=1e-5)
+        for bad in (0, 77):
+            with pytest.raises(ValueError, match="num_logits must be in"):
+                model(batch.tokens, batch.position_ids, allowed, num_logits=bad)

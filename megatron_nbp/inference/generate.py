@@ -48,12 +48,12 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     The distribution is the NBP release's ``top_k_top_p_filtering``: top-k keeps the logits >= the k-th
     largest; top-p then keeps, by decreasing probability (renormalised over the k), each token whose
     predecessors' mass is <= p (so the smallest prefix reaching p). It is sampled without sorting the
-    vocabulary (the cost that dominated a block step): an unsorted top-k gives the k survivors, a candidate
-    is drawn from their distribution by inverse CDF (fp64), and it is accepted if the
-    mass of the tokens more probable than it is <= p, else redrawn (rejection sampling from a superset
-    gives exactly the renormalised nucleus; acceptance >= p per draw). Rows still rejected after
-    ``_REJECTION_ROUNDS`` fall back to the sorted filter. Ties at the nucleus edge are all kept (the
-    release keeps those its unstable sort happens to put first).
+    vocabulary (the cost that dominated a block step): an unsorted top-k gives the k survivors (with any
+    ties at the k-th value, see ``_top_k_candidates``), a candidate is drawn from their distribution by
+    inverse CDF (fp64), and it is accepted if the mass of the tokens more probable than it is <= p, else
+    redrawn (rejection sampling from a superset gives exactly the renormalised nucleus; acceptance >= p per
+    draw). Rows still rejected after ``_REJECTION_ROUNDS`` fall back to the sorted filter. Ties at the
+    nucleus edge are all kept (the release keeps those its unstable sort happens to put first).
 
     Args:
         logits: float [..., V_padded] (any dtype; computed in fp32).
@@ -66,7 +66,8 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     logits = logits[..., :vocab_size].float()
     if sampling.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / sampling.temperature
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
     shape = logits.shape[:-1]
     logits = logits.reshape(-1, logits.shape[-1])
     k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab_size else None
@@ -98,18 +99,26 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
 
 
 def _top_k_candidates(logits: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The top-k survivors of logits fp32 [R, V]: (their logits [R, k], their vocabulary ids int64 [R, k]),
-    unsorted. Without top-k, or where a row has ties at the k-th value (the release keeps every logit >= the
-    k-th, which can be more than k), the whole row with the rest set to -inf and ``None`` for the ids."""
+    """The top-k survivors of logits fp32 [R, V]: (their logits [R, W], their vocabulary ids int64 [R, W]),
+    unsorted, W = k + a tie margin, with -inf where a logit is below the k-th largest.
+
+    The release keeps every logit >= the k-th largest, which is more than k where values tie at the k-th
+    (usual with bf16 logits: tens of ties at k = 16000 of 64K). An unsorted top-W with W = k + margin holds
+    all of them whenever its smallest value is below the k-th; otherwise (or without top-k) the whole row is
+    returned with the rest set to -inf and ``None`` for the ids.
+    """
     if k is None:
         return logits, None
-    values, ids = torch.topk(logits, k, dim=-1, sorted=False)
-    kth = values.amin(-1, keepdim=True)
-    if bool(((logits >= kth).sum(-1) > k).any()):
+    vocab = logits.shape[-1]
+    width = min(vocab, k + max(_TIE_MARGIN_MIN, k // 16))
+    values, ids = torch.topk(logits, width, dim=-1, sorted=False)
+    kth = torch.kthvalue(values, width - k + 1, dim=-1, keepdim=True).values       # the k-th largest logit
+    if width < vocab and bool((values.amin(-1, keepdim=True) >= kth).any()):   # ties may go on outside the W
         return logits.masked_fill(logits < kth, float("-inf")), None
-    return values, ids
+    return values.masked_fill(values < kth, float("-inf")), ids
 
 
+_TIE_MARGIN_MIN = 256      # top-k takes k + max(this, k / 16) values, so that ties at the k-th value fit
 _REJECTION_ROUNDS = 8
 
 
@@ -130,11 +139,21 @@ def _sorted_nucleus_sample(logits: torch.Tensor, top_p: float | None,
 
 @dataclass
 class GenerationResult:
-    """tokens: int64 [B, N] full clips (prompt + generated); steps: forward passes; seconds: wall time."""
+    """tokens: int64 [B, N] full clips (prompt + generated); steps: forward passes (the prefill included);
+    seconds: wall time of the whole generation; prefill_seconds: of the prefill and its sampling (time to the
+    first generated block or token). Both are taken after a CUDA synchronise on a GPU."""
 
     tokens: torch.Tensor
     steps: int
     seconds: float
+    prefill_seconds: float = 0.0
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    """Seconds since ``start`` (time.perf_counter) once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class KVDecoder:
@@ -166,8 +185,8 @@ class KVDecoder:
         self.key_padding = None if key_padding is None else key_padding.to(self.device)
         self.length = 0
 
-    def append(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: int64 [B, s] model ids. Returns logits [B, s, V_padded]."""
+    def append(self, tokens: torch.Tensor, num_logits: int | None = None) -> torch.Tensor:
+        """tokens: int64 [B, s] model ids. Returns logits [B, s, V_padded], or of the last ``num_logits``."""
         start, end = self.length, self.length + tokens.shape[1]
         if end > self.max_length:
             raise ValueError(f"no room for {tokens.shape[1]} more tokens: {start} of {self.max_length} positions used")
@@ -178,7 +197,8 @@ class KVDecoder:
             allowed = allowed if allowed.dim() == 3 else allowed.unsqueeze(0)
         else:
             allowed = None if pad is None else (~pad).unsqueeze(1).expand(-1, end - start, -1)
-        logits = self.model(tokens.to(self.device), positions, allowed, self.cache, start=start)
+        logits = self.model(tokens.to(self.device), positions, allowed, self.cache, start=start,
+                            num_logits=num_logits)
         self.length = end
         return logits
 
@@ -214,7 +234,7 @@ class BlockDecoder(KVDecoder):
         if plen % self.block or not 0 < plen <= self.max_length or self.length:
             raise ValueError(f"prompt length {plen} must be a positive multiple of the block size "
                              f"{self.block}, at most {self.max_length}, and come first")
-        return self.append(prompt)[:, -self.block:]
+        return self.append(prompt, num_logits=self.block)
 
     def step(self, block_tokens: torch.Tensor) -> torch.Tensor:
         """block_tokens: int64 [B, L] at the next L positions. Returns their logits [B, L, V]."""
@@ -248,7 +268,7 @@ class HybridDecoder(KVDecoder):
     def prefill(self, condition: torch.Tensor) -> torch.Tensor:
         """condition: int64 [B, P] condition *model* ids. Returns BOV's logits [B, 1, V]."""
         bov = torch.zeros(condition.shape[0], 1, dtype=torch.long, device=condition.device)  # BOV = 0
-        return self.append(torch.cat([condition, bov], dim=1))[:, -1:]
+        return self.append(torch.cat([condition, bov], dim=1), num_logits=1)
 
 
 def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
@@ -315,6 +335,7 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         return torch.cat([model_ids, model_ids]) if guided else model_ids
 
     pieces = [sample(decoder.prefill(ids.to(decoder.device)))]            # z_0
+    prefill_seconds = _elapsed(start_time, decoder.device)
     for _ in range(L - 1):                                                   # z_1 .. z_{L-1}
         pieces.append(sample(decoder.append(feed(pieces[-1]))))
     mbos = torch.arange(1, L, device=decoder.device).expand(ids.shape[0], L - 1)
@@ -328,7 +349,7 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
     tokens = torch.cat(pieces, dim=1)
     order = block_major_order(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(tokens.device)
     tokens = torch.empty_like(tokens).index_copy_(1, order, tokens)
-    return GenerationResult(tokens, steps, time.perf_counter() - start_time)
+    return GenerationResult(tokens, steps, _elapsed(start_time, decoder.device), prefill_seconds)
 
 
 @torch.no_grad()
@@ -366,6 +387,8 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
     while True:
         pieces.append(sample_tokens(logits, cfg.vocab_size, sampling, generator))
         bar.update(1)
+        if steps == 1:
+            prefill_seconds = _elapsed(start_time, decoder.device)
         if decoder.length + block == total:
             break
         logits = decoder.step(pieces[-1])
@@ -373,4 +396,4 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
     bar.close()
     tokens = torch.cat(pieces, dim=1)
     tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)  # back to (t, h, w) order
-    return GenerationResult(tokens, steps, time.perf_counter() - start_time)
+    return GenerationResult(tokens, steps, _elapsed(start_time, decoder.device), prefill_seconds)

@@ -18,8 +18,9 @@ class StaticKVCache:
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: ``update`` hands out positions 0 : end only, all written before they are read.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.max_length = max_length
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,8 +165,14 @@ class NBPDecoder(nn.Module):
         tokens: int64 [B, S] ids; position_ids: learned positions int64 [B, S] (or [S]), or for
             rope3d the (t, h, w) coordinates int64 [3, B, S] (megatron_nbp.layouts);
         allowed: bool [B or 1, S, K] "may attend" (K = keys incl. cache), or None = attend to all keys;
-        cache / start: a StaticKVCache and the position of tokens[:, 0] in it (KV-cache decoding).
-        Returns logits float [B, S, padded_vocab_size].
+        cache / start: a StaticKVCache and the position of tokens[:, 0] in it (KV-cache decoding);
+        num_logits: compute the output layer for the last ``num_logits`` positions only (a prefill needs
+            its last block's; the [S, V] output product is ~10% of a 512-token prefill at the XL shape).
+        Returns logits float [B, S or num_logits, padded_vocab_size].
+
+    Raises (forward):
+        ValueError: rope3d position ids not [3, B, S], a learned position beyond the tables, or
+            ``num_logits`` outside [1, S].
     """
 
     def __init__(self, cfg: InferenceConfig) -> None:
@@ -191,8 +197,10 @@ class NBPDecoder(nn.Module):
         return self.output_layer.weight
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor | None = None,
-                cache: StaticKVCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: StaticKVCache | None = None, start: int = 0, num_logits: int | None = None) -> torch.Tensor:
         cfg = self.config
+        if num_logits is not None and not 0 < num_logits <= tokens.shape[1]:
+            raise ValueError(f"num_logits must be in [1, {tokens.shape[1]}] (the input positions), got {num_logits}")
         x = self.embedding.word_embeddings(tokens)
         rope = None
         if self.rope:
@@ -207,6 +215,8 @@ class NBPDecoder(nn.Module):
             x = x + self.embedding.position_embeddings(position_ids)
         for i, layer in enumerate(self.decoder.layers):
             x = layer(x, allowed, cache, i, start, rope)
+        if num_logits is not None:
+            x = x[:, x.shape[1] - num_logits:]
         return F.linear(self.decoder.final_layernorm(x), self.output_weight())
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> StaticKVCache:
