@@ -380,19 +380,15 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
     prompt = prompt[:, order[:plen]] if plen < total else prompt
     decoder = BlockDecoder(model, prompt.shape[0])
     start_time = time.perf_counter()
-    logits = decoder.prefill(prompt)
-    pieces, steps = [prompt.to(decoder.device)], 1
     bar = tqdm(total=(total - prompt.shape[1]) // block, desc="generating blocks", unit="block",
                disable=not progress)
-    while True:
-        pieces.append(sample_tokens(logits, cfg.vocab_size, sampling, generator))
-        bar.update(1)
-        if steps == 1:
-            prefill_seconds = _elapsed(start_time, decoder.device)
-        if decoder.length + block == total:
-            break
-        logits = decoder.step(pieces[-1])
+    pieces = [prompt.to(decoder.device), sample_tokens(decoder.prefill(prompt), cfg.vocab_size, sampling, generator)]
+    prefill_seconds, steps = _elapsed(start_time, decoder.device), 1
+    bar.update(1)
+    while decoder.length + block < total:
+        pieces.append(sample_tokens(decoder.step(pieces[-1]), cfg.vocab_size, sampling, generator))
         steps += 1
+        bar.update(1)
     bar.close()
     tokens = torch.cat(pieces, dim=1)
     tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)  # back to (t, h, w) order
