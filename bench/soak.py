@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
 from tests.dist_utils import free_port, kill_process_tree  # noqa: E402
-from tests.synthetic import write_synthetic_shards  # noqa: E402
+from data_prep.synthetic import write_synthetic_shards  # noqa: E402
 from tests.test_resume import tb_losses  # noqa: E402
 
 CONFIG = "tests/configs/tiny_test.yaml"

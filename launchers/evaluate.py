@@ -118,6 +118,7 @@ def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, S
 
     cfg = model.config
     t, h, w = cfg.latent_shape
+    device = next(tokenizer.parameters()).device  # model and tokenizer share the device (main)
     if protocol == "ucf101":
         labels = {name: i for i, name in enumerate(cfg.condition_labels or [])}
     elif protocol == "k600":
@@ -127,7 +128,7 @@ def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, S
     real_feats, fake_feats = [], []
     for batch in _batched(iter(samples), batch_size):
         first = batch[0][0]
-        generator = torch.Generator().manual_seed(seed + first)
+        generator = torch.Generator(device=device).manual_seed(seed + first)
         if protocol == "ucf101":
             missing = [m.get("label") for _, (_, m) in batch if m.get("label") not in labels]
             if missing:
@@ -137,8 +138,8 @@ def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, S
         else:
             prompt = torch.from_numpy(np.stack([tok.astype(np.int64).reshape(-1) for _, (tok, _) in batch]))
             result = gen.generate_frame_prediction(model, prompt[:, : c * h * w], sampling, generator)
-        video = tokenizer.decode(result.tokens.view(-1, t, h, w).to(next(tokenizer.parameters()).device))
-        fake = np.stack([tensor_to_frames(v) for v in video])[:, :num_frames]
+        video = tokenizer.decode(result.tokens.view(-1, t, h, w).to(device))
+        fake = np.stack([tensor_to_frames(v) for v in video.cpu()])[:, :num_frames]
         real = np.stack([load_real(meta) for _, (_, meta) in batch])[:, :num_frames]
         if eval_resolution:
             fake, real = resize_clips(fake, eval_resolution), resize_clips(real, eval_resolution)
@@ -180,20 +181,21 @@ def main(argv=None) -> dict | None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--i3d-cache", help="download cache for the I3D weights (default ~/.cache/megatron-nbp)")
     p.add_argument("--output", help="write the result JSON here (rank 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available)")
     args = p.parse_args(argv)
     num_samples = args.num_samples or (10000 if args.protocol == "ucf101" else 50000)
     eval_res = args.eval_resolution if args.eval_resolution is not None else (64 if args.protocol == "k600" else None)
 
+    from megatron_nbp.device import activate, device_plan
+
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
+    plan = device_plan(device=args.device)
+    activate(plan)
+    device = plan.device
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            device = f"cuda:{torch.cuda.current_device()}"
+        dist.init_process_group(plan.distributed_backend)
 
     from data_prep.tokenizer import load_tokenizer
     from megatron_nbp.eval.fvd import i3d_features

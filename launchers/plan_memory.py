@@ -37,7 +37,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, nargs="+", help="0 (DDP), 1 (optimizer), 2 (+ grads), 3 (+ params)")
     p.add_argument("--micro-batch-size", type=int, help="default: the config's train.micro_batch_size")
     p.add_argument("--global-batch-size", type=int, help="default: the config's train.global_batch_size")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="as the trainer's flag; the tables add a full-recompute column either way")
+    p.add_argument("--recompute-method", choices=["uniform", "block"])
+    p.add_argument("--recompute-num-layers", type=int)
+    p.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallelism (TE spec)")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"])
+    p.add_argument("--attention-backend", choices=["flex", "dense"])
     p.add_argument("--grad-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="gradient buffer dtype under bf16 (fp32: megatron main grads; bf16: DeepSpeed-style)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, GiB (default 80)")
@@ -86,13 +93,13 @@ def show_layout(cfg, a, layout: Layout, gpu: int, reserve: int) -> None:
                      f"{gib(st.optimizer):.2f}", f"{gib(st.activations):.2f}", f"{gib(st.total):.2f}",
                      f"{gib(sf.activations):.2f}", f"{gib(sf.total):.2f}"])
     print(table(rows))
-    print(f"> peak per GPU: {gib(plain.peak.total):.2f} GiB without recompute (fits: "
+    print(f"> peak per GPU: {gib(plain.peak.total):.2f} GiB with recompute {layout.recompute} (fits: "
           f"{fit_mark(plain, gpu, reserve)}), {gib(full.peak.total):.2f} GiB with full recompute "
           f"(fits: {fit_mark(full, gpu, reserve)})")
 
 
-def show_sweep(cfg, a, mbs: int, gbs: int, gpu: int, reserve: int) -> None:
-    plans, skipped = sweep(cfg, a.gpus, mbs, gbs, a.precision, a.grad_dtype, a.tp, a.pp, a.zero_stage)
+def show_sweep(cfg, a, mbs: int, gbs: int, gpu: int, reserve: int, options: dict) -> None:
+    plans, skipped = sweep(cfg, a.gpus, mbs, gbs, a.precision, a.grad_dtype, a.tp, a.pp, a.zero_stage, **options)
     rows = [["TP", "PP", "DP", "ZeRO", "params/GPU", "weights", "grads", "optimizer", "activations",
              "total", "fits", "activations (recompute)", "total (recompute)", "fits (recompute)"]]
     for plain, full in plans:
@@ -111,16 +118,19 @@ def show_sweep(cfg, a, mbs: int, gbs: int, gpu: int, reserve: int) -> None:
 def main(argv=None) -> None:
     a = parse_args(argv)
     try:
-        cfg = NBPConfig.from_yaml(a.config)
+        cfg = NBPConfig.from_yaml(a.config, {"model.transformer_impl": a.transformer_impl,
+                                             "model.attention_backend": a.attention_backend})
     except (ConfigError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
+    options = dict(recompute=a.recompute_granularity or "none", recompute_method=a.recompute_method,
+                   recompute_num_layers=a.recompute_num_layers, sequence_parallel=a.sequence_parallel)
     mbs = a.micro_batch_size or cfg.train.micro_batch_size
     gbs = a.global_batch_size or cfg.train.global_batch_size
     gpu, reserve = int(a.gpu_memory_gib * GIB), int(a.reserve_gib * GIB)
     print(header(cfg, a, mbs, gbs))
     try:
         if a.sweep:
-            show_sweep(cfg, a, mbs, gbs, gpu, reserve)
+            show_sweep(cfg, a, mbs, gbs, gpu, reserve, options)
             return
         tp = (a.tp or [cfg.parallel.tensor_model_parallel_size])[0]
         pp = (a.pp or [cfg.parallel.pipeline_model_parallel_size])[0]
@@ -128,7 +138,7 @@ def main(argv=None) -> None:
         if a.gpus and a.gpus != tp * pp * dp:
             raise ConfigError(f"--gpus {a.gpus} != TP x PP x DP = {tp} x {pp} x {dp}")
         zero = (a.zero_stage or [0])[0]
-        show_layout(cfg, a, Layout(tp, pp, dp, zero, mbs, gbs, a.precision, a.grad_dtype), gpu, reserve)
+        show_layout(cfg, a, Layout(tp, pp, dp, zero, mbs, gbs, a.precision, a.grad_dtype, **options), gpu, reserve)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
 

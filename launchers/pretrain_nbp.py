@@ -45,6 +45,24 @@ _OVERRIDES = {
     "hidden_dropout": "model.hidden_dropout",
     "attention_dropout": "model.attention_dropout",
     "max_position_embeddings": "model.max_position_embeddings",
+    "precision": "train.precision",
+    "loss_scale": "train.loss_scale",
+    "initial_loss_scale": "train.initial_loss_scale",
+    "min_loss_scale": "train.min_loss_scale",
+    "loss_scale_window": "train.loss_scale_window",
+    "hysteresis": "train.hysteresis",
+    "use_distributed_optimizer": "train.use_distributed_optimizer",
+    "overlap_grad_reduce": "train.overlap_grad_reduce",
+    "overlap_param_gather": "train.overlap_param_gather",
+    "recompute_granularity": "train.recompute_granularity",
+    "recompute_method": "train.recompute_method",
+    "recompute_num_layers": "train.recompute_num_layers",
+    "sequence_parallel": "parallel.sequence_parallel",
+    "transformer_impl": "model.transformer_impl",
+    "attention_backend": "model.attention_backend",
+    "peak_tflops": "train.peak_tflops",
+    "no_load_optim": "train.no_load_optim",
+    "no_load_rng": "train.no_load_rng",
     "data": "data",
     "save": "save",
     "load": "load",
@@ -66,6 +84,40 @@ def parse_args(argv=None) -> NBPConfig:
     parser.add_argument("--offload-optimizer", choices=["none", "cpu"], help="ZeRO optimizer offload (--backend deepspeed)")
     parser.add_argument("--deepspeed-config", help="DeepSpeed JSON whose zero_optimization tuning is merged in "
                                                    "(configs/deepspeed/*.json)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                           help="bf16 mixed precision: bf16 weights and activations, fp32 main params and gradient "
+                                "reduction (the default on GPU)")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="fp16 mixed precision with dynamic loss scaling (megatron's grad scaler)")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                           help="fp32 throughout (the default on CPU)")
+    parser.add_argument("--loss-scale", type=float, help="fp16: static loss scale (default: dynamic)")
+    parser.add_argument("--initial-loss-scale", type=float, help="fp16 dynamic scaling: first scale (default 2^32)")
+    parser.add_argument("--min-loss-scale", type=float, help="fp16 dynamic scaling: lowest scale (default 1)")
+    parser.add_argument("--loss-scale-window", type=int, help="fp16: iterations without overflow before the "
+                                                              "scale doubles (default 1000)")
+    parser.add_argument("--hysteresis", type=int, help="fp16: overflows tolerated before the scale halves (default 2)")
+    parser.add_argument("--use-distributed-optimizer", action="store_true", default=None,
+                        help="shard the optimizer state (fp32 main params, Adam moments) over data-parallel ranks")
+    parser.add_argument("--overlap-grad-reduce", action="store_true", default=None,
+                        help="overlap the data-parallel gradient reduction with the backward pass")
+    parser.add_argument("--overlap-param-gather", action="store_true", default=None,
+                        help="overlap the distributed optimizer's parameter all-gather with the forward pass")
+    parser.add_argument("--recompute-granularity", choices=["full", "selective"],
+                        help="activation recomputation: full (whole layers) or selective (core attention)")
+    parser.add_argument("--recompute-method", choices=["uniform", "block"],
+                        help="full recompute: uniform (every chunk of --recompute-num-layers layers) or block "
+                             "(the first --recompute-num-layers layers of each pipeline stage)")
+    parser.add_argument("--recompute-num-layers", type=int)
+    parser.add_argument("--sequence-parallel", action="store_true", default=None,
+                        help="megatron sequence parallelism (TP > 1, --transformer-impl transformer_engine)")
+    parser.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
+                        help="layer spec: megatron's torch layers (local) or Transformer Engine's (GPU)")
+    parser.add_argument("--attention-backend", choices=["flex", "dense"],
+                        help="block-causal attention kernel: flex (fused FlexAttention, GPU) or dense (SDPA + mask)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="dense bf16 peak of one GPU for MFU (default: from the GPU's name)")
     parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--seq-length", type=int, help="checked against the layout (N - L); derived if omitted")
@@ -88,6 +140,12 @@ def parse_args(argv=None) -> NBPConfig:
     parser.add_argument("--data", help="directory of token shards with manifest.json")
     parser.add_argument("--save", help="checkpoint directory to write")
     parser.add_argument("--load", help="checkpoint directory to resume from")
+    parser.add_argument("--no-load-optim", action="store_true", default=None,
+                        help="with --load: restore the weights (the fp32 main copy of a bf16/fp16 checkpoint where "
+                             "saved), iteration and data position, not the optimizer and LR schedule (needed to "
+                             "change between fp32 and bf16/fp16)")
+    parser.add_argument("--no-load-rng", action="store_true", default=None,
+                        help="with --load: do not restore the RNG states (e.g. after changing the TP / PP layout)")
     parser.add_argument("--save-interval", type=int)
     parser.add_argument("--exit-interval", type=int, help="save (if --save) and exit after this iteration")
     parser.add_argument("--log-interval", type=int)

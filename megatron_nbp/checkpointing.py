@@ -10,7 +10,17 @@ has finished, and only then named in ``latest_checkpointed_iteration.txt`` (temp
 
 Contents: model and optimizer (sharded tensors), the LR scheduler, iteration and consumed samples
 (common state, rank 0), per-rank RNG states (python, numpy, torch, megatron's model-parallel tracker)
-as a ShardedObject indexed by (PP, TP, DP) rank, and the model config (checked on load).
+as a ShardedObject indexed by (PP, TP, DP) rank, the model config (checked on load) and the run's
+training precision and optimizer kind (:class:`RunInfo`).
+
+Precision. Weights are saved in the training precision (bf16 / fp16 weights, and under megatron's
+mixed-precision optimizer their fp32 main copies as ``optimizer.state.fp32_param.*``). A checkpoint
+resumes in any precision of the same optimizer family: bf16 <-> fp16 completely (main params, Adam
+moments, the fp16 loss scaler where there is one); fp32 <-> bf16 / fp16 only without the optimizer
+state (``load_optimizer=False``, the optimizer layouts differ), the weights then coming from the most
+precise copy in the checkpoint (the fp32 main params of a bf16 / fp16 run, when saved per parameter).
+The distributed optimizer saves its state in megatron's ``dp_reshardable`` format (resharding across
+data-parallel sizes; TP / PP fixed for the optimizer state, the model reshards freely).
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +41,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from data_prep.file_io import atomic_write_bytes
-from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_megatron_checkpoint
+from megatron_nbp.safe_loading import UnsafeCheckpointError, read_megatron_metadata, verify_megatron_checkpoint
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # Model settings that must match between a checkpoint and the model loading it.
@@ -41,6 +53,27 @@ _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not match the model."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How a megatron-backend run trains, stored in its checkpoints' common state: the precision
+    ("fp32", "bf16" or "fp16") and whether the optimizer is megatron's distributed optimizer. A
+    checkpoint written before these were recorded reads as fp32 with the plain optimizer."""
+
+    precision: str = "fp32"
+    use_distributed_optimizer: bool = False
+
+    @property
+    def optimizer_metadata(self) -> dict[str, str]:
+        """megatron's ``sharded_state_dict`` metadata for the optimizer: the distributed optimizer in the
+        ``dp_reshardable`` format (the one that loads with torch's Adam, the fallback without TE / Apex)."""
+        return {"distrib_optim_sharding_type": "dp_reshardable"} if self.use_distributed_optimizer else {}
+
+    @property
+    def mixed_precision(self) -> bool:
+        """True for bf16 / fp16 weights with fp32 main params (megatron's mixed-precision optimizer)."""
+        return self.precision != "fp32"
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
@@ -102,16 +135,17 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
+def _sharded_state(model, optimizer, is_loading: bool, run: RunInfo) -> dict[str, Any]:
     model_sd = unwrap(model).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=run.optimizer_metadata)
     return state
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, scheduler,
-                    consumed_samples: int, model_config: dict[str, Any]) -> Path:
+                    consumed_samples: int, model_config: dict[str, Any], run: RunInfo | None = None) -> Path:
     """Collective: every rank calls it. Writes and publishes ``iter_XXXXXXX`` (see module doc).
 
     Args:
@@ -119,10 +153,12 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
         optimizer: megatron optimizer; scheduler: OptimizerParamScheduler.
         consumed_samples: global training samples consumed so far (data position).
         model_config: ModelConfig as a dict, stored to check compatibility on load.
+        run: precision and optimizer kind of the run (default: fp32, plain optimizer).
 
     Returns:
         The published iteration directory.
     """
+    run = run or RunInfo()
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -132,12 +168,13 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
+    state = _sharded_state(model, optimizer, is_loading=False, run=run)
     state["rng_state"] = _sharded_rng(rng_state())
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     state["model_config"] = model_config
+    state["run"] = asdict(run)
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:
@@ -167,20 +204,29 @@ def verify_checkpoint(ckpt: str | Path) -> None:
 
 
 def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_config: dict[str, Any],
-                    load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    run: RunInfo | None = None) -> tuple[int, int]:
     """Collective: restore the latest checkpoint in ``load_dir`` into model / optimizer / scheduler.
 
     The checkpoint may have been written with another TP/PP layout (dist_checkpointing reshards);
-    the RNG states then cannot be matched to ranks, so pass ``load_rng=False``.
+    the RNG states then cannot be matched to ranks, so pass ``load_rng=False``. It may have been
+    written in another precision (module doc): weights load in any case; the optimizer state only
+    within the same optimizer family.
+
+    Args:
+        run: precision and optimizer kind of the loading run (default: fp32, plain optimizer).
 
     Returns:
         (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
 
     Raises:
-        CheckpointError: the checkpoint's model settings differ from ``model_config``; ``load_dir``
-            holds a DeepSpeed checkpoint; a file is damaged; or a pickled item in it needs more than
-            tensors and plain data (megatron_nbp.safe_loading: refused before anything is unpickled).
+        CheckpointError: the checkpoint's model settings differ from ``model_config``; its optimizer
+            state cannot be loaded by this run's optimizer (fp32 vs bf16 / fp16, distributed or not);
+            ``load_dir`` holds a DeepSpeed checkpoint; a file is damaged; or a pickled item in it needs
+            more than tensors and plain data (megatron_nbp.safe_loading: refused before anything is
+            unpickled).
     """
+    run = run or RunInfo()
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
         if (Path(load_dir) / "latest").is_file():
@@ -194,7 +240,12 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
     except Exception as err:  # missing / truncated common.pt or metadata
         raise CheckpointError(f"checkpoint {ckpt} (named by {LATEST_FILE}) is unreadable: {err}") from err
     check_model_config(common.get("model_config", {}), model_config, ckpt)
-    state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
+    saved = RunInfo(**common.get("run", {}))
+    if load_optimizer:
+        check_optimizer_compatible(saved, run, ckpt)
+    state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True, run=run)
+    if not load_optimizer and not run.mixed_precision and saved.mixed_precision:
+        read_weights_from_main_params(state["model"], ckpt)
     if load_rng:
         state["rng_state"] = _sharded_rng(None)
     try:
@@ -209,9 +260,45 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
+    elif optimizer is not None and run.mixed_precision:
+        optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_rng:
         set_rng_state(loaded["rng_state"])
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def check_optimizer_compatible(saved: RunInfo, run: RunInfo, where: Any) -> None:
+    """Refuse to load the optimizer state of a checkpoint (``where``) written by another optimizer family.
+
+    Raises:
+        CheckpointError: fp32 vs bf16 / fp16 (megatron's fp32 optimizer vs its mixed-precision optimizer
+            with fp32 main params), or the distributed optimizer vs the plain one.
+    """
+    if saved.use_distributed_optimizer != run.use_distributed_optimizer:
+        raise CheckpointError(
+            f"checkpoint {where} was written {'with' if saved.use_distributed_optimizer else 'without'} "
+            f"--use-distributed-optimizer and this run is {'with' if run.use_distributed_optimizer else 'without'} "
+            "it: the optimizer state layouts differ; resume with the same setting")
+    if saved.mixed_precision != run.mixed_precision:
+        raise CheckpointError(
+            f"checkpoint {where} was trained in {saved.precision} and this run is {run.precision}: megatron's "
+            f"{'mixed-precision' if saved.mixed_precision else 'fp32'} optimizer state does not load into the "
+            f"{'mixed-precision' if run.mixed_precision else 'fp32'} optimizer; resume in "
+            f"{'bf16 or fp16' if saved.mixed_precision else 'fp32'}, or load the weights only (without the "
+            "optimizer state)")
+
+
+def read_weights_from_main_params(model_sd: dict[str, Any], ckpt: Path) -> None:
+    """Point each model tensor of ``model_sd`` (megatron ShardedTensors, loaded in place) at the fp32 main
+    copy a mixed-precision checkpoint ``ckpt`` holds (``optimizer.state.fp32_param.<key>``, written by
+    megatron's mixed-precision optimizer; not by the distributed optimizer, whose state is flat), where
+    it has one: the weights then load at full precision."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    saved = set(read_megatron_metadata(ckpt).state_dict_metadata)
+    for name, item in list(model_sd.items()):
+        if isinstance(item, ShardedTensor) and f"optimizer.state.fp32_param.{item.key}" in saved:
+            model_sd[name] = dataclasses_replace(item, key=f"optimizer.state.fp32_param.{item.key}")
 
 
 def check_model_config(saved: dict[str, Any], model_config: dict[str, Any], where: Any) -> None:

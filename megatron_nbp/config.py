@@ -179,10 +179,18 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron parallel layout: world size = TP x PP x DP."""
+    """Megatron parallel layout: world size = TP x PP x DP.
+
+    Attributes:
+        tensor_model_parallel_size, pipeline_model_parallel_size: TP and PP (Megatron-LM's names).
+        sequence_parallel: Megatron's sequence parallelism (norms, dropouts and residuals split over the
+            sequence across the TP group); needs TP > 1, a sequence length divisible by TP and the
+            ``transformer_engine`` layer spec (the local spec's torch norms do not support it).
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -214,6 +222,25 @@ class TrainingConfig:
     tokenizer_sha256: str | None = None  # if set, the data manifest's tokenizer.sha256 must equal it (data.check_manifest)
     p_drop_cond: float = 0.0
     backend: str = "megatron"  # "megatron" (DDP + 1F1B, TP x PP x DP) or "deepspeed" (ZeRO, TP x DP)
+    # --- precision (Megatron-LM's --bf16 / --fp16 and its loss-scaling flags) -----------------------
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU: megatron_nbp.device), "bf16", "fp16", "fp32"
+    loss_scale: float | None = None  # fp16: a static loss scale; None = dynamic loss scaling
+    initial_loss_scale: float = 2.0 ** 32  # fp16 dynamic scaling: the first scale
+    min_loss_scale: float = 1.0  # fp16 dynamic scaling: the scale never drops below this
+    loss_scale_window: int = 1000  # fp16 dynamic scaling: good iterations before the scale doubles
+    hysteresis: int = 2  # fp16 dynamic scaling: overflows tolerated before the scale halves
+    # --- megatron backend performance options (Megatron-LM's names) ---------------------------------
+    use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
+    overlap_grad_reduce: bool = False  # gradient all-reduce / reduce-scatter overlapped with backward
+    overlap_param_gather: bool = False  # parameter all-gather overlapped with forward (distributed optimizer)
+    recompute_granularity: str | None = None  # None, "full" (whole layers) or "selective" (core attention)
+    recompute_method: str | None = None  # full: "uniform" or "block"
+    recompute_num_layers: int | None = None  # full: layers per recompute chunk (uniform) or per stage (block)
+    # --- loading (Megatron-LM's names; megatron backend) ---------------------------------------------
+    no_load_optim: bool = False  # --load restores weights, iteration and data position, not optimizer / scheduler
+    no_load_rng: bool = False  # --load does not restore the RNG states (e.g. after changing the TP / PP layout)
+    # --- observability ----------------------------------------------------------------------------
+    peak_tflops: float | None = None  # dense bf16 peak of one GPU for MFU; None = from the GPU's name
 
 
 @dataclass
@@ -487,5 +514,71 @@ class NBPConfig:
             errors.append(f"train.backend={t.backend!r} not in ('megatron', 'deepspeed')")
         elif t.backend == "deepspeed":
             errors.extend(self.deepspeed.problems(m, pp))
+        errors.extend(self._performance_problems())
         if errors:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    def _performance_problems(self) -> list[str]:
+        """Reasons the precision / performance options cannot run with this model and backend
+        (Megatron-LM's own argument checks, plus what this project's layer specs support)."""
+        m, p, t = self.model, self.parallel, self.train
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        errors = []
+        if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+            errors.append(f"train.precision={t.precision!r} not in ('auto', 'bf16', 'fp16', 'fp32')")
+        if t.loss_scale is not None and t.loss_scale <= 0:
+            errors.append(f"train.loss_scale={t.loss_scale} must be > 0 (or unset for dynamic scaling)")
+        if not 0 < t.min_loss_scale <= t.initial_loss_scale:
+            errors.append(f"train.min_loss_scale={t.min_loss_scale} must be in (0, initial_loss_scale="
+                          f"{t.initial_loss_scale}]")
+        if t.loss_scale_window < 1 or t.hysteresis < 1:
+            errors.append(f"train.loss_scale_window={t.loss_scale_window} and train.hysteresis={t.hysteresis} "
+                          "must be >= 1")
+        if (t.no_load_optim or t.no_load_rng) and t.backend == "deepspeed":
+            errors.append("--no-load-optim / --no-load-rng are megatron-backend options here (a DeepSpeed checkpoint "
+                          "resumes whole)")
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            errors.append(f"train.peak_tflops={t.peak_tflops} must be > 0")
+        deepspeed = t.backend == "deepspeed"
+        for name in ("use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+            if getattr(t, name) and deepspeed:
+                why = ("ZeRO-1/2/3 already shard the optimizer state; choose --zero-stage"
+                       if name == "use_distributed_optimizer" else
+                       "DeepSpeed overlaps communication itself (zero_optimization.overlap_comm in --deepspeed-config)")
+                errors.append(f"--{name.replace('_', '-')} is a megatron-backend option: {why}")
+        if t.overlap_param_gather and not (t.use_distributed_optimizer and t.overlap_grad_reduce):
+            errors.append("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
+                          "(as in Megatron-LM)")
+        g, method, n = t.recompute_granularity, t.recompute_method, t.recompute_num_layers
+        layers_per_stage = m.num_layers // pp if pp >= 1 and m.num_layers % pp == 0 else m.num_layers
+        if g not in (None, "full", "selective"):
+            errors.append(f"train.recompute_granularity={g!r} not in (None, 'full', 'selective')")
+        elif g == "full":
+            if method not in ("uniform", "block"):
+                errors.append(f"--recompute-granularity full needs --recompute-method uniform|block, got {method!r}")
+            if n is None or not 1 <= n <= layers_per_stage:
+                errors.append(f"--recompute-granularity full needs --recompute-num-layers in [1, "
+                              f"{layers_per_stage}] (layers per pipeline stage), got {n}")
+            elif method == "uniform" and layers_per_stage % n:
+                errors.append(f"--recompute-method uniform: --recompute-num-layers {n} must divide the "
+                              f"{layers_per_stage} layers of a pipeline stage")
+        elif g == "selective":
+            if method is not None or n is not None:
+                errors.append("--recompute-granularity selective recomputes the core attention of every layer: "
+                              f"leave --recompute-method ({method!r}) and --recompute-num-layers ({n}) unset")
+        elif method is not None or n is not None:
+            errors.append(f"--recompute-method {method!r} / --recompute-num-layers {n} need --recompute-granularity")
+        if p.sequence_parallel:
+            if tp < 2:
+                errors.append("--sequence-parallel splits activations across the tensor-parallel group: it "
+                              f"needs TP > 1 (got {tp})")
+            if m.transformer_impl != "transformer_engine":
+                errors.append("--sequence-parallel needs --transformer-impl transformer_engine: the local "
+                              "spec's torch LayerNorm / RMSNorm do not reduce their gradients over the sequence "
+                              "split")
+            if tp >= 1 and m.seq_length % tp:
+                errors.append(f"--sequence-parallel needs the sequence length {m.seq_length} divisible by TP {tp}")
+            if deepspeed:
+                errors.append("--sequence-parallel is a megatron-backend option (the DeepSpeed backend runs "
+                              "the local layer spec)")
+        return errors

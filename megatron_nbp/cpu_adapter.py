@@ -5,9 +5,11 @@ megatron-core assumes CUDA in four ways (measured in ../shared/FACTS.md):
 1. ``torch.cuda.current_device()`` used as a device (p2p receive buffers, DDP grad buffers, ...);
 2. ``torch.cuda.synchronize()`` after every pipeline transfer;
 3. the model-parallel RNG tracker stores and swaps *CUDA* generator states;
-4. literal ``device="cuda"`` factory calls (schedules, optimizer, grad clipping),
-   ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in grad clipping, and ``tensor.cuda()``
-   (e.g. the tied-embedding all-reduce between first and last pipeline stage).
+4. literal ``device="cuda"`` factory calls (schedules, optimizer, grad clipping, the fp16 loss
+   scaler), ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in grad clipping and in the
+   constructors of the mixed-precision and distributed optimizers (which sort parameters into
+   fp32 / fp16 / bf16 by their CUDA type name), and ``tensor.cuda()`` (e.g. the tied-embedding
+   all-reduce between first and last pipeline stage).
 
 :func:`apply_cpu_adapter` patches exactly those places, and only when ``torch.cuda.is_available()``
 is False: on a GPU machine it returns without touching anything, so GPU behaviour is never changed.
@@ -35,6 +37,7 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.transformer.utils",
     "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex/TE)
+    "megatron.core.optimizer.grad_scaler",  # fp16 loss scale tensors
 )
 _FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor")
 
@@ -134,6 +137,32 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _cuda_type_name(tensor: torch.Tensor, *args, **kwargs):
+    """``Tensor.type()`` as megatron's optimizers expect it: with no argument, a CPU tensor reports the
+    CUDA type name of its dtype ('torch.cuda.BFloat16Tensor'); with an argument it converts as usual."""
+    if args or kwargs or tensor.device.type != "cpu":
+        return _TENSOR_TYPE(tensor, *args, **kwargs)
+    return _TENSOR_TYPE(tensor).replace("torch.", "torch.cuda.", 1)
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _with_cuda_type_names(cls: type) -> None:
+    """Run ``cls.__init__`` with :func:`_cuda_type_name` as ``Tensor.type`` (restored afterwards)."""
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        torch.Tensor.type = _cuda_type_name
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+
+
 def apply_cpu_adapter() -> bool:
     """Patch megatron-core for CPU execution if (and only if) CUDA is unavailable.
 
@@ -171,6 +200,10 @@ def apply_cpu_adapter() -> bool:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _with_cuda_type_names(optimizer.Float16OptimizerWithFloat16Params)
+    _with_cuda_type_names(DistributedOptimizer)
 
     _APPLIED = True
     return True

@@ -14,7 +14,9 @@ divides it by the gradient-accumulation steps and averages gradients over data-p
 megatron schedule + DDP do; the optimizer is torch AdamW on megatron's parameter groups (no weight
 decay on biases and norms), which is what megatron-core uses when neither TE nor Apex is installed;
 clipping is DeepSpeed's ``gradient_clipping`` (clip / (norm + 1e-6), as megatron's clip_grad_norm).
-bf16 on GPU (fp32 master weights in the ZeRO optimizer). A non-finite loss or gradient on any rank skips
+Precision is the run's ``train.precision`` (bf16 by default on GPU, fp32 on CPU; fp16 with DeepSpeed's
+dynamic loss scaling), always with fp32 master weights in the ZeRO optimizer. Devices and batches are
+placed as in the megatron backend (megatron_nbp.device). A non-finite loss or gradient on any rank skips
 the update on every rank, as in the megatron backend (see :func:`deepspeed_train_step`).
 """
 
@@ -34,8 +36,9 @@ from megatron_nbp.config import NBPConfig
 from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 from megatron_nbp.model.builder import build_gpt_model
 from megatron_nbp.parallel import print_rank_0
-from megatron_nbp.training import (build_data_iterator, build_scheduler, make_forward_step, optimizer_config,
-                                   reduce_losses, report_resume, start_job, training_loop)
+from megatron_nbp.device import DevicePlan, device_plan
+from megatron_nbp.training import (_loss_contribution, build_data_iterator, build_scheduler, make_forward_step,
+                                   optimizer_config, report_resume, start_job, training_loop)
 
 
 class MegatronMPU:
@@ -65,13 +68,14 @@ class MegatronMPU:
         return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
 
 
-def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: NBPConfig, dp_size: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed engine config (a JSON-able dict) for ``cfg``.
 
     Batch sizes and gradient accumulation from ``cfg.train`` (global = micro x accumulation x DP),
     ``gradient_clipping`` = train.clip_grad (DeepSpeed would otherwise clip at 1.0 silently), ZeRO stage
     and optimizer offload from ``cfg.deepspeed`` with ``config_file``'s zero_optimization merged under
-    them, bf16 only when ``bf16``. Logging and step printing are left to the training loop.
+    them, ``precision`` ("bf16", "fp16" with the run's loss-scaling settings mapped to DeepSpeed's, or
+    "fp32"). Logging and step printing are left to the training loop.
 
     ``cfg`` must have passed ``NBPConfig.validate`` (which refuses, e.g., a ``config_file`` that turns off
     ``zero_optimization.compute_grad_norm``, needed by the non-finite step skip).
@@ -91,8 +95,8 @@ def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]
         "zero_optimization": zero,
         # check_grad_overflow (DeepSpeed's default, explicit here): bf16 ZeRO-1/2 skips a step whose gradient
         # norm is not finite, as fp32 and ZeRO-3 always do (deepspeed_train_step relies on it)
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
-        "fp16": {"enabled": False},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": _fp16_section(t) if precision == "fp16" else {"enabled": False},
         # torch AdamW is the client optimizer (megatron's choice without TE/Apex); DeepSpeedCPUAdam
         # replaces it under offload on GPU (see build_optimizer).
         "zero_allow_untested_optimizer": True,
@@ -103,6 +107,15 @@ def deepspeed_config(cfg: NBPConfig, dp_size: int, bf16: bool) -> dict[str, Any]
     # No "data_types.grad_accum_dtype": fp32 with bf16 would switch ZeRO-1 to DeepSpeed's BF16_Optimizer,
     # whose checkpoints zero_to_fp32 (the converter) does not read.
     return config
+
+
+def _fp16_section(t) -> dict[str, Any]:
+    """DeepSpeed's fp16 section from Megatron-LM's loss-scaling settings (``loss_scale`` 0 = dynamic)."""
+    import math
+
+    return {"enabled": True, "loss_scale": t.loss_scale or 0,
+            "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
+            "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis, "min_loss_scale": t.min_loss_scale}
 
 
 def build_optimizer(module: torch.nn.Module, cfg: NBPConfig, use_gpu: bool) -> torch.optim.Optimizer:
@@ -136,34 +149,41 @@ def _skip_shm_comm_build() -> None:
 @dataclass
 class DeepSpeedState:
     """One rank's DeepSpeed engine (wrapping the GPTModel and the ZeRO optimizer), the LR scheduler
-    (megatron's, on the engine's parameter groups) and the forward step shared with the megatron backend."""
+    (megatron's, on the engine's parameter groups), the forward step shared with the megatron backend,
+    the precision, fp16's minimum loss scale and whether the last skip was a loss-scale overflow."""
 
     engine: Any
     scheduler: OptimizerParamScheduler
     forward_step: Callable
+    precision: str = "fp32"
+    min_loss_scale: float = 1.0
+    last_skip_was_overflow: bool = False
 
 
-def build_deepspeed_state(cfg: NBPConfig) -> DeepSpeedState:
+def build_deepspeed_state(cfg: NBPConfig, plan: DevicePlan | None = None) -> DeepSpeedState:
     """GPTModel of this rank (built exactly as the megatron backend builds it, so the same seed gives
-    the same weights), wrapped by ``deepspeed.initialize`` with :class:`MegatronMPU`.
-    parallel_state must be initialised with PP = 1."""
+    the same weights, on ``plan.device`` in the run's precision), wrapped by ``deepspeed.initialize``
+    with :class:`MegatronMPU`. parallel_state must be initialised with PP = 1."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    use_gpu = torch.cuda.is_available()
+    plan = plan or device_plan()
+    use_gpu = plan.is_cuda
     if not use_gpu:
         _skip_shm_comm_build()
-    module = build_gpt_model(cfg.model, params_dtype=torch.bfloat16 if use_gpu else torch.float32)
+    precision = plan.resolve_precision(cfg.train.precision)
+    module = build_gpt_model(cfg.model, precision=precision, plan=plan, train=cfg.train)
     if cfg.deepspeed.stage == 3 and module.share_embeddings_and_output_weights:
         # the output layer reads the embedding's (ZeRO-3 partitioned) weight outside the embedding's forward
         deepspeed.zero.register_external_parameter(module.output_layer, module.shared_embedding_or_output_weight())
     optimizer = build_optimizer(module, cfg, use_gpu)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, mpu=MegatronMPU, dist_init_required=False,
-        config=deepspeed_config(cfg, parallel_state.get_data_parallel_world_size(), bf16=use_gpu),
+        config=deepspeed_config(cfg, parallel_state.get_data_parallel_world_size(), precision),
     )
     scheduler = build_scheduler(engine.optimizer, cfg.train)
-    return DeepSpeedState(engine, scheduler, make_forward_step(cfg.model, cfg.train.pkeep))
+    return DeepSpeedState(engine, scheduler, make_forward_step(cfg.model, cfg.train.pkeep, plan), precision,
+                          cfg.train.min_loss_scale)
 
 
 def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches: int):
@@ -184,6 +204,11 @@ def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches:
     the same DeepSpeed skip. Whether the step was applied (``engine.was_step_applied()``) is all-reduced
     again (MIN) so every rank reports the same; the scheduler steps only when it was.
 
+    Host reads per iteration: the loss flag before the last backward (one fused check of every
+    micro-batch, one all-reduce) and, after the step, one all-reduce carrying "applied" and the loss.
+    Under fp16 an overflow skip by DeepSpeed's dynamic loss scaler above its minimum scale sets
+    ``state.last_skip_was_overflow`` (a normal event of loss scaling, not a fault).
+
     Returns:
         (loss: token-weighted mean over micro-batches and DP ranks, float (nan/inf on a skipped step);
         grad_norm: float, before clipping, nan on a skipped step; update_ok: bool, False if the update
@@ -194,32 +219,43 @@ def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches:
     """
     engine = state.engine
     reported = []
+    losses_finite = True
     for i in range(num_microbatches):
         output, loss_fn = state.forward_step(data_iterator, engine)
         loss_sum, num_tokens, logged = loss_fn(output)
         reported.append(logged)
         loss = loss_sum / num_tokens.clamp(min=1)
-        if i == num_microbatches - 1 and not _on_every_rank(all(bool(torch.isfinite(x["lm loss"]).all())
-                                                                for x in reported)):
-            loss = loss * float("nan")  # every gradient NaN -> DeepSpeed's overflow path skips the step
+        if i == num_microbatches - 1:
+            mine = torch.isfinite(torch.stack([x["lm loss"] for x in reported])).all()
+            losses_finite = _on_every_rank(mine)
+            if not losses_finite:
+                loss = loss * float("nan")  # every gradient NaN -> DeepSpeed's overflow path skips the step
         engine.backward(loss)
         engine.step()
     applied = bool(engine.was_step_applied())
-    update_ok = _on_every_rank(applied)
-    if applied != update_ok:
-        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed applied the update here but skipped it on another "
-                           "rank; the data-parallel replicas no longer agree")
-    if not update_ok:
-        return reduce_losses(reported), float("nan"), False
+    not_applied = torch.tensor([0.0 if applied else 1.0], device=loss.device)
+    total = torch.cat([not_applied, _loss_contribution(reported, loss.device)])
+    dist.all_reduce(total)
+    skipped_ranks, loss_sum, tokens = total.tolist()
+    mean_loss = loss_sum / max(tokens, 1.0)
+    if skipped_ranks not in (0, dist.get_world_size()):
+        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed applied the update on some ranks but skipped it on "
+                           "others; the data-parallel replicas no longer agree")
+    state.last_skip_was_overflow = False
+    if skipped_ranks:
+        scale = getattr(engine.optimizer, "loss_scale", None)
+        state.last_skip_was_overflow = (state.precision == "fp16" and losses_finite and scale is not None
+                                        and float(scale) > state.min_loss_scale)
+        return mean_loss, float("nan"), False
     state.scheduler.step(increment=1)
     grad_norm = engine.get_global_grad_norm()
-    return reduce_losses(reported), float(grad_norm if grad_norm is not None else 0.0), True
+    return mean_loss, float(grad_norm if grad_norm is not None else 0.0), True
 
 
-def _on_every_rank(flag: bool) -> bool:
-    """``flag`` and-ed over every rank of the world (an int32 MIN all-reduce; collective)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
-                     device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+def _on_every_rank(flag: torch.Tensor) -> bool:
+    """A bool tensor ``flag`` and-ed over every rank of the world (an int32 MIN all-reduce; collective;
+    one host read)."""
+    t = flag.to(torch.int32).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
@@ -228,13 +264,13 @@ def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:
     """The training job with ``train.backend: deepspeed``; same contract as megatron_nbp.training.pretrain
     (per-iteration losses on the logging rank, resume from ``cfg.load``, saves per the intervals)."""
     p = cfg.parallel
-    dp_size, num_microbatches = start_job(cfg, 1)
-    state = build_deepspeed_state(cfg)
+    plan, dp_size, num_microbatches = start_job(cfg, 1)
+    state = build_deepspeed_state(cfg, plan)
     print_rank_0(
         f"> DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "
         f"TP={p.tensor_model_parallel_size} DP={dp_size} | micro-batches per iteration: {num_microbatches} | "
         f"seq length {cfg.model.seq_length} | block size {cfg.model.block_size} | "
-        f"padded vocab {cfg.model.padded_vocab_size} | {'bf16' if torch.cuda.is_available() else 'fp32'}"
+        f"padded vocab {cfg.model.padded_vocab_size} | {state.precision}"
     )
     model_config = cfg.to_dict()["model"]
     iteration, consumed = 0, 0
@@ -248,4 +284,5 @@ def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:
         save=lambda it, seen: save_deepspeed_checkpoint(cfg.save, it, state.engine, state.scheduler, seen,
                                                         model_config, cfg.deepspeed.stage),
         current_lr=lambda: state.engine.optimizer.param_groups[0]["lr"],
+        plan=plan, overflow_skip=lambda: state.last_skip_was_overflow,
     )

@@ -69,7 +69,8 @@ def block_causal_block_mask(block_ids: torch.Tensor, key_padding: torch.Tensor |
     """FlexAttention BlockMask of the same rule: no dense S x S tensor; fully masked tiles are skipped.
 
     Args:
-        block_ids: int64 [B, S] block ids (B = 1 broadcasts over the batch).
+        block_ids: int64 [B, S] block ids (B = 1 without padding broadcasts over any batch: the mask
+            function then ignores the batch index flex_attention calls it with).
         key_padding: optional bool [B, S], True at padding keys.
         device: where the BlockMask lives (default: that of ``block_ids``).
 
@@ -82,12 +83,17 @@ def block_causal_block_mask(block_ids: torch.Tensor, key_padding: torch.Tensor |
     ids = block_ids.to(device)
     pad = None if key_padding is None else key_padding.to(device)
     batch, seq = ids.shape
+    if batch == 1 and pad is None:  # shared by every sample: mask_mod is called with the real batch index
+        shared = ids[0]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = may_attend(ids[b, q_idx], ids[b, kv_idx])
-        if pad is None:
-            return allowed
-        return (allowed & ~pad[b, kv_idx]) | (pad[b, q_idx] & (q_idx == kv_idx))
+        def mask_mod(b, h, q_idx, kv_idx):
+            return may_attend(shared[q_idx], shared[kv_idx])
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = may_attend(ids[b, q_idx], ids[b, kv_idx])
+            if pad is None:
+                return allowed
+            return (allowed & ~pad[b, kv_idx]) | (pad[b, q_idx] & (q_idx == kv_idx))
 
     # compiled construction (CUDA) evaluates mask_mod tile by tile instead of materialising S x S
     compile_it = torch.device(device).type == "cuda"

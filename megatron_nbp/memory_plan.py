@@ -43,8 +43,17 @@ layer and micro-batch, derived term by term for this layer (megatron local spec)
                          1-byte dropout mask, dropped probabilities; the paper's 5 a s^2 b at e = 2)
 
 With e = 2, m = 1, GELU (f = 4 h) and the paper's score term this is the paper's 10 + 24 / t + 5 a s / (h t)
-up to the kernel's saved output (+ 2 / t). Full recomputation keeps each layer's input (s b h e, the
-paper's 2 s b h) and rebuilds one layer at a time (+ one layer's activations). Per stage: the 1F1B
+up to the kernel's saved output (+ 2 / t). Sequence parallelism (Korthikanti et al. section 4.2.2) splits
+the replicated terms over TP as well (they become s b h (4 e + 2 m) / t).
+
+Recomputation, as megatron-core's ``--recompute-*`` options run it:
+  full, uniform, n layers per chunk: each chunk keeps its input (s b h e, the paper's 2 s b h; / t under
+    sequence parallelism) and backward rebuilds one chunk at a time (+ n layers' activations);
+  full, block, n layers: the first n layers of each stage keep only their inputs, the others everything
+    (+ one layer's activations while it is rebuilt);
+  selective (core attention): each layer drops what the attention kernel keeps for itself (its output,
+    e s b h / t, and the dense path's score terms) and backward rebuilds one layer's attention.
+Per stage: the 1F1B
 schedule keeps min(p - k, micro-batches) micro-batches in flight on stage k (p on the first stage);
 the first stage adds the embedding dropout mask (m s b h), the dense path keeps the boolean S x S mask
 once (s^2), and the last stage adds the final norm and output-layer inputs (2 e s b h) and the logits
@@ -62,16 +71,20 @@ from megatron_nbp.model.params import count_parameters
 
 GIB = 2 ** 30
 
-# bytes per parameter: (weights, gradients, optimizer state)
-STATE_BYTES = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
-ACTIVATION_BYTES = {"bf16": 2, "fp32": 4}
+# bytes per parameter: (weights, gradients, optimizer state); fp16 as bf16 (fp32 main params and grads)
+STATE_BYTES = {"bf16": (2, 4, 12), "fp16": (2, 4, 12), "fp32": (4, 4, 8)}
+ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A training layout. ``zero_stage`` 0 = plain data parallel (megatron DDP), 1 = optimizer state
-    sharded (megatron distributed optimizer or DeepSpeed ZeRO-1), 2 / 3 = DeepSpeed ZeRO-2 / 3
-    (TP x DP only). ``recompute``: "none" or "full" (every layer recomputed in backward)."""
+    """A training layout, in the trainer's terms (:meth:`from_config` reads it off a run's config).
+
+    ``zero_stage`` 0 = plain data parallel (megatron DDP), 1 = optimizer state sharded (megatron's
+    ``--use-distributed-optimizer``; DeepSpeed ZeRO-1 holds the same), 2 / 3 = DeepSpeed ZeRO-2 / 3 (TP x
+    DP only). ``recompute``: "none", "full" or "selective" (megatron's ``--recompute-granularity``) with
+    ``recompute_method`` / ``recompute_num_layers`` for "full" (default: uniform, 1 layer per chunk, i.e.
+    every layer). ``sequence_parallel``: megatron's ``--sequence-parallel``."""
 
     tp: int = 1
     pp: int = 1
@@ -82,11 +95,31 @@ class Layout:
     precision: str = "bf16"
     grad_dtype: str = "fp32"
     recompute: str = "none"
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    sequence_parallel: bool = False
 
     @property
     def num_microbatches(self) -> int:
         """Micro-batches per iteration and data-parallel rank: global / (micro x DP)."""
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def full_recompute(self) -> tuple[str, int]:
+        """("uniform" | "block", layers) of a full recompute, megatron's defaults filled in."""
+        return self.recompute_method or "uniform", self.recompute_num_layers or 1
+
+    @classmethod
+    def from_config(cls, cfg: NBPConfig, dp: int, precision: str = "bf16") -> "Layout":
+        """The layout a run of ``cfg`` on ``dp`` data-parallel replicas trains with (``precision`` stands
+        for the config's "auto": bf16 on GPU)."""
+        t, p = cfg.train, cfg.parallel
+        zero = cfg.deepspeed.stage if t.backend == "deepspeed" else (1 if t.use_distributed_optimizer else 0)
+        return cls(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp, zero_stage=zero,
+                   micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                   precision=precision if t.precision == "auto" else t.precision,
+                   recompute=t.recompute_granularity or "none", recompute_method=t.recompute_method,
+                   recompute_num_layers=t.recompute_num_layers, sequence_parallel=p.sequence_parallel)
 
 
 @dataclass
@@ -148,8 +181,8 @@ def check_layout(cfg: NBPConfig, layout: Layout) -> None:
         errors.append(f"precision={layout.precision!r} not in {tuple(STATE_BYTES)}")
     if layout.grad_dtype not in ("fp32", "bf16") or (layout.precision == "fp32" and layout.grad_dtype != "fp32"):
         errors.append(f"grad_dtype={layout.grad_dtype!r}: fp32, or bf16 under bf16 precision")
-    if layout.recompute not in ("none", "full"):
-        errors.append(f"recompute={layout.recompute!r} not in ('none', 'full')")
+    if layout.recompute not in ("none", "full", "selective"):
+        errors.append(f"recompute={layout.recompute!r} not in ('none', 'full', 'selective')")
     if layout.dp < 1:
         errors.append(f"data-parallel size must be >= 1, got {layout.dp}")
     if errors:
@@ -163,7 +196,17 @@ def check_layout(cfg: NBPConfig, layout: Layout) -> None:
     cfg.set("train.backend", "deepspeed" if layout.zero_stage >= 2 else "megatron")
     if layout.zero_stage >= 2:
         cfg.set("deepspeed.zero_stage", layout.zero_stage)
-    cfg.validate(world_size=layout.tp * layout.pp * layout.dp)
+    else:
+        cfg.set("train.use_distributed_optimizer", layout.zero_stage == 1)
+        cfg.set("train.overlap_param_gather", cfg.train.overlap_param_gather and layout.zero_stage == 1)
+    cfg.set("train.precision", layout.precision)
+    cfg.set("parallel.sequence_parallel", layout.sequence_parallel)
+    recompute = None if layout.recompute == "none" else layout.recompute
+    cfg.set("train.recompute_granularity", recompute)
+    method, layers = layout.full_recompute if recompute == "full" else (None, None)
+    cfg.set("train.recompute_method", method)
+    cfg.set("train.recompute_num_layers", layers)
+    cfg.validate(world_size=layout.tp * layout.pp * layout.dp)  # the trainer's own checks
 
 
 def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -190,22 +233,33 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def layer_activation_bytes(model: ModelConfig, layout: Layout) -> int:
-    """Activations one transformer layer keeps for backward for one micro-batch without recompute,
-    bytes, on one GPU (module doc)."""
-    s, b, h, a, f = (model.seq_length, layout.micro_batch_size, model.hidden_size,
-                     model.num_attention_heads, model.ffn_hidden_size)
+def attention_kernel_bytes(model: ModelConfig, layout: Layout) -> int:
+    """What the core-attention kernel of one layer keeps for itself for one micro-batch (its output,
+    and the dense path's score terms), bytes: what selective recomputation drops (module doc)."""
+    s, b, h, a = model.seq_length, layout.micro_batch_size, model.hidden_size, model.num_attention_heads
     t, e = layout.tp, ACTIVATION_BYTES[layout.precision]
-    m = 1 if model.hidden_dropout > 0 else 0
-    g = 5 if model.activation == "swiglu" else 2
-    composite_norm = model.normalization == "RMSNorm" and getattr(model, "transformer_impl", "local") == "local"
-    replicated = 4 * e + 2 * m + (2 * e if composite_norm else 0)
-    total = s * b * h * replicated + s * b * (5 * e * h + g * e * f) // t
+    total = s * b * e * h // t
     if model.attention_backend == "dense":
         total += s * s * e
         if model.attention_dropout > 0:
             total += a * s * s * b * (2 * e + 1) // t
     return total
+
+
+def layer_activation_bytes(model: ModelConfig, layout: Layout) -> int:
+    """Activations one transformer layer keeps for backward for one micro-batch without recompute,
+    bytes, on one GPU (module doc; sequence parallelism splits the replicated terms)."""
+    s, b, h, f = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_hidden_size
+    t, e = layout.tp, ACTIVATION_BYTES[layout.precision]
+    m = 1 if model.hidden_dropout > 0 else 0
+    g = 5 if model.activation == "swiglu" else 2
+    composite_norm = model.normalization == "RMSNorm" and getattr(model, "transformer_impl", "local") == "local"
+    replicated = s * b * h * (4 * e + 2 * m + (2 * e if composite_norm else 0))
+    if layout.sequence_parallel:
+        replicated //= t
+    # q, k, v, the output projection's input and the MLP terms; the kernel's own output is counted in
+    # attention_kernel_bytes
+    return replicated + s * b * (4 * e * h + g * e * f) // t + attention_kernel_bytes(model, layout)
 
 
 def stage_activation_bytes(model: ModelConfig, layout: Layout, stage: int) -> dict[str, int]:
@@ -217,13 +271,23 @@ def stage_activation_bytes(model: ModelConfig, layout: Layout, stage: int) -> di
     layers = model.num_layers // pp
     per_layer = layer_activation_bytes(model, layout)
     parts = {}
+    layer_input = s * b * h * e // (t if layout.sequence_parallel else 1)
     if layout.recompute == "full":
-        parts["layers"] = in_flight * layers * s * b * h * e
-        parts["recompute"] = per_layer
+        method, n = layout.full_recompute
+        if method == "uniform":  # one input per chunk of n layers, a chunk rebuilt at a time
+            parts["layers"] = in_flight * _cdiv(layers, n) * layer_input
+            parts["recompute"] = n * per_layer
+        else:                    # block: the first n layers of the stage keep only their inputs
+            parts["layers"] = in_flight * (n * layer_input + (layers - n) * per_layer)
+            parts["recompute"] = per_layer
+    elif layout.recompute == "selective":
+        kernel = attention_kernel_bytes(model, layout)
+        parts["layers"] = in_flight * layers * (per_layer - kernel)
+        parts["recompute"] = kernel
     else:
         parts["layers"] = in_flight * layers * per_layer
     if stage == 0 and model.hidden_dropout > 0:
-        parts["embedding"] = in_flight * s * b * h
+        parts["embedding"] = in_flight * s * b * h // (t if layout.sequence_parallel else 1)
     if model.attention_backend == "dense":
         parts["mask"] = s * s
     if stage == pp - 1:
@@ -265,13 +329,14 @@ def divisors(n: int) -> list[int]:
 
 def sweep(cfg: NBPConfig, num_gpus: int, micro_batch_size: int, global_batch_size: int,
           precision: str = "bf16", grad_dtype: str = "fp32", tps=None, pps=None, zero_stages=None,
-          ) -> tuple[list[tuple[MemoryPlan, MemoryPlan]], list[tuple[Layout, str]]]:
+          **options) -> tuple[list[tuple[MemoryPlan, MemoryPlan]], list[tuple[Layout, str]]]:
     """Every layout of ``num_gpus`` GPUs: TP in ``tps`` and PP in ``pps`` (default: every divisor),
     DP = num_gpus / (TP PP), ZeRO stage in ``zero_stages`` (default 0..3; stages > 0 only when DP > 1,
-    where they change something).
+    where they change something). ``options``: further :class:`Layout` fields (recompute, sequence
+    parallelism) for every layout.
 
     Returns:
-        ([(plan without recompute, plan with full recompute), ...], [(invalid layout, first reason), ...]).
+        ([(plan as given, plan with full recompute), ...], [(invalid layout, first reason), ...]).
     """
     plans, skipped = [], []
     for tp in tps or divisors(num_gpus):
@@ -282,7 +347,8 @@ def sweep(cfg: NBPConfig, num_gpus: int, micro_batch_size: int, global_batch_siz
             for zero in zero_stages if zero_stages is not None else range(4):
                 if zero and dp == 1 and zero_stages is None:
                     continue
-                layout = Layout(tp, pp, dp, zero, micro_batch_size, global_batch_size, precision, grad_dtype)
+                layout = Layout(tp, pp, dp, zero, micro_batch_size, global_batch_size, precision, grad_dtype,
+                                **options)
                 try:
                     plans.append((plan_memory(cfg, layout), plan_memory(cfg, replace(layout, recompute="full"))))
                 except ConfigError as exc:
@@ -295,5 +361,5 @@ def gib(n: int) -> float:
     return n / GIB
 
 
-__all__ = ["GIB", "Layout", "MemoryPlan", "StageMemory", "check_layout", "divisors", "gib",
+__all__ = ["GIB", "Layout", "MemoryPlan", "StageMemory", "attention_kernel_bytes", "check_layout", "divisors", "gib",
            "layer_activation_bytes", "plan_memory", "stage_activation_bytes", "stage_parameters", "sweep"]

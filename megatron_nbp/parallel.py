@@ -13,19 +13,27 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_nbp.cpu_adapter import apply_cpu_adapter
+from megatron_nbp.device import DevicePlan, activate, device_plan
 
 
 def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                        seed: int = 1234, timeout_minutes: int = 30) -> None:
-    """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron's TP/PP/DP groups; seed RNGs.
+                        seed: int = 1234, timeout_minutes: int = 30) -> DevicePlan:
+    """Choose this process's device (:func:`megatron_nbp.device.device_plan`: ``cuda:LOCAL_RANK`` and
+    nccl on GPU, the CPU and gloo elsewhere), start torch.distributed and megatron's TP/PP/DP groups;
+    seed RNGs.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as set by torchrun; a plain
     ``python`` run becomes a world of one (a free local port is used).
+
+    Returns:
+        The device plan every later step of the job uses (model, batches, masks).
 
     Raises:
         ValueError: if WORLD_SIZE is not divisible by TP x PP.
     """
     apply_cpu_adapter()
+    plan = device_plan()
+    activate(plan)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tensor_parallel_size * pipeline_parallel_size):
         raise ValueError(
@@ -36,16 +44,14 @@ def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: i
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend=plan.distributed_backend, timeout=timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
         )
     set_seed(seed)
+    return plan
 
 
 def set_seed(seed: int) -> None:

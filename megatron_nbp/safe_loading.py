@@ -139,6 +139,23 @@ class CheckpointMetadataUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(f"refusing persistent id {pid!r} in checkpoint metadata")
 
 
+def read_megatron_metadata(ckpt_dir: str | os.PathLike):
+    """The ``.metadata`` index of a megatron-core ``torch_dist`` checkpoint, unpickled with
+    :class:`CheckpointMetadataUnpickler` (torch.distributed.checkpoint's ``Metadata``: its
+    ``state_dict_metadata`` maps every saved key to its size and dtype).
+
+    Raises:
+        UnsafeCheckpointError: the index needs a global outside the allowed set.
+        FileNotFoundError: no index.
+    """
+    path = Path(ckpt_dir) / ".metadata"
+    with open(path, "rb") as f:
+        try:
+            return CheckpointMetadataUnpickler(f).load()
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"{path}: {err}") from err
+
+
 def verify_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
     """Check every pickled object of a megatron-core ``torch_dist`` checkpoint directory before megatron
     loads it: ``common.pt``, the ``.metadata`` index (:class:`CheckpointMetadataUnpickler`) and each bytes
@@ -154,11 +171,7 @@ def verify_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "common.pt").is_file():
         verify_torch_files([ckpt_dir / "common.pt"])
-    with open(ckpt_dir / ".metadata", "rb") as f:
-        try:
-            metadata = CheckpointMetadataUnpickler(f).load()
-        except UnsafeCheckpointError as err:
-            raise UnsafeCheckpointError(f"{ckpt_dir / '.metadata'}: {err}") from err
+    metadata = read_megatron_metadata(ckpt_dir)
     for index, info in metadata.storage_data.items():
         if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             continue

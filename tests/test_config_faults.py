@@ -88,6 +88,33 @@ INVALID = {
         "pipeline parallel size 2 with the DeepSpeed backend"),
     "unknown ZeRO stage": (["--backend", "deepspeed"],
                            "deepspeed:\n  zero_stage: 4\n", 2, "deepspeed.zero_stage=4 not in (1, 2, 3)"),
+    "unknown precision": ([], "train:\n  precision: fp8\n", 1,
+                          "train.precision='fp8' not in ('auto', 'bf16', 'fp16', 'fp32')"),
+    "overlapped parameter gather without the distributed optimizer": (
+        ["--overlap-param-gather"], None, 2,
+        "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
+    "distributed optimizer with the DeepSpeed backend": (
+        ["--backend", "deepspeed", "--use-distributed-optimizer"], None, 2,
+        "--use-distributed-optimizer is a megatron-backend option: ZeRO-1/2/3 already shard the optimizer state"),
+    "full recompute without a method": (
+        ["--recompute-granularity", "full", "--recompute-num-layers", "1"], None, 1,
+        "--recompute-granularity full needs --recompute-method uniform|block, got None"),
+    "full recompute of more layers than a stage holds": (
+        ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3", "--pp", "2"],
+        None, 2, "--recompute-num-layers in [1, 2] (layers per pipeline stage), got 3"),
+    "uniform recompute chunks that do not divide the stage": (
+        ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "3"], None, 1,
+        "--recompute-num-layers 3 must divide the 4 layers of a pipeline stage"),
+    "selective recompute with a layer count": (
+        ["--recompute-granularity", "selective", "--recompute-num-layers", "2"], None, 1,
+        "--recompute-granularity selective recomputes the core attention of every layer"),
+    "sequence parallel with the local layer spec": (
+        ["--sequence-parallel", "--tp", "2"], None, 2, "--sequence-parallel needs --transformer-impl transformer_engine"),
+    "sequence parallel without tensor parallelism": (
+        ["--sequence-parallel"], None, 1, "--sequence-parallel splits activations across the tensor-parallel group"),
+    "flex attention training on a CPU": (
+        ["--attention-backend", "flex"], None, 1,
+        "--attention-backend flex trains on CUDA only (torch's FlexAttention has no CPU backward)"),
 }
 
 
@@ -123,7 +150,11 @@ def test_every_problem_of_a_config_is_listed_at_once(spies, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("flags,world", [(["--tp", "2", "--pp", "2"], 4),
                                          (["--backend", "deepspeed", "--zero-stage", "3", "--tp", "2"], 4),
-                                         (["--max-position-embeddings", "312"], 1)])
+                                         (["--max-position-embeddings", "312"], 1),
+                                         (["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                           "--overlap-param-gather", "--recompute-granularity", "full",
+                                           "--recompute-method", "block", "--recompute-num-layers", "2", "--pp", "2"],
+                                          4)])
 def test_a_valid_config_gets_past_validation(flags, world, spies, tmp_path, monkeypatch):
     """Control: the same launcher path with a valid config reaches the data check (so the spies work)."""
     monkeypatch.setenv("WORLD_SIZE", str(world))

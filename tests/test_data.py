@@ -9,7 +9,7 @@ import torch
 
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.data import DataError, TokenClipStream, micro_batches
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 
 LATENT = (5, 4, 4)
 

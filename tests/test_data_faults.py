@@ -12,7 +12,7 @@ import pytest
 from data_prep.shards import iter_shard, iter_shard_readable, shard_name
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.data import DataError, TokenClipStream, check_manifest
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 
 LATENT = (5, 4, 4)
 PER_SHARD = 7  # 30 clips: shards 0..3 hold 7, shard 4 holds 2

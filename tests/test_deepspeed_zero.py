@@ -22,7 +22,7 @@ from megatron_nbp.deepspeed_checkpointing import LATEST_TAG_FILE
 from megatron_nbp.inference.model import load_inference_model
 from megatron_nbp.masks import block_causal_allowed
 from tests.dist_utils import REPO, run, torchrun
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 from tests.workers.tp_pp_worker import micro_batches, model_positions
 
 CONFIG = "tests/configs/tiny_test.yaml"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,11 @@
-"""GPU-only checks (skipped without CUDA; CI has no GPU): compiled FlexAttention against the dense
-reference in fp32 and bf16, and the Transformer Engine layer spec against the local spec."""
+"""GPU-only checks (skipped without CUDA; CI has no GPU): the project's compiled FlexAttention core
+attention against the dense one in fp32 and bf16, a bf16 and an fp32 training step on the GPU, and the
+Transformer Engine layer spec against the local spec. Run by bench/gpu_check.sh."""
 
 import pytest
 import torch
 
 from megatron_nbp.layouts import frame_prediction_block_ids, hybrid_block_ids
-from megatron_nbp.masks import block_causal_allowed, block_causal_block_mask
 from megatron_nbp.model.spec import transformer_engine_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -15,28 +15,80 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _core(cls, heads=16, head_dim=96):
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
+                            attention_dropout=0.0, hidden_dropout=0.0)
+    return cls(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("layout", ["frame_prediction", "hybrid"])
-def test_compiled_flex_matches_dense_forward_and_backward(dtype, tol, layout):
-    """Paper shape: nbp-xl heads (16 x 96), seq 1264 (frame prediction) / 1281 (hybrid), batch 2."""
-    from torch.nn.attention.flex_attention import flex_attention
+def test_the_projects_compiled_flex_attention_matches_dense(dtype, tol, layout):
+    """The project's flex core attention (compiled kernel, tuned kernel options, the BlockMask reached
+    through the training step's mask handle) against the dense core attention in float64, forward and
+    backward. Paper shape: nbp-xl heads (16 x 96), seq 1264 (frame prediction) / 1281 (hybrid), batch 2
+    with a batch-1 mask (shared by the batch, as in training)."""
+    from megatron_nbp.model.attention import ATTENTION_BACKENDS, BlockCausalFlexAttention, BlockCausalSDPAttention
 
     ids = frame_prediction_block_ids(1264, 16) if layout == "frame_prediction" else hybrid_block_ids(1, 1280, 16)
-    ids = ids.cuda().unsqueeze(0)
+    ids = ids.unsqueeze(0)
+    seq = ids.shape[1]
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 16, ids.shape[1], 96, device="cuda", generator=g).to(dtype).requires_grad_()
-               for _ in range(3))
-    allowed = block_causal_allowed(ids).unsqueeze(1)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed)
+    q, k, v = (torch.randn(seq, 2, 16, 96, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(3))
+    dense_mask = ATTENTION_BACKENDS["dense"][1](ids, device="cuda")
+    ref = _core(BlockCausalSDPAttention)(q.double(), k.double(), v.double(), dense_mask)
     ref.square().sum().backward()
     ref_grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=block_causal_block_mask(ids))
+    handle = ATTENTION_BACKENDS["flex"][1](ids, device=torch.device("cuda", torch.cuda.current_device()))
+    out = _core(BlockCausalFlexAttention)(q, k, v, handle)
     out.float().square().sum().backward()
-    assert rel(out, ref) <= tol
+    assert out.dtype == dtype and rel(out, ref) <= tol
     for got, want in zip((q.grad, k.grad, v.grad), ref_grads):
         assert rel(got, want) <= tol
+
+
+def _tiny_state(precision, backend="flex"):
+    from megatron_nbp.config import NBPConfig
+    from megatron_nbp.training import build_training_state
+
+    cfg = NBPConfig.from_yaml("tests/configs/tiny_test.yaml", {"train.precision": precision,
+                                                              "model.attention_backend": backend,
+                                                              "train.lr_warmup_iters": 0})
+    return cfg, build_training_state(cfg)
+
+
+def test_training_runs_on_the_gpu_in_bf16_and_matches_fp32():
+    """One process on the GPU: the model is built on the current CUDA device (no parameter or buffer left
+    on the host), host batches are moved by the forward step, and a bf16 step from the same weights
+    gives the fp32 loss within bf16 tolerance."""
+    from megatron_nbp.checkpointing import unwrap
+    from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed
+    from megatron_nbp.training import train_step
+    from tests.workers.tp_pp_worker import micro_batches
+
+    plan = initialize_parallel(1, 1, seed=0)
+    try:
+        assert plan.is_cuda and plan.distributed_backend == "nccl" and plan.resolve_precision("auto") == "bf16"
+        losses = {}
+        for precision in ("fp32", "bf16"):
+            set_seed(0)
+            cfg, state = _tiny_state(precision)
+            module = unwrap(state.model)
+            assert all(t.is_cuda for t in list(module.parameters()) + list(module.buffers()))
+            assert {p.dtype for p in module.parameters()} == {torch.float32 if precision == "fp32" else torch.bfloat16}
+            batches = micro_batches(cfg)
+            assert not batches[0].tokens.is_cuda  # the step moves them
+            loss, grad_norm, ok = train_step(state, iter(batches), cfg, 4)
+            assert ok and grad_norm > 0
+            losses[precision] = loss
+        assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] <= 1e-2, losses
+    finally:
+        destroy_parallel()
 
 
 def by_checkpoint_key(model):

@@ -151,3 +151,52 @@ def test_estimate_matches_measured_cpu_peak():
     measured = measure(configs, mbs)["measured"]
     planned = estimate(configs, mbs)
     assert 0.75 <= planned / measured <= 1.25, (planned, measured)
+
+
+def test_recompute_options_as_megatron_runs_them():
+    """full/uniform keeps one input per chunk and rebuilds a chunk; full/block keeps only the inputs of the
+    first n layers; selective drops what each attention kernel keeps (output + the dense score terms)."""
+    cfg = cfg_of(*XL, attention_backend="dense", hidden_dropout=0.1)
+    s, b, h, e = cfg.model.seq_length, 2, 1536, 2
+    base = Layout(dp=4, micro_batch_size=b, global_batch_size=64)
+    per_layer = layer_activation_bytes(cfg.model, base)
+    kernel = s * b * e * h + s * s * e             # attention output + the dense mask as a bf16 bias
+    uniform4 = stage_activation_bytes(cfg.model, Layout(dp=4, micro_batch_size=b, global_batch_size=64,
+                                                        recompute="full", recompute_method="uniform",
+                                                        recompute_num_layers=4), 0)
+    assert uniform4["layers"] == (24 // 4) * s * b * h * e and uniform4["recompute"] == 4 * per_layer
+    block10 = stage_activation_bytes(cfg.model, Layout(dp=4, micro_batch_size=b, global_batch_size=64,
+                                                       recompute="full", recompute_method="block",
+                                                       recompute_num_layers=10), 0)
+    assert block10["layers"] == 10 * s * b * h * e + 14 * per_layer and block10["recompute"] == per_layer
+    selective = stage_activation_bytes(cfg.model, Layout(dp=4, micro_batch_size=b, global_batch_size=64,
+                                                         recompute="selective"), 0)
+    assert selective["layers"] == 24 * (per_layer - kernel) and selective["recompute"] == kernel
+    none = stage_activation_bytes(cfg.model, base, 0)["layers"]
+    assert uniform4["layers"] < block10["layers"] < selective["layers"] < none
+
+
+def test_sequence_parallel_splits_the_replicated_activations():
+    cfg = cfg_of(*XL, hidden_dropout=0.1, transformer_impl="transformer_engine")
+    s, b, h, t = cfg.model.seq_length, 4, 1536, 2
+    plain = layer_activation_bytes(cfg.model, Layout(tp=t, dp=4, micro_batch_size=b))
+    sp = layer_activation_bytes(cfg.model, Layout(tp=t, dp=4, micro_batch_size=b, sequence_parallel=True))
+    assert plain - sp == s * b * h * 10 - s * b * h * 10 // t  # (4e + 2m) s b h, now / t as well
+    # Korthikanti et al. eq. 5 (flex: no score term): s b h 34 / t, plus the kernel's saved output 2 / t
+    assert sp == pytest.approx(s * b * h * (34 / t + 2 / t), rel=1e-12)
+
+
+def test_layouts_follow_the_trainer_config_and_its_refusals():
+    cfg = cfg_of(*XL)
+    for key, value in {"train.use_distributed_optimizer": True, "train.precision": "fp16",
+                       "train.recompute_granularity": "full", "train.recompute_method": "block",
+                       "train.recompute_num_layers": 6, "parallel.pipeline_model_parallel_size": 2}.items():
+        cfg.set(key, value)
+    layout = Layout.from_config(cfg, dp=4)
+    assert (layout.pp, layout.dp, layout.zero_stage, layout.precision) == (2, 4, 1, "fp16")
+    assert (layout.recompute, layout.full_recompute) == ("full", ("block", 6))
+    assert plan_memory(cfg, layout).peak.optimizer == 12 * -(-plan_memory(cfg, layout).peak.parameters // 4)
+    with pytest.raises(ConfigError, match="--sequence-parallel needs --transformer-impl transformer_engine"):
+        plan_memory(cfg_of(*XL), Layout(tp=2, dp=4, micro_batch_size=4, sequence_parallel=True))
+    with pytest.raises(ConfigError, match="must divide the 24 layers"):
+        plan_memory(cfg_of(*XL), Layout(micro_batch_size=4, recompute="full", recompute_num_layers=5))

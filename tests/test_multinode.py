@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.dist_utils import REPO, free_port, torchrun
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 from tests.test_resume import tb_losses
 
 CONFIG = "tests/configs/tiny_test.yaml"

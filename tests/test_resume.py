@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from megatron_nbp.checkpointing import LATEST_FILE
 from tests.dist_utils import torchrun
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 
 CONFIG = "tests/configs/tiny_test.yaml"
 LAUNCHER = "launchers/pretrain_nbp.py"

@@ -19,7 +19,7 @@ import torch
 from megatron_nbp.checkpointing import CheckpointError
 from megatron_nbp.safe_loading import UnsafeCheckpointError, safe_torch_load, verify_megatron_checkpoint
 from tests.dist_utils import REPO, free_port, torchrun
-from tests.synthetic import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 
 CONFIG = "tests/configs/tiny_test.yaml"
 LAUNCHER = "launchers/pretrain_nbp.py"

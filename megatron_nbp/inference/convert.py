@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_nbp.checkpointing import CheckpointError, iteration_dir, read_latest_iteration, verify_checkpoint
+from megatron_nbp.checkpointing import (CheckpointError, iteration_dir, read_latest_iteration,
+                                        read_weights_from_main_params, verify_checkpoint)
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference.model import InferenceConfig
 
@@ -60,9 +61,11 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     initialize_parallel(1, 1, seed=0)
     try:
         model = build_gpt_model(model_cfg, 1, 1)
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+        request = model.sharded_state_dict()
+        read_weights_from_main_params(request, ckpt)  # a bf16 / fp16 run's fp32 main params, where saved
+        loaded = dist_checkpointing.load({"model": request}, str(ckpt))
         model.load_state_dict(loaded["model"])
-        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
                    if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     finally:
         destroy_parallel()

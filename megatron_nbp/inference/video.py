@@ -60,12 +60,13 @@ def predict_frames(model: NBPDecoder, tokenizer, clip: np.ndarray, num_samples: 
 
     t, h, w = model.config.latent_shape
     c = condition_frames or model.config.condition_frames
-    tokens = tokenizer.encode(frames_to_tensor(clip).unsqueeze(0))  # [1, T', H', W']
-    recon = tensor_to_frames(tokenizer.decode(tokens)[0])
+    device = next(tokenizer.parameters()).device
+    tokens = tokenizer.encode(frames_to_tensor(clip).unsqueeze(0).to(device))  # [1, T', H', W']
+    recon = tensor_to_frames(tokenizer.decode(tokens)[0].cpu())
     flat = tokens.reshape(1, -1).repeat(num_samples, 1)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=model.embedding.word_embeddings.weight.device).manual_seed(seed)
     result = generate_frame_prediction(model, flat[:, : c * h * w], sampling, generator, progress=progress)
-    decoded = tokenizer.decode(result.tokens.view(num_samples, t, h, w))
+    decoded = tokenizer.decode(result.tokens.view(num_samples, t, h, w).to(device)).cpu()
     return recon, [tensor_to_frames(v) for v in decoded], result
 
 
@@ -86,9 +87,9 @@ def generate_conditional_videos(model: NBPDecoder, tokenizer, condition: torch.T
     from data_prep.video_io import tensor_to_frames
 
     t, h, w = model.config.latent_shape
-    result = generate_hybrid(model, condition, condition_padding, sampling, torch.Generator().manual_seed(seed),
-                             progress=progress)
-    decoded = tokenizer.decode(result.tokens.view(-1, t, h, w))
+    generator = torch.Generator(device=model.embedding.word_embeddings.weight.device).manual_seed(seed)
+    result = generate_hybrid(model, condition, condition_padding, sampling, generator, progress=progress)
+    decoded = tokenizer.decode(result.tokens.view(-1, t, h, w).to(next(tokenizer.parameters()).device)).cpu()
     return [tensor_to_frames(v) for v in decoded], result
 
 

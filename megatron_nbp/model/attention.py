@@ -9,12 +9,14 @@ Two kernels of the one rule in :mod:`megatron_nbp.masks`, each slotting into a m
   masked tiles skipped), compiled on GPU (the fused path), eager on CPU.
 
 ``ATTENTION_BACKENDS`` maps a config name to (core attention class, mask builder); the training step
-builds the mask once per layout with the builder and passes it through GPTModel as ``attention_mask``.
+builds the mask once per layout with the builder and passes it through GPTModel as ``attention_mask``
+(the dense bool mask itself, or for flex a handle to the BlockMask, see :class:`FlexMaskRegistry`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +94,35 @@ class BlockCausalSDPAttention(MegatronModule):
 _compiled_flex = None
 
 
-def _flex_kernel():
-    """flex_attention, compiled on CUDA (fused kernel), eager elsewhere (CPU compile has no backward)."""
+@functools.lru_cache(maxsize=None)
+def flex_kernel_options(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """FlexAttention kernel options for the block-causal mask at this head dimension.
+
+    Always: ``ROWS_GUARANTEED_SAFE`` (every query attends at least to itself under the block-causal rule,
+    padded queries included, see megatron_nbp.masks) and ``BLOCKS_ARE_CONTIGUOUS`` (the visible key
+    tiles of a query tile are one run from the first tile to the diagonal), which let the kernel skip
+    its empty-row guards and walk the tiles as a range.
+
+    Hopper (compute capability 9.0), bf16 / fp16: torch's default forward tiles are tuned for head dims
+    64 / 128 / 256 only and fall back to 64 x 64 with 4 warps for any other; Triton rounds a head dim of
+    96 up to 128 inside the kernel, so heads of 96 (nbp-xl) and 128 (nbp-xxl, nbp-3b) get the H100
+    head-dim-128 forward tiling: BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps. The backward keeps torch's
+    sm90 default (64 / 128 / 128 / 64, 3 stages, 8 warps), already chosen for head dims up to 128.
+    Elsewhere (other GPUs, fp32, CPU) torch's own heuristics are kept.
+
+    Returns:
+        dict for ``flex_attention(..., kernel_options=...)``.
+    """
+    options = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+    if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and 64 < head_dim <= 128
+            and torch.cuda.get_device_capability(device) == (9, 0)):
+        options.update(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=8)
+    return options
+
+
+def flex_kernel():
+    """flex_attention compiled once per process on CUDA (the fused Triton kernel; torch.compile keeps one
+    graph per input shape, so each shape compiles once), eager on CPU (CPU compile has no backward)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -104,15 +133,58 @@ def _flex_kernel():
     return _compiled_flex
 
 
+class FlexMaskRegistry:
+    """BlockMasks by handle, so the flex mask can pass through megatron's activation recomputation.
+
+    megatron's ``tensor_parallel.checkpoint`` (``--recompute-granularity full|selective``) saves the
+    attention mask with ``ctx.save_for_backward``, which takes tensors only; a BlockMask is not one. The
+    training step therefore gives the model a one-element CPU int64 tensor naming a registered mask
+    (reading it is a host read, no device synchronisation), and the flex core attention looks the mask
+    up. The newest ``capacity`` masks are kept: more than the micro-batches a 1F1B schedule holds in
+    flight, each of which may have its own mask (padded text conditions).
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._masks: dict[int, object] = {}
+        self._next = 0
+
+    def register(self, block_mask) -> torch.Tensor:
+        """Store ``block_mask``; returns its handle, int64 [1] on the CPU."""
+        handle = self._next
+        self._next += 1
+        self._masks[handle] = block_mask
+        while len(self._masks) > self.capacity:
+            del self._masks[next(iter(self._masks))]
+        return torch.tensor([handle], dtype=torch.long)
+
+    def lookup(self, handle: torch.Tensor):
+        """The BlockMask registered under ``handle``.
+
+        Raises:
+            KeyError: the handle was never registered or has been evicted.
+        """
+        key = int(handle.reshape(-1)[0])
+        if key not in self._masks:
+            raise KeyError(f"flex attention mask handle {key} is not registered (evicted after "
+                           f"{self.capacity} newer masks?)")
+        return self._masks[key]
+
+
+FLEX_MASKS = FlexMaskRegistry()
+
+
 class BlockCausalFlexAttention(BlockCausalSDPAttention):
     """FlexAttention under a BlockMask built from the layout's block ids (the fused block-causal path).
 
     Same contract as :class:`BlockCausalSDPAttention`, except ``attention_mask`` is a
-    ``torch.nn.attention.flex_attention.BlockMask`` (see :func:`megatron_nbp.masks.block_causal_block_mask`).
+    ``torch.nn.attention.flex_attention.BlockMask`` (see :func:`megatron_nbp.masks.block_causal_block_mask`)
+    or a handle from :data:`FLEX_MASKS` (what the training step passes, see :class:`FlexMaskRegistry`).
+    The kernel is :func:`flex_kernel` with :func:`flex_kernel_options`.
 
     Raises:
         ValueError: attention dropout > 0 (FlexAttention has none; the NBP release trains with 0),
-            or a mask that is not a BlockMask.
+            or a mask that is neither a BlockMask nor a handle.
     """
 
     def __init__(self, config: TransformerConfig, *args, **kwargs) -> None:
@@ -124,14 +196,17 @@ class BlockCausalFlexAttention(BlockCausalSDPAttention):
                 packed_seq_params=None):
         from torch.nn.attention.flex_attention import BlockMask
 
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.long and attention_mask.numel() == 1:
+            attention_mask = FLEX_MASKS.lookup(attention_mask)
         if not isinstance(attention_mask, BlockMask):
             raise ValueError(f"flex attention needs a BlockMask, got {type(attention_mask).__name__}")
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("packed sequences and attention bias are not supported")
         sq, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        context = _flex_kernel()(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
-                                 enable_gqa=self.num_heads != self.num_groups)
+        context = flex_kernel()(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
+                                enable_gqa=self.num_heads != self.num_groups,
+                                kernel_options=flex_kernel_options(self.head_dim, q.dtype, q.device))
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
 
 
@@ -139,7 +214,11 @@ def _dense_mask(block_ids: torch.Tensor, key_padding: torch.Tensor | None = None
     return block_causal_attention_mask(block_ids, key_padding).to(device or block_ids.device)
 
 
+def _flex_mask_handle(block_ids: torch.Tensor, key_padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    return FLEX_MASKS.register(block_causal_block_mask(block_ids, key_padding, device=device))
+
+
 ATTENTION_BACKENDS = {
     "dense": (BlockCausalSDPAttention, _dense_mask),
-    "flex": (BlockCausalFlexAttention, block_causal_block_mask),
+    "flex": (BlockCausalFlexAttention, _flex_mask_handle),
 }

@@ -8,6 +8,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing import ShardedTensor  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from megatron_nbp.checkpointing import save_checkpoint, unwrap  # noqa: E402
@@ -25,7 +27,7 @@ from megatron_nbp.data import pad_text_ids  # noqa: E402
 from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch  # noqa: E402
 from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
 from megatron_nbp.training import MaskCache, build_training_state, reduce_losses  # noqa: E402
-from tests.synthetic import synthetic_clips  # noqa: E402
+from data_prep.synthetic import synthetic_clips  # noqa: E402
 
 
 def micro_batches(cfg):
@@ -52,12 +54,17 @@ def model_positions(cfg, batch):
 
 
 def save_grads(model, path):
-    """Copy main_grad into the weights and save them: gradients in megatron's sharded key space."""
-    with torch.no_grad():
-        for p in unwrap(model).parameters():
-            p.data.copy_(p.main_grad)
+    """Save every parameter's main_grad (fp32, whatever the weights' precision) in megatron's sharded key
+    space: each ShardedTensor of the model's sharded state dict with its parameter's gradient as data."""
+    grads = {p.data_ptr(): p.main_grad for p in unwrap(model).parameters()}
+    state = {}
+    for key, item in unwrap(model).sharded_state_dict().items():
+        if isinstance(item, ShardedTensor) and item.data.data_ptr() in grads:
+            grad = grads[item.data.data_ptr()].detach().float().view(item.data.shape)
+            item = dataclasses.replace(item, data=grad, dtype=grad.dtype)
+        state[key] = item
     Path(path).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
+    dist_checkpointing.save(state, str(path))
 
 
 def main():
@@ -65,11 +72,16 @@ def main():
     parser.add_argument("--mode", choices=["reference", "parallel"], required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="parallel mode: train in this precision (the reference is always fp32); bf16 writes "
+                             "only the loss and gradients, as {mode}_bf16_*")
     args = parser.parse_args()
     work = Path(args.workdir)
     tp = pp = 1 if args.mode == "reference" else 2
     cfg = NBPConfig.from_yaml(args.config, {"parallel.tensor_model_parallel_size": tp,
-                                            "parallel.pipeline_model_parallel_size": pp})
+                                            "parallel.pipeline_model_parallel_size": pp,
+                                            "train.precision": args.precision})
+    tag = args.mode if args.precision == "fp32" else f"{args.mode}_{args.precision}"
     initialize_parallel(tp, pp, seed=cfg.train.seed)
     state = build_training_state(cfg)
     model = state.model
@@ -80,6 +92,8 @@ def main():
     else:
         loaded = dist_checkpointing.load(unwrap(model).sharded_state_dict(), str(weights))
         unwrap(model).load_state_dict(loaded)
+        state.optimizer.reload_model_params()  # mixed precision: fp32 main params from the loaded weights
+    if args.mode == "parallel" and args.precision == "fp32":
         save_checkpoint(work / "ckpt", 1, model, state.optimizer, state.scheduler, 0, cfg.to_dict()["model"])
         # forward-only logits, gathered across tensor-parallel ranks on the last stage
         masks = MaskCache(cfg.model.attention_backend)
@@ -100,8 +114,8 @@ def main():
         num_microbatches=4, seq_length=cfg.model.seq_length, micro_batch_size=2, forward_only=False)
     loss = reduce_losses(losses)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        (work / f"{args.mode}_loss.json").write_text(json.dumps({"loss": loss}))
-    save_grads(model, work / f"{args.mode}_grads")
+        (work / f"{tag}_loss.json").write_text(json.dumps({"loss": loss}))
+    save_grads(model, work / f"{tag}_grads")
     dist.barrier()
     destroy_parallel()
 

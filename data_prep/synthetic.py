@@ -1,4 +1,4 @@
-"""Synthetic token shards for tests: learnable structure, written through the real shard format."""
+"""Synthetic token shards (tests, benchmarks): learnable structure, written through the real shard format."""
 
 from __future__ import annotations
 
