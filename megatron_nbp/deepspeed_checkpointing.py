@@ -10,7 +10,8 @@
 
 DeepSpeed writes into ``global_stepN.tmp`` (``save_latest=False``); after every rank has finished, the
 directory is renamed and only then named in ``latest``, so a crash never leaves a half checkpoint as
-the latest. ``client_state`` carries the LR scheduler, iteration and consumed samples (data position).
+the latest; what it left (staging directories, a temporary of ``latest``) is removed by the next save.
+``client_state`` carries the LR scheduler, iteration and consumed samples (data position).
 Resuming needs the same TP and DP sizes; ``launchers/convert_checkpoint.py`` turns any of these
 checkpoints into the single-device inference format (megatron_nbp.inference.convert_zero).
 """
@@ -28,7 +29,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep.file_io import atomic_write_bytes
-from megatron_nbp.checkpointing import LATEST_FILE, CheckpointError, check_model_config, rng_state, set_rng_state
+from megatron_nbp.checkpointing import (LATEST_FILE, CheckpointError, check_model_config, remove_leftovers, rng_state,
+                                        set_rng_state)
 from megatron_nbp.safe_loading import UnsafeCheckpointError, safe_torch_load, use_weights_only_loading
 
 LATEST_TAG_FILE = "latest"
@@ -95,7 +97,7 @@ def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, sche
     rank = dist.get_rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(save_dir / tmp_tag, ignore_errors=True)
+        remove_leftovers(save_dir, "global_step*.tmp", LATEST_TAG_FILE)
     dist.barrier()
     client_state = {"iteration": iteration, "consumed_samples": consumed_samples,
                     "scheduler": scheduler.state_dict()}
@@ -128,7 +130,9 @@ def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_con
 
     Raises:
         CheckpointError: ``load_dir`` holds a megatron-backend checkpoint; the checkpoint's model
-            settings, TP size or DP size differ from this run; or DeepSpeed could not load it.
+            settings, TP size or DP size differ from this run; DeepSpeed could not load it; this rank's
+            RNG file is missing; or a file would need unpickling more than tensors and plain data
+            (megatron_nbp.safe_loading: refused before anything in it runs).
     """
     tag = read_latest_tag(load_dir)
     if tag is None:
@@ -152,7 +156,13 @@ def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_con
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     scheduler.load_state_dict(client_state["scheduler"])
-    set_rng_state(load_rng_file(_rng_file(ckpt, dist.get_rank())))
+    try:
+        rng = load_rng_file(_rng_file(ckpt, dist.get_rank()))
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {err}") from err
+    set_rng_state(rng)
     return int(client_state["iteration"]), int(client_state["consumed_samples"])
 
 

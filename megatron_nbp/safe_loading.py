@@ -9,9 +9,10 @@ Both backends' checkpoints hold a few pickled non-tensor objects next to the ten
   ``torch.load(weights_only=False)`` (``DefaultLoadPlanner.load_bytes``): either would run any code a
   crafted file carries. :func:`verify_megatron_checkpoint` first unpickles ``.metadata`` with
   :class:`CheckpointMetadataUnpickler` (only torch.distributed.checkpoint's record classes, torch sizes
-  and dtypes), then reads every bytes item's byte range and loads it with ``torch.load(weights_only=True)``;
-  anything beyond tensors, plain containers and :func:`allowed_globals` is refused before megatron or
-  torch touch the files.
+  and dtypes), then reads every bytes item's byte range and loads it with ``torch.load(weights_only=True)``
+  and lists the globals of every tensor item's pickle (torch loads those weights-only itself; the check
+  names the file and item first); anything beyond tensors, plain containers and :func:`allowed_globals`
+  is refused before megatron or torch touch the files.
 * DeepSpeed backend: ``*_model_states.pt`` / ``*_optim_states.pt`` (DeepSpeed's
   ``TorchCheckpointEngine`` reads them with ``weights_only=False``) and our ``rng_state_*.pt``.
   :func:`use_weights_only_loading` makes the engine's checkpoint engine (DeepSpeed's pluggable
@@ -156,10 +157,41 @@ def read_megatron_metadata(ckpt_dir: str | os.PathLike):
             raise UnsafeCheckpointError(f"{path}: {err}") from err
 
 
+class _FileSlice(io.RawIOBase):
+    """Read-only, seekable view of the bytes ``[start, start + length)`` of an open binary file."""
+
+    def __init__(self, handle: Any, start: int, length: int) -> None:
+        super().__init__()
+        self._handle, self._start, self._length, self._pos = handle, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + offset, 0), self._length)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        self._handle.seek(self._start + self._pos)
+        data = self._handle.read(min(len(buffer), self._length - self._pos))
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
 def verify_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
     """Check every pickled object of a megatron-core ``torch_dist`` checkpoint directory before megatron
-    loads it: ``common.pt``, the ``.metadata`` index (:class:`CheckpointMetadataUnpickler`) and each bytes
-    item of the ``.distcp`` files (loaded here from its byte range, weights-only). Tensors are not read.
+    loads it: ``common.pt``, the ``.metadata`` index (:class:`CheckpointMetadataUnpickler`), each bytes
+    item of the ``.distcp`` files (loaded here from its byte range, weights-only) and the pickle of each
+    tensor item (its globals listed without reading the tensor data; torch.distributed.checkpoint loads
+    tensor items weights-only itself, this check names the file and the item before anything is loaded).
 
     Raises:
         UnsafeCheckpointError: an item needs a global outside the allowed set (names file and item).
@@ -172,18 +204,39 @@ def verify_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
     if (ckpt_dir / "common.pt").is_file():
         verify_torch_files([ckpt_dir / "common.pt"])
     metadata = read_megatron_metadata(ckpt_dir)
+    allowed = {_qualname(g) for g in allowed_globals()}
+    by_file: dict[str, list] = {}
     for index, info in metadata.storage_data.items():
-        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
-            continue
-        if getattr(info, "transform_descriptors", None):
-            raise ValueError(f"{ckpt_dir / info.relative_path}: item {index.fqn} is stored with transforms "
-                             f"{info.transform_descriptors}; cannot verify it before unpickling")
-        with open(ckpt_dir / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            payload = f.read(info.length)
-        if len(payload) != info.length:
-            raise ValueError(f"{ckpt_dir / info.relative_path} is truncated (item {index.fqn})")
-        safe_torch_load(io.BytesIO(payload), what=f"{ckpt_dir / info.relative_path} item {index.fqn}")
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for relative_path, items in sorted(by_file.items()):
+        path = ckpt_dir / relative_path
+        with open(path, "rb") as f:
+            for index, info in items:
+                is_bytes = isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)
+                if getattr(info, "transform_descriptors", None):
+                    if is_bytes:
+                        raise ValueError(f"{path}: item {index.fqn} is stored with transforms "
+                                         f"{info.transform_descriptors}; cannot verify it before unpickling")
+                    continue  # a transformed tensor item: torch.distributed.checkpoint loads it weights-only
+                if is_bytes:
+                    f.seek(info.offset)
+                    payload = f.read(info.length)
+                    if len(payload) != info.length:
+                        raise ValueError(f"{path} is truncated (item {index.fqn})")
+                    safe_torch_load(io.BytesIO(payload), what=f"{path} item {index.fqn}")
+                    continue
+                item = _FileSlice(f, info.offset, info.length)
+                if item.read(4) != b"PK\x03\x04":  # not a torch.save archive: raw tensor bytes, no pickle
+                    continue
+                item.seek(0)
+                try:
+                    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(item)
+                except Exception as err:  # a truncated or garbled archive
+                    raise ValueError(f"{path}: cannot read item {index.fqn}: {err}") from err
+                refused = sorted(set(unsafe) - allowed)
+                if refused:
+                    raise UnsafeCheckpointError(f"refusing to unpickle {path} item {index.fqn}: it references "
+                                                f"{refused}, which are neither tensors nor plain data")
 
 
 def use_weights_only_loading(engine: Any) -> None:

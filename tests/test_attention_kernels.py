@@ -107,3 +107,24 @@ def test_kernels_refuse_the_wrong_mask():
         core(BlockCausalFlexAttention)(q, k, v, block_causal_attention_mask(frame_prediction_block_ids(16, 4)))
     with pytest.raises(ValueError, match="attention mask"):
         core(BlockCausalSDPAttention)(q, k, v, None)
+
+
+@pytest.mark.parametrize("case", ["two_samples_other_block_ids", "one_padded_sample"])
+def test_flex_matches_dense_for_each_batch_layout(case):
+    """block_causal_block_mask has a mask function shared by the batch (B = 1, no padding) and a per-sample
+    one. Two samples with different block ids (no padding) and a single padded sample need the per-sample
+    one: flex forward vs the dense reference."""
+    from megatron_nbp.layouts import hybrid_batch
+
+    if case == "two_samples_other_block_ids":
+        seq = 64
+        ids, pad = torch.stack([frame_prediction_block_ids(seq, 4), frame_prediction_block_ids(seq, 16)]), None
+    else:
+        pad = torch.zeros(1, 8, dtype=torch.bool)
+        pad[0, 3:] = True
+        b = hybrid_batch(torch.zeros(1, 64, dtype=torch.long), torch.ones(1, 8, dtype=torch.long), 16, 10, pad)
+        ids, pad, seq = b.block_ids, b.key_padding, 72
+    q, k, v = (t.detach() for t in qkv(seq, batch=ids.shape[0], seed=7))
+    dense = core(BlockCausalSDPAttention)(q, k, v, block_causal_attention_mask(ids, pad))
+    flex = core(BlockCausalFlexAttention)(q, k, v, block_causal_block_mask(ids, pad))
+    assert float((flex - dense).norm() / dense.norm()) <= 1e-5

@@ -113,59 +113,72 @@ def test_zero3_resume_equals_uninterrupted(runs):
 def killed_zero3(runs, tmp_path_factory):
     """The ZeRO-3 launcher run (TP2 x DP2, 4 ranks, settings of the uninterrupted ``zero3`` run) saving
     every iteration, SIGKILLed as a whole process tree (like a node failure) at a random moment after a
-    random number of published checkpoints, then restarted with --load until the end.
+    random number of published checkpoints and before its last one (a try that ended first is thrown away
+    and repeated with an earlier kill: tests.dist_utils.kill_before_the_end), then restarted with --load
+    until the end.
 
     Returns:
-        (work dir, seed, tag named by ``latest`` after the kill, whether it was killed while running,
-        ``.tmp`` directories left by the kill, stdout of the resumed run)
+        (work dir, seed, the Kill, tag named by ``latest`` after the kill, ``.tmp`` directories left by the
+        kill, mtimes of ``latest`` and of the newest file of the checkpoint it names (read before the
+        restart), stdout of the resumed run)
     """
     import random
+    import shutil
     import time
 
-    from tests.dist_utils import free_port, kill_after_checkpoint
+    from tests.dist_utils import free_port, kill_before_the_end
 
     root, _ = runs
     work = tmp_path_factory.mktemp("zero3_killed")
     seed = int(os.environ.get("RESUME_KILL_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
-    kill_after = rng.randint(1, 4)  # published checkpoints before the kill, then a random delay
     ckpt = work / "ckpt"
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
-                             f"--master-port={free_port()}",
-                             *zero3_args(root / "data", work / "tb_killed", "--save", str(ckpt),
-                                         "--save-interval", "1")],
-                            cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start() -> subprocess.Popen:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(work / "tb_killed", ignore_errors=True)
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                                 f"--master-port={free_port()}",
+                                 *zero3_args(root / "data", work / "tb_killed", "--save", str(ckpt),
+                                             "--save-interval", "1")],
+                                cwd=REPO, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     latest_file = ckpt / LATEST_TAG_FILE
 
     def published() -> int | None:
         tag = latest_file.read_text().strip() if latest_file.exists() else ""
         return int(tag.removeprefix("global_step")) if tag else None
 
-    # the agent and every worker at once, inside the next iteration or inside its save
-    killed_running = kill_after_checkpoint(proc, published, kill_after, delay=rng.uniform(0.0, 0.8))
+    # the agent and every worker at once, inside a later iteration or inside its save
+    kill = kill_before_the_end(start, published, last=ITERS, kill_after=rng.randint(1, 4),
+                               delay=rng.uniform(0.0, 0.8))
     tag = latest_file.read_text().strip()
     left_tmp = sorted(p.name for p in ckpt.glob("*.tmp"))
+    written = (latest_file.stat().st_mtime, max(f.stat().st_mtime for f in (ckpt / tag).rglob("*")))
     resumed = torchrun(4, *zero3_args(root / "data", work / "tb_resumed", "--save", str(ckpt),
                                       "--save-interval", "1", "--load", str(ckpt)))
-    return work, seed, kill_after, tag, killed_running, left_tmp, resumed.stdout
+    return work, seed, kill, tag, left_tmp, written, resumed.stdout
 
 
 def test_zero3_sigkill_at_a_random_point_then_resume_equals_uninterrupted(runs, killed_zero3):
     root, _ = runs
-    work, seed, kill_after, tag, killed_running, left_tmp, stdout = killed_zero3
-    info = (seed, kill_after, tag, killed_running, left_tmp)
+    work, seed, kill, tag, left_tmp, written, stdout = killed_zero3
+    info = (seed, kill, tag, left_tmp)
     assert tag.startswith("global_step") and not tag.endswith(".tmp"), info  # only published ones are named
     assert (work / "ckpt" / tag / "nbp_checkpoint.json").is_file(), info
     latest = int(tag.removeprefix("global_step"))
-    assert kill_after <= latest <= ITERS, info  # killed only after kill_after checkpoints were published
+    assert latest == kill.latest and 1 <= latest < ITERS, info  # killed before the last checkpoint
+    assert max(written) <= kill.killed_at, (info, written)  # what --load takes was written by the killed run
     assert f"loaded checkpoint from {work / 'ckpt'} at iteration {latest}" in stdout, (info, stdout[-2000:])
     full, resumed = scalars(root / "tb_zero3"), scalars(work / "tb_resumed")
     assert sorted(resumed) == list(range(latest + 1, ITERS + 1)), (info, sorted(resumed))
+    compared = 0
     for step in resumed:
         assert resumed[step] == full[step], (info, step, resumed[step], full[step])  # bitwise on CPU
-    assert killed_running or latest == ITERS, info
+        compared += 1
+    assert compared >= 1, info
     assert (work / "ckpt" / LATEST_TAG_FILE).read_text().strip() == f"global_step{ITERS}", info
 
 

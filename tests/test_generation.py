@@ -117,6 +117,55 @@ def test_classifier_free_guidance():
         generate_hybrid(hybrid_model(null=False), torch.tensor([[1]]), sampling=SamplingConfig(cfg_scale=2.0))
 
 
+def test_null_condition_id_is_not_a_condition():
+    """With model.null_condition the last condition id is the learned null embedding; asking for it (or
+    beyond) is refused, the real ids are accepted."""
+    greedy = SamplingConfig(temperature=0)
+    for null in (True, False):                                 # without one, id 3 would be the first video code
+        model = hybrid_model(null=null)                        # C = 3 real classes (+ id 3 = null)
+        for bad in (3, 4, -1):
+            with pytest.raises(ValueError, match=r"condition ids must be in \[0, 3\)"):
+                generate_hybrid(model, torch.tensor([[bad]]), sampling=greedy)
+        assert generate_hybrid(model, torch.tensor([[2]]), sampling=greedy).tokens.shape == (1, 32)
+
+
+def test_condition_shape_is_checked():
+    model = hybrid_model(P=4, C=20, condition_type="text")
+    for shape in ((4,), (1, 5), (1, 3), (1, 1, 4), (1, 4, 1)):
+        with pytest.raises(ValueError, match=r"condition must be \[B, 4\] ids"):
+            generate_hybrid(model, torch.zeros(shape, dtype=torch.long))
+
+
+def test_progress_bar_counts_every_forward_pass_and_is_off_by_default(capsys):
+    model = hybrid_model()                                     # 2x4x4, L = 4: 4 + 8 - 1 = 11 passes
+    out = generate_hybrid(model, torch.tensor([[1]]), sampling=SamplingConfig(temperature=0), progress=True)
+    assert out.steps == 11 and "11/11" in capsys.readouterr().err.split("\r")[-1]
+    generate_hybrid(model, torch.tensor([[1]]), sampling=SamplingConfig(temperature=0))
+    assert capsys.readouterr().err == ""
+
+
+def test_decoders_refuse_the_other_layout():
+    from megatron_nbp.inference.generate import BlockDecoder
+    from tests.test_kv_cache import tiny_model
+
+    with pytest.raises(ValueError, match="frame-prediction layout"):
+        BlockDecoder(hybrid_model(), 1)
+    with pytest.raises(ValueError, match="hybrid layout"):
+        HybridDecoder(tiny_model(), 1)
+
+
+def test_prefill_time_is_zero_when_not_measured():
+    from megatron_nbp.inference.generate import GenerationResult
+
+    assert GenerationResult(torch.zeros(1, 4, dtype=torch.long), 1, 0.5).prefill_seconds == 0.0
+
+
+def test_sampling_defaults_are_the_papers():
+    """The NBP paper samples with top-k 16000, top-p 0.9, temperature 1; no guidance unless asked."""
+    s = SamplingConfig()
+    assert (s.temperature, s.top_k, s.top_p, s.cfg_scale) == (1.0, 16000, 0.9, 1.0)
+
+
 def test_condition_dropout_is_seeded_and_uses_the_null_id():
     from megatron_nbp.data import drop_conditions
 
@@ -219,3 +268,90 @@ def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
     assert sorted(torch.nonzero(freq).flatten().tolist()) == [0, 1, 2, 3, 6]
     want = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0]).softmax(0)
     assert float((freq[[0, 1, 2, 3, 6]] - want).abs().max()) < 0.01
+
+
+def test_rejection_sampling_rarely_needs_the_sorted_fallback(monkeypatch):
+    """Each draw is accepted with probability >= p (sample_tokens docstring): at p = 0.9 a row is left to the
+    sorted fallback after 8 rounds with probability <= 0.1 ** 8, so 40000 rows never reach it."""
+    import megatron_nbp.inference.generate as generate
+    from megatron_nbp.inference.generate import sample_tokens
+
+    def no_fallback(*args):
+        raise AssertionError("a row needed the sorted fallback")
+
+    monkeypatch.setattr(generate, "_sorted_nucleus_sample", no_fallback)
+    draws = sample_tokens(torch.tensor([DISTINCT]).expand(40000, 10), 10, SamplingConfig(top_k=5, top_p=0.9),
+                          torch.Generator().manual_seed(0))
+    want = official_top_k_top_p(torch.tensor([DISTINCT]), 5, 0.9)[0]
+    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
+    assert float((freq - want).abs().max()) < 0.01
+
+
+def test_top_k_candidates_of_a_row_do_not_depend_on_the_other_rows():
+    """Two rows far apart in scale (the second is the first + 100): each row's top-W holds its own ties, so
+    neither needs the whole-row fallback, and each keeps exactly the release's top-k survivors."""
+    from megatron_nbp.inference.generate import _top_k_candidates
+
+    row = torch.randn(1, 2000, generator=torch.Generator().manual_seed(0))
+    logits = torch.cat([row, row + 100.0])
+    values, ids = _top_k_candidates(logits, 100)
+    assert ids is not None
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, values.isfinite())
+    assert torch.equal(kept, official_top_k_top_p(logits, 100) > 0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits_before_the_filters(temperature):
+    """The release samples from top_k_top_p_filtering(logits / temperature)."""
+    from megatron_nbp.inference.generate import sample_tokens
+
+    logits = torch.tensor([DISTINCT])
+    want = official_top_k_top_p(logits / temperature, 5, 0.9)[0]
+    assert float((want - official_top_k_top_p(logits, 5, 0.9)[0]).abs().max()) > 0.05    # the case is sensitive
+    draws = sample_tokens(logits.expand(40000, 10), 10, SamplingConfig(temperature=temperature, top_k=5, top_p=0.9),
+                          torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
+    assert torch.equal(freq > 0, want > 0)
+    assert float((freq - want).abs().max()) < 0.01
+
+
+def test_non_positive_temperature_is_greedy_within_the_vocabulary():
+    from megatron_nbp.inference.generate import sample_tokens
+
+    logits = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
+    logits[:, 10:] = 100.0                                     # padded ids, never chosen
+    for temperature in (0.0, -1.0):
+        got = sample_tokens(logits, 10, SamplingConfig(temperature=temperature))
+        assert torch.equal(got, logits[:, :10].argmax(-1))
+
+
+@pytest.mark.parametrize("rounds", [8, 0])
+def test_a_token_whose_mass_ahead_equals_p_is_kept(rounds, monkeypatch):
+    """Two tokens and p = the probability of the first: the mass ahead of the second is exactly p, not more,
+    so the release's filter keeps both (it removes a token when the mass before it exceeds p)."""
+    import megatron_nbp.inference.generate as generate
+    from megatron_nbp.inference.generate import sample_tokens
+
+    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    logits = torch.tensor([[1.0, 0.0]])
+    p = float(logits.softmax(-1)[0, 0])
+    want = official_top_k_top_p(logits, 0, p)[0]
+    assert bool((want > 0).all())
+    draws = sample_tokens(logits.expand(40000, 2), 2, SamplingConfig(top_k=None, top_p=p),
+                          torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=2).float() / draws.numel()
+    assert float((freq - want).abs().max()) < 0.01
+
+
+@pytest.mark.parametrize("rounds", [8, 0])
+def test_a_nucleus_of_one_token_always_gives_it(rounds, monkeypatch):
+    """p below the top token's probability: the release keeps only that token (the mass ahead of the second
+    already exceeds p), so every draw is the argmax."""
+    import megatron_nbp.inference.generate as generate
+    from megatron_nbp.inference.generate import sample_tokens
+
+    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    logits = torch.tensor([DISTINCT]).expand(1000, 10)
+    assert int((official_top_k_top_p(logits[:1], 0, 0.05)[0] > 0).sum()) == 1
+    draws = sample_tokens(logits, 10, SamplingConfig(top_k=None, top_p=0.05), torch.Generator().manual_seed(0))
+    assert bool((draws == 0).all())

@@ -130,3 +130,15 @@ def test_transformer_engine_spec_matches_local_spec():
         assert rel(b, a) <= 1e-4
     finally:
         destroy_parallel()
+
+
+def test_generation_timing_waits_for_the_queued_gpu_work():
+    """Generation reports times after a CUDA synchronise (GenerationResult.seconds / prefill_seconds): a
+    kernel queued before the clock is read must be inside the measured time."""
+    import time
+
+    from megatron_nbp.inference.generate import _elapsed
+
+    start = time.perf_counter()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU clock cycles, queued asynchronously
+    assert _elapsed(start, torch.device("cuda", torch.cuda.current_device())) >= 0.2

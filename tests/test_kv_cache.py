@@ -1,5 +1,7 @@
 """KV-cache block decoding against a full forward pass of the same (converted-format) model."""
 
+import time
+
 import pytest
 import torch
 
@@ -65,10 +67,12 @@ def test_generation_steps_and_reproducibility():
     model = tiny_model()
     prompt = torch.randint(0, 500, (2, 32))
     sampling = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9)
+    before = time.perf_counter()
     a = generate_frame_prediction(model, prompt, sampling, torch.Generator().manual_seed(3))
+    wall = time.perf_counter() - before
     b = generate_frame_prediction(model, prompt, sampling, torch.Generator().manual_seed(3))
     assert a.steps == (80 - 32) // 4 == 12
-    assert 0 < a.prefill_seconds < a.seconds
+    assert 0 < a.prefill_seconds < a.seconds <= wall    # times measured inside the call
     assert a.tokens.shape == (2, 80) and torch.equal(a.tokens[:, :32], prompt)
     assert torch.equal(a.tokens, b.tokens)
     assert int(a.tokens.max()) < 500  # padded vocabulary ids are never sampled
@@ -86,8 +90,49 @@ def test_paper_step_count_for_frame_prediction():
 
 def test_bad_prompt_length_is_refused():
     model = tiny_model()
-    with pytest.raises(ValueError, match="multiple of the block size"):
-        BlockDecoder(model, 1).prefill(torch.zeros(1, 30, dtype=torch.long))
+    for length in (30, 0, 80):                       # not whole blocks, empty, the whole input sequence
+        with pytest.raises(ValueError, match="multiple of the block size"):
+            BlockDecoder(model, 1).prefill(torch.zeros(1, length, dtype=torch.long))
+
+
+def test_prompt_of_all_but_the_last_block_takes_one_step():
+    model = tiny_model()
+    video = torch.randint(0, 500, (1, 80))
+    out = generate_frame_prediction(model, video[:, :76], SamplingConfig(temperature=0))
+    assert out.steps == 1 and torch.equal(out.tokens[:, :76], video[:, :76])
+
+
+def test_ntp_from_a_one_token_prompt():
+    model = tiny_model(latent=(1, 2, 2), block=(1, 1, 1))
+    out = generate_frame_prediction(model, torch.tensor([[7]]), SamplingConfig(temperature=0))
+    assert out.steps == 3 and out.tokens.shape == (1, 4) and int(out.tokens[0, 0]) == 7
+
+
+def test_appending_past_the_end_is_refused():
+    decoder = BlockDecoder(tiny_model(), 1)
+    decoder.prefill(torch.zeros(1, 72, dtype=torch.long))
+    decoder.step(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="no room for 4 more tokens: 76 of 76 positions used"):
+        decoder.step(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_prompt_must_be_whole_blocks():
+    """2x1x8 blocks span two frames, so a one-frame prompt is not whole blocks; with 1x2x1 blocks on a 2x2x2
+    latent the first two (t, h, w) tokens are half of two blocks, and with 1x2x4 blocks on 12-wide frames the
+    first 8 are halves of two."""
+    for latent, block, length in (((4, 4, 8), (2, 1, 8), 32), ((2, 2, 2), (1, 2, 1), 2), ((3, 2, 12), (1, 2, 4), 8)):
+        model = tiny_model(latent=latent, block=block)
+        with pytest.raises(ValueError, match="not a whole number of blocks"):
+            generate_frame_prediction(model, torch.zeros(1, length, dtype=torch.long))
+
+
+def test_progress_bar_counts_every_block_step_and_is_off_by_default(capsys):
+    model = tiny_model()
+    prompt = torch.randint(0, 500, (1, 32))
+    generate_frame_prediction(model, prompt, SamplingConfig(temperature=0), progress=True)
+    assert "12/12" in capsys.readouterr().err.split("\r")[-1]          # (80 - 32) / 4 block steps, all counted
+    generate_frame_prediction(model, prompt, SamplingConfig(temperature=0))
+    assert capsys.readouterr().err == ""
 
 
 def test_num_logits_gives_the_last_positions_of_the_full_output():

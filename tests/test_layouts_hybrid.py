@@ -86,3 +86,40 @@ def test_pkeep_corrupts_only_input_video_tokens_at_the_expected_rate():
     again = corrupt_video_tokens(b.tokens, 0.9, offset, vocab, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
     assert corrupt_video_tokens(b.tokens, 1.0, offset, vocab) is b.tokens
+
+
+def test_hybrid_block_ids_are_the_documented_sequence():
+    """layouts.py docstring: condition 0 ... 0, BOV 1, z_0 .. z_{L-2} 2 .. L, then L+1 for [z_{L-1}, MBOS..] and
+    one more per block of L. P = 2, N = 12, L = 3."""
+    assert hybrid_block_ids(2, 12, 3).tolist() == [0, 0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6]
+
+
+def test_hybrid_layout_refuses_bad_inputs():
+    video, cond = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    for v, c in ((video[0], cond), (video[:, None], cond), (video, cond[:, 0]), (video, cond[:, None]),
+                 (video, cond[:1]), (video[:1], cond), (video[:, 0], cond)):
+        with pytest.raises(ValueError, match=r"need video \[B, N\] and condition \[B, P\]"):
+            hybrid_batch(v, c, 4, 3)
+    for L in (0, 3, 16, 32):                                  # not dividing N = 16 at least twice
+        with pytest.raises(ValueError, match="must divide the clip length 16 at least twice"):
+            hybrid_batch(video, cond, L, 3)
+    assert hybrid_batch(torch.zeros(1, 2, dtype=torch.long), cond[:1], 1, 3).tokens.shape == (1, 3)   # N = 2L
+    text = torch.zeros(2, 3, dtype=torch.long)
+    for pad in (torch.zeros(2, 1, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"condition_padding \(2, \d\) must match condition \(2, 3\)"):
+            hybrid_batch(video, text, 4, 3, pad)
+    for bad in (-1, 3):                                       # C = 3 condition ids: 0, 1, 2
+        with pytest.raises(ValueError, match=r"condition ids must be in \[0, 3\)"):
+            hybrid_batch(video, torch.tensor([[0], [bad]]), 4, 3)
+
+
+def test_pkeep_draws_replacements_from_the_whole_vocabulary():
+    """The release replaces with randint_like(z, vocab_size): any id in [0, vocab), and the first video id
+    itself is a video token that may be replaced."""
+    from megatron_nbp.layouts import corrupt_video_tokens
+
+    offset, vocab = 5, 8
+    tokens = torch.full((4, 4000), offset)                    # every input is the first video code
+    out = corrupt_video_tokens(tokens, 0.5, offset, vocab, torch.Generator().manual_seed(0))
+    assert 0.4 < (out != tokens).float().mean().item() < 0.5  # 1 - pkeep, less the draws of the same id
+    assert sorted(out.unique().tolist()) == list(range(vocab))

@@ -169,3 +169,17 @@ def test_video_position_table_does_not_depend_on_the_condition_length():
     assert torch.equal(hybrid_out[:3], emb.condition.weight)
     with pytest.raises(IndexError):
         frame(torch.tensor([10]))
+
+
+@pytest.mark.parametrize("latent,block", [((4, 4, 8), (2, 1, 8)), ((3, 2, 12), (1, 2, 4)), ((4, 4, 4), (2, 2, 2)),
+                                          ((2, 4, 8), (1, 1, 8)), ((2, 4, 8), (2, 4, 8))])
+def test_block_major_order_equals_the_written_out_order(latent, block):
+    from tests.test_generation_e2e import reference_block_major_order
+
+    assert torch.equal(block_major_order(latent, block), reference_block_major_order(latent, block))
+
+
+@pytest.mark.parametrize("block", [(0, 1, 8), (1, 0, 8), (1, 1, 0), (3, 1, 8), (1, 3, 8), (1, 4, 3), (1, 3, 3)])
+def test_block_shapes_that_do_not_tile_are_refused(block):
+    with pytest.raises(ValueError, match="does not tile latent shape"):
+        block_major_order((2, 4, 8), block)

@@ -68,3 +68,40 @@ def test_frame_prediction_targets_position_by_position():
 def test_layout_refuses_block_not_dividing_clip():
     with pytest.raises(ValueError, match="must divide"):
         frame_prediction_batch(torch.zeros(1, 20, dtype=torch.long), 3)
+
+
+def brute_force_allowed_with_padding(ids: list, pad: list) -> torch.Tensor:
+    """The rule with padding (masks.py docstring), written out for one sequence: key k is visible to query q
+    iff its block is not later and it is not padding; a padded query also sees itself."""
+    S = len(ids)
+    return torch.tensor([[(ids[k] <= ids[q] and not pad[k]) or (q == k and pad[q]) for k in range(S)]
+                         for q in range(S)])
+
+
+def test_padding_rule_with_two_leading_batch_dimensions():
+    """block ids and padding [2, 3, S] (any leading dimensions are allowed): every [S, S] slice is the rule."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (2, 3, 7), generator=g).sort(-1).values
+    pad = torch.rand(2, 3, 7, generator=g) < 0.3
+    assert pad.any() and not pad.all()
+    allowed = block_causal_allowed(ids, key_padding=pad)
+    assert allowed.shape == (2, 3, 7, 7)
+    for a in range(2):
+        for b in range(3):
+            assert torch.equal(allowed[a, b], brute_force_allowed_with_padding(ids[a, b].tolist(), pad[a, b].tolist()))
+
+
+def test_frame_prediction_layout_refuses_bad_inputs():
+    video = torch.zeros(1, 16, dtype=torch.long)
+    for bad in (torch.zeros(1, 2, 8, dtype=torch.long), torch.zeros(16, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"must be \[B, N\]"):
+            frame_prediction_batch(bad, 4)
+    for n, L in ((4, 4), (0, 4), (16, 0), (2, 4)):          # one block (nothing to predict), empty, L = 0, L > N
+        with pytest.raises(ValueError, match=f"block size {L} must divide the clip length {n} and be smaller"):
+            frame_prediction_batch(torch.zeros(1, n, dtype=torch.long), L)
+    for latent in ((2, 2, 2), (2, 4, 4), (2, 2, 4, 1), (16,)):                # 8 and 32 tokens, not 3-D
+        with pytest.raises(ValueError, match="does not hold the clip's 16 tokens"):
+            frame_prediction_batch(video, 4, latent)
+    for block in ((1, 1, 2), (1, 1, 8)):                                      # 2 and 8 tokens, not L = 4
+        with pytest.raises(ValueError, match="does not hold 4 tokens"):
+            frame_prediction_batch(video, 4, (1, 4, 4), block)

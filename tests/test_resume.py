@@ -65,16 +65,24 @@ def test_checkpoint_layout_is_megatron_style(runs):
 
 @pytest.fixture(scope="module")
 def killed_run(runs, tmp_path_factory):
-    """A TP2 x PP2 run saving every iteration, SIGKILLed (whole process group, like a node failure) at a
-    random moment after its first checkpoint, then restarted with --load until the end."""
+    """A TP2 x PP2 run saving every iteration, SIGKILLed (whole process tree, like a node failure) at a
+    random moment after a random number of published checkpoints and before its last one (a try that
+    ended first is thrown away and repeated with an earlier kill: tests.dist_utils.kill_before_the_end),
+    then restarted with --load until the end.
+
+    Returns:
+        (work dir, seed, the Kill, mtimes of the latest pointer and of the newest file of the checkpoint it
+        named, both read before the restart, stdout of the restarted run)
+    """
     import os
     import random
+    import shutil
     import subprocess
     import sys
     import time
 
-    from megatron_nbp.checkpointing import read_latest_iteration
-    from tests.dist_utils import REPO, free_port, kill_after_checkpoint
+    from megatron_nbp.checkpointing import iteration_dir, read_latest_iteration
+    from tests.dist_utils import REPO, free_port, kill_before_the_end
 
     root, _ = runs
     work = tmp_path_factory.mktemp("killed")
@@ -83,28 +91,38 @@ def killed_run(runs, tmp_path_factory):
             "--tensorboard-dir", str(work / "tb_killed"), "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
             "--save", str(work / "ckpt"), "--save-interval", "1"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
-                             f"--master-port={free_port()}", LAUNCHER, *args], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start() -> subprocess.Popen:
+        shutil.rmtree(work / "ckpt", ignore_errors=True)
+        shutil.rmtree(work / "tb_killed", ignore_errors=True)
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                                 f"--master-port={free_port()}", LAUNCHER, *args], cwd=REPO, env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     rng = random.Random(seed)
-    kill_after = rng.randint(1, 4)          # checkpoints published before the kill, then a random delay
-    # the agent and every worker at once, inside the next iteration or inside its save
-    killed_running = kill_after_checkpoint(proc, lambda: read_latest_iteration(work / "ckpt"), kill_after,
-                                           delay=rng.uniform(0.0, 0.8))
-    latest = int((work / "ckpt" / LATEST_FILE).read_text())
+    # the agent and every worker at once, inside a later iteration or inside its save
+    kill = kill_before_the_end(start, lambda: read_latest_iteration(work / "ckpt"), last=6,
+                               kill_after=rng.randint(1, 4), delay=rng.uniform(0.0, 0.8))
+    ckpt = iteration_dir(work / "ckpt", kill.latest)
+    written = ((work / "ckpt" / LATEST_FILE).stat().st_mtime, max(f.stat().st_mtime for f in ckpt.rglob("*")))
     out = train(root / "data", work / "tb_resumed", save=work / "ckpt", load=work / "ckpt", save_interval=1)
-    return work, seed, latest, killed_running, out.stdout
+    return work, seed, kill, written, out.stdout
 
 
 def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(runs, killed_run):
     root, _ = runs
-    work, seed, latest, killed_running, stdout = killed_run
+    work, seed, kill, written, stdout = killed_run
+    info = (seed, kill)
+    assert 1 <= kill.latest < 6, info  # killed before the last checkpoint: something is left to compare
+    assert max(written) <= kill.killed_at, (info, written)  # what --load takes was written by the killed run
+    assert f"loaded checkpoint from {work / 'ckpt'} at iteration {kill.latest}" in stdout, (info, stdout[-2000:])
     full, resumed = tb_losses(root / "tb_full"), tb_losses(work / "tb_resumed")
-    assert f"loaded checkpoint from {work / 'ckpt'} at iteration {latest}" in stdout, (seed, stdout[-2000:])
-    assert sorted(resumed) == list(range(latest + 1, 7)), (seed, latest, sorted(resumed))
+    assert sorted(resumed) == list(range(kill.latest + 1, 7)), (info, sorted(resumed))
+    compared = 0
     for step in resumed:
-        assert resumed[step] == full[step], (seed, step, resumed[step], full[step])  # bitwise on CPU
-    assert killed_running or latest == 6, seed
+        assert resumed[step] == full[step], (info, step, resumed[step], full[step])  # bitwise on CPU
+        compared += 1
+    assert compared >= 1, info
 
 
 def test_interrupted_save_is_never_latest_and_a_damaged_one_is_refused(runs, tmp_path):

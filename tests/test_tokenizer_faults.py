@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_utils import REPO, free_port, kill_after_checkpoint
+from tests.dist_utils import REPO, free_port, kill_before_the_end
 from tests.test_tokenizer_recipe import _assert_same, _write_pattern
 
 LAUNCHER = "launchers/train_tokenizer.py"
@@ -99,21 +99,27 @@ def test_sigkill_at_a_random_moment_then_load_equals_uninterrupted_bitwise(setup
 
     seed = int(os.environ.get("TOKENIZER_KILL_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
-    kill_after = rng.randint(1, STEPS // 2)
     ckpt = root / killed / "ckpt"
-    proc = subprocess.Popen(_command(nproc, _cli(root, config, killed)), cwd=REPO, env=_env(),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # inside a later step or inside its save
-    killed_running = kill_after_checkpoint(proc, lambda: read_latest_training_iteration(ckpt), kill_after,
-                                           delay=rng.uniform(0.0, 0.15), timeout=120, poll=0.005)
+
+    def start() -> subprocess.Popen:
+        shutil.rmtree(root / killed, ignore_errors=True)
+        return subprocess.Popen(_command(nproc, _cli(root, config, killed)), cwd=REPO, env=_env(),
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # inside a later step or inside its save, before the last checkpoint (else tried again, earlier)
+    kill = kill_before_the_end(start, lambda: read_latest_training_iteration(ckpt), last=STEPS,
+                               kill_after=rng.randint(1, STEPS // 2), delay=rng.uniform(0.0, 0.15), timeout=120,
+                               poll=0.005)
     latest = read_latest_training_iteration(ckpt)
-    assert latest >= kill_after, (seed, latest)
+    assert latest == kill.latest and 1 <= latest < STEPS, (seed, kill)
     verify_training_checkpoint(ckpt / f"iter_{latest:07d}")  # what was published is complete
+    written = [p.stat().st_mtime for p in [ckpt / "latest_checkpointed_iteration.txt",
+                                            *(ckpt / f"iter_{latest:07d}").iterdir()]]
+    assert max(written) <= kill.killed_at, (seed, kill, written)  # --load will take what the killed run wrote
 
     out = _run(nproc, _cli(root, config, killed, STEPS, "--load", str(ckpt)))
     log_text = out.stdout + out.stderr
-    if latest < STEPS:
-        assert f"resumed from {ckpt / f'iter_{latest:07d}'} at step {latest}" in log_text, (seed, log_text[-2000:])
+    assert f"resumed from {ckpt / f'iter_{latest:07d}'} at step {latest}" in log_text, (seed, log_text[-2000:])
     assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == STEPS
     assert read_latest_training_iteration(ckpt) == STEPS and not list(ckpt.glob(".iter_*.tmp")), seed
     a, b = root / full / "ckpt" / f"iter_{STEPS:07d}", ckpt / f"iter_{STEPS:07d}"
@@ -127,7 +133,6 @@ def test_sigkill_at_a_random_moment_then_load_equals_uninterrupted_bitwise(setup
 
     _assert_same(load_tokenizer(root / full / "tok.safetensors").state_dict(),
                  load_tokenizer(root / killed / "tok.safetensors").state_dict(), f"exported (seed {seed})")
-    assert killed_running or latest == STEPS, seed
 
 
 # ------------------------------------------------------------------------- interrupted saves

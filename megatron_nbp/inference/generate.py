@@ -18,6 +18,7 @@ block, which sees the whole cache and itself: that is the block-causal rule for 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,9 @@ from megatron_nbp.masks import block_causal_allowed
 
 @dataclass
 class SamplingConfig:
-    """temperature 0 = greedy; top_k / top_p as in the NBP release (the paper's defaults: k = 16000,
-    p = 0.9); ``cfg_scale`` is the classifier-free guidance scale (1 = no guidance; hybrid models
-    trained with a null condition)."""
+    """temperature <= 0 = greedy (argmax); top_k / top_p as in the NBP release (the paper's defaults:
+    k = 16000, p = 0.9); ``cfg_scale`` is the classifier-free guidance scale (1 = no guidance; hybrid
+    models trained with a null condition)."""
 
     temperature: float = 1.0
     top_k: int | None = 16000
@@ -76,7 +77,7 @@ def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfi
     probs = candidates.softmax(-1)
     cdf = probs.double().cumsum(-1)
     num_rows, width = candidates.shape
-    out = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+    out = torch.full((num_rows,), vocab_size, dtype=torch.long, device=logits.device)   # not drawn yet: never an id
     rows = torch.arange(num_rows, device=logits.device)
     for _ in range(_REJECTION_ROUNDS):
         every = rows.numel() == num_rows          # first round: no row copies
@@ -137,11 +138,15 @@ def _sorted_nucleus_sample(logits: torch.Tensor, top_p: float | None,
     return ids.gather(1, choice)[:, 0]
 
 
+Sampler = Callable[[torch.Tensor, int, SamplingConfig, torch.Generator | None], torch.Tensor]
+"""The signature of :func:`sample_tokens`: (logits float [..., V], vocab_size, sampling, generator) -> int64 [...]."""
+
+
 @dataclass
 class GenerationResult:
     """tokens: int64 [B, N] full clips (prompt + generated); steps: forward passes (the prefill included);
     seconds: wall time of the whole generation; prefill_seconds: of the prefill and its sampling (time to the
-    first generated block or token). Both are taken after a CUDA synchronise on a GPU."""
+    first generated block or token; 0 when not measured). Both are taken after a CUDA synchronise on a GPU."""
 
     tokens: torch.Tensor
     steps: int
@@ -282,7 +287,7 @@ def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
 @torch.no_grad()
 def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_padding: torch.Tensor | None = None,
                     sampling: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
-                    progress: bool = False) -> GenerationResult:
+                    progress: bool = False, *, sampler: Sampler = sample_tokens) -> GenerationResult:
     """Class- or text-conditional generation of whole clips (hybrid layout), one block per forward pass
     after the first block's tokens.
 
@@ -293,6 +298,10 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         sampling: temperature / top-k / top-p / classifier-free guidance scale.
         generator: torch.Generator for reproducible sampling.
         progress: tqdm bar over forward passes.
+        sampler: called once per forward pass as ``sampler(logits, vocab_size, sampling, generator)`` with
+            the (guided) logits of the video codes, float [B, s, V_padded - video_token_offset] (s = 1 for
+            BOV and the first block's tokens, then L), and ``model.config.vocab_size``; returns int64
+            [B, s] video codes in block order. Default :func:`sample_tokens`.
 
     Returns:
         GenerationResult: tokens [B, N] video codes in (t, h, w) order; steps = L + N/L - 1.
@@ -326,9 +335,8 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         nonlocal steps
         steps += 1
         bar.update(1)
-        codes = sample_tokens(_guided(logits, batch, sampling.cfg_scale)[..., offset:], cfg.vocab_size,
-                              sampling, generator)
-        return codes
+        return sampler(_guided(logits, batch, sampling.cfg_scale)[..., offset:], cfg.vocab_size, sampling,
+                       generator)
 
     def feed(codes: torch.Tensor) -> torch.Tensor:
         model_ids = codes + offset
@@ -354,7 +362,8 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
 
 @torch.no_grad()
 def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
-                              generator: torch.Generator | None = None, progress: bool = False) -> GenerationResult:
+                              generator: torch.Generator | None = None, progress: bool = False, *,
+                              sampler: Sampler = sample_tokens) -> GenerationResult:
     """Complete clips from their first latent frames, one block per forward pass.
 
     Args:
@@ -364,6 +373,9 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
         sampling: temperature / top-k / top-p.
         generator: torch.Generator for reproducible sampling.
         progress: show a tqdm bar over block steps.
+        sampler: called once per forward pass as ``sampler(logits, vocab_size, sampling, generator)`` with
+            the logits float [B, L, V_padded] of the next block and ``model.config.vocab_size``; returns
+            int64 [B, L] video tokens in block order. Default :func:`sample_tokens`.
 
     Returns:
         GenerationResult with tokens [B, N] ((t, h, w)-major) and steps = (N - P) / L forward passes.
@@ -382,11 +394,11 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
     start_time = time.perf_counter()
     bar = tqdm(total=(total - prompt.shape[1]) // block, desc="generating blocks", unit="block",
                disable=not progress)
-    pieces = [prompt.to(decoder.device), sample_tokens(decoder.prefill(prompt), cfg.vocab_size, sampling, generator)]
+    pieces = [prompt.to(decoder.device), sampler(decoder.prefill(prompt), cfg.vocab_size, sampling, generator)]
     prefill_seconds, steps = _elapsed(start_time, decoder.device), 1
     bar.update(1)
     while decoder.length + block < total:
-        pieces.append(sample_tokens(decoder.step(pieces[-1]), cfg.vocab_size, sampling, generator))
+        pieces.append(sampler(decoder.step(pieces[-1]), cfg.vocab_size, sampling, generator))
         steps += 1
         bar.update(1)
     bar.close()
