@@ -18,19 +18,16 @@ object (dense S x S bool vs BlockMask).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from megatron_nbp.layouts import frame_prediction_block_ids  # noqa: E402
-from megatron_nbp.masks import block_causal_allowed, block_causal_block_mask  # noqa: E402
-from megatron_nbp.model.attention import flex_kernel, flex_kernel_options  # noqa: E402
+from megatron_nbp.layouts import frame_prediction_block_ids
+from megatron_nbp.masks import block_causal_allowed, block_causal_block_mask
+from megatron_nbp.model.attention import flex_kernel, flex_kernel_options
 
 KERNELS = ("flex (fused, tuned)", "flex (torch defaults)", "dense mask SDPA", "causal SDPA (not block-causal)")
 

@@ -1,108 +1,16 @@
 #!/usr/bin/env python
-"""Measured vs planned memory of one training step on CPU (fp32, one process, TP = PP = DP = 1).
+"""Measured vs planned memory of one training step on CPU (fp32, one process, TP = PP = DP = 1); the
+measurement is megatron_nbp.memory_measure, the plan megatron_nbp.memory_plan.
 
     python bench/memory_check.py --config configs/tiny_frame_prediction.yaml --micro-batch-size 2
     python bench/memory_check.py --config tests/configs/tiny_memory.yaml --micro-batch-size 4 --set model.activation=swiglu
-
-A child process imports everything and starts a world of one, resets its peak RSS (Linux
-``/proc/self/clear_refs``), then builds the model, megatron DDP and the megatron optimizer
-(megatron_nbp.training.build_training_state) and runs one micro-batch forward / backward / optimizer
-step (train_step). Measured = peak RSS after the step minus the RSS before building (VmHWM - VmRSS);
-estimated = megatron_nbp.memory_plan for the same config in fp32. glibc's dynamic mmap threshold is
-pinned (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS, as a GPU caching allocator's
-``max_memory_allocated`` would count them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
-
-
-def load_config(configs: list[str], overrides: dict | None = None):
-    """NBPConfig from layered YAML files and {"section.key": value} overrides."""
-    from megatron_nbp.config import NBPConfig
-
-    return NBPConfig.from_yaml(configs, overrides)
-
-
-def parse_set(items: list[str]) -> dict:
-    """["model.activation=swiglu", ...] -> {"model.activation": "swiglu"} (values parsed as YAML)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects section.key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def child(configs: list[str], micro_batch_size: int, overrides: dict | None = None) -> dict:
-    """Run in the measuring process: returns {"baseline": bytes, "peak": bytes, "measured": bytes}."""
-    import torch
-
-    from megatron_nbp.layouts import frame_prediction_batch
-    from megatron_nbp.parallel import destroy_parallel, initialize_parallel
-    from megatron_nbp.training import build_training_state, train_step
-
-    cfg = load_config(configs, {**(overrides or {}), "train.micro_batch_size": micro_batch_size,
-                                "train.global_batch_size": micro_batch_size})
-    m = cfg.model
-    if m.layout != "frame_prediction":
-        raise SystemExit("memory_check measures the frame_prediction layout")
-    torch.set_num_threads(1)
-    initialize_parallel(1, 1, seed=cfg.train.seed)
-    video = torch.randint(0, m.vocab_size, (micro_batch_size, m.num_video_tokens))
-    batch = frame_prediction_batch(video, m.block_size, m.latent_shape)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    baseline = _proc_status_kib("VmRSS") * 1024
-    state = build_training_state(cfg)
-    train_step(state, iter([batch]), cfg, num_microbatches=1)
-    peak = _proc_status_kib("VmHWM") * 1024
-    destroy_parallel()
-    return {"baseline": baseline, "peak": peak, "measured": peak - baseline}
-
-
-def measure(configs: list[str], micro_batch_size: int, overrides: dict | None = None, timeout: int = 600) -> dict:
-    """Measure in a fresh subprocess (see module doc); returns the child's dict."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="65536")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    args = [sys.executable, __file__, "--child", "--micro-batch-size", str(micro_batch_size)]
-    for c in configs:
-        args += ["--config", c]
-    for key, value in (overrides or {}).items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measurement failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def estimate(configs: list[str], micro_batch_size: int, overrides: dict | None = None) -> int:
-    """The memory plan's per-GPU bytes for the same run: fp32, no recompute, TP = PP = DP = 1, one
-    micro-batch, plain DDP (ZeRO 0)."""
-    from megatron_nbp.memory_plan import Layout, plan_memory
-
-    cfg = load_config(configs, overrides)
-    layout = Layout(micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size, precision="fp32")
-    return plan_memory(cfg, layout).peak.total
+from megatron_nbp.memory_measure import estimate, measure, parse_set
 
 
 def main(argv=None) -> None:
@@ -111,12 +19,8 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. model.activation=swiglu (repeatable)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     overrides = parse_set(a.set)
-    if a.child:
-        print(json.dumps(child(a.config, a.micro_batch_size, overrides)))
-        return
     got = measure(a.config, a.micro_batch_size, overrides)
     est = estimate(a.config, a.micro_batch_size, overrides)
     mib = 2 ** 20

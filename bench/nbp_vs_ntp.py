@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -39,11 +38,10 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer  # noqa: E402
-from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid  # noqa: E402
-from megatron_nbp.inference.model import InferenceConfig, NBPDecoder  # noqa: E402
+from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer
+from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
 
 LATENT = [5, 16, 16]          # 17 x 128 x 128 pixels
 FRAMES, RES, COND_FRAMES, COND_LATENT = 17, 128, 5, 2

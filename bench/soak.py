@@ -21,13 +21,12 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-warnings.filterwarnings("ignore")
+from data_prep.synthetic import write_synthetic_shards
+from megatron_nbp.process_utils import free_port, kill_process_tree
+from megatron_nbp.training_log import read_scalars
 
-from tests.dist_utils import free_port, kill_process_tree  # noqa: E402
-from data_prep.synthetic import write_synthetic_shards  # noqa: E402
-from tests.test_resume import tb_losses  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+warnings.filterwarnings("ignore")
 
 CONFIG = "tests/configs/tiny_test.yaml"
 
@@ -59,7 +58,7 @@ def main() -> None:
         write_synthetic_shards(root / "data", num_clips=64, clips_per_shard=8, latent_shape=(5, 4, 4), vocab=2048)
         subprocess.run(command(root / "data", root / "tb_ref", args.train_iters, None), cwd=REPO, env=env,
                        check=True, capture_output=True)
-        reference = tb_losses(root / "tb_ref")
+        reference = read_scalars(root / "tb_ref")
         ckpt, rows, cycle = root / "ckpt", [], 0
         while latest(ckpt) < args.train_iters:
             tb = root / f"tb_{cycle}"
@@ -72,7 +71,7 @@ def main() -> None:
                 while latest(ckpt) < target and proc.poll() is None:
                     time.sleep(0.02)
                 time.sleep(rng.uniform(0.0, 0.5))
-                reached = max(tb_losses(tb), default=start) if tb.exists() else start
+                reached = max(read_scalars(tb), default=start) if tb.exists() else start
                 kill_process_tree(proc)
                 rows.append((cycle, start, reached, latest(ckpt)))
             else:
@@ -81,7 +80,7 @@ def main() -> None:
             cycle += 1
         resumed = {}
         for c in range(cycle):
-            resumed.update(tb_losses(root / f"tb_{c}"))  # later cycles overwrite re-run iterations
+            resumed.update(read_scalars(root / f"tb_{c}"))  # later cycles overwrite re-run iterations
         diverged = [i for i in reference if resumed.get(i) != reference[i]]
     print("| cycle | resumed from | reached | checkpoint after | iterations lost |")
     print("|---|---|---|---|---|")

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 _RANK_LINE = re.compile(r"tokenize: rank (\d+)/(\d+): (\d+) clips from (\d+) files in ([\d.]+) s \(([\d.]+) clips/s\)")
 
@@ -38,7 +37,7 @@ def make_inputs(root: Path, num_videos: int, frames: int, tokenizer_config: Path
     import torch
 
     from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, save_tokenizer
-    from tests.synthetic_video import write_pattern_video
+    from data_prep.synthetic import write_pattern_video
 
     videos = root / "videos"
     for i in range(num_videos):

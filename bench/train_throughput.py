@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from megatron_nbp.process_utils import free_port
+from megatron_nbp.training_log import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ["configs/tiny_frame_prediction.yaml"]
@@ -54,7 +56,6 @@ def mode_flags(mode: str) -> list[str]:
 
 def write_data(cfg_paths: list[str], root: Path, num_clips: int) -> Path:
     """Synthetic shards matching the config's latent shape and vocabulary; returns their folder."""
-    sys.path.insert(0, str(REPO))
     from data_prep.synthetic import write_synthetic_shards
     from megatron_nbp.config import NBPConfig
 
@@ -63,15 +64,6 @@ def write_data(cfg_paths: list[str], root: Path, num_clips: int) -> Path:
     write_synthetic_shards(out, num_clips=num_clips, clips_per_shard=max(1, num_clips // 4),
                            latent_shape=model.latent_shape, vocab=model.vocab_size)
     return out
-
-
-def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
-    """TensorBoard scalars of a run: tag -> {step: value}."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags().get("scalars", [])}
 
 
 def failure_reason(output: str) -> str:
@@ -86,9 +78,7 @@ def run_one(args, mode: str, mbs: int, data: Path, root: Path) -> dict:
     """One trainer run; returns its row."""
     iters = args.warmup + args.iters
     tb = root / f"tb_{mode}_{mbs}"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", f"--master-port={port}",
            "launchers/pretrain_nbp.py", *sum((["--config", c] for c in args.config), []), "--data", str(data),
            "--micro-batch-size", str(mbs), "--global-batch-size", str(args.global_batch_size or mbs * args.dp),
@@ -100,7 +90,8 @@ def run_one(args, mode: str, mbs: int, data: Path, root: Path) -> dict:
     row = {"mode": mode, "mbs": mbs}
     if proc.returncode != 0:
         return {**row, "status": failure_reason(proc.stdout + proc.stderr)}
-    scalars = read_scalars(tb)
+    scalars = {tag: read_scalars(tb, tag) for tag in ("iteration-time", "tokens-per-second", "tflops-per-gpu",
+                                                      "mfu", "mem-max-allocated-gib", "mem-max-reserved-gib")}
     times = scalars.get("iteration-time", {})
     timed = [times[i] for i in sorted(times) if i > args.warmup]
     if not timed:

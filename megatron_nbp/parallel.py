@@ -14,6 +14,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_nbp.cpu_adapter import apply_cpu_adapter
 from megatron_nbp.device import DevicePlan, activate, device_plan
+from megatron_nbp.process_utils import free_port
 
 
 def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
@@ -42,7 +43,7 @@ def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: i
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group(backend=plan.distributed_backend, timeout=timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
@@ -80,11 +81,3 @@ def print_rank_0(*args) -> None:
     """print on global rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

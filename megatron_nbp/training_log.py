@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,17 @@ def peak_memory_gib(plan: DevicePlan) -> tuple[float, float] | None:
 def _figure(value: float) -> str:
     """One decimal from 10 up (GPU figures), three significant digits below (CPU runs)."""
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def read_scalars(logdir: str | Path, tag: str = "lm-loss") -> dict[int, float]:
+    """The TensorBoard scalar ``tag`` a run wrote to ``logdir``: {iteration: value} ({} if absent)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return {}
+    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 class TrainingLogger:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project's virtual environment in .venv and install the pinned CPU stack.
+# Create (or reuse) the project's virtual environment in .venv, install the pinned CPU stack and the
+# project itself (editable).
 # torch is installed FIRST and pinned (constraints.txt) so pip never pulls the multi-GB CUDA wheels.
 # Usage: source scripts/setup_env.sh      (leaves the venv activated)
 set -euo pipefail
@@ -38,4 +39,15 @@ then
   echo "== installing requirements.txt (constrained to torch==2.13.0)"
   pip install -q -c "$REPO/constraints.txt" -r "$REPO/requirements.txt"
 fi
-python -c "import torch, megatron.core; print(f'== environment ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null
+# the project itself, editable (packages megatron_nbp and data_prep, the nbp-* console scripts)
+if ! python - "$REPO" <<'PY' 2>/dev/null
+import json, sys
+from importlib.metadata import distribution
+url = json.loads(distribution("megatron-nbp").read_text("direct_url.json") or "{}")
+sys.exit(url.get("url") != "file://" + sys.argv[1] or not url.get("dir_info", {}).get("editable"))
+PY
+then
+  echo "== installing the project (pip install -e .)"
+  pip install -q --no-deps --no-build-isolation -e "$REPO"
+fi
+python -c "import torch, megatron.core, megatron_nbp; print(f'== environment ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, megatron-nbp {megatron_nbp.__version__}')" 2>/dev/null

@@ -13,14 +13,37 @@ from typing import Any, Callable
 
 import pytest
 
-# --- data_prep: `network` marker (tests that reach PyPI / Debian apt) ---------------------------------
+# --- markers: the test's kind (its folder) and what it needs ----------------------------------------
+# tests/unit: one process, seconds; tests/distributed: torchrun worlds, equivalence of parallel layouts and
+# backends; tests/faults: crashes, SIGKILL, damaged and malicious inputs; tests/gpu: CUDA only.
+# `pytest -m "not slow"` leaves out the runs over 30 s (measured on 2 cores); `-m unit` is the quick loop.
+
+FOLDER_MARKERS = {"unit": "unit", "distributed": "distributed", "faults": "faults", "gpu": "gpu"}
 
 
 def pytest_configure(config):
-    """Register markers (``-m "not network"`` deselects tests that reach a package registry)."""
-    config.addinivalue_line("markers", "network: needs a package registry (PyPI / Debian apt) or its cache; "
-                                       "skipped when the files are not cached and the registry is unreachable")
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU machines and in CI)")
+    """Register the markers (``-m "not network"`` deselects tests that reach a package registry, ...)."""
+    for line in (
+        "unit: one process, no torchrun (tests/unit)",
+        "distributed: starts torchrun / multi-process worlds (tests/distributed)",
+        "faults: crashes, kills, damaged or malicious inputs (tests/faults)",
+        "slow: takes over 30 s on 2 CPU cores",
+        "network: needs a package registry (PyPI / Debian apt) or its cache; skipped when the files are not "
+        "cached and the registry is unreachable",
+        "gpu: needs a CUDA GPU (skipped on CPU machines and in CI; tests/gpu)",
+    ):
+        config.addinivalue_line("markers", line)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its folder's kind (FOLDER_MARKERS)."""
+    for item in items:
+        parts = item.nodeid.split("/")
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[parts[1]])
+
+
+# --- data_prep: `network` marker (tests that reach PyPI / Debian apt) ---------------------------------
 
 
 DEFAULT_INDEX_URL = "https://pypi.org/simple"

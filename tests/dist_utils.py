@@ -5,25 +5,23 @@ that paid the imports (:func:`fork_job`, for the tests/workers/crash_*.py worker
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from megatron_nbp.process_utils import free_port, kill_process_tree  # noqa: F401 (re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python args...`` in the repo root; raise with the tail of its output if it fails."""
+    """Run ``python args...`` in the repo root (a ``tests/...py`` script as its module, see
+    :func:`torchrun`); raise with the tail of its output if it fails."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    if args and args[0].startswith("tests/") and args[0].endswith(".py"):
+        args = ["-m", args[0][:-3].replace("/", "."), *args[1:]]
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
@@ -32,30 +30,12 @@ def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc script args`` on a free local port."""
+    """``torchrun --nproc-per-node nproc script args`` on a free local port, in the repo root. A test
+    worker (``tests/workers/x.py``) runs as the module ``tests.workers.x`` (torchrun's ``-m``), so it can
+    import the test helpers; launchers run as scripts."""
+    target = ["-m", script[:-3].replace("/", ".")] if script.startswith("tests/") else [script]
     return run(["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-                script, *args], timeout=timeout)
-
-
-def kill_process_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and every process below it at once, like a node failure. torchrun starts its
-    workers in their own sessions, so killing the launcher's process group alone leaves them running."""
-    import signal
-
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-        family = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        try:
-            member.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-    psutil.wait_procs(family, timeout=30)
+                *target, *args], timeout=timeout)
 
 
 @dataclass

@@ -12,17 +12,14 @@ between runs, the default process group is kept.
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import parallel_state
 
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.deepspeed_backend import pretrain_deepspeed  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel  # noqa: E402
-from megatron_nbp.training import pretrain  # noqa: E402
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.deepspeed_backend import pretrain_deepspeed
+from megatron_nbp.parallel import destroy_parallel
+from megatron_nbp.training import pretrain
 
 
 def main():

@@ -43,9 +43,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from tests.dist_utils import CRASH_EXIT, fork_job  # noqa: E402
+from tests.dist_utils import CRASH_EXIT, fork_job
 
 CRASH_AT = 2
 ITERS = 3
@@ -54,11 +53,13 @@ CHAIN = ["before_rename", "after_rename", "orphan_before_rename", "before_pointe
 POINTS = {"megatron": CHAIN, "deepspeed": ["before_meta", *CHAIN], "tokenizer": ["before_publish", *CHAIN]}
 
 
+CLI_MODULES = {"pretrain_nbp": "megatron_nbp.cli.pretrain", "convert_checkpoint": "megatron_nbp.cli.convert",
+               "train_tokenizer": "data_prep.cli.train_tokenizer"}
+
+
 def _launcher(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module behind ``launchers/<name>.py`` (its ``main`` is the job)."""
+    return importlib.import_module(CLI_MODULES[name])
 
 
 class Writer:

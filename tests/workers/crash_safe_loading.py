@@ -5,7 +5,7 @@ each copy in which the test planted a payload.
    once): ``ROOT/megatron`` (megatron backend, TP2, 3 iterations), ``ROOT/zero2`` and ``ROOT/zero3``
    (DeepSpeed ZeRO-2 / ZeRO-3 over DP2, 3 iterations) and ``ROOT/tokenizer`` (tokenizer trainer, DDP over
    2 ranks, 2 steps); their data is ``ROOT/tokens``, ``ROOT/videos`` and ``ROOT/tokenizer.yaml``.
-2. Calls ``tests.test_safe_loading.plant_payloads(ROOT)`` (the test decides what is poisoned and how) and,
+2. Calls ``tests.faults.test_safe_loading.plant_payloads(ROOT)`` (the test decides what is poisoned and how) and,
    for every variant it returns, runs that backend's training launcher with ``--load`` on it, 2 ranks, as
    many iterations as were saved (a successful load then exits without training).
 
@@ -19,24 +19,24 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from tests.dist_utils import fork_job, read_logs  # noqa: E402
+from tests.dist_utils import fork_job, read_logs
 
 CONFIG = "tests/configs/tiny_test.yaml"
 TRAINING = {"megatron": ["--tp", "2"], "zero2": ["--backend", "deepspeed", "--zero-stage", "2"],
             "zero3": ["--backend", "deepspeed", "--zero-stage", "3"]}
 
 
+CLI_MODULES = {"pretrain_nbp": "megatron_nbp.cli.pretrain", "convert_checkpoint": "megatron_nbp.cli.convert",
+               "train_tokenizer": "data_prep.cli.train_tokenizer"}
+
+
 def _launcher(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module behind ``launchers/<name>.py`` (its ``main`` is the job)."""
+    return importlib.import_module(CLI_MODULES[name])
 
 
 def argv(root: Path, kind: str, save: Path | None = None, load: Path | None = None) -> list[str]:
@@ -62,7 +62,7 @@ def main() -> None:
     import data_prep.tokenizer.train  # noqa: F401 - everything the ranks need, imported before the fork
     import megatron_nbp.deepspeed_backend  # noqa: F401
     import megatron_nbp.training  # noqa: F401
-    from tests.test_safe_loading import plant_payloads
+    from tests.faults.test_safe_loading import plant_payloads
 
     def job(kind: str, command: list[str], logs: Path) -> list[int]:
         def target(rank: int) -> None:

@@ -13,21 +13,19 @@ processes; writes DIR/result.json (rank 0): {stage: results}.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.deepspeed_backend import build_deepspeed_state, deepspeed_train_step  # noqa: E402
-from megatron_nbp.deepspeed_checkpointing import LATEST_TAG_FILE, save_deepspeed_checkpoint  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_nbp.training import training_loop  # noqa: E402
-from tests.workers.tp_pp_worker import micro_batches  # noqa: E402
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.deepspeed_backend import build_deepspeed_state, deepspeed_train_step
+from megatron_nbp.deepspeed_checkpointing import LATEST_TAG_FILE, save_deepspeed_checkpoint
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel
+from megatron_nbp.training import training_loop
+from tests.workers.tp_pp_worker import micro_batches
 
 
 def snapshot(engine) -> dict[str, torch.Tensor]:

@@ -26,20 +26,18 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.utils import get_model_config  # noqa: E402
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import get_model_config
 
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed  # noqa: E402
-from megatron_nbp.training import build_training_state, train_step  # noqa: E402
-from tests.workers.tp_pp_worker import micro_batches  # noqa: E402
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed
+from megatron_nbp.training import build_training_state, train_step
+from tests.workers.tp_pp_worker import micro_batches
 
 VARIANTS = {
     "fp32": {"train.precision": "fp32"},

@@ -3,18 +3,16 @@
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from megatron_nbp.checkpointing import read_latest_iteration, save_checkpoint, unwrap  # noqa: E402
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_nbp.training import build_training_state, train_step, training_loop  # noqa: E402
-from tests.workers.tp_pp_worker import micro_batches  # noqa: E402
+from megatron_nbp.checkpointing import read_latest_iteration, save_checkpoint, unwrap
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel
+from megatron_nbp.training import build_training_state, train_step, training_loop
+from tests.workers.tp_pp_worker import micro_batches
 
 
 def main():

@@ -18,21 +18,19 @@ token corruption are off, and the LR schedule has no warmup, so every iteration 
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
 
-from data_prep.synthetic import synthetic_clips  # noqa: E402
-from megatron_nbp.checkpointing import unwrap  # noqa: E402
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.layouts import frame_prediction_batch  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_nbp.training import build_training_state, train_step  # noqa: E402
+from data_prep.synthetic import synthetic_clips
+from megatron_nbp.checkpointing import unwrap
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.layouts import frame_prediction_batch
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel
+from megatron_nbp.training import build_training_state, train_step
 
 CONFIG = "tests/configs/tiny_test.yaml"
 ITERATIONS = 4

@@ -6,16 +6,14 @@ TP x PP layout and write this rank's parameter count (numel of its stage, tied c
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import parallel_state
 
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.model.builder import build_gpt_model  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel
 
 
 def main() -> None:

@@ -10,19 +10,17 @@ and writes, per config, the largest difference to the TP=1 weights and how many 
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.inference.convert_zero import merge_tensor_parallel_shards  # noqa: E402
-from megatron_nbp.model.builder import build_gpt_model  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed  # noqa: E402
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.inference.convert_zero import merge_tensor_parallel_shards
+from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed
 
 
 def tensors(model):

@@ -10,24 +10,22 @@
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.dist_checkpointing import ShardedTensor  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_nbp.checkpointing import save_checkpoint, unwrap  # noqa: E402
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.data import pad_text_ids  # noqa: E402
-from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_nbp.training import MaskCache, build_training_state, reduce_losses  # noqa: E402
-from data_prep.synthetic import synthetic_clips  # noqa: E402
+from megatron_nbp.checkpointing import save_checkpoint, unwrap
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.data import pad_text_ids
+from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel
+from megatron_nbp.training import MaskCache, build_training_state, reduce_losses
+from data_prep.synthetic import synthetic_clips
 
 
 def micro_batches(cfg):

@@ -12,20 +12,18 @@ eager kernel differentiates; torch refuses requires_grad inputs on CPU by a devi
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_nbp.checkpointing import unwrap  # noqa: E402
-from megatron_nbp.config import NBPConfig  # noqa: E402
-from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed  # noqa: E402
-from megatron_nbp.training import build_training_state, train_step  # noqa: E402
-from tests.workers.tp_pp_worker import micro_batches  # noqa: E402
+from megatron_nbp.checkpointing import unwrap
+from megatron_nbp.config import NBPConfig
+from megatron_nbp.parallel import destroy_parallel, initialize_parallel, set_seed
+from megatron_nbp.training import build_training_state, train_step
+from tests.workers.tp_pp_worker import micro_batches
 
 COMMON = {"model.hidden_dropout": 0.1, "train.lr": 1e-3, "train.lr_warmup_iters": 0, "train.micro_batch_size": 2,
           "train.global_batch_size": 8}

@@ -19,7 +19,7 @@ from data_prep.video_io import (
     write_contact_sheet,
     write_mp4,
 )
-from tests.synthetic_video import pattern_frames, write_pattern_video
+from data_prep.synthetic import pattern_frames, write_pattern_video
 
 
 def _mean_abs(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,21 +9,20 @@ control: it must get past validation and reach the data check.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny_frame_prediction.yaml"
 
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_nbp_launcher", REPO / "launchers" / "pretrain_nbp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module behind launchers/pretrain_nbp.py and nbp-pretrain."""
+    import megatron_nbp.cli.pretrain
+
+    return megatron_nbp.cli.pretrain
 
 
 class Reached(Exception):

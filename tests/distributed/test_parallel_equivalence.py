@@ -100,7 +100,7 @@ def test_kv_cache_decoding_of_the_converted_model_equals_its_full_forward(layout
     config, workdir = layout_run
     cfg = NBPConfig.from_yaml(config)
     if cfg.model.layout == "hybrid":
-        from tests.test_generation import teacher_forced_cached_logits
+        from tests.unit.test_generation import teacher_forced_cached_logits
 
         model = load_inference_model(workdir / "converted")
         b = micro_batches(cfg)[0]

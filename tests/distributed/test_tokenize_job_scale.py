@@ -32,11 +32,11 @@ from data_prep.shards import (
 )
 from data_prep.tokenize_job import TokenizeConfig, run_tokenize_job
 from data_prep.video_io import decode_video, frames_to_tensor
-from tests.synthetic_video import pattern_frames, write_pattern_video
+from data_prep.synthetic import pattern_frames, write_pattern_video
 from tests.dist_utils import kill_process_tree
-from tests.test_tokenize_job import _read_all
+from tests.distributed.test_tokenize_job import _read_all
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_FRAMES, STRIDE, RES = 5, 1, 16
 GOOD = {f"c{i % 2}/v{i}.mp4": 10 + 3 * i for i in range(7)}  # 10..28 frames -> 2..5 clips each (hop 5)
 BROKEN = {"c0/corrupt.mp4": "cannot decode", "c1/short.mp4": "too short", "c1/trunc.mp4": "cannot decode",

@@ -146,7 +146,7 @@ def test_progress_bar_counts_every_forward_pass_and_is_off_by_default(capsys):
 
 def test_decoders_refuse_the_other_layout():
     from megatron_nbp.inference.generate import BlockDecoder
-    from tests.test_kv_cache import tiny_model
+    from tests.unit.test_kv_cache import tiny_model
 
     with pytest.raises(ValueError, match="frame-prediction layout"):
         BlockDecoder(hybrid_model(), 1)

@@ -18,8 +18,8 @@ import torch
 from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid
 from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch
 from megatron_nbp.masks import block_causal_allowed
-from tests.test_generation import hybrid_model
-from tests.test_kv_cache import tiny_model
+from tests.unit.test_generation import hybrid_model
+from tests.unit.test_kv_cache import tiny_model
 
 
 def reference_block_major_order(latent, block):

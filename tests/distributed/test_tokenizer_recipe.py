@@ -256,10 +256,8 @@ def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recip
     assert float(state_full["lecam"]["ema_real"]) != 0.0
     # the eval launcher reproduces the trainer's held-back PSNR and writes its PNG and JSON
     import json
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
-    import eval_tokenizer
+    from data_prep.cli import eval_tokenizer
 
     png, out = root / "full" / "recon.png", root / "full" / "eval.json"
     assert eval_tokenizer.main(["--tokenizer", full.output, "--data", full.data, "--resolution", "16",

@@ -12,7 +12,7 @@ import pytest
 
 from tests.dist_utils import REPO, free_port, torchrun
 from data_prep.synthetic import write_synthetic_shards
-from tests.test_resume import tb_losses
+from tests.faults.test_resume import tb_losses
 
 CONFIG = "tests/configs/tiny_test.yaml"
 LAUNCHER = "launchers/pretrain_nbp.py"

@@ -174,7 +174,7 @@ def test_video_position_table_does_not_depend_on_the_condition_length():
 @pytest.mark.parametrize("latent,block", [((4, 4, 8), (2, 1, 8)), ((3, 2, 12), (1, 2, 4)), ((4, 4, 4), (2, 2, 2)),
                                           ((2, 4, 8), (1, 1, 8)), ((2, 4, 8), (2, 4, 8))])
 def test_block_major_order_equals_the_written_out_order(latent, block):
-    from tests.test_generation_e2e import reference_block_major_order
+    from tests.unit.test_generation_e2e import reference_block_major_order
 
     assert torch.equal(block_major_order(latent, block), reference_block_major_order(latent, block))
 

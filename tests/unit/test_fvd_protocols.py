@@ -6,8 +6,6 @@ I3D) is documented in docs/evaluation.md."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,16 +15,16 @@ import torch
 
 from data_prep.synthetic import write_synthetic_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["evaluate_launcher"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The evaluation protocols (megatron_nbp.eval.protocols) and the command line around them."""
+    import megatron_nbp.cli.evaluate as cli
+    import megatron_nbp.eval.protocols as protocols
+
+    return SimpleNamespace(**vars(protocols), main=cli.main)
 
 
 class _Tokenizer(torch.nn.Module):

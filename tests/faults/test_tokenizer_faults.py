@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.dist_utils import REPO, free_port, kill_before_the_end
-from tests.test_tokenizer_recipe import _assert_same, _write_pattern
+from tests.distributed.test_tokenizer_recipe import _assert_same, _write_pattern
 
 LAUNCHER = "launchers/train_tokenizer.py"
 SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"

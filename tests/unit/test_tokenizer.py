@@ -22,7 +22,7 @@ from data_prep.tokenizer import (
     tokenizer_sha256,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_YAML = REPO / "configs" / "tokenizer" / "tiny.yaml"
 PAPER_YAML = REPO / "configs" / "tokenizer" / "magvit2.yaml"
 LEVELS = [8, 8, 8, 5, 5, 5]

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from data_prep.synthetic import write_synthetic_shards
 from tests.dist_utils import REPO, free_port, run, torchrun
-from tests.test_resume import tb_losses
+from tests.faults.test_resume import tb_losses
 
 CONFIG = "tests/configs/tiny_test.yaml"
 LAUNCHER = "launchers/pretrain_nbp.py"

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from bench.memory_check import estimate, measure
-from launchers.plan_memory import main as plan_main
+from megatron_nbp.cli.plan_memory import main as plan_main
 from megatron_nbp.config import ConfigError, NBPConfig
+from megatron_nbp.memory_measure import estimate, measure
 from megatron_nbp.memory_plan import (Layout, layer_activation_bytes, plan_memory, stage_activation_bytes,
                                       stage_parameters, sweep)
 from megatron_nbp.model.params import count_parameters

@@ -22,9 +22,9 @@ from data_prep.shards import (
 )
 from data_prep.tokenize_job import TokenizeConfig, plan_shards, run_tokenize_job, shards_for_rank
 from data_prep.video_io import clip_starts, frames_to_tensor, load_clip
-from tests.synthetic_video import write_pattern_video
+from data_prep.synthetic import write_pattern_video
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_FRAMES, STRIDE, HOP, RES = 5, 2, 3, 16
 GOOD = {"classA/v0.mp4": 20, "classA/v1.mp4": 13, "classB/v2.mp4": 9}  # frames per good video
 BROKEN = {"classB/short.mp4": "too short", "corrupt.mp4": "cannot decode", "fake.avi": "cannot decode",
@@ -173,11 +173,8 @@ def test_invalid_settings():
 
 
 def test_launcher_rejects_bad_flags(capsys):
-    sys.path.insert(0, str(REPO / "launchers"))
-    try:
-        import tokenize_videos
-    finally:
-        sys.path.pop(0)
+    from data_prep.cli import tokenize_videos
+
     with pytest.raises(SystemExit):
         tokenize_videos.parse_args(["--input", "a", "--output", "b", "--tokenizer", "c", "--num-frames", "6"])
     assert "1 + 4n" in capsys.readouterr().err
@@ -209,7 +206,7 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
 
 def _write_rgb_video(path: Path, height: int, width: int, num_frames: int) -> None:
     """A lossless PNG-in-QuickTime video, which (unlike yuv420p H.264) allows odd sizes."""
-    from tests.synthetic_video import pattern_frames
+    from data_prep.synthetic import pattern_frames
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ SMALL_TOKENIZER = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2,
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):
     from data_prep.synthetic import write_synthetic_shards
-    from tests.test_tokenizer_recipe import _write_pattern
+    from tests.distributed.test_tokenizer_recipe import _write_pattern
 
     root = tmp_path_factory.mktemp("publish_crash")
     write_synthetic_shards(root / "tokens", num_clips=16, clips_per_shard=8, latent_shape=(5, 4, 4), vocab=2048)
@@ -191,7 +191,7 @@ def test_the_run_after_the_crashes_ends_equal_to_an_uninterrupted_run(chains, wr
         assert resumed[step] == full[step], (writer, step, resumed[step], full[step])  # bitwise on CPU
     if writer == "tokenizer":
         from data_prep.tokenizer import load_tokenizer
-        from tests.test_tokenizer_recipe import _assert_same
+        from tests.distributed.test_tokenizer_recipe import _assert_same
 
         def load(folder: Path, name: str):
             return torch.load(folder / f"iter_{ITERS:07d}" / name, map_location="cpu", weights_only=True)

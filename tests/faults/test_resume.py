@@ -2,9 +2,9 @@
 shuffled data): model, optimizer, scheduler, RNG and data position are all restored."""
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_nbp.checkpointing import LATEST_FILE
+from megatron_nbp.training_log import read_scalars
 from tests.dist_utils import torchrun
 from data_prep.synthetic import write_synthetic_shards
 
@@ -13,11 +13,8 @@ LAUNCHER = "launchers/pretrain_nbp.py"
 
 
 def tb_losses(logdir) -> dict[int, float]:
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    if "lm-loss" not in acc.Tags().get("scalars", []):
-        return {}
-    return {e.step: e.value for e in acc.Scalars("lm-loss")}
+    """Per-iteration lm-loss a run wrote to TensorBoard."""
+    return read_scalars(logdir, "lm-loss")
 
 
 def train(data, tb, exit_interval=None, save=None, load=None, save_interval=None):

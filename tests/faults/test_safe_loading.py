@@ -17,7 +17,6 @@ itself runs the payload."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import torch
 
 from megatron_nbp.checkpointing import CheckpointError
 from megatron_nbp.safe_loading import UnsafeCheckpointError, safe_torch_load
-from tests.dist_utils import REPO, run
+from tests.dist_utils import run
 
 KINDS = ("megatron", "zero2", "zero3", "tokenizer")
 LOADERS = {"megatron": ("train", "convert"), "zero2": ("train", "convert"), "zero3": ("train", "convert"),
@@ -208,7 +207,7 @@ def plant_payloads(root: Path) -> list[dict]:
 def checkpoints(tmp_path_factory):
     """The worker's checkpoints, the variants (by id) and the result of each training ``--load`` (by id)."""
     from data_prep.synthetic import write_synthetic_shards
-    from tests.test_tokenizer_recipe import _write_pattern
+    from tests.distributed.test_tokenizer_recipe import _write_pattern
 
     root = tmp_path_factory.mktemp("safe")
     write_synthetic_shards(root / "tokens", num_clips=16, clips_per_shard=8, latent_shape=(5, 4, 4), vocab=2048)
@@ -224,10 +223,9 @@ def checkpoints(tmp_path_factory):
 
 def _convert(load_dir: Path, out: Path) -> None:
     """launchers/convert_checkpoint.py, in this process."""
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "launchers" / "convert_checkpoint.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    launcher.main(["--load", str(load_dir), "--output", str(out)])
+    from megatron_nbp.cli.convert import main
+
+    main(["--load", str(load_dir), "--output", str(out)])
 
 
 def _names(v: dict) -> list[str]:

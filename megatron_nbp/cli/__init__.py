@@ -1,0 +1,3 @@
+"""Command-line entry points of the training, conversion, generation, evaluation and planning jobs
+(console scripts ``nbp-pretrain``, ``nbp-convert``, ``nbp-generate``, ``nbp-evaluate``,
+``nbp-plan-memory``; ``launchers/*.py`` call the same ``main``)."""

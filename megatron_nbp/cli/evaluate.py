@@ -1,0 +1,117 @@
+"""FVD evaluation of a converted NBP model under the paper's two protocols (see docs/evaluation.md).
+
+ucf101 (class-conditional): real distribution = training clips (token-shard metadata -> the source
+    video's pixels at the model geometry); for every real clip one video is generated from its class
+    label (hybrid layout); FVD between the generated and the real clips (first 16 of 17 frames, 224).
+k600 (frame prediction): real clips = validation clips; the first ``c`` latent frames (c = 2: 5 pixel
+    frames) of each clip's tokens condition generation of the rest; real and generated clips are
+    resized to 64x64 (the evaluation resolution of the paper / MAGVIT) before the I3D's 224 resize.
+
+    python launchers/evaluate.py ucf101 --checkpoint runs/ucf_inf --tokenizer runs/tok.safetensors \
+        --data-dir data/ucf101_tokens --video-root /data/UCF-101 --num-samples 10000 --top-k 16000 --top-p 0.9
+    torchrun --nproc-per-node 8 launchers/evaluate.py k600 --checkpoint runs/k600_inf \
+        --tokenizer runs/tok.safetensors --data-dir data/k600_val_tokens --video-root /data/k600/val \
+        --num-samples 50000 --num-folds 5 --top-k 16000 --top-p 0.9
+
+Under torchrun every rank takes samples i with i % world_size == rank and the features are gathered
+on rank 0, which prints the FVD (mean +- std over --num-folds folds of the generated set) and writes
+--output JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_nbp.eval.protocols import iter_samples, real_clip_loader, run_protocol, summarize
+
+
+def main(argv=None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("protocol", choices=["ucf101", "k600"])
+    p.add_argument("--checkpoint", required=True, help="converted model directory (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.safetensors)")
+    p.add_argument("--data-dir", required=True,
+                   help="token shards (+ manifest.json): UCF-101 training clips / K600 validation clips")
+    p.add_argument("--video-root", required=True, help="folder the shards' 'source' paths are relative to")
+    p.add_argument("--num-samples", type=int, help="generated (= real) clips; default 10000 (ucf101) / 50000 (k600)")
+    p.add_argument("--num-folds", type=int, default=1, help="FVD over this many disjoint folds of the samples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--condition-frames", type=int, help="k600: latent frames given (default: the model's, 2 = 5 frames)")
+    p.add_argument("--eval-resolution", type=int, help="resize clips first (default: 64 for k600, none for ucf101)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=16000)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--i3d-cache", help="download cache for the I3D weights (default ~/.cache/megatron-nbp)")
+    p.add_argument("--output", help="write the result JSON here (rank 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available)")
+    args = p.parse_args(argv)
+    num_samples = args.num_samples or (10000 if args.protocol == "ucf101" else 50000)
+    eval_res = args.eval_resolution if args.eval_resolution is not None else (64 if args.protocol == "k600" else None)
+
+    from megatron_nbp.device import activate, device_plan
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    plan = device_plan(device=args.device)
+    activate(plan)
+    device = plan.device
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group(plan.distributed_backend)
+
+    from data_prep.tokenizer import load_tokenizer
+    from megatron_nbp.eval.fvd import i3d_features
+    from megatron_nbp.eval.weights import load_i3d
+    from megatron_nbp.inference.generate import SamplingConfig
+    from megatron_nbp.inference.model import load_inference_model
+    from megatron_nbp.inference.video import clip_geometry
+    from tqdm import tqdm
+
+    model = load_inference_model(args.checkpoint, device)
+    tokenizer = load_tokenizer(args.tokenizer, device=device)
+    i3d = load_i3d(args.i3d_cache, device)
+    geometry = clip_geometry(model, tokenizer)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
+    bar = tqdm(total=len(range(rank, num_samples, world)), desc=f"{args.protocol} rank {rank}", unit="clip",
+               disable=rank != 0)
+    start = time.perf_counter()
+    real, fake = run_protocol(
+        args.protocol, model, tokenizer, iter_samples(args.data_dir, num_samples, rank, world),
+        real_clip_loader(args.video_root, geometry), lambda clips: i3d_features(i3d, clips, args.batch_size),
+        sampling, args.batch_size, args.seed, args.condition_frames, eval_res, progress=bar.update)
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (real, fake))
+        real = torch.cat([g[0] for g in gathered])
+        fake = torch.cat([g[1] for g in gathered])
+    result = None
+    if rank == 0:
+        result = summarize(real, fake, args.num_folds)
+        result.update(protocol=args.protocol, checkpoint=str(args.checkpoint), eval_resolution=eval_res,
+                      top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed,
+                      seconds=time.perf_counter() - start)
+        print(f"> {args.protocol}: FVD {result['fvd']:.2f} +- {result['fvd_std']:.2f} over {args.num_folds} fold(s) "
+              f"of {len(fake) // args.num_folds} generated vs {len(real)} real clips", flush=True)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(result, indent=2))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The paper's two FVD protocols on a converted NBP model (docs/evaluation.md): the data they read, the
+generation they run and the I3D features they collect. ``megatron_nbp.cli.evaluate`` (nbp-evaluate) is
+the command line around them.
+
+ucf101 (class-conditional): real distribution = training clips (token-shard metadata -> the source
+    video's pixels at the model geometry); for every real clip one video is generated from its class
+    label (hybrid layout); FVD between the generated and the real clips (first 16 of 17 frames, 224).
+k600 (frame prediction): real clips = validation clips; the first ``c`` latent frames (c = 2: 5 pixel
+    frames) of each clip's tokens condition generation of the rest; real and generated clips are
+    resized to 64x64 (the evaluation resolution of the paper / MAGVIT) before the I3D's 224 resize.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+#: Per-sample record of the real data: (token clip uint16 [T', H', W'], metadata dict from the shard).
+Sample = tuple[np.ndarray, dict]
+
+
+def iter_samples(data_dir: str | Path, num_samples: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, Sample]]:
+    """(global index, sample) for this rank's share of the first ``num_samples`` samples of the token
+    shards in manifest order, cycling over the data set if it is smaller (as the NBP release does).
+
+    Raises:
+        ValueError: the data set is empty.
+    """
+    from data_prep.shards import iter_shard, read_manifest
+
+    manifest = read_manifest(data_dir)
+    if manifest["num_samples"] == 0:
+        raise ValueError(f"no samples in {data_dir}")
+    shards = [Path(data_dir) / s["name"] for s in manifest["shards"] if s["num_samples"] > 0]
+
+    def one_pass():
+        for shard in shards:
+            for _key, tokens, meta in iter_shard(shard):
+                yield tokens, meta
+
+    for index, sample in enumerate(itertools.islice(itertools.chain.from_iterable(
+            one_pass() for _ in itertools.count()), num_samples)):
+        if index % world_size == rank:
+            yield index, sample
+
+
+def real_clip_loader(video_root: str | Path, geometry) -> Callable[[dict], np.ndarray]:
+    """Function meta -> uint8 [T, H, W, 3] real clip: the shard's source video decoded at the clip's
+    start/stride and resized/center-cropped to the model geometry (as the tokenization job did)."""
+    from data_prep.video_io import load_clip
+
+    root = Path(video_root)
+
+    def load(meta: dict) -> np.ndarray:
+        source = Path(meta["source"])
+        path = source if source.is_absolute() else root / source
+        return load_clip(path, geometry.num_frames, (geometry.height, geometry.width),
+                         int(meta["clip_start"]), int(meta["frame_stride"]))
+    return load
+
+
+def _batched(it: Iterator, n: int) -> Iterator[list]:
+    while True:
+        chunk = list(itertools.islice(it, n))
+        if not chunk:
+            return
+        yield chunk
+
+
+@torch.no_grad()
+def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, Sample]],
+                 load_real: Callable[[dict], np.ndarray], features: Callable[[np.ndarray], torch.Tensor],
+                 sampling, batch_size: int = 8, seed: int = 0, condition_frames: int | None = None,
+                 eval_resolution: int | None = None, num_frames: int = 16,
+                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate and featurize one rank's samples.
+
+    Args:
+        protocol: "ucf101" (class-conditional, ``generate_hybrid``) or "k600" (frame prediction,
+            ``generate_frame_prediction`` from the first ``condition_frames`` latent frames).
+        model: converted NBP model (megatron_nbp.inference.model.NBPDecoder).
+        tokenizer: video tokenizer with ``decode(int64 [B, T', H', W']) -> float [B, 3, T, H, W]`` in [-1, 1].
+        samples: (global index, (tokens uint16 [T', H', W'], metadata)) pairs (:func:`iter_samples`).
+        load_real: metadata -> uint8 [T, H, W, 3] real clip (:func:`real_clip_loader`).
+        features: uint8 [B, T, H, W, 3] -> float64 [B, D] (I3D logits, ``fvd.i3d_features``).
+        sampling: SamplingConfig; batch_size: clips per generation call; seed: per-batch generator seed
+            is ``seed + first global index`` (results do not depend on the number of ranks).
+        eval_resolution: resize real and generated clips to this square size first (64 for K600).
+        num_frames: frames per clip fed to I3D (the first 16).
+    Returns:
+        (real features float64 [n, D], generated features float64 [n, D]) for this rank's n samples.
+    Raises:
+        ValueError: unknown protocol, or a UCF label that is not one of the model's condition labels.
+    """
+    from data_prep.video_io import tensor_to_frames
+    from megatron_nbp.eval.fvd import resize_clips
+    from megatron_nbp.inference import generate as gen
+
+    cfg = model.config
+    t, h, w = cfg.latent_shape
+    device = next(tokenizer.parameters()).device  # model and tokenizer share the device (main)
+    if protocol == "ucf101":
+        labels = {name: i for i, name in enumerate(cfg.condition_labels or [])}
+    elif protocol == "k600":
+        c = condition_frames or cfg.condition_frames
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    real_feats, fake_feats = [], []
+    for batch in _batched(iter(samples), batch_size):
+        first = batch[0][0]
+        generator = torch.Generator(device=device).manual_seed(seed + first)
+        if protocol == "ucf101":
+            missing = [m.get("label") for _, (_, m) in batch if m.get("label") not in labels]
+            if missing:
+                raise ValueError(f"labels {missing} are not among the model's condition_labels")
+            cond = torch.tensor([[labels[m["label"]]] for _, (_, m) in batch], dtype=torch.long)
+            result = gen.generate_hybrid(model, cond, None, sampling, generator)
+        else:
+            prompt = torch.from_numpy(np.stack([tok.astype(np.int64).reshape(-1) for _, (tok, _) in batch]))
+            result = gen.generate_frame_prediction(model, prompt[:, : c * h * w], sampling, generator)
+        video = tokenizer.decode(result.tokens.view(-1, t, h, w).to(device))
+        fake = np.stack([tensor_to_frames(v) for v in video.cpu()])[:, :num_frames]
+        real = np.stack([load_real(meta) for _, (_, meta) in batch])[:, :num_frames]
+        if eval_resolution:
+            fake, real = resize_clips(fake, eval_resolution), resize_clips(real, eval_resolution)
+        real_feats.append(features(real))
+        fake_feats.append(features(fake))
+        if progress:
+            progress(len(batch))
+    if not real_feats:
+        return torch.zeros(0, 400, dtype=torch.float64), torch.zeros(0, 400, dtype=torch.float64)
+    return torch.cat(real_feats), torch.cat(fake_feats)
+
+
+def summarize(real: torch.Tensor, fake: torch.Tensor, num_folds: int) -> dict:
+    """FVD per fold of the generated set against all real features; mean and (population) std."""
+    from megatron_nbp.eval.fvd import fvd_folds
+
+    folds = fvd_folds(fake, real, num_folds)
+    return {"fvd": float(np.mean(folds)), "fvd_std": float(np.std(folds)), "folds": folds,
+            "num_real": len(real), "num_generated": len(fake)}
