@@ -1,0 +1,7 @@
+"""Utilities shared by the data side (``data_prep``) and the training side (``megatron_nbp``).
+
+Nothing here knows about NBP, video or megatron-core: durable file publishing (write to a temporary
+name, fsync, rename, publish a pointer), content hashes, the base of the typed configs and the errors
+of fetching files from a package registry. Both packages import from here; this package imports
+neither.
+"""
