@@ -276,18 +276,14 @@ class HybridDecoder(KVDecoder):
 
 
 def _step_input(step: DecodeStep, given: torch.Tensor | None, generated: torch.Tensor | None) -> torch.Tensor:
-    """The model ids one pass feeds: int64 [B, step.length] from the caller's ``given`` [B, step.given]
-    (the prefill) and the previous pass's ``generated`` model ids [B, >= step.fed], then the step's
-    special tokens."""
-    parts = []
-    if step.given:
-        parts.append(given)
-    if step.fed:
-        parts.append(generated[:, generated.shape[1] - step.fed:])
-    reference = parts[0] if parts else given
+    """The model ids one pass feeds, int64 [B, step.length]: the caller's ``given`` [B, step.given] (the
+    prefill's prompt or condition), the last ``step.fed`` of the previous pass's ``generated`` model ids
+    [B, >= step.fed], then the step's special tokens."""
+    parts = ([given] if step.given else []) + ([generated[:, generated.shape[1] - step.fed:]] if step.fed else [])
     if step.special_ids:
-        specials = torch.tensor(step.special_ids, dtype=torch.long, device=reference.device)
-        parts.append(specials.expand(reference.shape[0], len(step.special_ids)))
+        rows, device = parts[0].shape[0], parts[0].device
+        specials = torch.tensor(step.special_ids, dtype=torch.long, device=device)
+        parts.append(specials.expand(rows, len(step.special_ids)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
