@@ -73,7 +73,7 @@ step "training throughput, megatron fp32 and DeepSpeed ZeRO-1 / ZeRO-2 bf16, mic
 
 step "nbp-3b, DeepSpeed ZeRO-3 bf16, 5 iterations" 240 \
   $PY bench/train_throughput.py "${B3[@]}" --modes zero3-bf16 --micro-batch-sizes 1 --iters 3 --warmup 2
-step "memory plan of that layout (ZeRO-3, DP 1, micro-batch 1, bf16 gradients as DeepSpeed keeps them)" 60 \
+step "memory plan of that parallel plan (ZeRO-3, DP 1, micro-batch 1, bf16 gradients as DeepSpeed keeps them)" 60 \
   $PY launchers/plan_memory.py "${B3[@]}" --zero-stage 3 --dp 1 --micro-batch-size 1 --global-batch-size 1 \
   --grad-dtype bf16 --gpu-memory-gib 139
 

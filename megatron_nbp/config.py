@@ -113,30 +113,36 @@ class ModelConfig:
         return math.prod(self.latent_shape)
 
     @property
+    def token_layout(self):
+        """The token layout object of this config (megatron_nbp.layouts.TokenLayout), built from its fields.
+
+        Raises:
+            ValueError: ``layout`` is not a known layout name.
+        """
+        from megatron_nbp.layouts import token_layout
+
+        return token_layout(self)
+
+    @property
     def seq_length(self) -> int:
         """Model input length: the clip minus its last block (N - L) for frame prediction; the
         condition plus the clip (P + N) for the hybrid layout (whose special tokens make up L)."""
-        if self.layout == "hybrid":
-            return self.num_condition_tokens + self.num_video_tokens
-        return self.num_video_tokens - self.block_size
+        return self.token_layout.seq_length
 
     @property
     def num_prefix_tokens(self) -> int:
         """P, condition positions at the start of the input (0 for frame prediction)."""
-        return self.num_condition_tokens if self.layout == "hybrid" else 0
+        return self.token_layout.num_prefix_tokens
 
     @property
     def condition_vocab_size(self) -> int:
         """Number of condition ids (class labels or text ids); 0 without a condition."""
-        if self.layout != "hybrid":
-            return 0
-        real = int(self.text_vocab_size or 0) if self.condition_type == "text" else len(self.condition_labels or [])
-        return real + (1 if self.null_condition else 0)
+        return self.token_layout.condition_vocab_size
 
     @property
     def null_condition_id(self) -> int | None:
         """Condition id of the learned null condition (the last one), or None without it."""
-        return self.condition_vocab_size - 1 if self.layout == "hybrid" and self.null_condition else None
+        return self.token_layout.null_condition_id
 
     @property
     def position_table_size(self) -> int:
@@ -160,7 +166,7 @@ class ModelConfig:
     def video_token_offset(self) -> int:
         """First model id of the video tokens: 0 for frame prediction; L special tokens (BOV = 0,
         MBOS_i = i) + the condition vocabulary for the hybrid layout, as in the official release."""
-        return self.block_size + self.condition_vocab_size if self.layout == "hybrid" else 0
+        return self.token_layout.video_token_offset
 
     @property
     def total_vocab_size(self) -> int:
@@ -417,22 +423,11 @@ class NBPConfig:
         m, p, t = self.model, self.parallel, self.train
         errors = []
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if m.layout not in ("frame_prediction", "hybrid"):
-            errors.append(f"model.layout={m.layout!r} not in ('frame_prediction', 'hybrid')")
-        if m.layout == "hybrid":
-            if m.condition_type not in ("class", "text"):
-                errors.append(f"model.condition_type={m.condition_type!r} not in ('class', 'text')")
-            elif m.condition_type == "class":
-                if not m.condition_labels or len(set(m.condition_labels)) != len(m.condition_labels):
-                    errors.append(f"hybrid class conditioning needs distinct model.condition_labels, "
-                                  f"got {m.condition_labels}")
-                if m.num_condition_tokens != 1:
-                    errors.append(f"num_condition_tokens={m.num_condition_tokens}: a class label is 1 token")
-            else:
-                if not m.text_vocab_size or m.text_vocab_size < 1:
-                    errors.append(f"hybrid text conditioning needs model.text_vocab_size >= 1, got {m.text_vocab_size}")
-                if m.num_condition_tokens < 1:
-                    errors.append(f"num_condition_tokens={m.num_condition_tokens} must be >= 1 for text")
+        try:
+            layout = m.token_layout
+        except ValueError as exc:  # an unknown layout: nothing else about the model can be computed
+            raise ConfigError(f"invalid configuration:\n  - {exc}") from None
+        errors.extend(layout.config_problems())
         if m.position_embedding_type not in ("learned_absolute", "rope3d"):
             errors.append(f"model.position_embedding_type={m.position_embedding_type!r} not in "
                           "('learned_absolute', 'rope3d')")
@@ -458,9 +453,8 @@ class NBPConfig:
             errors.append(f"latent_shape {m.latent_shape} and block_shape {m.block_shape} must be (T, H, W)")
         elif any(l % b for l, b in zip(m.latent_shape, m.block_shape)) or min(m.block_shape) < 1:
             errors.append(f"block_shape {m.block_shape} does not tile latent_shape {m.latent_shape}")
-        elif m.layout == "frame_prediction" and m.condition_frames % m.block_shape[0]:
-            errors.append(f"condition_frames={m.condition_frames} must be a multiple of the block's "
-                          f"{m.block_shape[0]} frames (block_shape {m.block_shape})")
+        else:
+            errors.extend(layout.prompt_problems(m.condition_frames))
         if not 0 < m.condition_frames < m.latent_shape[0]:
             errors.append(
                 f"condition_frames={m.condition_frames} must be in [1, {m.latent_shape[0] - 1}] "
@@ -497,7 +491,7 @@ class NBPConfig:
             errors.append("micro_batch_size, global_batch_size and train_iters must be >= 1")
         if not 0.0 <= t.p_drop_cond < 1.0:
             errors.append(f"train.p_drop_cond={t.p_drop_cond} must be in [0, 1)")
-        elif t.p_drop_cond and not (m.layout == "hybrid" and m.null_condition):
+        elif t.p_drop_cond and layout.null_condition_id is None:
             errors.append(f"train.p_drop_cond={t.p_drop_cond} needs the hybrid layout with model.null_condition: true")
         if not 0.0 < t.pkeep <= 1.0:
             errors.append(f"train.pkeep={t.pkeep} must be in (0, 1]")

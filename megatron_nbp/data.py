@@ -44,7 +44,8 @@ import torch
 
 from data_prep.shards import iter_shard_readable, read_manifest
 from megatron_nbp.config import ModelConfig
-from megatron_nbp.layouts import LayoutBatch, frame_prediction_batch, hybrid_batch
+from megatron_nbp.layouts import LayoutBatch
+from megatron_nbp.layouts.hybrid import pad_text_ids as _pad_text_ids
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def check_manifest(data_dir: str | Path, model: ModelConfig, tokenizer_sha256: s
     Checks what ``data_dir/manifest.json`` declares against the model config: the latent shape
     ``(T', H', W')`` (which fixes the clip geometry: frames and resolution; images are ``T' = 1``), the
     tokenizer codebook against ``model.vocab_size``, the tokenizer checkpoint's SHA-256 against
-    ``tokenizer_sha256`` (config ``train.tokenizer_sha256``; ``None`` skips that check), and, for the
-    class-conditional hybrid layout, that every clip label the manifest lists is in ``model.condition_labels``.
+    ``tokenizer_sha256`` (config ``train.tokenizer_sha256``; ``None`` skips that check), and what the model's
+    token layout requires of it (``TokenLayout.manifest_problems``: for the class-conditional hybrid layout,
+    that every clip label the manifest lists is in ``model.condition_labels``).
     A listed shard that is missing is NOT refused here (the training stream reports and skips it, see
     :class:`TokenClipStream`); only a manifest none of whose shards with samples exists is.
 
@@ -99,11 +101,9 @@ def check_manifest(data_dir: str | Path, model: ModelConfig, tokenizer_sha256: s
             f"{where}: shards were made by tokenizer {tok.get('path')} with sha256 {tok['sha256']}, but "
             f"train.tokenizer_sha256 is {tokenizer_sha256}; retokenize with the right tokenizer or fix the config"
         )
-    if model.layout == "hybrid" and model.condition_type == "class" and manifest.get("labels"):
-        unknown = sorted(set(manifest["labels"]) - set(model.condition_labels or []))
-        if unknown:
-            raise DataError(f"{where}: clip labels {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not in "
-                            f"model.condition_labels ({len(model.condition_labels or [])} classes)")
+    problems = model.token_layout.manifest_problems(manifest)
+    if problems:
+        raise DataError(f"{where}: " + "; ".join(problems))
     return manifest
 
 
@@ -282,8 +282,9 @@ class TokenClipStream:
 
 
 def condition_key(model: ModelConfig) -> str:
-    """Metadata key of the condition for ``model``: "text_ids" for text conditioning, else "label"."""
-    return "text_ids" if model.layout == "hybrid" and model.condition_type == "text" else "label"
+    """Metadata key of the condition for ``model`` (``TokenLayout.condition_key``): "text_ids" for text
+    conditioning, else "label" (read, and ignored, by a layout without a condition)."""
+    return model.token_layout.condition_key or "label"
 
 
 def pad_text_ids(texts: list[list[int]], length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,15 +296,10 @@ def pad_text_ids(texts: list[list[int]], length: int, vocab_size: int) -> tuple[
     Raises:
         DataError: a text that is not a list of ints in [0, vocab_size).
     """
-    ids = torch.zeros(len(texts), length, dtype=torch.long)
-    padding = torch.ones(len(texts), length, dtype=torch.bool)
-    for row, text in enumerate(texts):
-        if not isinstance(text, list) or not all(isinstance(x, int) and 0 <= x < vocab_size for x in text):
-            raise DataError(f"text_ids must be a list of ints in [0, {vocab_size}); got {str(text)[:80]}")
-        text = text[:length]
-        ids[row, :len(text)] = torch.tensor(text, dtype=torch.long)
-        padding[row, :len(text)] = False
-    return ids, padding
+    try:
+        return _pad_text_ids(texts, length, vocab_size)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def drop_conditions(ids: torch.Tensor, padding: torch.Tensor, drop: torch.Tensor,
@@ -329,33 +325,35 @@ def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelCo
     condition with that probability. The draw is seeded by (seed, samples consumed): identical on the
     tensor/pipeline partners of a data-parallel rank (their masks must agree) and after a resume.
 
+    The conditions and the batch come from the model's token layout (``TokenLayout.sample_condition``,
+    ``condition_batch`` and ``batch``).
+
     Raises:
         DataError: hybrid class layout and a clip whose label is not one of ``model.condition_labels``;
             hybrid text layout and a clip without valid ``text_ids``.
     """
-    class_ids = {name: i for i, name in enumerate(model.condition_labels or [])}
-    text = model.layout == "hybrid" and model.condition_type == "text"
+    layout = model.token_layout
     clips, conditions = [], []
     for clip, condition in stream:
-        if model.layout == "hybrid" and not text:
-            if condition not in class_ids:
-                raise DataError(f"clip label {condition!r} is not in model.condition_labels {list(class_ids)}")
-            condition = class_ids[condition]
+        try:
+            condition = layout.sample_condition(condition)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         clips.append(clip)
         conditions.append(condition)
         if len(clips) == micro_batch_size:
             video = torch.from_numpy(np.stack(clips))
-            if model.layout == "hybrid":
-                if text:
-                    ids, padding = pad_text_ids(conditions, model.num_condition_tokens, model.condition_vocab_size)
-                else:
-                    ids, padding = torch.tensor(conditions).view(-1, 1), torch.zeros(len(conditions), 1, dtype=torch.bool)
+            try:
+                condition_batch = layout.condition_batch(conditions)
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+            if condition_batch is None:
+                yield layout.batch(video)
+            else:
+                ids, padding = condition_batch
                 if p_drop_cond > 0:
                     g = torch.Generator().manual_seed(seed * 1_000_003 + stream.consumed)
                     drop = torch.rand(len(conditions), generator=g) < p_drop_cond
-                    ids, padding = drop_conditions(ids, padding, drop, model.null_condition_id)
-                yield hybrid_batch(video, ids, model.block_size, model.condition_vocab_size, padding,
-                                   model.latent_shape, model.block_shape)
-            else:
-                yield frame_prediction_batch(video, model.block_size, model.latent_shape, model.block_shape)
+                    ids, padding = drop_conditions(ids, padding, drop, layout.null_condition_id)
+                yield layout.batch(video, ids, padding)
             clips, conditions = [], []

@@ -58,16 +58,8 @@ PEAK_TFLOPS = (
 
 def attention_pairs(model: ModelConfig) -> int:
     """A: (query, key) pairs the block-causal mask of ``model``'s layout allows in one sample (no
-    padding: the worst case, every condition position a real token)."""
-    from megatron_nbp.layouts import frame_prediction_block_ids, hybrid_block_ids
-
-    if model.layout == "hybrid":
-        ids = hybrid_block_ids(model.num_condition_tokens, model.num_video_tokens, model.block_size)
-    else:
-        ids = frame_prediction_block_ids(model.seq_length, model.block_size)
-    # positions are sorted by block id: a query sees every position whose block id is <= its own
-    counts = ids.bincount()
-    return int((counts * counts.cumsum(0)).sum())
+    padding: the worst case, every condition position a real token); ``TokenLayout.attention_pairs``."""
+    return model.token_layout.attention_pairs()
 
 
 def forward_flops_per_sample(model: ModelConfig) -> int:

@@ -4,7 +4,8 @@ the memory plan (megatron_nbp.memory_plan) against; ``bench/memory_check.py`` pr
 A child process (``python -m megatron_nbp.memory_measure --child ...``) imports everything and starts a
 world of one, resets its peak RSS (Linux ``/proc/self/clear_refs``), then builds the model, megatron DDP
 and the megatron optimizer (megatron_nbp.training.build_training_state) and runs one micro-batch forward /
-backward / optimizer step (train_step). Measured = peak RSS after the step minus the RSS before building
+backward / optimizer step (train_step) on a random micro-batch of the model's token layout
+(``TokenLayout.random_batch``). Measured = peak RSS after the step minus the RSS before building
 (VmHWM - VmRSS); estimated = megatron_nbp.memory_plan for the same config in fp32. glibc's dynamic mmap
 threshold is pinned (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS, as a GPU caching
 allocator's ``max_memory_allocated`` would count them.
@@ -51,19 +52,14 @@ def child(configs: list[str], micro_batch_size: int, overrides: dict | None = No
     """Run in the measuring process: returns {"baseline": bytes, "peak": bytes, "measured": bytes}."""
     import torch
 
-    from megatron_nbp.layouts import frame_prediction_batch
     from megatron_nbp.parallel import destroy_parallel, initialize_parallel
     from megatron_nbp.training import build_training_state, train_step
 
     cfg = load_config(configs, {**(overrides or {}), "train.micro_batch_size": micro_batch_size,
                                 "train.global_batch_size": micro_batch_size})
-    m = cfg.model
-    if m.layout != "frame_prediction":
-        raise SystemExit("memory_check measures the frame_prediction layout")
     torch.set_num_threads(1)
     initialize_parallel(1, 1, seed=cfg.train.seed)
-    video = torch.randint(0, m.vocab_size, (micro_batch_size, m.num_video_tokens))
-    batch = frame_prediction_batch(video, m.block_size, m.latent_shape)
+    batch = cfg.model.token_layout.random_batch(micro_batch_size)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     baseline = _proc_status_kib("VmRSS") * 1024
     state = build_training_state(cfg)
@@ -92,11 +88,11 @@ def measure(configs: list[str], micro_batch_size: int, overrides: dict | None = 
 def estimate(configs: list[str], micro_batch_size: int, overrides: dict | None = None) -> int:
     """The memory plan's per-GPU bytes for the same run: fp32, no recompute, TP = PP = DP = 1, one
     micro-batch, plain DDP (ZeRO 0)."""
-    from megatron_nbp.memory_plan import Layout, plan_memory
+    from megatron_nbp.memory_plan import ParallelPlan, plan_memory
 
     cfg = load_config(configs, overrides)
-    layout = Layout(micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size, precision="fp32")
-    return plan_memory(cfg, layout).peak.total
+    plan = ParallelPlan(micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size, precision="fp32")
+    return plan_memory(cfg, plan).peak.total
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,7 @@
-"""Per-GPU memory plan of an NBP training layout: parameters, gradients, optimizer state, activations.
+"""Per-GPU memory of an NBP training run under a parallel plan: parameters, gradients, optimizer state,
+activations.
 
-All figures are bytes on the most loaded GPU (pipeline stage) of a TP x PP x DP layout, from the config
+All figures are bytes on the most loaded GPU (pipeline stage) of a TP x PP x DP parallel plan, from the config
 alone (nothing allocated). Notation: s = sequence length (``ModelConfig.seq_length``), b = micro-batch
 size, h = hidden size, a = attention heads, f = FFN width, V = padded vocabulary, L = layers,
 t / p / d = tensor / pipeline / data-parallel sizes, e = bytes of an activation element (2 for bf16,
@@ -77,8 +78,9 @@ ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A training layout, in the trainer's terms (:meth:`from_config` reads it off a run's config).
+class ParallelPlan:
+    """A parallel plan: TP x PP x DP, ZeRO stage, batch sizes, precision and recompute, in the trainer's terms
+    (:meth:`from_config` reads it off a run's config).
 
     ``zero_stage`` 0 = plain data parallel (megatron DDP), 1 = optimizer state sharded (megatron's
     ``--use-distributed-optimizer``; DeepSpeed ZeRO-1 holds the same), 2 / 3 = DeepSpeed ZeRO-2 / 3 (TP x
@@ -110,8 +112,8 @@ class Layout:
         return self.recompute_method or "uniform", self.recompute_num_layers or 1
 
     @classmethod
-    def from_config(cls, cfg: NBPConfig, dp: int, precision: str = "bf16") -> "Layout":
-        """The layout a run of ``cfg`` on ``dp`` data-parallel replicas trains with (``precision`` stands
+    def from_config(cls, cfg: NBPConfig, dp: int, precision: str = "bf16") -> "ParallelPlan":
+        """The parallel plan a run of ``cfg`` on ``dp`` data-parallel replicas trains with (``precision`` stands
         for the config's "auto": bf16 on GPU)."""
         t, p = cfg.train, cfg.parallel
         zero = cfg.deepspeed.stage if t.backend == "deepspeed" else (1 if t.use_distributed_optimizer else 0)
@@ -147,9 +149,9 @@ class StageMemory:
 
 @dataclass
 class MemoryPlan:
-    """Memory of every pipeline stage of ``layout``; ``peak`` is the most loaded stage."""
+    """Memory of every pipeline stage of ``parallel``; ``peak`` is the most loaded stage."""
 
-    layout: Layout
+    parallel: ParallelPlan
     stages: list[StageMemory]
 
     @property
@@ -167,46 +169,46 @@ def _cdiv(n: int, d: int) -> int:
     return -(-n // d)
 
 
-def check_layout(cfg: NBPConfig, layout: Layout) -> None:
-    """Refuse an impossible layout with NBPConfig.validate's messages (TP vs heads / FFN / vocabulary,
+def check_parallel_plan(cfg: NBPConfig, parallel: ParallelPlan) -> None:
+    """Refuse an impossible parallel plan with NBPConfig.validate's messages (TP vs heads / FFN / vocab,
     PP vs layers, global vs micro batch x DP, ZeRO-2/3 vs PP) plus the planner's own options.
 
     Raises:
         ConfigError: naming the offending values.
     """
     errors = []
-    if layout.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"zero_stage={layout.zero_stage} not in (0, 1, 2, 3)")
-    if layout.precision not in STATE_BYTES:
-        errors.append(f"precision={layout.precision!r} not in {tuple(STATE_BYTES)}")
-    if layout.grad_dtype not in ("fp32", "bf16") or (layout.precision == "fp32" and layout.grad_dtype != "fp32"):
-        errors.append(f"grad_dtype={layout.grad_dtype!r}: fp32, or bf16 under bf16 precision")
-    if layout.recompute not in ("none", "full", "selective"):
-        errors.append(f"recompute={layout.recompute!r} not in ('none', 'full', 'selective')")
-    if layout.dp < 1:
-        errors.append(f"data-parallel size must be >= 1, got {layout.dp}")
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"zero_stage={parallel.zero_stage} not in (0, 1, 2, 3)")
+    if parallel.precision not in STATE_BYTES:
+        errors.append(f"precision={parallel.precision!r} not in {tuple(STATE_BYTES)}")
+    if parallel.grad_dtype not in ("fp32", "bf16") or (parallel.precision == "fp32" and parallel.grad_dtype != "fp32"):
+        errors.append(f"grad_dtype={parallel.grad_dtype!r}: fp32, or bf16 under bf16 precision")
+    if parallel.recompute not in ("none", "full", "selective"):
+        errors.append(f"recompute={parallel.recompute!r} not in ('none', 'full', 'selective')")
+    if parallel.dp < 1:
+        errors.append(f"data-parallel size must be >= 1, got {parallel.dp}")
     if errors:
-        raise ConfigError("invalid memory-plan layout:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("invalid parallel plan:\n  - " + "\n  - ".join(errors))
     cfg = copy.deepcopy(cfg)
-    cfg.set("parallel.tensor_model_parallel_size", layout.tp)
-    cfg.set("parallel.pipeline_model_parallel_size", layout.pp)
-    cfg.set("train.micro_batch_size", layout.micro_batch_size)
-    cfg.set("train.global_batch_size", layout.global_batch_size)
+    cfg.set("parallel.tensor_model_parallel_size", parallel.tp)
+    cfg.set("parallel.pipeline_model_parallel_size", parallel.pp)
+    cfg.set("train.micro_batch_size", parallel.micro_batch_size)
+    cfg.set("train.global_batch_size", parallel.global_batch_size)
     # ZeRO-2/3 run on the DeepSpeed backend (TP x DP); 0/1 on megatron (any PP)
-    cfg.set("train.backend", "deepspeed" if layout.zero_stage >= 2 else "megatron")
-    if layout.zero_stage >= 2:
-        cfg.set("deepspeed.zero_stage", layout.zero_stage)
+    cfg.set("train.backend", "deepspeed" if parallel.zero_stage >= 2 else "megatron")
+    if parallel.zero_stage >= 2:
+        cfg.set("deepspeed.zero_stage", parallel.zero_stage)
     else:
-        cfg.set("train.use_distributed_optimizer", layout.zero_stage == 1)
-        cfg.set("train.overlap_param_gather", cfg.train.overlap_param_gather and layout.zero_stage == 1)
-    cfg.set("train.precision", layout.precision)
-    cfg.set("parallel.sequence_parallel", layout.sequence_parallel)
-    recompute = None if layout.recompute == "none" else layout.recompute
+        cfg.set("train.use_distributed_optimizer", parallel.zero_stage == 1)
+        cfg.set("train.overlap_param_gather", cfg.train.overlap_param_gather and parallel.zero_stage == 1)
+    cfg.set("train.precision", parallel.precision)
+    cfg.set("parallel.sequence_parallel", parallel.sequence_parallel)
+    recompute = None if parallel.recompute == "none" else parallel.recompute
     cfg.set("train.recompute_granularity", recompute)
-    method, layers = layout.full_recompute if recompute == "full" else (None, None)
+    method, layers = parallel.full_recompute if recompute == "full" else (None, None)
     cfg.set("train.recompute_method", method)
     cfg.set("train.recompute_num_layers", layers)
-    cfg.validate(world_size=layout.tp * layout.pp * layout.dp)  # the trainer's own checks
+    cfg.validate(world_size=parallel.tp * parallel.pp * parallel.dp)  # the trainer's own checks
 
 
 def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -233,11 +235,11 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def attention_kernel_bytes(model: ModelConfig, layout: Layout) -> int:
+def attention_kernel_bytes(model: ModelConfig, parallel: ParallelPlan) -> int:
     """What the core-attention kernel of one layer keeps for itself for one micro-batch (its output,
     and the dense path's score terms), bytes: what selective recomputation drops (module doc)."""
-    s, b, h, a = model.seq_length, layout.micro_batch_size, model.hidden_size, model.num_attention_heads
-    t, e = layout.tp, ACTIVATION_BYTES[layout.precision]
+    s, b, h, a = model.seq_length, parallel.micro_batch_size, model.hidden_size, model.num_attention_heads
+    t, e = parallel.tp, ACTIVATION_BYTES[parallel.precision]
     total = s * b * e * h // t
     if model.attention_backend == "dense":
         total += s * s * e
@@ -246,48 +248,48 @@ def attention_kernel_bytes(model: ModelConfig, layout: Layout) -> int:
     return total
 
 
-def layer_activation_bytes(model: ModelConfig, layout: Layout) -> int:
+def layer_activation_bytes(model: ModelConfig, parallel: ParallelPlan) -> int:
     """Activations one transformer layer keeps for backward for one micro-batch without recompute,
     bytes, on one GPU (module doc; sequence parallelism splits the replicated terms)."""
-    s, b, h, f = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_hidden_size
-    t, e = layout.tp, ACTIVATION_BYTES[layout.precision]
+    s, b, h, f = model.seq_length, parallel.micro_batch_size, model.hidden_size, model.ffn_hidden_size
+    t, e = parallel.tp, ACTIVATION_BYTES[parallel.precision]
     m = 1 if model.hidden_dropout > 0 else 0
     g = 5 if model.activation == "swiglu" else 2
     composite_norm = model.normalization == "RMSNorm" and getattr(model, "transformer_impl", "local") == "local"
     replicated = s * b * h * (4 * e + 2 * m + (2 * e if composite_norm else 0))
-    if layout.sequence_parallel:
+    if parallel.sequence_parallel:
         replicated //= t
     # q, k, v, the output projection's input and the MLP terms; the kernel's own output is counted in
     # attention_kernel_bytes
-    return replicated + s * b * (4 * e * h + g * e * f) // t + attention_kernel_bytes(model, layout)
+    return replicated + s * b * (4 * e * h + g * e * f) // t + attention_kernel_bytes(model, parallel)
 
 
-def stage_activation_bytes(model: ModelConfig, layout: Layout, stage: int) -> dict[str, int]:
+def stage_activation_bytes(model: ModelConfig, parallel: ParallelPlan, stage: int) -> dict[str, int]:
     """Activation bytes of pipeline ``stage`` by part: layers (all in-flight micro-batches), recompute
     working set, embedding, dense mask, output (final norm + output-layer inputs, logits)."""
-    s, b, h, V = model.seq_length, layout.micro_batch_size, model.hidden_size, model.padded_vocab_size
-    t, pp, e = layout.tp, layout.pp, ACTIVATION_BYTES[layout.precision]
-    in_flight = min(pp - stage, layout.num_microbatches)
+    s, b, h, V = model.seq_length, parallel.micro_batch_size, model.hidden_size, model.padded_vocab_size
+    t, pp, e = parallel.tp, parallel.pp, ACTIVATION_BYTES[parallel.precision]
+    in_flight = min(pp - stage, parallel.num_microbatches)
     layers = model.num_layers // pp
-    per_layer = layer_activation_bytes(model, layout)
+    per_layer = layer_activation_bytes(model, parallel)
     parts = {}
-    layer_input = s * b * h * e // (t if layout.sequence_parallel else 1)
-    if layout.recompute == "full":
-        method, n = layout.full_recompute
+    layer_input = s * b * h * e // (t if parallel.sequence_parallel else 1)
+    if parallel.recompute == "full":
+        method, n = parallel.full_recompute
         if method == "uniform":  # one input per chunk of n layers, a chunk rebuilt at a time
             parts["layers"] = in_flight * _cdiv(layers, n) * layer_input
             parts["recompute"] = n * per_layer
         else:                    # block: the first n layers of the stage keep only their inputs
             parts["layers"] = in_flight * (n * layer_input + (layers - n) * per_layer)
             parts["recompute"] = per_layer
-    elif layout.recompute == "selective":
-        kernel = attention_kernel_bytes(model, layout)
+    elif parallel.recompute == "selective":
+        kernel = attention_kernel_bytes(model, parallel)
         parts["layers"] = in_flight * layers * (per_layer - kernel)
         parts["recompute"] = kernel
     else:
         parts["layers"] = in_flight * layers * per_layer
     if stage == 0 and model.hidden_dropout > 0:
-        parts["embedding"] = in_flight * s * b * h // (t if layout.sequence_parallel else 1)
+        parts["embedding"] = in_flight * s * b * h // (t if parallel.sequence_parallel else 1)
     if model.attention_backend == "dense":
         parts["mask"] = s * s
     if stage == pp - 1:
@@ -295,23 +297,23 @@ def stage_activation_bytes(model: ModelConfig, layout: Layout, stage: int) -> di
     return parts
 
 
-def plan_memory(cfg: NBPConfig, layout: Layout) -> MemoryPlan:
-    """Memory of every pipeline stage of ``layout`` for ``cfg.model`` (``cfg.train`` / ``cfg.parallel``
-    are replaced by the layout's sizes for validation).
+def plan_memory(cfg: NBPConfig, parallel: ParallelPlan) -> MemoryPlan:
+    """Memory of every pipeline stage of ``parallel`` for ``cfg.model`` (``cfg.train`` / ``cfg.parallel``
+    are replaced by the plan's sizes for validation).
 
     Raises:
-        ConfigError: the layout is invalid for the model (see :func:`check_layout`).
+        ConfigError: the parallel plan is invalid for the model (see :func:`check_parallel_plan`).
     """
-    check_layout(cfg, layout)
+    check_parallel_plan(cfg, parallel)
     model = cfg.model
-    w, g, o = STATE_BYTES[layout.precision]
-    if layout.grad_dtype == "bf16":
+    w, g, o = STATE_BYTES[parallel.precision]
+    if parallel.grad_dtype == "bf16":
         g = 2
-    d, z = layout.dp, layout.zero_stage
+    d, z = parallel.dp, parallel.zero_stage
     stages = []
-    for k in range(layout.pp):
-        n = stage_parameters(model, layout.tp, layout.pp, k)
-        acts = stage_activation_bytes(model, layout, k)
+    for k in range(parallel.pp):
+        n = stage_parameters(model, parallel.tp, parallel.pp, k)
+        acts = stage_activation_bytes(model, parallel, k)
         stages.append(StageMemory(
             stage=k, parameters=n,
             weights=w * (_cdiv(n, d) if z >= 3 else n),
@@ -319,7 +321,7 @@ def plan_memory(cfg: NBPConfig, layout: Layout) -> MemoryPlan:
             optimizer=o * (_cdiv(n, d) if z >= 1 else n),
             activations=sum(acts.values()), breakdown=acts,
         ))
-    return MemoryPlan(layout, stages)
+    return MemoryPlan(parallel, stages)
 
 
 def divisors(n: int) -> list[int]:
@@ -329,14 +331,14 @@ def divisors(n: int) -> list[int]:
 
 def sweep(cfg: NBPConfig, num_gpus: int, micro_batch_size: int, global_batch_size: int,
           precision: str = "bf16", grad_dtype: str = "fp32", tps=None, pps=None, zero_stages=None,
-          **options) -> tuple[list[tuple[MemoryPlan, MemoryPlan]], list[tuple[Layout, str]]]:
-    """Every layout of ``num_gpus`` GPUs: TP in ``tps`` and PP in ``pps`` (default: every divisor),
+          **options) -> tuple[list[tuple[MemoryPlan, MemoryPlan]], list[tuple[ParallelPlan, str]]]:
+    """Every parallel plan of ``num_gpus`` GPUs: TP in ``tps`` and PP in ``pps`` (default: every divisor),
     DP = num_gpus / (TP PP), ZeRO stage in ``zero_stages`` (default 0..3; stages > 0 only when DP > 1,
-    where they change something). ``options``: further :class:`Layout` fields (recompute, sequence
-    parallelism) for every layout.
+    where they change something). ``options``: further :class:`ParallelPlan` fields (recompute, sequence
+    parallelism) for every plan.
 
     Returns:
-        ([(plan as given, plan with full recompute), ...], [(invalid layout, first reason), ...]).
+        ([(plan as given, plan with full recompute), ...], [(invalid parallel plan, first reason), ...]).
     """
     plans, skipped = [], []
     for tp in tps or divisors(num_gpus):
@@ -347,12 +349,12 @@ def sweep(cfg: NBPConfig, num_gpus: int, micro_batch_size: int, global_batch_siz
             for zero in zero_stages if zero_stages is not None else range(4):
                 if zero and dp == 1 and zero_stages is None:
                     continue
-                layout = Layout(tp, pp, dp, zero, micro_batch_size, global_batch_size, precision, grad_dtype,
-                                **options)
+                parallel = ParallelPlan(tp, pp, dp, zero, micro_batch_size, global_batch_size, precision,
+                                        grad_dtype, **options)
                 try:
-                    plans.append((plan_memory(cfg, layout), plan_memory(cfg, replace(layout, recompute="full"))))
+                    plans.append((plan_memory(cfg, parallel), plan_memory(cfg, replace(parallel, recompute="full"))))
                 except ConfigError as exc:
-                    skipped.append((layout, str(exc).split("\n  - ", 1)[-1].split("\n")[0]))
+                    skipped.append((parallel, str(exc).split("\n  - ", 1)[-1].split("\n")[0]))
     return plans, skipped
 
 
@@ -361,5 +363,6 @@ def gib(n: int) -> float:
     return n / GIB
 
 
-__all__ = ["GIB", "Layout", "MemoryPlan", "StageMemory", "attention_kernel_bytes", "check_layout", "divisors", "gib",
-           "layer_activation_bytes", "plan_memory", "stage_activation_bytes", "stage_parameters", "sweep"]
+__all__ = ["GIB", "MemoryPlan", "ParallelPlan", "StageMemory", "attention_kernel_bytes", "check_parallel_plan",
+           "divisors", "gib", "layer_activation_bytes", "plan_memory", "stage_activation_bytes", "stage_parameters",
+           "sweep"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing (cosmic-ray) of the block-causal rule (megatron_nbp/masks.py), the token layouts
-# (megatron_nbp/layouts.py) and generation + sampling (megatron_nbp/inference/generate.py) against the fast
+# (the megatron_nbp/layouts/ package) and generation + sampling (megatron_nbp/inference/generate.py) against the fast
 # unit tests that cover them. Not part of CI (tens of minutes on 2 cores); results in docs/testing.md.
 #
 # Usage: bash scripts/mutation_test.sh [--retest-survivors] [masks] [layouts] [generate]   (default: all three)
@@ -60,7 +60,7 @@ PYTEST="python -m pytest -x -q -p no:cacheprovider"
 LAYOUT_TESTS="tests/test_masks_layouts.py tests/test_layouts_hybrid.py tests/test_layouts_paper.py \
 tests/test_kv_cache.py tests/test_generation_e2e.py tests/test_generation.py"
 # test_attention_kernels imports megatron-core (seconds): run it only when the fast files pass
-declare -A PATHS=([masks]=megatron_nbp/masks.py [layouts]=megatron_nbp/layouts.py
+declare -A PATHS=([masks]=megatron_nbp/masks.py [layouts]=megatron_nbp/layouts
                   [generate]=megatron_nbp/inference/generate.py)
 declare -A TESTS=(
   [masks]="sh -c '$PYTEST $LAYOUT_TESTS && $PYTEST tests/test_attention_kernels.py'"

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     output = Path(args.output)
     paths = sample_paths(output, args.num_samples)
     sheet = Path(args.contact_sheet) if args.contact_sheet else output.with_suffix(".png")
-    if model.config.layout == "hybrid":
+    if model.config.token_layout.conditional:         # class or text condition (hybrid)
         condition, padding, what = _condition(parser, args, model.config)
         videos, result = generate_conditional_videos(model, tokenizer, condition, padding, sampling, args.seed)
         for video, path in zip(videos, paths):

@@ -1,11 +1,12 @@
-"""Per-GPU memory plan of an NBP training layout (nothing allocated; formulas in megatron_nbp/memory_plan.py).
+"""Per-GPU memory of an NBP training run under a parallel plan (nothing allocated; formulas in
+megatron_nbp/memory_plan.py).
 
-One layout, every pipeline stage, with and without full activation recomputation::
+One parallel plan, every pipeline stage, with and without full activation recomputation::
 
     python launchers/plan_memory.py --config configs/model/nbp_xl.yaml --config configs/data/k600.yaml \
         --tp 1 --pp 1 --dp 8 --zero-stage 1 --micro-batch-size 4 --global-batch-size 256
 
-Every layout of a number of GPUs (TP x PP x DP = --gpus, each ZeRO stage; --tp/--pp/--zero-stage
+Every parallel plan of a number of GPUs (TP x PP x DP = --gpus, each ZeRO stage; --tp/--pp/--zero-stage
 restrict the sweep to the values given) and which fit the GPU memory::
 
     python launchers/plan_memory.py --config configs/model/nbp_7b.yaml --config configs/data/k600.yaml \
@@ -20,7 +21,7 @@ from dataclasses import replace
 
 
 from megatron_nbp.config import ConfigError, NBPConfig
-from megatron_nbp.memory_plan import GIB, Layout, MemoryPlan, gib, plan_memory, sweep
+from megatron_nbp.memory_plan import GIB, MemoryPlan, ParallelPlan, gib, plan_memory, sweep
 from megatron_nbp.model.params import count_parameters, format_count
 
 
@@ -78,11 +79,11 @@ def fit_mark(plan: MemoryPlan, gpu: int, reserve: int) -> str:
     return "yes" if plan.fits(gpu, reserve) else "no"
 
 
-def show_layout(cfg, a, layout: Layout, gpu: int, reserve: int) -> None:
-    plain = plan_memory(cfg, layout)
-    full = plan_memory(cfg, replace(layout, recompute="full"))
-    print(f"> layout TP={layout.tp} PP={layout.pp} DP={layout.dp} ZeRO-{layout.zero_stage}: "
-          f"{layout.num_microbatches} micro-batches per iteration and DP rank")
+def show_plan(cfg, a, parallel: ParallelPlan, gpu: int, reserve: int) -> None:
+    plain = plan_memory(cfg, parallel)
+    full = plan_memory(cfg, replace(parallel, recompute="full"))
+    print(f"> parallel plan TP={parallel.tp} PP={parallel.pp} DP={parallel.dp} ZeRO-{parallel.zero_stage}: "
+          f"{parallel.num_microbatches} micro-batches per iteration and DP rank")
     rows = [["stage", "params/GPU", "weights GiB", "grads GiB", "optimizer GiB", "activations GiB",
              "total GiB", "activations GiB (recompute)", "total GiB (recompute)"]]
     for st, sf in zip(plain.stages, full.stages):
@@ -90,7 +91,7 @@ def show_layout(cfg, a, layout: Layout, gpu: int, reserve: int) -> None:
                      f"{gib(st.optimizer):.2f}", f"{gib(st.activations):.2f}", f"{gib(st.total):.2f}",
                      f"{gib(sf.activations):.2f}", f"{gib(sf.total):.2f}"])
     print(table(rows))
-    print(f"> peak per GPU: {gib(plain.peak.total):.2f} GiB with recompute {layout.recompute} (fits: "
+    print(f"> peak per GPU: {gib(plain.peak.total):.2f} GiB with recompute {parallel.recompute} (fits: "
           f"{fit_mark(plain, gpu, reserve)}), {gib(full.peak.total):.2f} GiB with full recompute "
           f"(fits: {fit_mark(full, gpu, reserve)})")
 
@@ -100,16 +101,17 @@ def show_sweep(cfg, a, mbs: int, gbs: int, gpu: int, reserve: int, options: dict
     rows = [["TP", "PP", "DP", "ZeRO", "params/GPU", "weights", "grads", "optimizer", "activations",
              "total", "fits", "activations (recompute)", "total (recompute)", "fits (recompute)"]]
     for plain, full in plans:
-        lay, p, f = plain.layout, plain.peak, full.peak
-        rows.append([str(lay.tp), str(lay.pp), str(lay.dp), str(lay.zero_stage), format_count(p.parameters),
+        par, p, f = plain.parallel, plain.peak, full.peak
+        rows.append([str(par.tp), str(par.pp), str(par.dp), str(par.zero_stage), format_count(p.parameters),
                      f"{gib(p.weights):.2f}", f"{gib(p.gradients):.2f}", f"{gib(p.optimizer):.2f}",
                      f"{gib(p.activations):.2f}", f"{gib(p.total):.2f}", fit_mark(plain, gpu, reserve),
                      f"{gib(f.activations):.2f}", f"{gib(f.total):.2f}", fit_mark(full, gpu, reserve)])
     print(f"> {a.gpus} GPUs; GiB per GPU on the most loaded pipeline stage")
     print(table(rows))
     if skipped:
-        lay, why = skipped[0]
-        print(f"> skipped {len(skipped)} invalid layouts, e.g. TP={lay.tp} PP={lay.pp} ZeRO-{lay.zero_stage}: {why}")
+        par, why = skipped[0]
+        print(f"> skipped {len(skipped)} invalid parallel plans, e.g. TP={par.tp} PP={par.pp} ZeRO-{par.zero_stage}: "
+              f"{why}")
 
 
 def main(argv=None) -> None:
@@ -135,7 +137,8 @@ def main(argv=None) -> None:
         if a.gpus and a.gpus != tp * pp * dp:
             raise ConfigError(f"--gpus {a.gpus} != TP x PP x DP = {tp} x {pp} x {dp}")
         zero = (a.zero_stage or [0])[0]
-        show_layout(cfg, a, Layout(tp, pp, dp, zero, mbs, gbs, a.precision, a.grad_dtype, **options), gpu, reserve)
+        show_plan(cfg, a, ParallelPlan(tp, pp, dp, zero, mbs, gbs, a.precision, a.grad_dtype, **options), gpu,
+                  reserve)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
 

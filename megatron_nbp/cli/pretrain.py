@@ -154,8 +154,10 @@ def parse_args(argv=None) -> NBPConfig:
     overrides = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
     cfg = NBPConfig.from_yaml(args.config, overrides)
     if args.seq_length is not None and args.seq_length != cfg.model.seq_length:
-        parser.error(f"--seq-length {args.seq_length} does not match the layout: latent "
-                     f"{cfg.model.latent_shape} minus one block of {cfg.model.block_size} = {cfg.model.seq_length}")
+        m = cfg.model
+        parser.error(f"--seq-length {args.seq_length} does not match the {m.layout} layout's sequence length "
+                     f"{m.seq_length} (latent {m.latent_shape}, block {m.block_shape}, {m.num_prefix_tokens} "
+                     f"condition tokens)")
     cfg.dry_run = args.dry_run
     return cfg
 

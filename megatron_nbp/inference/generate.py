@@ -13,6 +13,9 @@ samples from ``uncond + scale * (cond - uncond)``.
 
 NTP is the same code with L = 1 (1280 / 768 passes). Every append after the prefill is exactly one
 block, which sees the whole cache and itself: that is the block-causal rule for the newest block.
+
+The passes, their lengths, block ids and positions come from the model's token layout
+(``TokenLayout.generation_plan``, megatron_nbp.layouts.plan); :func:`_run_plan` walks the plan.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_nbp.inference.model import NBPDecoder
-from megatron_nbp.layouts import (block_major_order, frame_prediction_block_ids, frame_prediction_grid_positions,
-                                  hybrid_block_ids, hybrid_grid_positions)
+from megatron_nbp.layouts import DecodeStep, FramePredictionLayout, GenerationPlan, HybridLayout
 from megatron_nbp.masks import block_causal_allowed
 
 
@@ -223,23 +225,24 @@ class BlockDecoder(KVDecoder):
     """
 
     def __init__(self, model: NBPDecoder, batch_size: int) -> None:
-        cfg = model.config
-        if cfg.layout != "frame_prediction":
+        layout = model.config.token_layout
+        if not isinstance(layout, FramePredictionLayout):
             raise ValueError(f"BlockDecoder implements the frame-prediction layout; the model's layout is "
-                             f"{cfg.layout!r} (use HybridDecoder)")
-        self.block = cfg.block_size
-        seq = cfg.num_video_tokens - cfg.block_size
-        grid = frame_prediction_grid_positions(tuple(cfg.latent_shape), tuple(cfg.block_shape))
-        super().__init__(model, batch_size, grid if model.rope else torch.arange(seq),
-                         frame_prediction_block_ids(seq, self.block))
+                             f"{layout.name!r} (use HybridDecoder)")
+        self.layout = layout
+        self.block = layout.block_size
+        super().__init__(model, batch_size, layout.positions(model.rope), layout.block_ids())
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """prompt: int64 [B, P]. Returns logits [B, L, V] of the prompt's last block."""
-        plen = prompt.shape[1]
-        if plen % self.block or not 0 < plen <= self.max_length or self.length:
-            raise ValueError(f"prompt length {plen} must be a positive multiple of the block size "
-                             f"{self.block}, at most {self.max_length}, and come first")
-        return self.append(prompt, num_logits=self.block)
+        """prompt: int64 [B, P]. Returns logits [B, L, V] of the prompt's last block.
+
+        Raises:
+            ValueError: the prompt length (TokenLayout.generation_plan), or a cache already in use.
+        """
+        if self.length:
+            raise ValueError(f"the prompt must come first: {self.length} positions are already in the cache")
+        step = self.layout.generation_plan(prompt.shape[1]).prefill
+        return self.append(prompt, num_logits=step.num_logits)
 
     def step(self, block_tokens: torch.Tensor) -> torch.Tensor:
         """block_tokens: int64 [B, L] at the next L positions. Returns their logits [B, L, V]."""
@@ -258,22 +261,60 @@ class HybridDecoder(KVDecoder):
     """
 
     def __init__(self, model: NBPDecoder, batch_size: int, condition_padding: torch.Tensor | None = None) -> None:
-        cfg = model.config
-        if cfg.layout != "hybrid":
-            raise ValueError(f"HybridDecoder implements the hybrid layout; the model's layout is {cfg.layout!r}")
-        P, N, L = cfg.num_condition_tokens, cfg.num_video_tokens, cfg.block_size
-        self.P, self.L = P, L
-        grid = hybrid_grid_positions(P, tuple(cfg.latent_shape), tuple(cfg.block_shape))
-        padding = None
-        if condition_padding is not None and bool(condition_padding.any()):
-            padding = torch.cat([condition_padding.bool(), torch.zeros(batch_size, N, dtype=torch.bool)], dim=1)
-        super().__init__(model, batch_size, grid if model.rope else torch.arange(P + N),
-                         hybrid_block_ids(P, N, L), padding)
+        layout = model.config.token_layout
+        if not isinstance(layout, HybridLayout):
+            raise ValueError(f"HybridDecoder implements the hybrid layout; the model's layout is {layout.name!r}")
+        self.layout = layout
+        self.P, self.L = layout.num_prefix_tokens, layout.block_size
+        super().__init__(model, batch_size, layout.positions(model.rope), layout.block_ids(),
+                         layout.sequence_padding(condition_padding))
 
     def prefill(self, condition: torch.Tensor) -> torch.Tensor:
         """condition: int64 [B, P] condition *model* ids. Returns BOV's logits [B, 1, V]."""
-        bov = torch.zeros(condition.shape[0], 1, dtype=torch.long, device=condition.device)  # BOV = 0
-        return self.append(torch.cat([condition, bov], dim=1), num_logits=1)
+        step = self.layout.generation_plan().prefill
+        return self.append(_step_input(step, condition, None), num_logits=step.num_logits)
+
+
+def _step_input(step: DecodeStep, given: torch.Tensor | None, generated: torch.Tensor | None) -> torch.Tensor:
+    """The model ids one pass feeds, int64 [B, step.length]: the caller's ``given`` [B, step.given] (the
+    prefill's prompt or condition), the last ``step.fed`` of the previous pass's ``generated`` model ids
+    [B, >= step.fed], then the step's special tokens."""
+    parts = ([given] if step.given else []) + ([generated[:, generated.shape[1] - step.fed:]] if step.fed else [])
+    if step.special_ids:
+        rows, device = parts[0].shape[0], parts[0].device
+        specials = torch.tensor(step.special_ids, dtype=torch.long, device=device)
+        parts.append(specials.expand(rows, len(step.special_ids)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _run_plan(decoder: KVDecoder, plan: GenerationPlan, given: torch.Tensor,
+              sample: Callable[[torch.Tensor], torch.Tensor], feed: Callable[[torch.Tensor], torch.Tensor],
+              start_time: float, bar) -> tuple[list[torch.Tensor], float]:
+    """Run every pass of ``plan`` on ``decoder`` (empty cache).
+
+    Args:
+        given: int64 [B, plan.prefill.given] model ids the prefill starts with (prompt or condition).
+        sample: logits [B, s, V_padded] of a pass's last s positions -> int64 [B', s] video codes.
+        feed: codes int64 [B', s] -> the model ids the next pass takes [B, s].
+        start_time: time.perf_counter() at the start of generation; bar: tqdm bar, one update per pass.
+
+    Returns:
+        (the codes each pass generated, in order; seconds to the prefill's sampled tokens).
+
+    Raises:
+        ValueError: a plan that does not start where the cache is (see GenerationPlan).
+    """
+    pieces, prefill_seconds = [], 0.0
+    for i, step in enumerate(plan.steps):
+        if step.start != decoder.length:
+            raise ValueError(f"decode step {step} starts at {step.start}, the cache holds {decoder.length}")
+        tokens = _step_input(step, given, feed(pieces[-1]) if step.fed else None)
+        logits = decoder.append(tokens, num_logits=step.num_logits if step.num_logits < step.length else None)
+        pieces.append(sample(logits))
+        bar.update(1)
+        if i == 0:
+            prefill_seconds = _elapsed(start_time, decoder.device)
+    return pieces, prefill_seconds
 
 
 def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
@@ -310,31 +351,31 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         ValueError: wrong condition shape or ids, or guidance without a null condition in the model.
     """
     cfg = model.config
-    P, N, L, offset = cfg.num_condition_tokens, cfg.num_video_tokens, cfg.block_size, cfg.video_token_offset
-    real = offset - L - (1 if cfg.null_condition else 0)
+    layout = cfg.token_layout
+    if not isinstance(layout, HybridLayout):
+        raise ValueError(f"generate_hybrid needs a model of the hybrid layout; the model's layout is {layout.name!r}")
+    P, offset, null_id = layout.num_prefix_tokens, layout.video_token_offset, layout.null_condition_id
+    real = layout.num_real_conditions
     if condition.dim() != 2 or condition.shape[1] != P:
         raise ValueError(f"condition must be [B, {P}] ids, got {tuple(condition.shape)}")
     batch = condition.shape[0]
     pad = torch.zeros_like(condition, dtype=torch.bool) if condition_padding is None else condition_padding.bool()
     if bool((condition[~pad] < 0).any() or (condition[~pad] >= real).any()):
         raise ValueError(f"condition ids must be in [0, {real}), got {condition.tolist()}")
-    ids = condition.masked_fill(pad, 0) + L
     guided = sampling.cfg_scale != 1.0
     if guided:
-        if not cfg.null_condition:
+        if null_id is None:
             raise ValueError("classifier-free guidance needs a model trained with a null condition "
                              "(model.null_condition, train.p_drop_cond)")
-        ids = torch.cat([ids, torch.full_like(ids, offset - 1)])
+        condition = torch.cat([condition, torch.full_like(condition, null_id)])
         pad = torch.cat([pad, torch.zeros_like(pad)])
-    decoder = HybridDecoder(model, ids.shape[0], pad)
+    decoder = HybridDecoder(model, condition.shape[0], pad)
+    plan = layout.generation_plan()
+    ids = layout.condition_token_ids(condition, pad)
     start_time = time.perf_counter()
-    bar = tqdm(total=L + N // L - 1, desc="generating", unit="step", disable=not progress)
-    steps = 0
+    bar = tqdm(total=plan.num_passes, desc="generating", unit="step", disable=not progress)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        nonlocal steps
-        steps += 1
-        bar.update(1)
         return sampler(_guided(logits, batch, sampling.cfg_scale)[..., offset:], cfg.vocab_size, sampling,
                        generator)
 
@@ -342,22 +383,10 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         model_ids = codes + offset
         return torch.cat([model_ids, model_ids]) if guided else model_ids
 
-    pieces = [sample(decoder.prefill(ids.to(decoder.device)))]            # z_0
-    prefill_seconds = _elapsed(start_time, decoder.device)
-    for _ in range(L - 1):                                                   # z_1 .. z_{L-1}
-        pieces.append(sample(decoder.append(feed(pieces[-1]))))
-    mbos = torch.arange(1, L, device=decoder.device).expand(ids.shape[0], L - 1)
-    first = torch.cat([feed(pieces[-1]), mbos], dim=1)                       # [z_{L-1}, MBOS_1..]
-    block = sample(decoder.append(first))                                    # block 1
-    pieces.append(block)
-    while sum(p.shape[1] for p in pieces) < N:
-        block = sample(decoder.append(feed(block)))
-        pieces.append(block)
+    pieces, prefill_seconds = _run_plan(decoder, plan, ids.to(decoder.device), sample, feed, start_time, bar)
     bar.close()
-    tokens = torch.cat(pieces, dim=1)
-    order = block_major_order(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(tokens.device)
-    tokens = torch.empty_like(tokens).index_copy_(1, order, tokens)
-    return GenerationResult(tokens, steps, _elapsed(start_time, decoder.device), prefill_seconds)
+    tokens = layout.to_raster_order(torch.cat(pieces, dim=1))
+    return GenerationResult(tokens, plan.num_passes, _elapsed(start_time, decoder.device), prefill_seconds)
 
 
 @torch.no_grad()
@@ -384,24 +413,18 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
         ValueError: prompt length not a multiple of the block size or not shorter than the clip.
     """
     cfg = model.config
-    block, total = cfg.block_size, cfg.num_video_tokens
-    order = block_major_order(tuple(cfg.latent_shape), tuple(cfg.block_shape)).to(prompt.device)
-    plen = prompt.shape[1]
-    if plen < total and not bool((order[:plen] < plen).all()):
-        raise ValueError(f"a prompt of {plen} tokens is not a whole number of blocks of shape {cfg.block_shape}")
-    prompt = prompt[:, order[:plen]] if plen < total else prompt
     decoder = BlockDecoder(model, prompt.shape[0])
+    layout = decoder.layout
+    prompt = layout.prompt_in_block_order(prompt)
+    plan = layout.generation_plan(prompt.shape[1])
     start_time = time.perf_counter()
-    bar = tqdm(total=(total - prompt.shape[1]) // block, desc="generating blocks", unit="block",
-               disable=not progress)
-    pieces = [prompt.to(decoder.device), sampler(decoder.prefill(prompt), cfg.vocab_size, sampling, generator)]
-    prefill_seconds, steps = _elapsed(start_time, decoder.device), 1
-    bar.update(1)
-    while decoder.length + block < total:
-        pieces.append(sampler(decoder.step(pieces[-1]), cfg.vocab_size, sampling, generator))
-        steps += 1
-        bar.update(1)
+    bar = tqdm(total=plan.num_passes, desc="generating blocks", unit="block", disable=not progress)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sampler(logits, cfg.vocab_size, sampling, generator)
+
+    prompt = prompt.to(decoder.device)       # video codes are the model ids (video_token_offset 0)
+    pieces, prefill_seconds = _run_plan(decoder, plan, prompt, sample, lambda codes: codes, start_time, bar)
     bar.close()
-    tokens = torch.cat(pieces, dim=1)
-    tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)  # back to (t, h, w) order
-    return GenerationResult(tokens, steps, _elapsed(start_time, decoder.device), prefill_seconds)
+    tokens = layout.to_raster_order(torch.cat([prompt, *pieces], dim=1))
+    return GenerationResult(tokens, plan.num_passes, _elapsed(start_time, decoder.device), prefill_seconds)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from megatron_nbp.inference.kv_cache import StaticKVCache
 from megatron_nbp.inference.rope import apply_rotary, mrope_frequencies
+from megatron_nbp.layouts import TokenLayout, layout_class, token_layout
 from megatron_nbp.model.embeddings import ConditionVideoPositionEmbedding
 
 
@@ -83,6 +84,15 @@ class InferenceConfig:
     def num_video_tokens(self) -> int:
         t, h, w = self.latent_shape
         return t * h * w
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        """The token layout the model was trained with, built from these fields.
+
+        Raises:
+            ValueError: ``layout`` is not a known layout name.
+        """
+        return token_layout(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -245,7 +255,7 @@ def load_inference_model(checkpoint_dir: str | Path, device: str | torch.device 
     tensors = load_file(str(checkpoint_dir / "model.safetensors"), device=str(device))
     old_table = tensors.pop("embedding.position_embeddings.weight", None)
     if old_table is not None:  # format 1: one table over [condition, video stream]; split it in two
-        p = cfg.num_condition_tokens = (1 if cfg.layout == "hybrid" else 0)
+        p = cfg.num_condition_tokens = layout_class(cfg.layout).legacy_num_prefix_tokens
         model = NBPDecoder(cfg)
         tensors["embedding.position_embeddings.video.weight"] = old_table[p:]
         if p:

@@ -10,7 +10,7 @@ import pytest
 from megatron_nbp.cli.plan_memory import main as plan_main
 from megatron_nbp.config import ConfigError, NBPConfig
 from megatron_nbp.memory_measure import estimate, measure
-from megatron_nbp.memory_plan import (Layout, layer_activation_bytes, plan_memory, stage_activation_bytes,
+from megatron_nbp.memory_plan import (ParallelPlan, layer_activation_bytes, plan_memory, stage_activation_bytes,
                                       stage_parameters, sweep)
 from megatron_nbp.model.params import count_parameters
 from tests.dist_utils import torchrun
@@ -32,7 +32,7 @@ def cfg_of(*paths, **model):
 def test_unsharded_state_is_count_parameters_times_bytes(precision, per_param):
     for cfg in (cfg_of(TINY), cfg_of(LLAMA), cfg_of(*XL)):
         n = count_parameters(cfg.model).total
-        peak = plan_memory(cfg, Layout(micro_batch_size=2, global_batch_size=8, precision=precision)).peak
+        peak = plan_memory(cfg, ParallelPlan(micro_batch_size=2, global_batch_size=8, precision=precision)).peak
         assert peak.parameters == n
         assert (peak.weights, peak.gradients, peak.optimizer) == tuple(b * n for b in per_param)
 
@@ -67,7 +67,7 @@ def test_zero_partitions_exact_and_monotone():
     cfg = cfg_of(TINY)
     n = count_parameters(cfg.model).total                       # 336,000 parameters; 11 does not divide it
     share = math.ceil(n / 11)
-    plans = [plan_memory(cfg, Layout(dp=11, zero_stage=z, micro_batch_size=2, global_batch_size=22)).peak
+    plans = [plan_memory(cfg, ParallelPlan(dp=11, zero_stage=z, micro_batch_size=2, global_batch_size=22)).peak
              for z in range(4)]
     assert [(p.weights, p.gradients, p.optimizer) for p in plans] == [
         (2 * n, 4 * n, 12 * n), (2 * n, 4 * n, 12 * share), (2 * n, 4 * share, 12 * share),
@@ -76,10 +76,10 @@ def test_zero_partitions_exact_and_monotone():
     assert len({p.activations for p in plans}) == 1
     for cfg in (cfg_of(*XL), cfg_of("configs/model/nbp_7b.yaml", "configs/data/k600.yaml")):
         for tp in (1, 2, 4):
-            totals = [plan_memory(cfg, Layout(tp=tp, dp=8 // tp, zero_stage=z, micro_batch_size=4)).peak.total
+            totals = [plan_memory(cfg, ParallelPlan(tp=tp, dp=8 // tp, zero_stage=z, micro_batch_size=4)).peak.total
                       for z in range(4)]
             assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
-        single = {plan_memory(cfg, Layout(zero_stage=z, micro_batch_size=4)).peak.total for z in range(4)}
+        single = {plan_memory(cfg, ParallelPlan(zero_stage=z, micro_batch_size=4)).peak.total for z in range(4)}
         assert len(single) == 1                                 # DP = 1: nothing to partition
 
 
@@ -90,50 +90,51 @@ def test_activations_follow_korthikanti(t):
     # attention output (2 sbh / t) and the S x S mask as a bf16 bias (2 s^2)
     cfg = cfg_of(*XL, attention_backend="dense", attention_dropout=0.1, hidden_dropout=0.1)
     s, h, a, b = cfg.model.seq_length, 1536, 16, 4
-    lay = Layout(tp=t, dp=8 // t, micro_batch_size=b)
+    parallel = ParallelPlan(tp=t, dp=8 // t, micro_batch_size=b)
     paper = s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
-    assert layer_activation_bytes(cfg.model, lay) == pytest.approx(paper + 2 * s * b * h / t + 2 * s * s, rel=1e-12)
+    assert layer_activation_bytes(cfg.model, parallel) == pytest.approx(paper + 2 * s * b * h / t + 2 * s * s,
+                                                                      rel=1e-12)
     flex = cfg_of(*XL, hidden_dropout=0.1)                   # no S x S term at all
-    assert layer_activation_bytes(flex.model, lay) == pytest.approx(s * b * h * (10 + 24 / t + 2 / t), rel=1e-12)
-    full = stage_activation_bytes(flex.model, Layout(tp=t, dp=8 // t, micro_batch_size=b, recompute="full"), 0)
+    assert layer_activation_bytes(flex.model, parallel) == pytest.approx(s * b * h * (10 + 24 / t + 2 / t), rel=1e-12)
+    full = stage_activation_bytes(flex.model, ParallelPlan(tp=t, dp=8 // t, micro_batch_size=b, recompute="full"), 0)
     assert full["layers"] == 24 * 2 * s * b * h                # the paper's 2 sbh per layer
 
 
 def test_first_stage_holds_pp_micro_batches():
     cfg = cfg_of(*XL)
-    one = stage_activation_bytes(cfg.model, Layout(micro_batch_size=2, dp=4, global_batch_size=64), 0)
+    one = stage_activation_bytes(cfg.model, ParallelPlan(micro_batch_size=2, dp=4, global_batch_size=64), 0)
     for pp in (2, 4):
-        stages = [stage_activation_bytes(cfg.model, Layout(pp=pp, dp=4, micro_batch_size=2, global_batch_size=64), k)
-                  for k in range(pp)]
+        plan = ParallelPlan(pp=pp, dp=4, micro_batch_size=2, global_batch_size=64)
+        stages = [stage_activation_bytes(cfg.model, plan, k) for k in range(pp)]
         assert stages[0]["layers"] == one["layers"]          # p in flight x L/p layers = L layers
         assert [st["layers"] for st in stages] == [one["layers"] * (pp - k) // pp for k in range(pp)]
         assert "output" in stages[-1] and "output" not in stages[0]
-    few = stage_activation_bytes(cfg.model, Layout(pp=4, dp=4, micro_batch_size=2, global_batch_size=16), 0)
+    few = stage_activation_bytes(cfg.model, ParallelPlan(pp=4, dp=4, micro_batch_size=2, global_batch_size=16), 0)
     assert few["layers"] == one["layers"] // 2                 # only 2 micro-batches exist
 
 
-def test_bad_layouts_are_refused():
+def test_bad_parallel_plans_are_refused():
     cfg = cfg_of(*XL)
     with pytest.raises(ConfigError, match="num_attention_heads=16 not divisible by tensor parallel size 3"):
-        plan_memory(cfg, Layout(tp=3))
+        plan_memory(cfg, ParallelPlan(tp=3))
     with pytest.raises(ConfigError, match="num_layers=24 not divisible by pipeline parallel size 5"):
-        plan_memory(cfg, Layout(pp=5))
+        plan_memory(cfg, ParallelPlan(pp=5))
     with pytest.raises(ConfigError, match="pipeline parallel size 2 with the DeepSpeed backend"):
-        plan_memory(cfg, Layout(pp=2, dp=2, zero_stage=3))
+        plan_memory(cfg, ParallelPlan(pp=2, dp=2, zero_stage=3))
     with pytest.raises(ConfigError, match="global_batch_size=256 not divisible"):
-        plan_memory(cfg, Layout(dp=3, micro_batch_size=4))
+        plan_memory(cfg, ParallelPlan(dp=3, micro_batch_size=4))
     with pytest.raises(ConfigError, match="zero_stage=4"):
-        plan_memory(cfg, Layout(zero_stage=4))
+        plan_memory(cfg, ParallelPlan(zero_stage=4))
 
 
 def test_sweep_and_cli(capsys):
     cfg = cfg_of("configs/model/nbp_7b.yaml", "configs/data/k600.yaml")
     plans, skipped = sweep(cfg, 8, 4, 256)
-    layouts = {(p.layout.tp, p.layout.pp, p.layout.zero_stage) for p, _ in plans}
-    assert (1, 1, 3) in layouts and (2, 2, 1) in layouts and (1, 2, 3) not in layouts
-    assert any(lay.pp > 1 and lay.zero_stage >= 2 for lay, _ in skipped)
+    shapes = {(p.parallel.tp, p.parallel.pp, p.parallel.zero_stage) for p, _ in plans}
+    assert (1, 1, 3) in shapes and (2, 2, 1) in shapes and (1, 2, 3) not in shapes
+    assert any(par.pp > 1 and par.zero_stage >= 2 for par, _ in skipped)
     gpu = 80 * 2 ** 30
-    z0 = next(p for p, _ in plans if (p.layout.tp, p.layout.pp, p.layout.zero_stage) == (1, 1, 0))
+    z0 = next(p for p, _ in plans if (p.parallel.tp, p.parallel.pp, p.parallel.zero_stage) == (1, 1, 0))
     assert not z0.fits(gpu)                                     # 6.7B x 18 bytes > 80 GiB
     assert all(full.peak.total < plain.peak.total for plain, full in plans)
     plan_main(["--config", XL[0], "--config", XL[1], "--sweep", "--gpus", "8", "--micro-batch-size", "4",
@@ -158,18 +159,18 @@ def test_recompute_options_as_megatron_runs_them():
     first n layers; selective drops what each attention kernel keeps (output + the dense score terms)."""
     cfg = cfg_of(*XL, attention_backend="dense", hidden_dropout=0.1)
     s, b, h, e = cfg.model.seq_length, 2, 1536, 2
-    base = Layout(dp=4, micro_batch_size=b, global_batch_size=64)
+    base = ParallelPlan(dp=4, micro_batch_size=b, global_batch_size=64)
     per_layer = layer_activation_bytes(cfg.model, base)
     kernel = s * b * e * h + s * s * e             # attention output + the dense mask as a bf16 bias
-    uniform4 = stage_activation_bytes(cfg.model, Layout(dp=4, micro_batch_size=b, global_batch_size=64,
+    uniform4 = stage_activation_bytes(cfg.model, ParallelPlan(dp=4, micro_batch_size=b, global_batch_size=64,
                                                         recompute="full", recompute_method="uniform",
                                                         recompute_num_layers=4), 0)
     assert uniform4["layers"] == (24 // 4) * s * b * h * e and uniform4["recompute"] == 4 * per_layer
-    block10 = stage_activation_bytes(cfg.model, Layout(dp=4, micro_batch_size=b, global_batch_size=64,
+    block10 = stage_activation_bytes(cfg.model, ParallelPlan(dp=4, micro_batch_size=b, global_batch_size=64,
                                                        recompute="full", recompute_method="block",
                                                        recompute_num_layers=10), 0)
     assert block10["layers"] == 10 * s * b * h * e + 14 * per_layer and block10["recompute"] == per_layer
-    selective = stage_activation_bytes(cfg.model, Layout(dp=4, micro_batch_size=b, global_batch_size=64,
+    selective = stage_activation_bytes(cfg.model, ParallelPlan(dp=4, micro_batch_size=b, global_batch_size=64,
                                                          recompute="selective"), 0)
     assert selective["layers"] == 24 * (per_layer - kernel) and selective["recompute"] == kernel
     none = stage_activation_bytes(cfg.model, base, 0)["layers"]
@@ -179,24 +180,24 @@ def test_recompute_options_as_megatron_runs_them():
 def test_sequence_parallel_splits_the_replicated_activations():
     cfg = cfg_of(*XL, hidden_dropout=0.1, transformer_impl="transformer_engine")
     s, b, h, t = cfg.model.seq_length, 4, 1536, 2
-    plain = layer_activation_bytes(cfg.model, Layout(tp=t, dp=4, micro_batch_size=b))
-    sp = layer_activation_bytes(cfg.model, Layout(tp=t, dp=4, micro_batch_size=b, sequence_parallel=True))
+    plain = layer_activation_bytes(cfg.model, ParallelPlan(tp=t, dp=4, micro_batch_size=b))
+    sp = layer_activation_bytes(cfg.model, ParallelPlan(tp=t, dp=4, micro_batch_size=b, sequence_parallel=True))
     assert plain - sp == s * b * h * 10 - s * b * h * 10 // t  # (4e + 2m) s b h, now / t as well
     # Korthikanti et al. eq. 5 (flex: no score term): s b h 34 / t, plus the kernel's saved output 2 / t
     assert sp == pytest.approx(s * b * h * (34 / t + 2 / t), rel=1e-12)
 
 
-def test_layouts_follow_the_trainer_config_and_its_refusals():
+def test_parallel_plans_follow_the_trainer_config_and_its_refusals():
     cfg = cfg_of(*XL)
     for key, value in {"train.use_distributed_optimizer": True, "train.precision": "fp16",
                        "train.recompute_granularity": "full", "train.recompute_method": "block",
                        "train.recompute_num_layers": 6, "parallel.pipeline_model_parallel_size": 2}.items():
         cfg.set(key, value)
-    layout = Layout.from_config(cfg, dp=4)
-    assert (layout.pp, layout.dp, layout.zero_stage, layout.precision) == (2, 4, 1, "fp16")
-    assert (layout.recompute, layout.full_recompute) == ("full", ("block", 6))
-    assert plan_memory(cfg, layout).peak.optimizer == 12 * -(-plan_memory(cfg, layout).peak.parameters // 4)
+    parallel = ParallelPlan.from_config(cfg, dp=4)
+    assert (parallel.pp, parallel.dp, parallel.zero_stage, parallel.precision) == (2, 4, 1, "fp16")
+    assert (parallel.recompute, parallel.full_recompute) == ("full", ("block", 6))
+    assert plan_memory(cfg, parallel).peak.optimizer == 12 * -(-plan_memory(cfg, parallel).peak.parameters // 4)
     with pytest.raises(ConfigError, match="--sequence-parallel needs --transformer-impl transformer_engine"):
-        plan_memory(cfg_of(*XL), Layout(tp=2, dp=4, micro_batch_size=4, sequence_parallel=True))
+        plan_memory(cfg_of(*XL), ParallelPlan(tp=2, dp=4, micro_batch_size=4, sequence_parallel=True))
     with pytest.raises(ConfigError, match="must divide the 24 layers"):
-        plan_memory(cfg_of(*XL), Layout(micro_batch_size=4, recompute="full", recompute_num_layers=5))
+        plan_memory(cfg_of(*XL), ParallelPlan(micro_batch_size=4, recompute="full", recompute_num_layers=5))
