@@ -40,7 +40,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer
-from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.generate import generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
 
 LATENT = [5, 16, 16]          # 17 x 128 x 128 pixels

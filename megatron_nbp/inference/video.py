@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_nbp.inference.generate import GenerationResult, SamplingConfig, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.generate import GenerationResult, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.inference.model import NBPDecoder
 
 
