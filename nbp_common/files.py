@@ -29,9 +29,9 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["temp_path", "fsync_file", "fsync_dir", "fsync_tree", "atomic_output", "atomic_write_bytes",
            "atomic_write_text", "atomic_copy", "sha256_file", "staging_path", "aside_path", "remove_leftovers",

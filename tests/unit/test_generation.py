@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megatron_nbp.inference.generate import HybridDecoder, generate_hybrid
-from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import hybrid_batch
 from megatron_nbp.masks import block_causal_allowed
 
