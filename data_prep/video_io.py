@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data_prep.file_io import atomic_output
+from nbp_common.files import atomic_output
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".ogv", ".m4v", ".mpg", ".mpeg"})
 """Lower-case file suffixes that :func:`list_videos` treats as videos."""

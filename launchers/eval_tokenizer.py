@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """`python launchers/eval_tokenizer.py ...` / `torchrun ... launchers/eval_tokenizer.py ...`: the same job as the installed
-console script; the code and its --help live in `data_prep.cli.eval_tokenizer`."""
+console script; the code and its --help live in `megatron_nbp.cli.eval_tokenizer`."""
 
-from data_prep.cli.eval_tokenizer import main
+from megatron_nbp.cli.eval_tokenizer import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # main returns the exit status (2: refused settings)

@@ -4,10 +4,12 @@
       latest_checkpointed_iteration.txt     <- "120": published last, atomically
       iter_0000120/                         <- dist_checkpointing directory (any TP/PP can load it)
 
-A checkpoint is written into ``iter_XXXXXXX.tmp``, renamed to ``iter_XXXXXXX`` only after every rank
-has finished, and only then named in ``latest_checkpointed_iteration.txt`` (temp file +
-``os.replace``). A crash at any moment leaves the previous checkpoint as latest; what it left (staging
-directories, a pointer temporary) is removed by the next save.
+A checkpoint is written into ``iter_XXXXXXX.tmp`` and, after every rank has finished, published by
+rank 0 with :func:`nbp_common.files.publish_directory`: its files fsync-ed, the directory renamed to
+``iter_XXXXXXX`` (the parent fsync-ed), and only then named in ``latest_checkpointed_iteration.txt``
+(temp file, fsync, ``os.replace``). A crash at any moment leaves the previous checkpoint as latest;
+what it left (staging directories, an orphan renamed aside, a pointer temporary) is removed by the
+next save.
 
 Contents: model and optimizer (sharded tensors), the LR scheduler, iteration and consumed samples
 (common state, rank 0), per-rank RNG states (python, numpy, torch, megatron's model-parallel tracker)
@@ -26,9 +28,7 @@ data-parallel sizes; TP / PP fixed for the optimizer state, the model reshards f
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -41,8 +41,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from data_prep.file_io import atomic_write_bytes
 from megatron_nbp.safe_loading import UnsafeCheckpointError, read_megatron_metadata, verify_megatron_checkpoint
+from nbp_common.files import publish_directory, remove_leftovers, staging_path
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # Model settings that must match between a checkpoint and the model loading it.
@@ -162,7 +162,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
     run = run or RunInfo()
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_path(final)
     rank = dist.get_rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -179,22 +179,9 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_bytes(save_dir / LATEST_FILE, str(iteration).encode())
+        publish_directory(tmp, final, save_dir / LATEST_FILE, str(iteration))
     dist.barrier()
     return final
-
-
-def remove_leftovers(save_dir: Path, staging: str, pointer: str) -> None:
-    """Delete what interrupted saves left in ``save_dir`` (one process, before a save): staging directories
-    matching the glob ``staging`` and temporaries of the ``pointer`` file (``.POINTER.*.tmp``, see
-    data_prep.file_io). Neither is ever read as a checkpoint; without this they would pile up."""
-    for stale in save_dir.glob(staging):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in save_dir.glob(f".{pointer}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def verify_checkpoint(ckpt: str | Path) -> None:

@@ -8,9 +8,11 @@
         rng_state_RRRRR.pt           <- every global rank's RNG states
         nbp_checkpoint.json          <- iteration, consumed samples, layout (ZeRO stage, TP, DP), model config
 
-DeepSpeed writes into ``global_stepN.tmp`` (``save_latest=False``); after every rank has finished, the
-directory is renamed and only then named in ``latest``, so a crash never leaves a half checkpoint as
-the latest; what it left (staging directories, a temporary of ``latest``) is removed by the next save.
+DeepSpeed writes into ``global_stepN.tmp`` (``save_latest=False``); after every rank has finished, rank
+0 publishes it with :func:`nbp_common.files.publish_directory` (files fsync-ed, the directory renamed,
+the parent fsync-ed) and only then names it in ``latest``, so a crash never leaves a half checkpoint as
+the latest; what it left (staging directories, an orphan renamed aside, a temporary of ``latest``) is
+removed by the next save.
 ``client_state`` carries the LR scheduler, iteration and consumed samples (data position).
 Resuming needs the same TP and DP sizes; ``launchers/convert_checkpoint.py`` turns any of these
 checkpoints into the single-device inference format (megatron_nbp.inference.convert_zero).
@@ -19,8 +21,6 @@ checkpoints into the single-device inference format (megatron_nbp.inference.conv
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_prep.file_io import atomic_write_bytes
-from megatron_nbp.checkpointing import (LATEST_FILE, CheckpointError, check_model_config, remove_leftovers, rng_state,
-                                        set_rng_state)
+from megatron_nbp.checkpointing import LATEST_FILE, CheckpointError, check_model_config, rng_state, set_rng_state
 from megatron_nbp.safe_loading import UnsafeCheckpointError, safe_torch_load, use_weights_only_loading
+from nbp_common.files import atomic_write_bytes, publish_directory, remove_leftovers, staging_path
 
 LATEST_TAG_FILE = "latest"
 META_FILE = "nbp_checkpoint.json"
@@ -93,7 +92,8 @@ def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, sche
     """
     save_dir = Path(save_dir)
     tag = tag_name(iteration)
-    tmp_tag = tag + ".tmp"
+    final = save_dir / tag
+    tmp_tag = staging_path(final).name
     rank = dist.get_rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -111,12 +111,8 @@ def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, sche
                 "world_size": dist.get_world_size(), "model_config": model_config}
         atomic_write_bytes(save_dir / tmp_tag / META_FILE, json.dumps(meta, indent=1).encode())
     dist.barrier()
-    final = save_dir / tag
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(save_dir / tmp_tag, final)
-        atomic_write_bytes(save_dir / LATEST_TAG_FILE, tag.encode())
+        publish_directory(save_dir / tmp_tag, final, save_dir / LATEST_TAG_FILE, tag)
     dist.barrier()
     return final
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Mutation testing (cosmic-ray) of the block-causal rule (megatron_nbp/masks.py), the token layouts
-# (the megatron_nbp/layouts/ package) and generation + sampling (megatron_nbp/inference/generate.py) against the fast
+# (the megatron_nbp/layouts/ package), generation (megatron_nbp/inference/generate.py) and sampling
+# (megatron_nbp/inference/sampling.py) against the fast
 # unit tests that cover them. Not part of CI (tens of minutes on 2 cores); results in docs/testing.md.
 #
-# Usage: bash scripts/mutation_test.sh [--retest-survivors] [masks] [layouts] [generate]   (default: all three)
+# Usage: bash scripts/mutation_test.sh [--retest-survivors] [masks] [layouts] [generate] [sampling]   (default: all)
 #   --retest-survivors  with an existing MUTATION_WORKDIR: test that folder's surviving mutants again against
 #                       the current tests (killed mutants stay killed: tests are only ever added)
 # Environment:
@@ -40,7 +41,7 @@ if [ "${1:-}" = "--retest-survivors" ]; then
   shift
 fi
 MODULES=("$@")
-[ ${#MODULES[@]} -gt 0 ] || MODULES=(masks layouts generate)
+[ ${#MODULES[@]} -gt 0 ] || MODULES=(masks layouts generate sampling)
 WORK="${MUTATION_WORKDIR:-$(mktemp -d /tmp/nbp-mutation.XXXXXX)}"
 JOBS="${MUTATION_JOBS:-2}"
 TIMEOUT="${MUTATION_TIMEOUT:-240}"
@@ -57,15 +58,16 @@ for j in $(seq 1 "$JOBS"); do
 done
 
 PYTEST="python -m pytest -x -q -p no:cacheprovider"
-LAYOUT_TESTS="tests/test_masks_layouts.py tests/test_layouts_hybrid.py tests/test_layouts_paper.py \
-tests/test_kv_cache.py tests/test_generation_e2e.py tests/test_generation.py"
+LAYOUT_TESTS="tests/unit/test_masks_layouts.py tests/unit/test_layouts_hybrid.py tests/unit/test_layouts_paper.py \
+tests/unit/test_kv_cache.py tests/unit/test_generation_e2e.py tests/unit/test_generation.py"
 # test_attention_kernels imports megatron-core (seconds): run it only when the fast files pass
 declare -A PATHS=([masks]=megatron_nbp/masks.py [layouts]=megatron_nbp/layouts
-                  [generate]=megatron_nbp/inference/generate.py)
+                  [generate]=megatron_nbp/inference/generate.py [sampling]=megatron_nbp/inference/sampling.py)
 declare -A TESTS=(
-  [masks]="sh -c '$PYTEST $LAYOUT_TESTS && $PYTEST tests/test_attention_kernels.py'"
-  [layouts]="sh -c '$PYTEST $LAYOUT_TESTS && $PYTEST tests/test_attention_kernels.py'"
-  [generate]="$PYTEST tests/test_generation_e2e.py tests/test_generation.py tests/test_kv_cache.py tests/test_layouts_paper.py"
+  [masks]="sh -c '$PYTEST $LAYOUT_TESTS && $PYTEST tests/unit/test_attention_kernels.py'"
+  [layouts]="sh -c '$PYTEST $LAYOUT_TESTS && $PYTEST tests/unit/test_attention_kernels.py'"
+  [generate]="$PYTEST tests/unit/test_generation_e2e.py tests/unit/test_generation.py tests/unit/test_kv_cache.py tests/unit/test_layouts_paper.py"
+  [sampling]="$PYTEST tests/unit/test_generation_e2e.py tests/unit/test_generation.py tests/unit/test_kv_cache.py tests/unit/test_layouts_paper.py"
 )
 
 # Operators left out: replacements that only raise type errors on tensors or duplicate another mutant
@@ -105,7 +107,7 @@ PY
 fi
 
 for name in "${MODULES[@]}"; do
-  path="${PATHS[$name]:?unknown module $name (masks, layouts, generate)}"
+  path="${PATHS[$name]:?unknown module $name (masks, layouts, generate, sampling)}"
   cfg="$WORK/$name.toml" db="$WORK/$name.sqlite"
   {
     echo "[cosmic-ray]"

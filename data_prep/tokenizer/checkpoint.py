@@ -19,8 +19,9 @@ Resumable *training* checkpoints (``save/iter_XXXXXXX/`` of ``train.py``) are al
     save/iter_0000100/rng_rank{r}.pt         every rank's data-order generator, torch RNG and LeCam anchors
     save/iter_0000100/manifest.json          format, step, run settings, size + SHA-256 of every file
 
-A checkpoint is filled in ``save/.iter_0000100.tmp/`` (files fsync-ed, manifest last) and published by
-``os.replace`` of the directory, then of the latest file, so an interrupted save is never read as latest.
+A checkpoint is filled in ``save/.iter_0000100.tmp/`` (manifest last) and published by
+:func:`nbp_common.files.publish_directory` (files fsync-ed, ``os.replace`` of the directory, then of the
+latest file), so an interrupted save is never read as latest.
 Loading verifies the manifest (missing / truncated / altered files), compares the run settings (model
 config, codebook size, latent shape, discriminator, EMA, world size) and reads only with
 ``torch.load(weights_only=True)``: no pickle of arbitrary objects.
@@ -30,8 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_prep.file_io import atomic_output, atomic_write_bytes, fsync_dir, sha256_file
+from nbp_common.files import atomic_output, publish_directory, remove_leftovers, sha256_file, staging_path
 
 from .config import TokenizerConfig
 from .model import VideoTokenizer
@@ -196,7 +195,7 @@ def training_iteration_dir(save_dir: str | os.PathLike, step: int) -> Path:
 
 def training_staging_dir(save_dir: str | os.PathLike, step: int) -> Path:
     """``save_dir/.iter_XXXXXXX.tmp``: where a checkpoint is written before it is published."""
-    return Path(save_dir) / f".iter_{step:07d}.tmp"
+    return staging_path(training_iteration_dir(save_dir, step), hidden=True)
 
 
 def read_latest_training_iteration(save_dir: str | os.PathLike) -> int | None:
@@ -228,10 +227,7 @@ def stage_training_checkpoint(save_dir: str | os.PathLike, step: int) -> Path:
     """
     root = Path(save_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".iter_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(f".{TRAIN_LATEST_FILE}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_leftovers(root, ".iter_*.tmp", TRAIN_LATEST_FILE)
     staging = training_staging_dir(root, step)
     staging.mkdir()
     return staging
@@ -248,9 +244,10 @@ def write_training_file(obj: Any, path: str | os.PathLike) -> None:
 def publish_training_checkpoint(save_dir: str | os.PathLike, step: int, settings: Mapping[str, Any]) -> Path:
     """Publish the staged ``.iter_XXXXXXX.tmp`` as ``iter_XXXXXXX`` and mark it latest (one process: rank 0).
 
-    Writes ``manifest.json`` (format, step, ``settings``, size and SHA-256 of every staged file), renames the
-    directory into place (an older directory of the same iteration, e.g. published by a run that died before
-    updating the latest file, is moved aside first) and replaces the latest file atomically.
+    Writes ``manifest.json`` (format, step, ``settings``, size and SHA-256 of every staged file), then
+    :func:`nbp_common.files.publish_directory`: every staged file fsync-ed, the directory renamed into place
+    (an older directory of the same iteration, e.g. published by a run that died before updating the latest
+    file, is moved aside first) and the latest file replaced atomically.
 
     Returns:
         The published directory.
@@ -266,21 +263,8 @@ def publish_training_checkpoint(save_dir: str | os.PathLike, step: int, settings
              for p in sorted(staging.iterdir()) if p.is_file() and p.name != TRAIN_MANIFEST}
     manifest = {"format": TRAIN_FORMAT, "format_version": TRAIN_FORMAT_VERSION, "step": int(step),
                 "settings": dict(settings), "files": files}
-    with (staging / TRAIN_MANIFEST).open("w") as handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_dir(staging)
-    final = training_iteration_dir(root, step)
-    if final.exists():
-        old = root / f".iter_{step:07d}.old.{uuid.uuid4().hex}.tmp"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(staging, final)
-    fsync_dir(root)
-    atomic_write_bytes(root / TRAIN_LATEST_FILE, f"{step}\n".encode())
-    fsync_dir(root)
-    return final
+    (staging / TRAIN_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return publish_directory(staging, training_iteration_dir(root, step), root / TRAIN_LATEST_FILE, f"{step}\n")
 
 
 def verify_training_checkpoint(folder: str | os.PathLike, hash_files: tuple[str, ...] | None = None) -> dict | None:

@@ -70,8 +70,8 @@ def main(argv=None) -> dict | None:
     from data_prep.tokenizer import load_tokenizer
     from megatron_nbp.eval.fvd import i3d_features
     from megatron_nbp.eval.weights import load_i3d
-    from megatron_nbp.inference.generate import SamplingConfig
     from megatron_nbp.inference.model import load_inference_model
+    from megatron_nbp.inference.sampling import SamplingConfig
     from megatron_nbp.inference.video import clip_geometry
     from tqdm import tqdm
 

@@ -48,8 +48,8 @@ def main(argv=None) -> None:
 
     from data_prep.tokenizer import load_tokenizer
     from data_prep.video_io import load_clip, write_contact_sheet, write_mp4
-    from megatron_nbp.inference.generate import SamplingConfig
     from megatron_nbp.inference.model import load_inference_model
+    from megatron_nbp.inference.sampling import SamplingConfig
     from megatron_nbp.inference.video import (clip_geometry, condition_pixel_frames, generate_conditional_videos,
                                               predict_frames, sample_paths)
 

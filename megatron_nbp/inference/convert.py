@@ -1,19 +1,20 @@
-"""Convert a sharded training checkpoint (any TP/PP) into the single-device inference format:
+"""Convert a training checkpoint into the single-device inference format
+(megatron_nbp.inference.convert_common: ``OUTPUT/model.safetensors`` + ``OUTPUT/config.json``).
 
-    OUTPUT/model.safetensors   megatron GPTModel TP1PP1 parameter names (no _extra_state)
-    OUTPUT/config.json         InferenceConfig (model shape + NBP layout)
-
+:func:`convert_checkpoint` takes either backend's checkpoint directory: a megatron dist checkpoint
+(``latest_checkpointed_iteration.txt``, any TP/PP) is converted here; a DeepSpeed ZeRO checkpoint (a
+``latest`` tag file instead) goes to megatron_nbp.inference.convert_zero. For the former,
 megatron-core's dist_checkpointing does the resharding: a TP=1, PP=1 GPTModel is built in one process
-and its sharded state dict is loaded from the checkpoint, whatever layout wrote it. The output is
-written to a temporary directory and renamed, so a crash never leaves a half-converted model.
-A DeepSpeed ZeRO checkpoint (a ``latest`` tag file instead) goes to
-megatron_nbp.inference.convert_zero; both end in :func:`write_inference_checkpoint`.
+and its sharded state dict is loaded from the checkpoint, whatever layout wrote it. Both end in
+:func:`megatron_nbp.inference.convert_common.write_inference_checkpoint` (staging directory, fsync,
+rename), so a crash never leaves a half-converted model.
+
+Imports: this module -> convert_zero -> convert_common, and this module -> convert_common; convert_zero
+never imports this module.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,12 +22,36 @@ from megatron.core import dist_checkpointing
 
 from megatron_nbp.checkpointing import (CheckpointError, iteration_dir, read_latest_iteration,
                                         read_weights_from_main_params, verify_checkpoint)
-from megatron_nbp.config import ModelConfig
-from megatron_nbp.inference.model import InferenceConfig
+from megatron_nbp.deepspeed_checkpointing import is_deepspeed_checkpoint
+from megatron_nbp.inference.convert_common import read_model_config, write_inference_checkpoint
+from megatron_nbp.inference.convert_zero import convert_deepspeed_checkpoint
+
+__all__ = ["convert_checkpoint", "convert_megatron_checkpoint", "write_inference_checkpoint"]
 
 
 def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
-    """Write ``output_dir`` (model.safetensors + config.json) from the checkpoint in ``load_dir``.
+    """Write ``output_dir`` (model.safetensors + config.json) from the checkpoint in ``load_dir``, of either
+    backend: :func:`convert_megatron_checkpoint`, or for a DeepSpeed checkpoint (a ``latest`` tag file and
+    no ``latest_checkpointed_iteration.txt``)
+    :func:`megatron_nbp.inference.convert_zero.convert_deepspeed_checkpoint`.
+
+    Args:
+        load_dir: training checkpoint directory.
+        iteration: which iteration to convert (default: the latest).
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        CheckpointError: as the converter of the checkpoint's kind.
+    """
+    if is_deepspeed_checkpoint(load_dir) and read_latest_iteration(load_dir) is None:
+        return convert_deepspeed_checkpoint(load_dir, output_dir, iteration)
+    return convert_megatron_checkpoint(load_dir, output_dir, iteration)
+
+
+def convert_megatron_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
+    """Write ``output_dir`` (model.safetensors + config.json) from the megatron dist checkpoint in ``load_dir``.
 
     Args:
         load_dir: training checkpoint directory (``latest_checkpointed_iteration.txt`` + ``iter_*``).
@@ -36,17 +61,13 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         ``output_dir`` as a Path.
 
     Raises:
-        CheckpointError: no checkpoint in ``load_dir``, the requested iteration is missing or damaged, or a
-            pickled item in it needs more than tensors and plain data (refused before it is unpickled).
+        CheckpointError: no checkpoint in ``load_dir``, the requested iteration is missing or damaged, its
+            model config does not fit this version, or a pickled item in it needs more than tensors and
+            plain data (refused before it is unpickled).
     """
-    from megatron_nbp.deepspeed_checkpointing import is_deepspeed_checkpoint
     from megatron_nbp.model.builder import build_gpt_model
     from megatron_nbp.parallel import destroy_parallel, initialize_parallel
 
-    if is_deepspeed_checkpoint(load_dir) and read_latest_iteration(load_dir) is None:
-        from megatron_nbp.inference.convert_zero import convert_deepspeed_checkpoint
-
-        return convert_deepspeed_checkpoint(load_dir, output_dir, iteration)
     iteration = iteration if iteration is not None else read_latest_iteration(load_dir)
     if iteration is None:
         raise CheckpointError(f"no checkpoint in {load_dir} (latest_checkpointed_iteration.txt missing)")
@@ -55,7 +76,7 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         raise CheckpointError(f"{ckpt} does not exist")
     verify_checkpoint(ckpt)  # before torch.distributed.checkpoint unpickles anything
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    model_cfg = ModelConfig(**common["model_config"])
+    model_cfg = read_model_config(common.get("model_config"), ckpt)
     model_cfg.transformer_impl = "local"  # TE checkpoints load into the local spec (same sharded keys)
 
     initialize_parallel(1, 1, seed=0)
@@ -71,49 +92,3 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
         destroy_parallel()
     return write_inference_checkpoint(tensors, model_cfg, output_dir,
                                       {"source_checkpoint": str(ckpt), "iteration": iteration})
-
-
-def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                               output_dir: str | Path, extra: dict) -> Path:
-    """Write the inference format from a TP1 megatron GPTModel state dict (both backends' converters).
-
-    Args:
-        tensors: megatron TP1 PP1 parameter names -> tensors (no ``_extra_state``); a tied
-            ``output_layer.weight`` is dropped.
-        model_cfg: the trained model's config (becomes config.json's InferenceConfig).
-        extra: provenance stored in config.json (source checkpoint, iteration, ...).
-
-    Returns:
-        ``output_dir`` as a Path, written via a temporary directory and a rename.
-    """
-    from safetensors.torch import save_file
-
-    if model_cfg.share_embeddings_and_output_weights:
-        tensors.pop("output_layer.weight", None)
-    inf_cfg = InferenceConfig(
-        num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
-        num_attention_heads=model_cfg.num_attention_heads, ffn_hidden_size=model_cfg.ffn_hidden_size,
-        vocab_size=model_cfg.vocab_size, padded_vocab_size=model_cfg.padded_vocab_size,
-        max_seq_length=model_cfg.position_table_size, latent_shape=list(model_cfg.latent_shape),
-        block_shape=list(model_cfg.block_shape), layout=model_cfg.layout,
-        condition_frames=model_cfg.condition_frames, layernorm_epsilon=model_cfg.layernorm_epsilon,
-        condition_labels=model_cfg.condition_labels, video_token_offset=model_cfg.video_token_offset,
-        normalization=model_cfg.normalization, activation=model_cfg.activation,
-        add_bias_linear=model_cfg.add_bias_linear,
-        share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
-        condition_type=model_cfg.condition_type, text_vocab_size=model_cfg.text_vocab_size,
-        num_condition_tokens=model_cfg.num_prefix_tokens,
-        position_embedding_type=model_cfg.position_embedding_type, rotary_base=model_cfg.rotary_base,
-        mrope_section=model_cfg.mrope_section, null_condition=model_cfg.null_condition,
-        extra=extra,
-    )
-    output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "megatron-nbp-inference/1"})
-    inf_cfg.save(tmp / "config.json")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
-    return output_dir

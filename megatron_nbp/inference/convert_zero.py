@@ -7,8 +7,11 @@
 2. :func:`merge_tensor_parallel_shards` joins the TP shards into TP1 tensors following megatron-core's
    own partitioning attributes of a TP1 GPTModel built on the meta device (``tensor_model_parallel``,
    ``partition_dim``, ``partition_stride``: stride 2 is the SwiGLU fc1 [gate; up] interleave).
-3. megatron_nbp.inference.convert.write_inference_checkpoint writes model.safetensors + config.json,
-   exactly as for megatron checkpoints.
+3. megatron_nbp.inference.convert_common.write_inference_checkpoint writes model.safetensors +
+   config.json, exactly as for megatron checkpoints.
+
+megatron_nbp.inference.convert.convert_checkpoint sends DeepSpeed checkpoints here; this module imports
+only convert_common of the conversion code.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 import torch
 
 from megatron_nbp.checkpointing import CheckpointError
-from megatron_nbp.config import ModelConfig
 from megatron_nbp.deepspeed_checkpointing import read_latest_tag, read_meta, tag_name
+from megatron_nbp.inference.convert_common import read_model_config, write_inference_checkpoint
 from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_torch_files
 
 
@@ -103,9 +106,9 @@ def convert_deepspeed_checkpoint(load_dir: str | Path, output_dir: str | Path, i
         ``output_dir`` as a Path.
 
     Raises:
-        CheckpointError: no checkpoint, a missing tag, or tensors that do not match the model config.
+        CheckpointError: no checkpoint, a missing tag, a model config this version does not know, or
+            tensors that do not match the model config.
     """
-    from megatron_nbp.inference.convert import write_inference_checkpoint
     from megatron_nbp.model.builder import build_gpt_model
     from megatron_nbp.parallel import destroy_parallel, initialize_parallel
 
@@ -113,8 +116,8 @@ def convert_deepspeed_checkpoint(load_dir: str | Path, output_dir: str | Path, i
     if tag is None:
         raise CheckpointError(f"no DeepSpeed checkpoint in {load_dir} ('latest' missing)")
     meta = read_meta(load_dir, tag)
-    model_cfg = ModelConfig(**meta["model_config"])
     ckpt = Path(load_dir) / tag
+    model_cfg = read_model_config(meta.get("model_config"), ckpt)
     tp = int(meta["tensor_model_parallel_size"])
     print(f"> consolidating ZeRO-{meta['zero_stage']} checkpoint {ckpt}: {tp} tensor-parallel rank(s) x "
           f"{meta['data_parallel_size']} data-parallel partitions", flush=True)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_nbp.inference.generate import GenerationResult, SamplingConfig, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.generate import GenerationResult, generate_frame_prediction, generate_hybrid
 from megatron_nbp.inference.model import NBPDecoder
+from megatron_nbp.inference.sampling import SamplingConfig
 
 
 @dataclass

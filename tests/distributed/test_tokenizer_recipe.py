@@ -257,7 +257,7 @@ def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recip
     # the eval launcher reproduces the trainer's held-back PSNR and writes its PNG and JSON
     import json
 
-    from data_prep.cli import eval_tokenizer
+    from megatron_nbp.cli import eval_tokenizer
 
     png, out = root / "full" / "recon.png", root / "full" / "eval.json"
     assert eval_tokenizer.main(["--tokenizer", full.output, "--data", full.data, "--resolution", "16",

@@ -48,6 +48,7 @@ def _features(clips):
 
 def test_protocols(evaluate, tmp_path, monkeypatch):
     import megatron_nbp.inference.generate as gen
+    from megatron_nbp.inference.sampling import SamplingConfig
 
     data = tmp_path / "shards"
     write_synthetic_shards(data, num_clips=10, clips_per_shard=4, latent_shape=(5, 2, 2), vocab=100)
@@ -71,7 +72,7 @@ def test_protocols(evaluate, tmp_path, monkeypatch):
         real_shapes.append(meta["source"])
         return np.full((17, 16, 16, 3), 200, np.uint8)
 
-    sampling = gen.SamplingConfig()
+    sampling = SamplingConfig()
     # UCF: class id of the label "synthetic" = 1; 7 samples over 2 ranks (indices 1, 3, 5 on rank 1)
     samples = list(evaluate.iter_samples(data, 7, rank=1, world_size=2))
     assert [i for i, _ in samples] == [1, 3, 5]

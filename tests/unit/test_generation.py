@@ -4,8 +4,9 @@ step counts of the paper, seeded reproducibility and classifier-free guidance.""
 import pytest
 import torch
 
-from megatron_nbp.inference.generate import HybridDecoder, SamplingConfig, generate_hybrid
+from megatron_nbp.inference.generate import HybridDecoder, generate_hybrid
 from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import hybrid_batch
 from megatron_nbp.masks import block_causal_allowed
 
@@ -166,6 +167,21 @@ def test_sampling_defaults_are_the_papers():
     assert (s.temperature, s.top_k, s.top_p, s.cfg_scale) == (1.0, 16000, 0.9, 1.0)
 
 
+def test_generate_re_exports_the_sampling_module_and_uses_its_guidance_mix():
+    """``from megatron_nbp.inference.generate import SamplingConfig, sample_tokens`` names the objects of
+    megatron_nbp.inference.sampling (one implementation), and the generation loops mix guided batches with
+    its ``uncond + scale * (cond - uncond)`` (conditional rows first)."""
+    import megatron_nbp.inference.generate as generate
+    import megatron_nbp.inference.sampling as sampling_module
+
+    assert generate.SamplingConfig is sampling_module.SamplingConfig
+    assert generate.sample_tokens is sampling_module.sample_tokens
+    assert generate._guided is sampling_module.guided_logits
+    logits = torch.tensor([[1.0, 4.0], [3.0, 2.0], [0.5, 1.0], [1.0, 1.0]])  # 2 conditional rows, 2 null rows
+    assert torch.equal(sampling_module.guided_logits(logits, 2, 1.0), logits[:2])
+    assert torch.equal(sampling_module.guided_logits(logits, 2, 3.0), torch.tensor([[2.0, 10.0], [7.0, 4.0]]))
+
+
 def test_condition_dropout_is_seeded_and_uses_the_null_id():
     from megatron_nbp.data import drop_conditions
 
@@ -203,10 +219,10 @@ TIES = [2.0, 1.0, 1.0, 1.0, 0.5, -1.0, 1.0, 0.0, 0.0, -2.0]    # four logits tie
 def test_sampling_distribution_equals_the_official_filter(values, k, p, rounds, monkeypatch):
     """rounds: rejection rounds before the sorted fallback (0: all rows take the fallback). TIES at the k-th
     value: the release keeps every logit >= the k-th largest, so more than k survive."""
-    import megatron_nbp.inference.generate as generate
-    from megatron_nbp.inference.generate import sample_tokens
+    import megatron_nbp.inference.sampling as sampling_module
+    from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
 
     logits = torch.tensor([values])
     want = official_top_k_top_p(logits, k or 0, p or 1.0)[0]
@@ -222,10 +238,10 @@ def test_ties_at_the_kth_value_within_and_beyond_the_tie_margin(margin, path, mo
     """TIES, k = 2: the k-th largest is 1.0, held four times. top-(k + 3) cannot tell whether more 1.0s lie
     outside it (whole-row fallback); top-(k + 4) reaches 0.5, so it holds them all. Both give the release's
     distribution."""
-    import megatron_nbp.inference.generate as generate
-    from megatron_nbp.inference.generate import _top_k_candidates, sample_tokens
+    import megatron_nbp.inference.sampling as sampling_module
+    from megatron_nbp.inference.sampling import _top_k_candidates, sample_tokens
 
-    monkeypatch.setattr(generate, "_TIE_MARGIN_MIN", margin)
+    monkeypatch.setattr(sampling_module, "_TIE_MARGIN_MIN", margin)
     logits = torch.tensor([TIES])
     _, ids = _top_k_candidates(logits, 2)
     assert (ids is None) == (path == "whole row")
@@ -240,7 +256,7 @@ def test_ties_at_the_kth_value_within_and_beyond_the_tie_margin(margin, path, mo
 def test_top_k_keeps_every_bf16_tie_at_the_paper_setting():
     """bf16 logits, 16 x 64000, k = 16000: tens of logits per row tie at the k-th value. The candidates are
     exactly the release's top-k survivors (every logit >= the k-th), found without the whole-row fallback."""
-    from megatron_nbp.inference.generate import _top_k_candidates
+    from megatron_nbp.inference.sampling import _top_k_candidates
 
     logits = (torch.randn(16, 64000, generator=torch.Generator().manual_seed(0)) * 3).bfloat16().float()
     k = 16000
@@ -258,10 +274,10 @@ def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
     """TIES, k = 3, p = 0.8: top-k keeps 2.0 and the four 1.0s (probabilities 0.405, 4 x 0.149); the mass
     ahead of each 1.0 is 0.405 <= p, so all four stay, equally likely. (The release keeps three of them,
     whichever its unstable sort puts first.)"""
-    import megatron_nbp.inference.generate as generate
-    from megatron_nbp.inference.generate import sample_tokens
+    import megatron_nbp.inference.sampling as sampling_module
+    from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
     g = torch.Generator().manual_seed(0)
     draws = sample_tokens(torch.tensor([TIES]).expand(40000, 10), 10, SamplingConfig(top_k=3, top_p=0.8), g)
     freq = torch.bincount(draws, minlength=10).float() / draws.numel()
@@ -273,13 +289,13 @@ def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
 def test_rejection_sampling_rarely_needs_the_sorted_fallback(monkeypatch):
     """Each draw is accepted with probability >= p (sample_tokens docstring): at p = 0.9 a row is left to the
     sorted fallback after 8 rounds with probability <= 0.1 ** 8, so 40000 rows never reach it."""
-    import megatron_nbp.inference.generate as generate
-    from megatron_nbp.inference.generate import sample_tokens
+    import megatron_nbp.inference.sampling as sampling_module
+    from megatron_nbp.inference.sampling import sample_tokens
 
     def no_fallback(*args):
         raise AssertionError("a row needed the sorted fallback")
 
-    monkeypatch.setattr(generate, "_sorted_nucleus_sample", no_fallback)
+    monkeypatch.setattr(sampling_module, "_sorted_nucleus_sample", no_fallback)
     draws = sample_tokens(torch.tensor([DISTINCT]).expand(40000, 10), 10, SamplingConfig(top_k=5, top_p=0.9),
                           torch.Generator().manual_seed(0))
     want = official_top_k_top_p(torch.tensor([DISTINCT]), 5, 0.9)[0]
@@ -290,7 +306,7 @@ def test_rejection_sampling_rarely_needs_the_sorted_fallback(monkeypatch):
 def test_top_k_candidates_of_a_row_do_not_depend_on_the_other_rows():
     """Two rows far apart in scale (the second is the first + 100): each row's top-W holds its own ties, so
     neither needs the whole-row fallback, and each keeps exactly the release's top-k survivors."""
-    from megatron_nbp.inference.generate import _top_k_candidates
+    from megatron_nbp.inference.sampling import _top_k_candidates
 
     row = torch.randn(1, 2000, generator=torch.Generator().manual_seed(0))
     logits = torch.cat([row, row + 100.0])
@@ -303,7 +319,7 @@ def test_top_k_candidates_of_a_row_do_not_depend_on_the_other_rows():
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_divides_the_logits_before_the_filters(temperature):
     """The release samples from top_k_top_p_filtering(logits / temperature)."""
-    from megatron_nbp.inference.generate import sample_tokens
+    from megatron_nbp.inference.sampling import sample_tokens
 
     logits = torch.tensor([DISTINCT])
     want = official_top_k_top_p(logits / temperature, 5, 0.9)[0]
@@ -316,7 +332,7 @@ def test_temperature_divides_the_logits_before_the_filters(temperature):
 
 
 def test_non_positive_temperature_is_greedy_within_the_vocabulary():
-    from megatron_nbp.inference.generate import sample_tokens
+    from megatron_nbp.inference.sampling import sample_tokens
 
     logits = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
     logits[:, 10:] = 100.0                                     # padded ids, never chosen
@@ -329,10 +345,10 @@ def test_non_positive_temperature_is_greedy_within_the_vocabulary():
 def test_a_token_whose_mass_ahead_equals_p_is_kept(rounds, monkeypatch):
     """Two tokens and p = the probability of the first: the mass ahead of the second is exactly p, not more,
     so the release's filter keeps both (it removes a token when the mass before it exceeds p)."""
-    import megatron_nbp.inference.generate as generate
-    from megatron_nbp.inference.generate import sample_tokens
+    import megatron_nbp.inference.sampling as sampling_module
+    from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
     logits = torch.tensor([[1.0, 0.0]])
     p = float(logits.softmax(-1)[0, 0])
     want = official_top_k_top_p(logits, 0, p)[0]
@@ -347,10 +363,10 @@ def test_a_token_whose_mass_ahead_equals_p_is_kept(rounds, monkeypatch):
 def test_a_nucleus_of_one_token_always_gives_it(rounds, monkeypatch):
     """p below the top token's probability: the release keeps only that token (the mass ahead of the second
     already exceeds p), so every draw is the argmax."""
-    import megatron_nbp.inference.generate as generate
-    from megatron_nbp.inference.generate import sample_tokens
+    import megatron_nbp.inference.sampling as sampling_module
+    from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(generate, "_REJECTION_ROUNDS", rounds)
+    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
     logits = torch.tensor([DISTINCT]).expand(1000, 10)
     assert int((official_top_k_top_p(logits[:1], 0, 0.05)[0] > 0).sum()) == 1
     draws = sample_tokens(logits, 10, SamplingConfig(top_k=None, top_p=0.05), torch.Generator().manual_seed(0))

@@ -15,7 +15,8 @@ wrong way round changes the result.
 import pytest
 import torch
 
-from megatron_nbp.inference.generate import SamplingConfig, generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.generate import generate_frame_prediction, generate_hybrid
+from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import frame_prediction_batch, hybrid_batch
 from megatron_nbp.masks import block_causal_allowed
 from tests.unit.test_generation import hybrid_model

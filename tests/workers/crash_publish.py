@@ -24,7 +24,7 @@ Crash points, in chain order: ``before_publish`` (tokenizer: every file written,
 ``before_meta`` (DeepSpeed: engine files and RNG files written, before ``nbp_checkpoint.json``),
 ``before_rename`` (all data written), ``after_rename`` (published directory, pointer not updated),
 ``orphan_before_rename`` (from that state: the re-save of the same iteration crashes right before its
-rename, after the orphan directory was removed or moved aside), ``before_pointer`` (the pointer's
+rename, after the orphan directory was moved aside and deleted), ``before_pointer`` (the pointer's
 temporary file written, before it replaces the pointer), ``after_pointer``.
 
 Writes ``WORK/results.json``: per writer, per run in order, the crash point, the exit status of every
@@ -105,7 +105,7 @@ class Writer:
         if dst.name == self.final and src.name == self.staging:
             return "rename"
         if src.name == self.final:
-            return "aside"  # the tokenizer moves an orphan of the same iteration out of the way
+            return "aside"  # an orphan of the same iteration moved out of the way (publish_directory)
         if dst.name == self.pointer and src.is_file() and src.read_text().strip() == self.pointer_text:
             return "pointer"
         if dst.name == "nbp_checkpoint.json" and dst.parent.name == self.staging:

@@ -1,0 +1,139 @@
+"""Sampling the next tokens from logits, as the NBP release does: temperature, top-k, top-p (nucleus),
+and the classifier-free guidance mix of conditional and unconditional logits.
+
+:class:`SamplingConfig` holds the settings (the paper's defaults: k = 16000, p = 0.9);
+:func:`sample_tokens` draws ids from logits of any leading shape; :func:`guided_logits` mixes the two
+halves of a guided batch. megatron_nbp.inference.generate calls them once per forward pass (or a
+caller-supplied function of the :data:`Sampler` signature instead of :func:`sample_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingConfig", "Sampler", "sample_tokens", "guided_logits"]
+
+
+@dataclass
+class SamplingConfig:
+    """temperature <= 0 = greedy (argmax); top_k / top_p as in the NBP release (the paper's defaults:
+    k = 16000, p = 0.9); ``cfg_scale`` is the classifier-free guidance scale (1 = no guidance; hybrid
+    models trained with a null condition)."""
+
+    temperature: float = 1.0
+    top_k: int | None = 16000
+    top_p: float | None = 0.9
+    cfg_scale: float = 1.0
+
+
+def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ids from logits [..., V_padded], never choosing padded ids >= vocab_size.
+
+    The distribution is the NBP release's ``top_k_top_p_filtering``: top-k keeps the logits >= the k-th
+    largest; top-p then keeps, by decreasing probability (renormalised over the k), each token whose
+    predecessors' mass is <= p (so the smallest prefix reaching p). It is sampled without sorting the
+    vocabulary (the cost that dominated a block step): an unsorted top-k gives the k survivors (with any
+    ties at the k-th value, see ``_top_k_candidates``), a candidate is drawn from their distribution by
+    inverse CDF (fp64), and it is accepted if the mass of the tokens more probable than it is <= p, else
+    redrawn (rejection sampling from a superset gives exactly the renormalised nucleus; acceptance >= p per
+    draw). Rows still rejected after ``_REJECTION_ROUNDS`` fall back to the sorted filter. Ties at the
+    nucleus edge are all kept (the release keeps those its unstable sort happens to put first).
+
+    Args:
+        logits: float [..., V_padded] (any dtype; computed in fp32).
+        vocab_size: ids >= this are never sampled.
+        generator: torch.Generator on the logits' device (seeded for reproducibility).
+
+    Returns:
+        int64 [...] sampled ids.
+    """
+    logits = logits[..., :vocab_size].float()
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
+    shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1])
+    k = sampling.top_k if sampling.top_k is not None and sampling.top_k < vocab_size else None
+    top_p = sampling.top_p if sampling.top_p is not None and sampling.top_p < 1.0 else None
+    candidates, candidate_ids = _top_k_candidates(logits, k)
+    probs = candidates.softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    num_rows, width = candidates.shape
+    out = torch.full((num_rows,), vocab_size, dtype=torch.long, device=logits.device)   # not drawn yet: never an id
+    rows = torch.arange(num_rows, device=logits.device)
+    for _ in range(_REJECTION_ROUNDS):
+        every = rows.numel() == num_rows          # first round: no row copies
+        c, pr, cd = (candidates, probs, cdf) if every else (candidates[rows], probs[rows], cdf[rows])
+        u = torch.rand(rows.numel(), 1, generator=generator, dtype=torch.float64, device=logits.device)
+        cand = torch.searchsorted(cd, u * cd[:, -1:], right=True).clamp(max=width - 1)
+        if top_p is None:
+            ok = torch.ones(rows.numel(), dtype=torch.bool, device=logits.device)
+        else:
+            ok = (pr * (c > c.gather(1, cand))).sum(-1) <= top_p   # mass strictly ahead of the candidate
+        out[rows[ok]] = cand[ok, 0]
+        rows = rows[~ok]
+        if rows.numel() == 0:
+            break
+    else:
+        out[rows] = _sorted_nucleus_sample(candidates[rows], top_p, generator)
+    if candidate_ids is not None:
+        out = candidate_ids.gather(1, out[:, None])[:, 0]
+    return out.view(shape)
+
+
+def _top_k_candidates(logits: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top-k survivors of logits fp32 [R, V]: (their logits [R, W], their vocabulary ids int64 [R, W]),
+    unsorted, W = k + a tie margin, with -inf where a logit is below the k-th largest.
+
+    The release keeps every logit >= the k-th largest, which is more than k where values tie at the k-th
+    (usual with bf16 logits: tens of ties at k = 16000 of 64K). An unsorted top-W with W = k + margin holds
+    all of them whenever its smallest value is below the k-th; otherwise (or without top-k) the whole row is
+    returned with the rest set to -inf and ``None`` for the ids.
+    """
+    if k is None:
+        return logits, None
+    vocab = logits.shape[-1]
+    width = min(vocab, k + max(_TIE_MARGIN_MIN, k // 16))
+    values, ids = torch.topk(logits, width, dim=-1, sorted=False)
+    kth = torch.kthvalue(values, width - k + 1, dim=-1, keepdim=True).values       # the k-th largest logit
+    if width < vocab and bool((values.amin(-1, keepdim=True) >= kth).any()):   # ties may go on outside the W
+        return logits.masked_fill(logits < kth, float("-inf")), None
+    return values.masked_fill(values < kth, float("-inf")), ids
+
+
+_TIE_MARGIN_MIN = 256      # top-k takes k + max(this, k / 16) values, so that ties at the k-th value fit
+_REJECTION_ROUNDS = 8
+
+
+def _sorted_nucleus_sample(logits: torch.Tensor, top_p: float | None,
+                           generator: torch.Generator | None) -> torch.Tensor:
+    """The release's sorted top-p filter and a multinomial draw: logits fp32 [R, C] (top-k already
+    applied) -> int64 [R] positions in C. The mass ahead of a token is that of the tokens strictly more
+    probable (every member of a tie sees the mass before the tie), as in the rejection path."""
+    values, ids = torch.sort(logits, descending=True, dim=-1)
+    if top_p is not None:
+        probs = values.softmax(-1)
+        first_of_tie = torch.searchsorted(-values, -values)      # first position holding the same value
+        ahead = (probs.cumsum(-1) - probs).gather(1, first_of_tie)
+        values = values.masked_fill(ahead > top_p, float("-inf"))
+    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    return ids.gather(1, choice)[:, 0]
+
+
+Sampler = Callable[[torch.Tensor, int, SamplingConfig, torch.Generator | None], torch.Tensor]
+"""The signature of :func:`sample_tokens`: (logits float [..., V], vocab_size, sampling, generator) -> int64 [...]."""
+
+
+def guided_logits(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+    """Classifier-free guidance over a [2B, ...] batch (conditional rows first, then the null-condition
+    rows): ``uncond + scale * (cond - uncond)`` [B, ...], in the logits' dtype; the conditional rows
+    alone when ``scale == 1`` (no guidance; the batch may then be just [B, ...])."""
+    if scale == 1.0:
+        return logits[:batch]
+    cond, uncond = logits[:batch], logits[batch:]
+    return uncond + scale * (cond - uncond)
