@@ -5,4 +5,4 @@ console script; the code and its --help live in `data_prep.cli.tokenize_videos`.
 from data_prep.cli.tokenize_videos import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # main returns None (exit 0) or an exit status

@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 
 from megatron_nbp.eval.protocols import iter_samples, real_clip_loader, run_protocol, summarize
+from megatron_nbp.inference.sampling import add_sampling_args, sampling_from_args
 
 
-def main(argv=None) -> dict | None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``nbp-evaluate`` (sampling flags shared with ``nbp-generate``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("protocol", choices=["ucf101", "k600"])
     p.add_argument("--checkpoint", required=True, help="converted model directory (config.json + model.safetensors)")
@@ -44,15 +46,31 @@ def main(argv=None) -> dict | None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--condition-frames", type=int, help="k600: latent frames given (default: the model's, 2 = 5 frames)")
     p.add_argument("--eval-resolution", type=int, help="resize clips first (default: 64 for k600, none for ucf101)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=16000)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p)
     p.add_argument("--i3d-cache", help="download cache for the I3D weights (default ~/.cache/megatron-nbp)")
     p.add_argument("--output", help="write the result JSON here (rank 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available)")
+    return p
+
+
+def main(argv=None) -> None:
+    """Console script ``nbp-evaluate``: run :func:`evaluate` (exit status 0; errors exit non-zero)."""
+    evaluate(argv)
+
+
+def evaluate(argv=None) -> dict | None:
+    """Generate, extract I3D features of generated and real clips, and compute FVD for one protocol.
+
+    Returns:
+        On rank 0 the result dict (fvd, fvd_std, counts, settings, seconds), also written to ``--output``;
+        None on other ranks.
+    """
+    p = build_parser()
     args = p.parse_args(argv)
+    try:
+        sampling = sampling_from_args(args)
+    except ValueError as err:
+        p.error(str(err))
     num_samples = args.num_samples or (10000 if args.protocol == "ucf101" else 50000)
     eval_res = args.eval_resolution if args.eval_resolution is not None else (64 if args.protocol == "k600" else None)
 
@@ -71,7 +89,6 @@ def main(argv=None) -> dict | None:
     from megatron_nbp.eval.fvd import i3d_features
     from megatron_nbp.eval.weights import load_i3d
     from megatron_nbp.inference.model import load_inference_model
-    from megatron_nbp.inference.sampling import SamplingConfig
     from megatron_nbp.inference.video import clip_geometry
     from tqdm import tqdm
 
@@ -79,7 +96,6 @@ def main(argv=None) -> dict | None:
     tokenizer = load_tokenizer(args.tokenizer, device=device)
     i3d = load_i3d(args.i3d_cache, device)
     geometry = clip_geometry(model, tokenizer)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
     bar = tqdm(total=len(range(rank, num_samples, world)), desc=f"{args.protocol} rank {rank}", unit="clip",
                disable=rank != 0)
     start = time.perf_counter()
@@ -99,7 +115,7 @@ def main(argv=None) -> dict | None:
     if rank == 0:
         result = summarize(real, fake, args.num_folds)
         result.update(protocol=args.protocol, checkpoint=str(args.checkpoint), eval_resolution=eval_res,
-                      top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed,
+                      top_k=sampling.top_k, top_p=sampling.top_p, cfg_scale=sampling.cfg_scale, seed=args.seed,
                       seconds=time.perf_counter() - start)
         print(f"> {args.protocol}: FVD {result['fvd']:.2f} +- {result['fvd_std']:.2f} over {args.num_folds} fold(s) "
               f"of {len(fake) // args.num_folds} generated vs {len(real)} real clips", flush=True)

@@ -22,42 +22,50 @@ import argparse
 from pathlib import Path
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``nbp-generate`` (sampling flags shared with ``nbp-evaluate``)."""
+    from megatron_nbp.inference.sampling import add_sampling_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="converted model directory (config.json + model.safetensors)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.safetensors)")
     parser.add_argument("--prompt-video", help="frame prediction: real video whose first frames condition generation")
     parser.add_argument("--class-name", help="class-conditional models: one of the model's condition_labels")
     parser.add_argument("--text-ids", help="text-conditional models: comma-separated text token ids")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--output", required=True, help="output .mp4 (several samples: OUT_0.mp4, OUT_1.mp4, ...)")
     parser.add_argument("--contact-sheet", help="PNG of real / reconstruction / generated frames (default: OUTPUT.png)")
     parser.add_argument("--start-frame", type=int, default=0)
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument("--condition-frames", type=int, help="latent frames given (default: the model's)")
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=16000, help="0 disables (paper: 16000)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="1 disables (paper: 0.9)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_args(parser)
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--tensorboard-dir", help="also log each sample's frames to TensorBoard (an image series per "
                                                   "sample: SummaryWriter.add_video would need moviepy)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    return parser
+
+
+def main(argv=None) -> None:
+    """Console script ``nbp-generate``: videos from a converted checkpoint, a tokenizer and a prompt."""
+    from megatron_nbp.inference.sampling import sampling_from_args
+
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from data_prep.tokenizer import load_tokenizer
     from data_prep.video_io import load_clip, write_contact_sheet, write_mp4
     from megatron_nbp.inference.model import load_inference_model
-    from megatron_nbp.inference.sampling import SamplingConfig
     from megatron_nbp.inference.video import (clip_geometry, condition_pixel_frames, generate_conditional_videos,
                                               predict_frames, sample_paths)
 
     model = load_inference_model(args.checkpoint, args.device)
     tokenizer = load_tokenizer(args.tokenizer, device=args.device)
     geo = clip_geometry(model, tokenizer)
-    sampling = SamplingConfig(args.temperature, args.top_k or None, args.top_p if args.top_p < 1 else None,
-                              args.cfg_scale)
+    try:
+        sampling = sampling_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     output = Path(args.output)
     paths = sample_paths(output, args.num_samples)
     sheet = Path(args.contact_sheet) if args.contact_sheet else output.with_suffix(".png")
@@ -106,22 +114,24 @@ def _tensorboard(logdir, videos, what: str) -> None:
 
 
 def _condition(parser, args, cfg):
-    """(condition ids [num_samples, P], padding [num_samples, P] or None, a label) from the flags."""
-    import torch
-
-    P = cfg.num_condition_tokens
-    if cfg.condition_type == "text":
+    """(condition ids [num_samples, P], padding [num_samples, P] or None, a label) from the flags; the model's
+    token layout turns a class name or text ids into condition ids (text padded / truncated to P)."""
+    layout = cfg.token_layout
+    if layout.condition_key == "text_ids":
         if not args.text_ids:
             parser.error("a text-conditional model needs --text-ids")
-        ids = [int(x) for x in args.text_ids.split(",") if x.strip()][:P]
-        row = torch.zeros(P, dtype=torch.long)
-        row[:len(ids)] = torch.tensor(ids)
-        pad = torch.arange(P) >= len(ids)
-        return row.expand(args.num_samples, P), pad.expand(args.num_samples, P), f"text {ids}"
-    labels = cfg.condition_labels or []
-    if args.class_name not in labels:
-        parser.error(f"--class-name must be one of the model's classes {labels}, got {args.class_name!r}")
-    return torch.full((args.num_samples, 1), labels.index(args.class_name)), None, f"class {args.class_name!r}"
+        try:
+            raw = [int(x) for x in args.text_ids.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--text-ids must be comma-separated integers, got {args.text_ids!r}")
+        what = f"text {raw[:layout.num_condition_tokens]}"
+    else:
+        raw, what = args.class_name, f"class {args.class_name!r}"
+    try:
+        condition, padding = layout.condition_batch([layout.sample_condition(raw)] * args.num_samples)
+    except ValueError as err:
+        parser.error(f"{'--text-ids' if layout.condition_key == 'text_ids' else '--class-name'}: {err}")
+    return condition, (padding if bool(padding.any()) else None), what
 
 
 def _cuda() -> bool:

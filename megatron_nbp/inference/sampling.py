@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "Sampler", "sample_tokens", "guided_logits"]
+__all__ = ["SamplingConfig", "Sampler", "sample_tokens", "guided_logits", "add_sampling_args", "sampling_from_args"]
 
 
 @dataclass
@@ -27,6 +27,39 @@ class SamplingConfig:
     top_k: int | None = 16000
     top_p: float | None = 0.9
     cfg_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        """One meaning for "off" wherever a config comes from: ``top_k`` None or 0 and ``top_p`` None or >= 1
+        turn the filter off (stored as None).
+
+        Raises:
+            ValueError: a negative top_k, a top_p <= 0, or a cfg_scale < 0.
+        """
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns top-k off)")
+        if self.top_p is not None and self.top_p <= 0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 turns top-p off)")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (1 = no guidance)")
+        self.top_k = self.top_k or None
+        self.top_p = self.top_p if self.top_p is not None and self.top_p < 1.0 else None
+
+
+def add_sampling_args(parser) -> None:
+    """The sampling flags every generating command shares (nbp-generate, nbp-evaluate), with the paper's
+    defaults: ``--temperature`` (0 = greedy), ``--top-k`` (0 = off), ``--top-p`` (1 = off), ``--cfg-scale``
+    (1 = no guidance), ``--seed``. Read them back with :func:`sampling_from_args`."""
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
+    parser.add_argument("--top-k", type=int, default=16000, help="keep the k most probable ids; 0 = off (paper: 16000)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass; 1 = off (paper: 0.9)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale (1 = none; needs a model trained with a null condition)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    """The :class:`SamplingConfig` of flags added by :func:`add_sampling_args` (raises ValueError on bad values)."""
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
 
 
 def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig,
