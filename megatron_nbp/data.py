@@ -9,7 +9,8 @@ Reads the WebDataset token shards written by the offline tokenization job (forma
    a multiple of ``dp_size`` so every rank sees the same number of samples.
 
 Tensor- and pipeline-parallel partners share a data-parallel rank and so read identical samples
-(webdataset's ``split_by_node`` would split by *global* rank under torchrun; FACTS.md). Every rank
+(webdataset 1.0.2's ``split_by_node`` splits by *global* rank under torchrun, which would give TP / PP
+partners different samples). Every rank
 reads every shard: token shards are small next to the compute they feed, and it keeps the split exact.
 Resuming skips the samples already consumed (stored in the checkpoint), so a resumed run sees exactly
 the samples an uninterrupted run would have.

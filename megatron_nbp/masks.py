@@ -2,7 +2,7 @@
 
 Every NBP token layout (frame prediction, the class-conditional hybrid, NTP) is described by a
 per-position *block id*; a query may attend to a key iff ``block_id[key] <= block_id[query]`` and the
-key is not padding (DESIGN.md, "Token sequences"). Tokens in the same block see each other
+key is not padding (docs/design.md, "The attention rule"). Tokens in the same block see each other
 (bidirectional), blocks see all earlier blocks (causal). With block id = position this is plain causal
 attention (NTP).
 

@@ -24,7 +24,7 @@ def test_frame_prediction_equals_official_mask(n, step):
 
 
 def design_hybrid_allowed(P: int, N: int, L: int) -> torch.Tensor:
-    """DESIGN.md's hybrid rule written per query: the condition block is bidirectional and seen by all;
+    """The hybrid rule of docs/design.md written per query: the condition block is bidirectional and seen by all;
     BOV, z_0 .. z_{L-2} are causal singletons; from [z_{L-1}, MBOS..] on, a query sees everything up to
     the end of its own block of L."""
     S = P + N

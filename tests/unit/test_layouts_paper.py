@@ -41,7 +41,7 @@ def test_class_hybrid_mask_equals_official(N, L):
 def test_text_hybrid_mask_equals_official_with_padded_keys_masked():
     """Text condition of P = 5 with 3 and 5 real ids. On every non-padded key the mask is the
     official one. The official hybrid mask leaves padded keys under its causal tril (visible to every
-    later token, so outputs would depend on the amount of padding); its non-hybrid mask and DESIGN.md
+    later token, so outputs would depend on the amount of padding); its non-hybrid mask and docs/design.md
     mask them: so do we (a padded query keeps only itself)."""
     P, N, L = 5, 64, 4
     pad = torch.tensor([[False, False, False, True, True], [False] * 5])

@@ -1,4 +1,4 @@
-"""Block-causal mask and frame-prediction layout against brute-force transcriptions of DESIGN.md."""
+"""Block-causal mask and frame-prediction layout against brute-force transcriptions of the rule in docs/design.md."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from megatron_nbp.masks import block_causal_allowed, block_causal_attention_mask
 
 
 def brute_force_frame_prediction_mask(seq_len: int, block: int) -> torch.Tensor:
-    """DESIGN.md, written out: query i may see key j iff j's block (j // L) is not after i's block."""
+    """The attention rule (docs/design.md), written out: query i may see key j iff j's block (j // L) is not after i's block."""
     allowed = torch.zeros(seq_len, seq_len, dtype=torch.bool)
     for i in range(seq_len):
         for j in range(seq_len):
