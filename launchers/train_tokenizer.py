@@ -5,4 +5,4 @@ console script; the code and its --help live in `data_prep.cli.train_tokenizer`.
 from data_prep.cli.train_tokenizer import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # main returns the exit status

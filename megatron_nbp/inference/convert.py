@@ -1,7 +1,7 @@
 """Convert a sharded training checkpoint (any TP/PP) into the single-device inference format:
 
     OUTPUT/model.safetensors   megatron GPTModel TP1PP1 parameter names (no _extra_state)
-    OUTPUT/config.json         InferenceConfig (model shape + NBP layout)
+    OUTPUT/config.json         the trained ModelConfig (model shape + NBP layout) and provenance
 
 megatron-core's dist_checkpointing does the resharding: a TP=1, PP=1 GPTModel is built in one process
 and its sharded state dict is loaded from the checkpoint, whatever layout wrote it. The output is
@@ -12,6 +12,7 @@ megatron_nbp.inference.convert_zero; both end in :func:`write_inference_checkpoi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from megatron.core import dist_checkpointing
 from megatron_nbp.checkpointing import (CheckpointError, iteration_dir, read_latest_iteration,
                                         read_weights_from_main_params, verify_checkpoint)
 from megatron_nbp.config import ModelConfig
-from megatron_nbp.inference.model import InferenceConfig
+from megatron_nbp.inference.model import converted_config
 
 
 def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
@@ -80,7 +81,8 @@ def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: Mode
     Args:
         tensors: megatron TP1 PP1 parameter names -> tensors (no ``_extra_state``); a tied
             ``output_layer.weight`` is dropped.
-        model_cfg: the trained model's config (becomes config.json's InferenceConfig).
+        model_cfg: the trained model's config (stored in config.json, read back by
+            megatron_nbp.inference.model.load_converted_config).
         extra: provenance stored in config.json (source checkpoint, iteration, ...).
 
     Returns:
@@ -90,29 +92,12 @@ def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: Mode
 
     if model_cfg.share_embeddings_and_output_weights:
         tensors.pop("output_layer.weight", None)
-    inf_cfg = InferenceConfig(
-        num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
-        num_attention_heads=model_cfg.num_attention_heads, ffn_hidden_size=model_cfg.ffn_hidden_size,
-        vocab_size=model_cfg.vocab_size, padded_vocab_size=model_cfg.padded_vocab_size,
-        max_seq_length=model_cfg.position_table_size, latent_shape=list(model_cfg.latent_shape),
-        block_shape=list(model_cfg.block_shape), layout=model_cfg.layout,
-        condition_frames=model_cfg.condition_frames, layernorm_epsilon=model_cfg.layernorm_epsilon,
-        condition_labels=model_cfg.condition_labels, video_token_offset=model_cfg.video_token_offset,
-        normalization=model_cfg.normalization, activation=model_cfg.activation,
-        add_bias_linear=model_cfg.add_bias_linear,
-        share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
-        condition_type=model_cfg.condition_type, text_vocab_size=model_cfg.text_vocab_size,
-        num_condition_tokens=model_cfg.num_prefix_tokens,
-        position_embedding_type=model_cfg.position_embedding_type, rotary_base=model_cfg.rotary_base,
-        mrope_section=model_cfg.mrope_section, null_condition=model_cfg.null_condition,
-        extra=extra,
-    )
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "megatron-nbp-inference/1"})
-    inf_cfg.save(tmp / "config.json")
+    (tmp / "config.json").write_text(json.dumps(converted_config(model_cfg, extra), indent=2))
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
