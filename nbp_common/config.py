@@ -39,7 +39,7 @@ from pydantic.fields import FieldInfo
 
 __all__ = [
     "ConfigError", "TypedConfig", "cli_flags", "load_yaml_layers", "apply_overrides", "leaf_fields",
-    "format_config", "print_config", "add_config_arguments", "config_overrides",
+    "format_config", "print_config", "field_flags", "add_config_arguments", "config_overrides",
 ]
 
 

@@ -18,8 +18,8 @@ import os
 import sys
 
 
-from nbp_common.config import add_config_arguments, config_overrides, print_config
 from megatron_nbp.config import ConfigError, NBPConfig
+from nbp_common.config import add_config_arguments, config_overrides, print_config
 
 # Flags of the launcher itself, not config fields (every other flag is derived from an NBPConfig field).
 LAUNCHER_FLAGS = {
@@ -87,16 +87,17 @@ def dry_run(cfg) -> None:
 
 
 def main(argv=None) -> None:
-    """Parse, then dry-run or train. A refused config exits with one ``pretrain_nbp.py [rank R]:
-    ConfigError: ...`` message naming the offending fields, before any process group exists."""
+    """Parse, then dry-run or train. A refused config (or a missing config file) exits with one
+    ``pretrain_nbp.py [rank R]: ConfigError: ...`` message naming the offending fields, before any process
+    group exists."""
     rank = os.environ.get("RANK", "0")
     try:
         cfg = parse_args(argv)
         if cfg.dry_run:
             dry_run(cfg)
             return
-    except ConfigError as err:  # a refused config is a message, not a traceback
-        sys.exit(f"pretrain_nbp.py [rank {rank}]: ConfigError: {err}")
+    except (ConfigError, FileNotFoundError) as err:  # a refused config is a message, not a traceback
+        sys.exit(f"pretrain_nbp.py [rank {rank}]: {type(err).__name__}: {err}")
     from megatron_nbp.parallel import destroy_parallel
 
     if cfg.train.backend == "deepspeed":
