@@ -3,7 +3,7 @@
 
 Two decoders of the same architecture (layers / hidden / heads / FFN / padded vocabulary; only the
 learned position tables differ by L - 1 rows in the frame-prediction layout) are built from an
-``InferenceConfig`` with random weights: speed does not depend on the weights, but the generated
+``ModelConfig`` with random weights: speed does not depend on the weights, but the generated
 videos are noise. Both generate the same clips of 17 x 128 x 128 pixels = 5 x 16 x 16 latents, through
 the project's KV-cache generation code, with the paper's sampling (top-k 16000, top-p 0.9):
 
@@ -30,7 +30,6 @@ configs/tokenizer/tiny.yaml unless ``--tokenizer PATH.safetensors``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -40,8 +39,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer
+from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference.generate import generate_frame_prediction, generate_hybrid
-from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.model import NBPDecoder
 from megatron_nbp.inference.sampling import SamplingConfig
 
 LATENT = [5, 16, 16]          # 17 x 128 x 128 pixels
@@ -49,24 +49,25 @@ FRAMES, RES, COND_FRAMES, COND_LATENT = 17, 128, 5, 2
 VOCAB, CLASSES = 64000, 101
 
 
-def model_config(args: argparse.Namespace, L: int) -> InferenceConfig:
+# What a --config file may set here: the architecture (the layout, shapes and vocabulary are this benchmark's).
+ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "layernorm_epsilon",
+                "normalization", "activation", "add_bias_linear", "share_embeddings_and_output_weights",
+                "position_embedding_type", "rotary_base")
+
+
+def model_config(args: argparse.Namespace, L: int) -> ModelConfig:
     """The decoder for block 1x1xL; every other field is shared by NBP and NTP."""
     shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.heads,
                  ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size)
     if args.config:
         data = yaml.safe_load(Path(args.config).read_text()) or {}
-        known = {f.name for f in dataclasses.fields(InferenceConfig)}
-        shape.update({k: v for k, v in data.get("model", data).items() if k in known})
-    n = LATENT[0] * LATENT[1] * LATENT[2]
+        shape.update({k: v for k, v in data.get("model", data).items() if k in ARCHITECTURE})
     if args.layout == "frame_prediction":
-        return InferenceConfig(**shape, vocab_size=VOCAB, padded_vocab_size=VOCAB, max_seq_length=n - L,
-                               latent_shape=LATENT, block_shape=[1, 1, L])
-    # hybrid: ids = [L special (BOV, MBOS_1..L-1)] [101 classes] [64000 codes]; pad for the larger L (NBP)
-    # so that both models have the same vocabulary rows.
-    padded = -(-(16 + CLASSES + VOCAB) // 128) * 128
-    return InferenceConfig(**shape, vocab_size=VOCAB, padded_vocab_size=padded, max_seq_length=1 + n,
-                           latent_shape=LATENT, block_shape=[1, 1, L], layout="hybrid", num_condition_tokens=1,
-                           video_token_offset=L + CLASSES, condition_labels=[str(i) for i in range(CLASSES)])
+        return ModelConfig(**shape, vocab_size=VOCAB, latent_shape=LATENT, block_shape=[1, 1, L])
+    # hybrid: ids = [L special (BOV, MBOS_1..L-1)] [101 classes] [64000 codes], padded to a multiple of 128:
+    # the same vocabulary rows for L = 16 (NBP) and L = 1 (NTP).
+    return ModelConfig(**shape, vocab_size=VOCAB, latent_shape=LATENT, block_shape=[1, 1, L], layout="hybrid",
+                       condition_labels=[str(i) for i in range(CLASSES)])
 
 
 def sync(device: torch.device) -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
 from data_prep import shards
@@ -42,52 +42,55 @@ from data_prep.video_io import (
     list_media,
     load_image,
 )
+from nbp_common.config import TypedConfig, cli_flags
 
 _MAX_UINT16 = np.iinfo(np.uint16).max
 
 
-@dataclass(frozen=True)
-class TokenizeConfig:
-    """Settings of one tokenization job (command-line flags of ``launchers/tokenize_videos.py``).
+class TokenizeConfig(TypedConfig):
+    """Settings of one tokenization job; each field is a flag of ``launchers/tokenize_videos.py``
+    (data_prep.cli.tokenize_videos derives them). Frozen: derive variants with :meth:`replace`.
 
-    Attributes:
-        input_dir: root searched recursively for videos (or images, ``media="image"``).
-        output_dir: where shards, sidecars and ``manifest.json`` go (created if missing).
-        tokenizer: tokenizer checkpoint path (``data_prep.tokenizer.load_tokenizer``).
-        num_frames: frames per clip; ``1 + 4n`` (tokenizer temporal stride 4, first frame separate).
-        frame_stride: step between the frames of a clip (1 = consecutive frames).
-        clip_hop: frames between clip starts; ``None`` = ``num_frames * frame_stride`` (no overlap).
-        resolution: square clip side in pixels; multiple of 8 (tokenizer spatial stride).
-        max_clips_per_video: keep at most this many clips per video; ``None`` = all.
-        videos_per_shard: consecutive media files (of the sorted list) per shard.
-        batch_size: clips per tokenizer forward pass.
-        label_from_dir: store the name of each video's parent directory as its label (UCF-101 layout).
-        progress: show a tqdm bar on rank 0.
-        media: ``"video"`` (:data:`VIDEO_EXTENSIONS`, PyAV) or ``"image"`` (:data:`IMAGE_EXTENSIONS`,
-            Pillow; each image is one 1-frame clip, needs ``num_frames=1``).
-        fps: resample every video to this frame rate (frames per second) before cutting clips;
-            ``None`` keeps the source rate. Frame counts (stride, hop) are in resampled frames.
-        clip_placement: ``"first"`` or ``"uniform"`` (see :func:`data_prep.video_io.clip_starts`).
+    Types are checked on construction (nbp_common.config.ConfigError naming the field); the rules
+    between fields are checked by :meth:`validate`.
     """
 
-    input_dir: Path
-    output_dir: Path
-    tokenizer: Path
-    num_frames: int = 17
-    frame_stride: int = 1
-    clip_hop: int | None = None
-    resolution: int = 64
-    max_clips_per_video: int | None = None
-    videos_per_shard: int = 8
-    batch_size: int = 8
-    label_from_dir: bool = False
-    progress: bool = True
-    media: str = "video"
-    fps: float | None = None
-    clip_placement: str = "first"
+    model_config = ConfigDict(frozen=True)
+
+    input_dir: Path = Field(description="root searched recursively for videos (or images, with media image)",
+                            json_schema_extra=cli_flags(flag="--input"))
+    output_dir: Path = Field(description="where shards, sidecars and manifest.json go (created if missing)",
+                             json_schema_extra=cli_flags(flag="--output"))
+    tokenizer: Path = Field(description="tokenizer checkpoint (data_prep.tokenizer.load_tokenizer)")
+    num_frames: int = Field(17, description="frames per clip, 1 + 4n (tokenizer temporal stride 4, first frame "
+                                            "separate)")
+    frame_stride: int = Field(1, description="step between the frames of a clip (1 = consecutive frames)")
+    clip_hop: int | None = Field(None, description="frames between clip starts; unset = num_frames x frame_stride "
+                                                   "(no overlap)")
+    resolution: int = Field(64, description="square clip side in pixels, a multiple of 8 (tokenizer spatial "
+                                            "stride)")
+    max_clips_per_video: int | None = Field(None, description="keep at most this many clips per video; unset = all")
+    videos_per_shard: int = Field(8, description="consecutive media files (of the sorted list) per shard")
+    batch_size: int = Field(8, description="clips per tokenizer forward pass")
+    label_from_dir: bool = Field(False, description="store the name of each video's parent directory as its label "
+                                                    "(UCF-101 layout)")
+    progress: bool = Field(True, description="show a progress bar on rank 0")
+    media: Literal["video", "image"] = Field(
+        "video", description="video (VIDEO_EXTENSIONS, PyAV) or image (IMAGE_EXTENSIONS, Pillow; each image is one "
+                             "1-frame clip, needs num_frames 1)")
+    fps: float | None = Field(None, description="resample every video to this frame rate (frames per second) before "
+                                                "cutting clips; unset keeps the source rate. Frame counts (stride, "
+                                                "hop) are in resampled frames")
+    clip_placement: Literal[CLIP_PLACEMENTS] = Field(
+        "first", description="first: clips every clip_hop frames from the start; uniform: max_clips_per_video clips "
+                             "spread evenly over the video (1 = the middle clip); see data_prep.video_io.clip_starts")
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
+        """Check the rules between fields.
+
+        Raises:
+            ValueError: naming the first invalid setting by its flag.
+        """
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ValueError(f"--num-frames must be 1 + 4n (1, 5, 9, 13, 17, ...), got {self.num_frames}")
         if self.resolution < 8 or self.resolution % 8:
@@ -99,15 +102,11 @@ class TokenizeConfig:
             raise ValueError(f"--clip-hop must be >= 1, got {self.clip_hop}")
         if self.max_clips_per_video is not None and self.max_clips_per_video < 1:
             raise ValueError(f"--max-clips-per-video must be >= 1, got {self.max_clips_per_video}")
-        if self.media not in ("video", "image"):
-            raise ValueError(f"--media must be 'video' or 'image', got {self.media!r}")
         if self.media == "image" and (self.num_frames != 1 or self.fps is not None):
             raise ValueError(f"--media image makes 1-frame clips: needs --num-frames 1 and no --fps, got "
                              f"{self.num_frames} frames, fps {self.fps}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be > 0, got {self.fps}")
-        if self.clip_placement not in CLIP_PLACEMENTS:
-            raise ValueError(f"--clip-placement must be one of {CLIP_PLACEMENTS}, got {self.clip_placement!r}")
 
     def shard_settings(self) -> dict:
         """Settings that determine a shard's content; stored in each sidecar and checked on rerun."""

@@ -1,106 +1,111 @@
-"""Typed configuration: YAML file + Megatron-style command-line overrides, validated before any work.
+"""Typed configuration of a training run: layered YAML files + Megatron-style command-line overrides,
+validated before any work.
 
-A config file has these sections, each a dataclass below::
+A config file has these sections, each a :class:`nbp_common.config.TypedConfig` below::
 
     model:  ModelConfig      # transformer shape and the NBP layout (block size, latent shape)
     train:  TrainingConfig   # batch sizes, optimiser, schedule, intervals
     parallel: ParallelConfig # tensor / pipeline parallel sizes
     deepspeed: DeepSpeedConfig # ZeRO stage and offload, used when train.backend is "deepspeed"
 
-Every check that can be made without a process group is made in :meth:`NBPConfig.validate`, so a bad
-config is refused with the offending values before torch.distributed or any allocation starts.
+plus the top-level paths ``data``, ``save``, ``load``, ``tensorboard_dir``. Types are checked when the
+config is read (an int field refuses ``"2"``, a choice field anything outside its choices, a misspelt
+key is refused; see :mod:`nbp_common.config`); every cross-field check that can be made without a
+process group is made in :meth:`NBPConfig.validate`, so a bad config is refused with the offending
+values before torch.distributed or any allocation starts. Each field's ``description`` is its
+documentation and the ``--help`` text of its flag (megatron_nbp.cli.pretrain derives the flags).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pydantic import Field, model_validator
+
+from nbp_common.config import ConfigError, TypedConfig, cli_flags
+
+__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "TrainingConfig", "DeepSpeedConfig", "NBPConfig"]
 
 
-class ConfigError(ValueError):
-    """A configuration value or combination is invalid; the message names the values."""
+class ModelConfig(TypedConfig):
+    """Decoder shape and NBP layout (Megatron-LM's argument names where they exist).
 
-
-@dataclass
-class ModelConfig:
-    """Decoder shape and NBP layout.
-
-    Attributes:
-        num_layers, hidden_size, num_attention_heads, ffn_hidden_size: GPT shape (Megatron names).
-        vocab_size: video token ids, the tokenizer codebook (64,000 FSQ codes [8,8,8,5,5,5]).
-        latent_shape: (T', H', W') latent tokens per clip, flattened t-major then rows then columns.
-        block_shape: (t, h, w) tokens per NBP block; must tile ``latent_shape``. (1, 1, W') = one row
-            (the paper's default); other shapes (1x4x4, 2x1x8, ...) reorder clips block-major
-            (megatron_nbp.layouts.block_major_order).
-        layout: token layout (DESIGN.md): "frame_prediction" (K600-style, no prefix) or "hybrid"
-            (class-conditional, UCF-101-style: condition block, BOV, first block token by token, MBOS).
-        condition_frames: latent frames given at inference for frame prediction.
-        condition_type: hybrid only: "class" (one label token, ids from ``condition_labels``) or "text"
-            (up to P text ids from a user-supplied tokenizer, padded; padding is masked as keys).
-        condition_labels: hybrid + class: the class names, in id order (condition id = index here).
-        text_vocab_size: hybrid + text: size of the text tokenizer's vocabulary (the condition ids).
-        num_condition_tokens: hybrid only: P, condition tokens per sample (1 for a class label, the
-            maximum text length for text; shorter texts are padded, longer ones truncated).
-        position_embedding_type: "learned_absolute" (the paper's: separate learned tables for the
-            condition positions and the video-stream positions) or "rope3d" (rotary embedding over
-            (t, h, w) coordinates, megatron-core's multimodal RoPE; no position table).
-        rotary_base: RoPE base period (rope3d).
-        max_position_embeddings: rows of the learned position tables, condition + video stream
-            (Megatron-LM's ``--max-position-embeddings``); None = exactly ``seq_length``. A layout whose
-            sequence is longer than the table is refused by ``NBPConfig.validate``.
-        null_condition: hybrid only: reserve the last condition id as the learned "no condition"
-            embedding (all P positions, unpadded), trained with ``train.p_drop_cond`` and sampled
-            against by classifier-free guidance.
-        transformer_impl: "local" (megatron's torch layers; CPU and GPU) or "transformer_engine"
-            (TE linear layers with fused norms + the same block-causal attention; GPU only).
-        make_vocab_size_divisible_by: vocabulary padding unit (independent of TP, see padded_vocab_size).
-        share_embeddings_and_output_weights: tie input embedding and output layer (Megatron default).
-        normalization: "LayerNorm" (GPT style, the paper's) or "RMSNorm".
-        activation: "gelu" (4h MLP, the paper's) or "swiglu" (gated, LLaMA style; fc1 is 2 x ffn wide).
-        add_bias_linear: biases in the linear layers (GPT style True; LLaMA style False).
-        attention_backend: "dense" (SDPA + dense block-causal mask; CPU path and reference) or
-            "flex" (FlexAttention + cached BlockMask; compiled on GPU, no S x S tensor).
+    Derived sizes (block size, sequence length, vocabulary layout, padded vocabulary) are properties.
+    ``ffn_hidden_size`` left unset becomes 4 x ``hidden_size`` when the config is built.
     """
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None
-    vocab_size: int = 64000
-    latent_shape: tuple[int, int, int] = (5, 8, 8)
-    block_shape: tuple[int, int, int] = (1, 1, 8)
-    layout: str = "frame_prediction"
-    condition_frames: int = 2
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    layernorm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    share_embeddings_and_output_weights: bool = True
-    attention_backend: str = "dense"
-    normalization: str = "LayerNorm"
-    activation: str = "gelu"
-    add_bias_linear: bool = True
-    condition_type: str = "class"
-    condition_labels: list[str] | None = None
-    text_vocab_size: int | None = None
-    num_condition_tokens: int = 1
-    position_embedding_type: str = "learned_absolute"
-    rotary_base: int = 10000
-    null_condition: bool = False
-    transformer_impl: str = "local"
-    max_position_embeddings: int | None = None
+    num_layers: int = Field(4, description="transformer layers")
+    hidden_size: int = Field(128, description="transformer hidden size")
+    num_attention_heads: int = Field(4, description="attention heads")
+    ffn_hidden_size: int | None = Field(
+        None, description="MLP hidden size (SwiGLU: the width of each of its two halves); unset = 4 x hidden_size")
+    vocab_size: int = Field(64000, description="video token ids, the tokenizer codebook (64,000 FSQ codes "
+                                               "[8,8,8,5,5,5])")
+    latent_shape: tuple[int, int, int] = Field(
+        (5, 8, 8), description="(T', H', W') latent tokens per clip, flattened t-major then rows then columns")
+    block_shape: tuple[int, int, int] = Field(
+        (1, 1, 8), description="(t, h, w) tokens per NBP block; must tile latent_shape. (1, 1, W') = one row (the "
+                               "paper's default); other shapes (1x4x4, 2x1x8, ...) reorder clips block-major "
+                               "(megatron_nbp.layouts.block_major_order)")
+    layout: Literal["frame_prediction", "hybrid"] = Field(
+        "frame_prediction", description="token layout: frame_prediction (K600-style, no prefix) or hybrid "
+                                        "(class- or text-conditional, UCF-101-style: condition block, BOV, first "
+                                        "block token by token, MBOS)")
+    condition_frames: int = Field(2, description="latent frames given at inference for frame prediction")
+    hidden_dropout: float = Field(0.0, description="dropout after the attention and MLP blocks")
+    attention_dropout: float = Field(0.0, description="dropout of the attention probabilities")
+    layernorm_epsilon: float = Field(1e-5, description="epsilon of LayerNorm / RMSNorm")
+    init_method_std: float = Field(0.02, description="standard deviation of the normal weight initialisation")
+    make_vocab_size_divisible_by: int = Field(
+        128, description="vocabulary padding unit (independent of TP, see ModelConfig.padded_vocab_size)")
+    share_embeddings_and_output_weights: bool = Field(
+        True, description="tie the input embedding and the output layer (Megatron's default)")
+    attention_backend: Literal["dense", "flex"] = Field(
+        "dense", description="block-causal attention kernel: dense (SDPA + dense block-causal mask; CPU path and "
+                             "reference) or flex (FlexAttention + cached BlockMask; compiled on GPU, no S x S "
+                             "tensor)")
+    normalization: Literal["LayerNorm", "RMSNorm"] = Field(
+        "LayerNorm", description="LayerNorm (GPT style, the paper's) or RMSNorm")
+    activation: Literal["gelu", "swiglu"] = Field(
+        "gelu", description="gelu (4h MLP, the paper's) or swiglu (gated, LLaMA style; fc1 is 2 x ffn wide)")
+    add_bias_linear: bool = Field(True, description="biases in the linear layers (GPT style True; LLaMA style "
+                                                    "False)")
+    condition_type: Literal["class", "text"] = Field(
+        "class", description="hybrid only: class (one label token, ids from condition_labels) or text (up to P text "
+                             "ids from a user-supplied tokenizer, padded; padding is masked as keys)")
+    condition_labels: list[str] | None = Field(
+        None, description="hybrid + class: the class names, in id order (condition id = index here)")
+    text_vocab_size: int | None = Field(
+        None, description="hybrid + text: size of the text tokenizer's vocabulary (the condition ids)")
+    num_condition_tokens: int = Field(
+        1, description="hybrid only: P, condition tokens per sample (1 for a class label, the maximum text length "
+                       "for text; shorter texts are padded, longer ones truncated)")
+    position_embedding_type: Literal["learned_absolute", "rope3d"] = Field(
+        "learned_absolute", description="learned_absolute (the paper's: separate learned tables for the condition "
+                                        "positions and the video-stream positions) or rope3d (rotary embedding "
+                                        "over (t, h, w) coordinates, megatron-core's multimodal RoPE; no position "
+                                        "table)")
+    rotary_base: int = Field(10000, description="RoPE base period (rope3d)")
+    null_condition: bool = Field(
+        False, description="hybrid only: reserve the last condition id as the learned 'no condition' embedding (all "
+                           "P positions, unpadded), trained with train.p_drop_cond and sampled against by "
+                           "classifier-free guidance")
+    transformer_impl: Literal["local", "transformer_engine"] = Field(
+        "local", description="layer spec: local (megatron's torch layers; CPU and GPU) or transformer_engine (TE "
+                             "linear layers with fused norms + the same block-causal attention; GPU only)")
+    max_position_embeddings: int | None = Field(
+        None, description="rows of the learned position tables, condition + video stream (Megatron-LM's "
+                          "--max-position-embeddings); unset = exactly the layout's sequence length. A layout "
+                          "whose sequence is longer than the table is refused")
 
-    def __post_init__(self) -> None:
-        self.latent_shape = tuple(int(x) for x in self.latent_shape)
-        self.block_shape = tuple(int(x) for x in self.block_shape)
+    @model_validator(mode="after")
+    def _default_ffn_hidden_size(self) -> "ModelConfig":
+        """Megatron-LM's default MLP width, 4 x hidden_size, when none is given."""
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            self.__dict__["ffn_hidden_size"] = 4 * self.hidden_size  # no re-validation: it is an int
+        return self
 
     @property
     def block_size(self) -> int:
@@ -183,91 +188,112 @@ class ModelConfig:
         return int(math.ceil(self.total_vocab_size / unit) * unit)
 
 
-@dataclass
-class ParallelConfig:
-    """Megatron parallel layout: world size = TP x PP x DP.
 
-    Attributes:
-        tensor_model_parallel_size, pipeline_model_parallel_size: TP and PP (Megatron-LM's names).
-        sequence_parallel: Megatron's sequence parallelism (norms, dropouts and residuals split over the
-            sequence across the TP group); needs TP > 1, a sequence length divisible by TP and the
-            ``transformer_engine`` layer spec (the local spec's torch norms do not support it).
-    """
+class ParallelConfig(TypedConfig):
+    """Megatron parallel layout: world size = TP x PP x DP."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = Field(1, description="tensor model parallel size (TP)",
+                                            json_schema_extra=cli_flags("--tp"))
+    pipeline_model_parallel_size: int = Field(1, description="pipeline model parallel size (PP)",
+                                              json_schema_extra=cli_flags("--pp"))
+    sequence_parallel: bool = Field(
+        False, description="Megatron's sequence parallelism (norms, dropouts and residuals split over the sequence "
+                           "across the TP group); needs TP > 1, a sequence length divisible by TP and "
+                           "transformer_impl transformer_engine (the local spec's torch norms do not support it)")
 
 
-@dataclass
-class TrainingConfig:
-    """Optimisation and bookkeeping (Megatron-LM argument names). Schedules count iterations.
-    ``pkeep`` < 1 corrupts input video tokens as the official NBP release does (see layouts);
-    ``p_drop_cond`` > 0 replaces a sample's condition by the learned null condition with that
-    probability (classifier-free guidance training; needs ``model.null_condition``)."""
+class TrainingConfig(TypedConfig):
+    """Optimisation and bookkeeping (Megatron-LM argument names). Schedules count iterations."""
 
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    train_iters: int = 100
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_warmup_iters: int = 10
-    lr_decay_style: str = "linear"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    log_interval: int = 10
-    save_interval: int | None = None
-    exit_interval: int | None = None
-    max_skipped_iterations: int = 10  # consecutive non-finite iterations tolerated before aborting
-    shuffle_buffer: int = 256
-    pkeep: float = 1.0
-    tokenizer_sha256: str | None = None  # if set, the data manifest's tokenizer.sha256 must equal it (data.check_manifest)
-    p_drop_cond: float = 0.0
-    backend: str = "megatron"  # "megatron" (DDP + 1F1B, TP x PP x DP) or "deepspeed" (ZeRO, TP x DP)
+    micro_batch_size: int = Field(2, description="samples per micro-batch per data-parallel rank")
+    global_batch_size: int = Field(8, description="samples per iteration over all data-parallel ranks "
+                                                  "(micro-batch x DP x gradient accumulation)")
+    train_iters: int = Field(100, description="training iterations")
+    lr: float = Field(1e-3, description="peak learning rate (Adam)")
+    min_lr: float = Field(1e-4, description="learning rate at the end of the decay")
+    lr_warmup_iters: int = Field(10, description="linear warmup iterations from 0")
+    lr_decay_style: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="decay from lr to min_lr over the iterations after the warmup")
+    weight_decay: float = Field(0.01, description="decoupled weight decay (AdamW style; none on biases and norms)")
+    adam_beta1: float = Field(0.9, description="Adam beta1")
+    adam_beta2: float = Field(0.98, description="Adam beta2")
+    adam_eps: float = Field(1e-8, description="Adam epsilon")
+    clip_grad: float = Field(1.0, description="gradient clipping by global L2 norm")
+    seed: int = Field(1234, description="random seed (weights, data order, dropout)")
+    log_interval: int = Field(10, description="log every N iterations")
+    save_interval: int | None = Field(None, description="save a checkpoint every N iterations (with --save)")
+    exit_interval: int | None = Field(None, description="save (if --save) and exit after this iteration")
+    max_skipped_iterations: int = Field(
+        10, description="consecutive non-finite iterations tolerated before aborting")
+    shuffle_buffer: int = Field(256, description="samples in the shuffle buffer of the token-shard stream")
+    pkeep: float = Field(1.0, description="keep probability of input video tokens; < 1 corrupts the others as the "
+                                          "official NBP release does (see megatron_nbp.layouts)")
+    tokenizer_sha256: str | None = Field(
+        None, description="sha256 of the tokenizer file the shards must have been made with (checked against the "
+                          "data manifest's tokenizer.sha256 before training)")
+    p_drop_cond: float = Field(
+        0.0, description="probability of replacing a sample's condition by the learned null condition "
+                         "(classifier-free guidance training; needs model.null_condition)")
+    backend: Literal["megatron", "deepspeed"] = Field(
+        "megatron", description="megatron: DDP + 1F1B (TP x PP x DP); deepspeed: ZeRO over DP with megatron TP "
+                                "(no PP)")
     # --- precision (Megatron-LM's --bf16 / --fp16 and its loss-scaling flags) -----------------------
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU: megatron_nbp.device), "bf16", "fp16", "fp32"
-    loss_scale: float | None = None  # fp16: a static loss scale; None = dynamic loss scaling
-    initial_loss_scale: float = 2.0 ** 32  # fp16 dynamic scaling: the first scale
-    min_loss_scale: float = 1.0  # fp16 dynamic scaling: the scale never drops below this
-    loss_scale_window: int = 1000  # fp16 dynamic scaling: good iterations before the scale doubles
-    hysteresis: int = 2  # fp16 dynamic scaling: overflows tolerated before the scale halves
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto (bf16 on CUDA, fp32 on CPU: megatron_nbp.device); bf16: bf16 weights and "
+                            "activations, fp32 main params and gradient reduction; fp16: the same with dynamic "
+                            "loss scaling (megatron's grad scaler); fp32 throughout",
+        json_schema_extra=cli_flags(consts={"--bf16": "bf16", "--fp16": "fp16", "--fp32": "fp32"}))
+    loss_scale: float | None = Field(None, description="fp16: a static loss scale; unset = dynamic loss scaling")
+    initial_loss_scale: float = Field(2.0 ** 32, description="fp16 dynamic scaling: the first scale")
+    min_loss_scale: float = Field(1.0, description="fp16 dynamic scaling: the scale never drops below this")
+    loss_scale_window: int = Field(
+        1000, description="fp16 dynamic scaling: iterations without overflow before the scale doubles")
+    hysteresis: int = Field(2, description="fp16 dynamic scaling: overflows tolerated before the scale halves")
     # --- megatron backend performance options (Megatron-LM's names) ---------------------------------
-    use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
-    overlap_grad_reduce: bool = False  # gradient all-reduce / reduce-scatter overlapped with backward
-    overlap_param_gather: bool = False  # parameter all-gather overlapped with forward (distributed optimizer)
-    recompute_granularity: str | None = None  # None, "full" (whole layers) or "selective" (core attention)
-    recompute_method: str | None = None  # full: "uniform" or "block"
-    recompute_num_layers: int | None = None  # full: layers per recompute chunk (uniform) or per stage (block)
+    use_distributed_optimizer: bool = Field(
+        False, description="shard the optimizer state (fp32 main params, Adam moments) over data-parallel ranks "
+                           "(ZeRO-1)")
+    overlap_grad_reduce: bool = Field(
+        False, description="overlap the data-parallel gradient all-reduce / reduce-scatter with the backward pass")
+    overlap_param_gather: bool = Field(
+        False, description="overlap the distributed optimizer's parameter all-gather with the forward pass")
+    recompute_granularity: Literal["full", "selective"] | None = Field(
+        None, description="activation recomputation: full (whole layers) or selective (core attention); unset = "
+                          "none")
+    recompute_method: Literal["uniform", "block"] | None = Field(
+        None, description="full recompute: uniform (every chunk of recompute_num_layers layers) or block (the first "
+                          "recompute_num_layers layers of each pipeline stage)")
+    recompute_num_layers: int | None = Field(
+        None, description="full recompute: layers per recompute chunk (uniform) or per stage (block)")
     # --- loading (Megatron-LM's names; megatron backend) ---------------------------------------------
-    no_load_optim: bool = False  # --load restores weights, iteration and data position, not optimizer / scheduler
-    no_load_rng: bool = False  # --load does not restore the RNG states (e.g. after changing the TP / PP layout)
+    no_load_optim: bool = Field(
+        False, description="with --load: restore the weights (the fp32 main copy of a bf16/fp16 checkpoint where "
+                           "saved), iteration and data position, not the optimizer and LR schedule (needed to change "
+                           "between fp32 and bf16/fp16)")
+    no_load_rng: bool = Field(
+        False, description="with --load: do not restore the RNG states (e.g. after changing the TP / PP layout)")
     # --- observability ----------------------------------------------------------------------------
-    peak_tflops: float | None = None  # dense bf16 peak of one GPU for MFU; None = from the GPU's name
+    peak_tflops: float | None = Field(
+        None, description="dense bf16 peak TFLOP/s of one GPU for MFU; unset = from the GPU's name")
 
 
-@dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(TypedConfig):
     """DeepSpeed ZeRO settings, used when ``train.backend`` is "deepspeed" (megatron_nbp.deepspeed_backend).
 
     ZeRO partitions over the data-parallel group only; tensor parallelism stays megatron-core's layers.
-
-    Attributes:
-        zero_stage: 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters); None: the ``stage`` of
-            ``config_file`` if it has one, else 1.
-        offload_optimizer: "none" or "cpu" (ZeRO-Offload: optimizer states and step on the host);
-            None: the ``offload_optimizer.device`` of ``config_file`` if it has one, else "none".
-        config_file: optional DeepSpeed JSON (configs/deepspeed/*.json). Its ``zero_optimization``
-            entries (bucket sizes, overlap_comm, ...) are merged into the engine config; batch sizes,
-            gradient clipping, precision and the optimizer always come from this NBP config.
     """
 
-    zero_stage: int | None = None
-    offload_optimizer: str | None = None
-    config_file: str | None = None
+    zero_stage: Literal[1, 2, 3] | None = Field(
+        None, description="ZeRO stage: 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters); unset = the "
+                          "stage of config_file if it has one, else 1")
+    offload_optimizer: Literal["none", "cpu"] | None = Field(
+        None, description="ZeRO optimizer offload: none or cpu (ZeRO-Offload: optimizer states and step on the "
+                          "host); unset = the offload_optimizer.device of config_file if it has one, else none")
+    config_file: str | None = Field(
+        None, description="DeepSpeed JSON (configs/deepspeed/*.json) whose zero_optimization entries (bucket sizes, "
+                          "overlap_comm, ...) are merged into the engine config; batch sizes, gradient clipping, "
+                          "precision and the optimizer always come from this NBP config",
+        json_schema_extra=cli_flags(flag="--deepspeed-config"))
 
     def file_zero_optimization(self) -> dict[str, Any]:
         """The ``zero_optimization`` dict of ``config_file`` ({} without a file).
@@ -332,83 +358,25 @@ class DeepSpeedConfig:
         return errors
 
 
-@dataclass
-class NBPConfig:
-    """The whole run: model, parallel layout and training; plus paths from the command line."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainingConfig = field(default_factory=TrainingConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    data: str | None = None
-    save: str | None = None
-    load: str | None = None
-    tensorboard_dir: str | None = None
-    dry_run: bool = False
+class NBPConfig(TypedConfig):
+    """The whole run: model, parallel layout, training and DeepSpeed sections, plus the run's paths.
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_yaml(cls, paths: str | Path | list[str | Path],
-                  overrides: dict[str, Any] | None = None) -> "NBPConfig":
-        """Read one or more YAML configs (later files override earlier ones key by key, e.g. a model
-        size file then a data file) and apply ``overrides`` ({"train.lr": 1e-3, "save": "ckpt", ...}).
+    Built with :meth:`from_yaml` (layered files + dotted overrides) or :meth:`from_dict`; changed with
+    :meth:`set`; checked as a whole with :meth:`validate`; :meth:`to_dict` is the JSON/YAML-safe form
+    (checkpoints store its ``model`` part and rebuild a :class:`ModelConfig` from it).
+    """
 
-        Raises:
-            FileNotFoundError: a file does not exist.
-            ConfigError: unknown section or key, or a value of the wrong kind.
-        """
-        raw: dict[str, Any] = {}
-        for path in [paths] if isinstance(paths, (str, Path)) else paths:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
-            for section, values in (yaml.safe_load(path.read_text()) or {}).items():
-                if isinstance(values, dict):
-                    raw.setdefault(section, {}).update(values)
-                else:
-                    raw[section] = values
-        return cls.from_dict(raw, overrides)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> "NBPConfig":
-        """Build from nested dicts (the YAML structure); see :meth:`from_yaml`."""
-        sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainingConfig,
-                    "deepspeed": DeepSpeedConfig}
-        unknown = set(raw) - set(sections) - {"data", "save", "load", "tensorboard_dir"}
-        if unknown:
-            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
-        built = {}
-        for name, klass in sections.items():
-            values = dict(raw.get(name) or {})
-            known = {f.name for f in dataclasses.fields(klass)}
-            bad = set(values) - known
-            if bad:
-                raise ConfigError(f"unknown keys in '{name}': {sorted(bad)}; known: {sorted(known)}")
-            built[name] = klass(**values)
-        cfg = cls(**built, **{k: raw[k] for k in ("data", "save", "load", "tensorboard_dir") if k in raw})
-        for dotted, value in (overrides or {}).items():
-            if value is not None:
-                cfg.set(dotted, value)
-        return cfg
-
-    def set(self, dotted: str, value: Any) -> None:
-        """Set ``section.key`` (or a top-level key) to ``value``; raises ConfigError if unknown."""
-        target: Any = self
-        *parents, key = dotted.split(".")
-        for parent in parents:
-            target = getattr(target, parent)
-        if not hasattr(target, key):
-            raise ConfigError(f"unknown config key {dotted!r}")
-        setattr(target, key, value)
-        if hasattr(target, "__post_init__"):
-            target.__post_init__()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON/YAML-safe) of the whole config."""
-        out = dataclasses.asdict(self)
-        for key in ("latent_shape", "block_shape"):
-            out["model"][key] = list(out["model"][key])
-        return out
+    model: ModelConfig = Field(default_factory=ModelConfig, description="decoder shape and NBP layout")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="TP x PP x DP layout")
+    train: TrainingConfig = Field(default_factory=TrainingConfig, description="optimisation and bookkeeping")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="ZeRO settings")
+    data: str | None = Field(None, description="directory of token shards with manifest.json")
+    save: str | None = Field(None, description="checkpoint directory to write")
+    load: str | None = Field(None, description="checkpoint directory to resume from")
+    tensorboard_dir: str | None = Field(None, description="write TensorBoard scalars here")
+    dry_run: bool = Field(False, description="validate the config, print it and the parameter count, and exit "
+                                             "(no weights, no process group)")
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int | None = None) -> None:
@@ -428,26 +396,15 @@ class NBPConfig:
         except ValueError as exc:  # an unknown layout: nothing else about the model can be computed
             raise ConfigError(f"invalid configuration:\n  - {exc}") from None
         errors.extend(layout.config_problems())
-        if m.position_embedding_type not in ("learned_absolute", "rope3d"):
-            errors.append(f"model.position_embedding_type={m.position_embedding_type!r} not in "
-                          "('learned_absolute', 'rope3d')")
-        elif m.position_embedding_type == "rope3d" and (m.kv_channels % 2 or m.kv_channels < 6):
+        if m.position_embedding_type == "rope3d" and (m.kv_channels % 2 or m.kv_channels < 6):
             errors.append(f"rope3d needs an even head dimension >= 6, got {m.kv_channels}")
-        if m.normalization not in ("LayerNorm", "RMSNorm"):
-            errors.append(f"model.normalization={m.normalization!r} not in ('LayerNorm', 'RMSNorm')")
-        if m.activation not in ("gelu", "swiglu"):
-            errors.append(f"model.activation={m.activation!r} not in ('gelu', 'swiglu')")
-        if m.transformer_impl not in ("local", "transformer_engine"):
-            errors.append(f"model.transformer_impl={m.transformer_impl!r} not in ('local', 'transformer_engine')")
-        elif m.transformer_impl == "transformer_engine":
+        if m.transformer_impl == "transformer_engine":
             from megatron_nbp.model.spec import transformer_engine_available
 
             if not transformer_engine_available():
                 errors.append("model.transformer_impl='transformer_engine' needs transformer-engine on a CUDA "
                               "machine (requirements-gpu.txt); use 'local' on CPU")
-        if m.attention_backend not in ("dense", "flex"):
-            errors.append(f"model.attention_backend={m.attention_backend!r} not in ('dense', 'flex')")
-        elif m.attention_backend == "flex" and m.attention_dropout:
+        if m.attention_backend == "flex" and m.attention_dropout:
             errors.append(f"attention_backend 'flex' has no attention dropout (attention_dropout={m.attention_dropout})")
         if len(m.latent_shape) != 3 or len(m.block_shape) != 3:
             errors.append(f"latent_shape {m.latent_shape} and block_shape {m.block_shape} must be (T, H, W)")
@@ -497,20 +454,16 @@ class NBPConfig:
             errors.append(f"train.pkeep={t.pkeep} must be in (0, 1]")
         if not 0 <= t.lr_warmup_iters < t.train_iters:
             errors.append(f"lr_warmup_iters={t.lr_warmup_iters} must be in [0, train_iters={t.train_iters})")
-        if t.lr_decay_style not in ("linear", "cosine", "constant"):
-            errors.append(f"lr_decay_style={t.lr_decay_style!r} not in linear/cosine/constant")
         if t.max_skipped_iterations < 1:
             errors.append(f"max_skipped_iterations={t.max_skipped_iterations} must be >= 1")
         for name in ("save_interval", "exit_interval"):
             if getattr(t, name) is not None and getattr(t, name) < 1:
                 errors.append(f"{name}={getattr(t, name)} must be >= 1")
-        if t.backend not in ("megatron", "deepspeed"):
-            errors.append(f"train.backend={t.backend!r} not in ('megatron', 'deepspeed')")
-        elif t.backend == "deepspeed":
+        if t.backend == "deepspeed":
             errors.extend(self.deepspeed.problems(m, pp))
         errors.extend(self._performance_problems())
         if errors:
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+            raise ConfigError.from_problems(errors)
 
     def _performance_problems(self) -> list[str]:
         """Reasons the precision / performance options cannot run with this model and backend
@@ -518,8 +471,6 @@ class NBPConfig:
         m, p, t = self.model, self.parallel, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         errors = []
-        if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-            errors.append(f"train.precision={t.precision!r} not in ('auto', 'bf16', 'fp16', 'fp32')")
         if t.loss_scale is not None and t.loss_scale <= 0:
             errors.append(f"train.loss_scale={t.loss_scale} must be > 0 (or unset for dynamic scaling)")
         if not 0 < t.min_loss_scale <= t.initial_loss_scale:
@@ -545,9 +496,7 @@ class NBPConfig:
                           "(as in Megatron-LM)")
         g, method, n = t.recompute_granularity, t.recompute_method, t.recompute_num_layers
         layers_per_stage = m.num_layers // pp if pp >= 1 and m.num_layers % pp == 0 else m.num_layers
-        if g not in (None, "full", "selective"):
-            errors.append(f"train.recompute_granularity={g!r} not in (None, 'full', 'selective')")
-        elif g == "full":
+        if g == "full":
             if method not in ("uniform", "block"):
                 errors.append(f"--recompute-granularity full needs --recompute-method uniform|block, got {method!r}")
             if n is None or not 1 <= n <= layers_per_stage:

@@ -1,18 +1,23 @@
-"""Configuration of the MAGVITv2-style video tokenizer (Yu et al. 2023; NBP, Ren et al. 2025)."""
+"""Configuration of the MAGVITv2-style video tokenizer (Yu et al. 2023; NBP, Ren et al. 2025): the model's
+hyper-parameters (:class:`TokenizerConfig`) and the training options (:class:`TrainOptions`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field
+
+from nbp_common.config import ConfigError, TypedConfig, cli_flags
 
 from .layers import ACTIVATIONS, PAD_MODES
 
-__all__ = ["TokenizerConfig", "SPATIAL_STRIDE", "TEMPORAL_STRIDE"]
+__all__ = ["TokenizerConfig", "TrainOptions", "SPATIAL_STRIDE", "TEMPORAL_STRIDE"]
 
 SPATIAL_STRIDE = 8  # three 2x spatial downsamples
 TEMPORAL_STRIDE = 4  # two 2x causal temporal downsamples; the first frame stays alone
@@ -136,3 +141,91 @@ class TokenizerConfig:
         if isinstance(data, dict) and "model" in data:
             data = data["model"]
         return cls.from_dict(data)
+
+
+class TrainOptions(TypedConfig):
+    """Options of :func:`data_prep.tokenizer.train.train_tokenizer`; each field is a flag of
+    ``launchers/train_tokenizer.py`` (data_prep.cli.train_tokenizer derives them), and the ``train:``
+    section of the tokenizer YAML may set any of them (:meth:`yaml_defaults`).
+
+    ``lr`` follows a linear warmup over ``warmup_steps`` then a cosine decay to ``min_lr_ratio * lr``;
+    the decay's progress is the larger of step / train_steps and elapsed / max_minutes, so a run cut by
+    the time limit still ends at a low learning rate. ``image_every`` k > 0: every k-th step trains on
+    ``image_batch_size`` single frames (1-frame videos) instead of clips.
+
+    GAN: on when ``disc_weight > 0``, from step ``disc_start``; ``gan_loss`` "hinge" | "non_saturating";
+    ``adaptive_weight`` scales the generator term by VQGAN's gradient-norm ratio (times ``disc_weight``);
+    ``lecam_weight`` > 0 adds LeCam. ``ema_decay`` > 0 keeps an EMA of the tokenizer (exported if
+    ``export_ema``). ``perceptual_network``: path of a TorchScript feature network (used when
+    ``perceptual_weight`` > 0). ``save``/``save_interval``/``load``/``exit_interval`` as in Megatron.
+    ``holdout_fraction``: tail of every video kept out of training for the final evaluation.
+
+    Raises (construction, assignment):
+        nbp_common.config.ConfigError: a value of the wrong type or an unknown option, named.
+    """
+
+    config: str = Field(description="tokenizer YAML (model: and optional train: sections)")
+    data: str = Field(description="directory of videos (searched recursively)")
+    output: str = Field(description="checkpoint to write (.safetensors)")
+    resolution: int = Field(64, description="square crop size in pixels (multiple of 8)")
+    num_frames: int = Field(17, description="frames per clip, 1 + 4n (e.g. 17)")
+    frame_stride: int = Field(1, description="step between sampled frames")
+    train_steps: int = Field(1000, description="optimizer steps", json_schema_extra=cli_flags("--train-iters"))
+    max_minutes: float | None = Field(None, description="stop after this wall time (minutes); unset = no limit")
+    batch_size: int = Field(4, description="clips per step per rank")
+    lr: float = Field(2e-3, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.05, description="the cosine decay ends at this fraction of the peak learning "
+                                                  "rate")
+    warmup_steps: int = Field(20, description="linear warmup steps")
+    weight_decay: float = Field(0.0, description="AdamW weight decay of the tokenizer")
+    grad_clip: float = Field(1.0, description="gradient clipping by global L2 norm (tokenizer and discriminator)")
+    l1_weight: float = Field(1.0, description="weight of the L1 reconstruction loss")
+    l2_weight: float = Field(1.0, description="weight of the L2 reconstruction loss")
+    image_every: int = Field(0, description="every k-th step trains on single frames (0: never)")
+    image_batch_size: int = Field(16, description="frames per image step per rank")
+    seed: int = Field(1234, description="random seed (model init and clip sampling)")
+    log_interval: int = Field(10, description="log every N steps")
+    tensorboard_dir: str | None = Field(None, description="write TensorBoard scalars here (rank 0)")
+    eval_clips: int = Field(128, description="non-overlapping clips per rank for the final PSNR")
+    holdout_fraction: float = Field(
+        0.0, description="tail fraction of every video held back from training, used for the final PSNR")
+    gan_loss: Literal["hinge", "non_saturating"] = Field("hinge", description="GAN loss")
+    disc_weight: float = Field(0.0, description="weight of the generator's adversarial term (0: no GAN)")
+    disc_start: int = Field(0, description="step at which the discriminator and the GAN term start")
+    disc_lr: float | None = Field(None, description="discriminator peak learning rate (unset: lr)")
+    disc_channels: int = Field(64, description="width of the 3D PatchGAN's first layer")
+    disc_layers: int = Field(3, description="stride-2 layers of the 3D PatchGAN")
+    adaptive_weight: bool = Field(
+        True, description="scale the adversarial term by VQGAN's adaptive gradient-norm ratio (--no-adaptive-weight: "
+                          "use disc_weight as is)")
+    lecam_weight: float = Field(0.0, description="LeCam regularization weight (0: off)")
+    lecam_decay: float = Field(0.999, description="decay of LeCam's EMA anchors")
+    perceptual_weight: float = Field(0.0, description="perceptual loss weight (needs perceptual_network)")
+    perceptual_network: str | None = Field(
+        None, description="TorchScript feature network you supply (nothing is downloaded)")
+    ema_decay: float = Field(0.0, description="EMA decay of the tokenizer weights (0: off)")
+    export_ema: bool = Field(True, description="export the EMA weights when an EMA is kept (--no-export-ema: the "
+                                               "raw weights)")
+    save: str | None = Field(None, description="directory for resumable training checkpoints (iter_XXXXXXX/)")
+    save_interval: int = Field(0, description="save the training state every N steps (0: only at the end, with "
+                                              "save)")
+    load: str | None = Field(None, description="resume from the latest checkpoint in this directory")
+    exit_interval: int = Field(0, description="stop after N steps in this run, then save (0: no limit)")
+    image_log_interval: int = Field(0, description="TensorBoard original/reconstruction images every N steps "
+                                                   "(0: never)")
+
+    @classmethod
+    def yaml_defaults(cls, config_path: str | os.PathLike) -> dict[str, Any]:
+        """The ``train:`` section of a tokenizer YAML (option defaults); ``{}`` if absent.
+
+        Raises:
+            ConfigError: unknown keys in the section (a ``ValueError``).
+        """
+        with Path(config_path).open() as handle:
+            data = yaml.safe_load(handle) or {}
+        section = data.get("train", {}) if isinstance(data, dict) else {}
+        unknown = sorted(set(section) - set(cls.model_fields))
+        if unknown:
+            raise ConfigError(f"invalid configuration: unknown keys in the train: section of {config_path}: "
+                              f"{unknown}")
+        return section

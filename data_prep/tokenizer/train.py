@@ -21,21 +21,19 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import (TrainingCheckpointError, load_training_checkpoint, publish_training_checkpoint,
                          read_latest_training_iteration, save_tokenizer, stage_training_checkpoint,
                          training_iteration_dir, training_staging_dir, write_training_file)
 from .clips import ClipBank, load_clip_bank
-from .config import TokenizerConfig
+from .config import TokenizerConfig, TrainOptions
 from .gan import (LeCamEMA, PatchDiscriminator3d, PerceptualLoss, adaptive_generator_weight,
                   discriminator_loss, generator_loss)
 from .model import VideoTokenizer
@@ -43,82 +41,6 @@ from .model import VideoTokenizer
 __all__ = ["TrainOptions", "train_tokenizer", "psnr_from_mse", "evaluate_psnr", "latest_iteration"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainOptions:
-    """Options of :func:`train_tokenizer` (CLI flags of ``launchers/train_tokenizer.py``).
-
-    ``lr`` follows a linear warmup over ``warmup_steps`` then a cosine decay to ``min_lr_ratio * lr``;
-    the decay's progress is the larger of step / train_steps and elapsed / max_minutes, so a run cut by
-    the time limit still ends at a low learning rate. ``image_every`` k > 0: every k-th step trains on
-    ``image_batch_size`` single frames (1-frame videos) instead of clips.
-
-    GAN: on when ``disc_weight > 0``, from step ``disc_start``; ``gan_loss`` "hinge" | "non_saturating";
-    ``adaptive_weight`` scales the generator term by VQGAN's gradient-norm ratio (times ``disc_weight``);
-    ``lecam_weight`` > 0 adds LeCam. ``ema_decay`` > 0 keeps an EMA of the tokenizer (exported if
-    ``export_ema``). ``perceptual_network``: path of a TorchScript feature network (used when
-    ``perceptual_weight`` > 0). ``save``/``save_interval``/``load``/``exit_interval`` as in Megatron.
-    ``holdout_fraction``: tail of every video kept out of training for the final evaluation.
-    """
-
-    config: str
-    data: str
-    output: str
-    resolution: int = 64
-    num_frames: int = 17
-    frame_stride: int = 1
-    train_steps: int = 1000
-    max_minutes: float | None = None
-    batch_size: int = 4
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    image_every: int = 0
-    image_batch_size: int = 16
-    seed: int = 1234
-    log_interval: int = 10
-    tensorboard_dir: str | None = None
-    eval_clips: int = 128
-    holdout_fraction: float = 0.0
-    gan_loss: str = "hinge"
-    disc_weight: float = 0.0
-    disc_start: int = 0
-    disc_lr: float | None = None
-    disc_channels: int = 64
-    disc_layers: int = 3
-    adaptive_weight: bool = True
-    lecam_weight: float = 0.0
-    lecam_decay: float = 0.999
-    perceptual_weight: float = 0.0
-    perceptual_network: str | None = None
-    ema_decay: float = 0.0
-    export_ema: bool = True
-    save: str | None = None
-    save_interval: int = 0
-    load: str | None = None
-    exit_interval: int = 0
-    image_log_interval: int = 0
-
-    @classmethod
-    def yaml_defaults(cls, config_path: str | os.PathLike) -> dict[str, Any]:
-        """The ``train:`` section of a tokenizer YAML (option defaults); ``{}`` if absent.
-
-        Raises:
-            ValueError: unknown keys in the section.
-        """
-        with Path(config_path).open() as handle:
-            data = yaml.safe_load(handle) or {}
-        section = data.get("train", {}) if isinstance(data, dict) else {}
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in the train: section of {config_path}: {unknown}")
-        return section
 
 
 def psnr_from_mse(mse: torch.Tensor | float) -> float:
@@ -362,7 +284,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
 
     def save_state(at_step: int, elapsed: float) -> None:
         state = {"step": at_step, "elapsed": elapsed, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "lecam": lecam.state_dict(), "options": asdict(opts)}
+                 "optimizer": optimizer.state_dict(), "lecam": lecam.state_dict(), "options": opts.to_dict()}
         if disc is not None:
             state["discriminator"] = disc.state_dict()
             state["disc_optimizer"] = opt_d.state_dict()
@@ -477,7 +399,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         if writer:
             writer.add_scalar("eval/psnr", psnr, step)
             writer.close()
-        metadata = {"train": asdict(opts), "result": {k: result[k] for k in ("steps", "psnr", "eval_clips")},
+        metadata = {"train": opts.to_dict(), "result": {k: result[k] for k in ("steps", "psnr", "eval_clips")},
                     "videos": bank.names, "weights": "ema" if export is not model else "raw"}
         save_tokenizer(export, opts.output, extra_metadata=metadata)
         log.info("saved tokenizer to %s", opts.output)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from data_prep import video_io
 from data_prep.tokenizer import load_tokenizer
 from data_prep.tokenizer.clips import load_clip_bank
 from data_prep.tokenizer.metrics import psnr, ssim
+from nbp_common.config import ConfigError, TypedConfig, add_config_arguments, cli_flags, config_overrides
 
 log = logging.getLogger("eval_tokenizer")
 
@@ -52,23 +54,44 @@ def _fvd(originals: list[np.ndarray], recons: list[np.ndarray]) -> tuple[float |
     return fvd_mod.frechet_distance(fake, real), f"{len(originals)} clips, I3D Kinetics-400, first {frames} frames"
 
 
-def main(argv: list[str] | None = None) -> int:
+class EvalOptions(TypedConfig):
+    """Options of the tokenizer evaluation; each field is a flag of ``launchers/eval_tokenizer.py``."""
+
+    tokenizer: str = Field(description="tokenizer checkpoint (.safetensors, ours)")
+    official: bool = Field(False, description="the tokenizer is an official NBP MAGVITv2 checkpoint")
+    data: str = Field(description="directory of videos")
+    resolution: int = Field(64, description="square crop size in pixels (multiple of 8)")
+    num_frames: int = Field(17, description="frames per clip, 1 + 4n")
+    frame_stride: int = Field(1, description="step between sampled frames")
+    holdout_fraction: float = Field(
+        0.25, description="evaluate on non-overlapping clips of the last fraction of every video (0: whole videos)")
+    max_clips: int = Field(256, description="evaluate at most this many clips")
+    batch_size: int = Field(4, description="clips per forward pass")
+    fvd: bool = Field(False, description="also compute reconstruction FVD (slow on CPU)")
+    png: str | None = Field(None, description="write originals vs reconstructions (every 4th frame) to this PNG")
+    png_clips: int = Field(3, description="clips in the PNG")
+    json_path: str | None = Field(None, description="write the results here (JSON)",
+                                  json_schema_extra=cli_flags(flag="--json"))
+
+
+# Flags of the launcher itself, not EvalOptions fields: none (every flag is derived from a field).
+LAUNCHER_FLAGS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`EvalOptions` field (nbp_common.config.add_config_arguments)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.safetensors, ours)")
-    parser.add_argument("--official", action="store_true", help="--tokenizer is an official NBP MAGVITv2 checkpoint")
-    parser.add_argument("--data", required=True, help="directory of videos")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--num-frames", type=int, default=17)
-    parser.add_argument("--frame-stride", type=int, default=1)
-    parser.add_argument("--holdout-fraction", type=float, default=0.25,
-                        help="evaluate on non-overlapping clips of the last fraction of every video (0: whole videos)")
-    parser.add_argument("--max-clips", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--fvd", action="store_true", help="also compute reconstruction FVD (slow on CPU)")
-    parser.add_argument("--png", help="write originals vs reconstructions (every 4th frame) to this PNG")
-    parser.add_argument("--png-clips", type=int, default=3)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, EvalOptions, show_defaults=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate, print the result JSON (and write ``--json`` / ``--png`` if given). Returns 0."""
+    parser = build_parser()
+    try:
+        args = EvalOptions.from_dict({}, config_overrides(parser.parse_args(argv), EvalOptions))
+    except ConfigError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
     if args.official:
@@ -117,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         video_io.write_contact_sheet(rows, args.png, row_labels=row_labels)
         result["png"] = args.png
     text = json.dumps(result, indent=1)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(text + "\n")
     print(text)
     return 0
 

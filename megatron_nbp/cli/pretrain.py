@@ -6,7 +6,9 @@
     torchrun --nproc-per-node 4 launchers/pretrain_nbp.py --backend deepspeed --zero-stage 3 --tp 2 \
         --config configs/tiny_frame_prediction.yaml --data runs/tokens --save runs/ckpt_zero3
 
-Arguments use Megatron-LM's names; any of them overrides the YAML config.
+Every field of the config (megatron_nbp.config) is a flag named after it, with Megatron-LM's names
+(``--micro-batch-size``, ``--lr``, ``--tensor-model-parallel-size`` / ``--tp``, ``--bf16``, ...); a flag
+given overrides the YAML. ``--dry-run`` validates and prints the resolved config and the parameter count.
 """
 
 from __future__ import annotations
@@ -16,158 +18,58 @@ import os
 import sys
 
 
-from megatron_nbp.config import NBPConfig
+from megatron_nbp.config import ConfigError, NBPConfig
+from nbp_common.config import add_config_arguments, config_overrides, print_config
 
-# command-line flag -> dotted config key
-_OVERRIDES = {
-    "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
-    "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
-    "micro_batch_size": "train.micro_batch_size",
-    "global_batch_size": "train.global_batch_size",
-    "train_iters": "train.train_iters",
-    "lr": "train.lr",
-    "min_lr": "train.min_lr",
-    "clip_grad": "train.clip_grad",
-    "lr_warmup_iters": "train.lr_warmup_iters",
-    "seed": "train.seed",
-    "log_interval": "train.log_interval",
-    "save_interval": "train.save_interval",
-    "exit_interval": "train.exit_interval",
-    "pkeep": "train.pkeep",
-    "p_drop_cond": "train.p_drop_cond",
-    "tokenizer_sha256": "train.tokenizer_sha256",
-    "backend": "train.backend",
-    "zero_stage": "deepspeed.zero_stage",
-    "offload_optimizer": "deepspeed.offload_optimizer",
-    "deepspeed_config": "deepspeed.config_file",
-    "hidden_dropout": "model.hidden_dropout",
-    "attention_dropout": "model.attention_dropout",
-    "max_position_embeddings": "model.max_position_embeddings",
-    "precision": "train.precision",
-    "loss_scale": "train.loss_scale",
-    "initial_loss_scale": "train.initial_loss_scale",
-    "min_loss_scale": "train.min_loss_scale",
-    "loss_scale_window": "train.loss_scale_window",
-    "hysteresis": "train.hysteresis",
-    "use_distributed_optimizer": "train.use_distributed_optimizer",
-    "overlap_grad_reduce": "train.overlap_grad_reduce",
-    "overlap_param_gather": "train.overlap_param_gather",
-    "recompute_granularity": "train.recompute_granularity",
-    "recompute_method": "train.recompute_method",
-    "recompute_num_layers": "train.recompute_num_layers",
-    "sequence_parallel": "parallel.sequence_parallel",
-    "transformer_impl": "model.transformer_impl",
-    "attention_backend": "model.attention_backend",
-    "peak_tflops": "train.peak_tflops",
-    "no_load_optim": "train.no_load_optim",
-    "no_load_rng": "train.no_load_rng",
-    "data": "data",
-    "save": "save",
-    "load": "load",
-    "tensorboard_dir": "tensorboard_dir",
+# Flags of the launcher itself, not config fields (every other flag is derived from an NBPConfig field).
+LAUNCHER_FLAGS = {
+    "--config": "YAML config files, layered in order",
+    "--seq-length": "a check of the sequence length the layout implies (Megatron-LM's flag; derived here)",
 }
 
 
-def parse_args(argv=None) -> NBPConfig:
-    """Parse the command line into a validated-later NBPConfig."""
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's parser: ``--config``, ``--seq-length`` and one flag per NBPConfig field
+    (nbp_common.config.add_config_arguments: ``--micro-batch-size``, ``--tp``, ``--bf16``, ...)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append",
-                        help="YAML config (model / parallel / train sections); repeat to layer files, "
+                        help="YAML config (model / parallel / train / deepspeed sections); repeat to layer files, "
                              "e.g. --config configs/model/nbp_xl.yaml --config configs/data/k600.yaml")
-    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int)
-    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int)
-    parser.add_argument("--backend", choices=["megatron", "deepspeed"],
-                        help="megatron: DDP + 1F1B (TP x PP x DP); deepspeed: ZeRO over DP with megatron TP (no PP)")
-    parser.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="DeepSpeed ZeRO stage (--backend deepspeed)")
-    parser.add_argument("--offload-optimizer", choices=["none", "cpu"], help="ZeRO optimizer offload (--backend deepspeed)")
-    parser.add_argument("--deepspeed-config", help="DeepSpeed JSON whose zero_optimization tuning is merged in "
-                                                   "(configs/deepspeed/*.json)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
-                           help="bf16 mixed precision: bf16 weights and activations, fp32 main params and gradient "
-                                "reduction (the default on GPU)")
-    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                           help="fp16 mixed precision with dynamic loss scaling (megatron's grad scaler)")
-    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
-                           help="fp32 throughout (the default on CPU)")
-    parser.add_argument("--loss-scale", type=float, help="fp16: static loss scale (default: dynamic)")
-    parser.add_argument("--initial-loss-scale", type=float, help="fp16 dynamic scaling: first scale (default 2^32)")
-    parser.add_argument("--min-loss-scale", type=float, help="fp16 dynamic scaling: lowest scale (default 1)")
-    parser.add_argument("--loss-scale-window", type=int, help="fp16: iterations without overflow before the "
-                                                              "scale doubles (default 1000)")
-    parser.add_argument("--hysteresis", type=int, help="fp16: overflows tolerated before the scale halves (default 2)")
-    parser.add_argument("--use-distributed-optimizer", action="store_true", default=None,
-                        help="shard the optimizer state (fp32 main params, Adam moments) over data-parallel ranks")
-    parser.add_argument("--overlap-grad-reduce", action="store_true", default=None,
-                        help="overlap the data-parallel gradient reduction with the backward pass")
-    parser.add_argument("--overlap-param-gather", action="store_true", default=None,
-                        help="overlap the distributed optimizer's parameter all-gather with the forward pass")
-    parser.add_argument("--recompute-granularity", choices=["full", "selective"],
-                        help="activation recomputation: full (whole layers) or selective (core attention)")
-    parser.add_argument("--recompute-method", choices=["uniform", "block"],
-                        help="full recompute: uniform (every chunk of --recompute-num-layers layers) or block "
-                             "(the first --recompute-num-layers layers of each pipeline stage)")
-    parser.add_argument("--recompute-num-layers", type=int)
-    parser.add_argument("--sequence-parallel", action="store_true", default=None,
-                        help="megatron sequence parallelism (TP > 1, --transformer-impl transformer_engine)")
-    parser.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
-                        help="layer spec: megatron's torch layers (local) or Transformer Engine's (GPU)")
-    parser.add_argument("--attention-backend", choices=["flex", "dense"],
-                        help="block-causal attention kernel: flex (fused FlexAttention, GPU) or dense (SDPA + mask)")
-    parser.add_argument("--peak-tflops", type=float,
-                        help="dense bf16 peak of one GPU for MFU (default: from the GPU's name)")
-    parser.add_argument("--micro-batch-size", type=int)
-    parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--seq-length", type=int, help="checked against the layout (N - L); derived if omitted")
-    parser.add_argument("--max-position-embeddings", type=int,
-                        help="rows of the learned position tables (default: the layout's sequence length)")
-    parser.add_argument("--train-iters", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--min-lr", type=float)
-    parser.add_argument("--clip-grad", type=float, help="gradient clipping by global L2 norm")
-    parser.add_argument("--lr-warmup-iters", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--pkeep", type=float, help="keep probability of input video tokens (NBP release option)")
-    parser.add_argument("--p-drop-cond", type=float,
-                        help="probability of replacing a sample's condition by the learned null condition "
-                             "(classifier-free guidance; needs model.null_condition)")
-    parser.add_argument("--tokenizer-sha256", help="sha256 of the tokenizer file the shards must have been made with "
-                                                   "(checked against manifest.json before training)")
-    parser.add_argument("--hidden-dropout", type=float)
-    parser.add_argument("--attention-dropout", type=float)
-    parser.add_argument("--data", help="directory of token shards with manifest.json")
-    parser.add_argument("--save", help="checkpoint directory to write")
-    parser.add_argument("--load", help="checkpoint directory to resume from")
-    parser.add_argument("--no-load-optim", action="store_true", default=None,
-                        help="with --load: restore the weights (the fp32 main copy of a bf16/fp16 checkpoint where "
-                             "saved), iteration and data position, not the optimizer and LR schedule (needed to "
-                             "change between fp32 and bf16/fp16)")
-    parser.add_argument("--no-load-rng", action="store_true", default=None,
-                        help="with --load: do not restore the RNG states (e.g. after changing the TP / PP layout)")
-    parser.add_argument("--save-interval", type=int)
-    parser.add_argument("--exit-interval", type=int, help="save (if --save) and exit after this iteration")
-    parser.add_argument("--log-interval", type=int)
-    parser.add_argument("--tensorboard-dir")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config, print the parameter count and exit (no weights, no process group)")
+    add_config_arguments(parser, NBPConfig)
+    return parser
+
+
+def parse_args(argv=None) -> NBPConfig:
+    """Parse the command line into an NBPConfig (the YAML files, then the flags given on top).
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type in the files or flags (named by its
+            dotted path); cross-field checks come later, in ``NBPConfig.validate``.
+        SystemExit: a usage error, or ``--seq-length`` contradicting the layout.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
-    cfg = NBPConfig.from_yaml(args.config, overrides)
+    cfg = NBPConfig.from_yaml(args.config, config_overrides(args, NBPConfig))
     if args.seq_length is not None and args.seq_length != cfg.model.seq_length:
         m = cfg.model
         parser.error(f"--seq-length {args.seq_length} does not match the {m.layout} layout's sequence length "
                      f"{m.seq_length} (latent {m.latent_shape}, block {m.block_shape}, {m.num_prefix_tokens} "
                      f"condition tokens)")
-    cfg.dry_run = args.dry_run
     return cfg
 
 
 def dry_run(cfg) -> None:
-    """Validate and print the model's size without allocating anything."""
+    """Validate, print every resolved config field and the model's size, without allocating anything.
+
+    Raises:
+        ConfigError: the config fails ``NBPConfig.validate`` for WORLD_SIZE (default TP x PP).
+    """
     from megatron_nbp.model.params import count_parameters, format_count
 
     p = cfg.parallel
     cfg.validate(int(os.environ.get("WORLD_SIZE", p.tensor_model_parallel_size * p.pipeline_model_parallel_size)))
+    print_config(cfg)
     c = count_parameters(cfg.model)
     m = cfg.model
     print(f"> model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
@@ -187,15 +89,17 @@ def dry_run(cfg) -> None:
 
 
 def main(argv=None) -> None:
-    from megatron_nbp.config import ConfigError
-
-    cfg = parse_args(argv)
-    if cfg.dry_run:
-        try:
+    """Parse, then dry-run or train. A refused config (or a missing config file) exits with one
+    ``pretrain_nbp.py [rank R]: ConfigError: ...`` message naming the offending fields, before any process
+    group exists."""
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = parse_args(argv)
+        if cfg.dry_run:
             dry_run(cfg)
-        except ConfigError as err:  # a refused config is a message, not a traceback
-            sys.exit(f"pretrain_nbp.py: {err}")
-        return
+            return
+    except (ConfigError, FileNotFoundError) as err:  # a refused config is a message, not a traceback
+        sys.exit(f"pretrain_nbp.py [rank {rank}]: {type(err).__name__}: {err}")
     from megatron_nbp.parallel import destroy_parallel
 
     if cfg.train.backend == "deepspeed":

@@ -1,5 +1,6 @@
 """Convert a training checkpoint into the single-device inference format
-(megatron_nbp.inference.convert_common: ``OUTPUT/model.safetensors`` + ``OUTPUT/config.json``).
+(megatron_nbp.inference.convert_common: ``OUTPUT/model.safetensors`` + ``OUTPUT/config.json`` holding the
+trained ModelConfig and provenance).
 
 :func:`convert_checkpoint` takes either backend's checkpoint directory: a megatron dist checkpoint
 (``latest_checkpointed_iteration.txt``, any TP/PP) is converted here; a DeepSpeed ZeRO checkpoint (a

@@ -16,90 +16,60 @@ cached key and itself, which is the block-causal rule for the newest block).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference.kv_cache import StaticKVCache
 from megatron_nbp.inference.rope import apply_rotary, mrope_frequencies
-from megatron_nbp.layouts import TokenLayout, layout_class, token_layout
 from megatron_nbp.model.embeddings import ConditionVideoPositionEmbedding
 
 
-@dataclass
-class InferenceConfig:
-    """config.json of the inference format.
+CONFIG_FORMAT_VERSION = 3
+"""``format_version`` of config.json: 3 = ``{"format_version", "model": ModelConfig dict, "extra"}``;
+1 and 2 held a flat list of fields copied from the ModelConfig (read by :func:`load_converted_config`)."""
 
-    Attributes:
-        vocab_size: real token ids (sampling never emits ids >= vocab_size).
-        padded_vocab_size: rows of the embedding / output layer (Megatron padding).
-        max_seq_length: S, input positions (the position tables hold P + (S - P) rows).
-        latent_shape, block_shape, layout, condition_frames: the NBP layout used in training.
-        condition_labels, video_token_offset: hybrid layout: class names (condition id order) and the
-            model id of video code 0 (special + condition ids come first).
-        condition_type, text_vocab_size, num_condition_tokens: hybrid: "class" or "text", the text
-            vocabulary, and P (condition positions).
-        position_embedding_type, rotary_base, mrope_section: "learned_absolute" or "rope3d" (ModelConfig).
-        null_condition: the last condition id (model id video_token_offset - 1) is the learned null
-            condition (classifier-free guidance).
+# Fields of the format 1 / 2 config.json that are ModelConfig properties now (or provenance).
+_DERIVED_FIELDS = ("padded_vocab_size", "max_seq_length", "video_token_offset", "mrope_section", "format_version",
+                   "extra")
+
+
+def converted_config(model_cfg: ModelConfig, extra: dict) -> dict:
+    """The config.json content of a converted checkpoint: the trained model's config and provenance
+    (``extra``: source checkpoint, iteration, ...)."""
+    return {"format_version": CONFIG_FORMAT_VERSION, "model": model_cfg.to_dict(), "extra": dict(extra)}
+
+
+def load_converted_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a converted checkpoint's config.json, of any format version.
+
+    Format 1 / 2 files (a flat copy of some ModelConfig fields, written by earlier converters) are read
+    too: the fields they lack take their defaults, ``max_seq_length`` becomes
+    ``max_position_embeddings``, and the vocabulary padding is set to reproduce the stored
+    ``padded_vocab_size``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not JSON, or a config that contradicts itself.
+        ConfigError: a field of the wrong type or an unknown field.
     """
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    ffn_hidden_size: int
-    vocab_size: int
-    padded_vocab_size: int
-    max_seq_length: int
-    latent_shape: list[int]
-    block_shape: list[int]
-    layout: str = "frame_prediction"
-    condition_frames: int = 2
-    condition_labels: list[str] | None = None
-    video_token_offset: int = 0
-    layernorm_epsilon: float = 1e-5
-    normalization: str = "LayerNorm"
-    activation: str = "gelu"
-    add_bias_linear: bool = True
-    share_embeddings_and_output_weights: bool = True
-    condition_type: str = "class"
-    text_vocab_size: int | None = None
-    num_condition_tokens: int = 0
-    position_embedding_type: str = "learned_absolute"
-    rotary_base: int = 10000
-    mrope_section: list[int] | None = None
-    null_condition: bool = False
-    format_version: int = 2
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def block_size(self) -> int:
-        t, h, w = self.block_shape
-        return t * h * w
-
-    @property
-    def num_video_tokens(self) -> int:
-        t, h, w = self.latent_shape
-        return t * h * w
-
-    @property
-    def token_layout(self) -> TokenLayout:
-        """The token layout the model was trained with, built from these fields.
-
-        Raises:
-            ValueError: ``layout`` is not a known layout name.
-        """
-        return token_layout(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "InferenceConfig":
-        return cls(**json.loads(Path(path).read_text()))
+    data = json.loads(Path(path).read_text())
+    if "model" in data:
+        return ModelConfig.from_dict(data["model"])
+    fields = {k: v for k, v in data.items() if k not in _DERIVED_FIELDS}
+    if fields.get("layout") != "hybrid" or not fields.get("num_condition_tokens"):
+        fields.pop("num_condition_tokens", None)  # the old converters wrote the prefix length P (0 or absent)
+    fields["max_position_embeddings"] = data["max_seq_length"]
+    cfg = ModelConfig.from_dict(fields)
+    padded = data["padded_vocab_size"]
+    if cfg.padded_vocab_size != padded:
+        cfg.make_vocab_size_divisible_by = padded  # a unit >= the vocabulary: padded to exactly this size
+    if cfg.padded_vocab_size != padded or cfg.video_token_offset != data.get("video_token_offset", 0):
+        raise ValueError(f"{path}: padded_vocab_size {padded} / video_token_offset {data.get('video_token_offset')} "
+                         f"do not follow from the stored fields ({cfg.padded_vocab_size} / {cfg.video_token_offset})")
+    return cfg
 
 
 class _Namespace(nn.Module):
@@ -109,7 +79,7 @@ class _Namespace(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with megatron's fused QKV layout and an optional static KV cache."""
 
-    def __init__(self, cfg: InferenceConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -133,7 +103,7 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """fc1 -> GELU -> fc2, or SwiGLU: fc1 gives [gate; up] (megatron's order), silu(gate) * up -> fc2."""
 
-    def __init__(self, cfg: InferenceConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gated = cfg.activation == "swiglu"
         width = 2 * cfg.ffn_hidden_size if self.gated else cfg.ffn_hidden_size
@@ -148,7 +118,7 @@ class MLP(nn.Module):
         return self.linear_fc2(F.gelu(h))
 
 
-def make_norm(cfg: InferenceConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig) -> nn.Module:
     """torch LayerNorm or RMSNorm, as megatron's WrappedTorchNorm builds them."""
     if cfg.normalization == "RMSNorm":
         return nn.RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
@@ -156,7 +126,7 @@ def make_norm(cfg: InferenceConfig) -> nn.Module:
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: InferenceConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = make_norm(cfg)
         self.self_attention = SelfAttention(cfg)
@@ -185,15 +155,15 @@ class NBPDecoder(nn.Module):
             ``num_logits`` outside [1, S].
     """
 
-    def __init__(self, cfg: InferenceConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.embedding = _Namespace()
         self.embedding.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.rope = cfg.position_embedding_type == "rope3d"
         if not self.rope:
-            p = cfg.num_condition_tokens
-            self.embedding.position_embeddings = ConditionVideoPositionEmbedding(p, cfg.max_seq_length - p,
+            p = cfg.num_prefix_tokens
+            self.embedding.position_embeddings = ConditionVideoPositionEmbedding(p, cfg.position_table_size - p,
                                                                                  cfg.hidden_size)
         self.decoder = _Namespace()
         self.decoder.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
@@ -219,9 +189,9 @@ class NBPDecoder(nn.Module):
             rope = mrope_frequencies(position_ids, cfg.hidden_size // cfg.num_attention_heads,
                                      cfg.mrope_section, cfg.rotary_base)
         else:
-            if position_ids.max() >= cfg.max_seq_length:
+            if position_ids.max() >= cfg.position_table_size:
                 raise ValueError(f"position {int(position_ids.max())} beyond the position tables "
-                                 f"({cfg.max_seq_length})")
+                                 f"({cfg.position_table_size})")
             x = x + self.embedding.position_embeddings(position_ids)
         for i, layer in enumerate(self.decoder.layers):
             x = layer(x, allowed, cache, i, start, rope)
@@ -233,7 +203,7 @@ class NBPDecoder(nn.Module):
         """A preallocated KV cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
         c = self.config
         p = self.embedding.word_embeddings.weight
-        return StaticKVCache(c.num_layers, batch_size, c.num_attention_heads, max_length or c.max_seq_length,
+        return StaticKVCache(c.num_layers, batch_size, c.num_attention_heads, max_length or c.position_table_size,
                              c.hidden_size // c.num_attention_heads, dtype=p.dtype, device=p.device)
 
 
@@ -250,13 +220,12 @@ def load_inference_model(checkpoint_dir: str | Path, device: str | torch.device 
     for name in ("config.json", "model.safetensors"):
         if not (checkpoint_dir / name).is_file():
             raise FileNotFoundError(f"{checkpoint_dir / name} not found (run launchers/convert_checkpoint.py)")
-    cfg = InferenceConfig.load(checkpoint_dir / "config.json")
+    cfg = load_converted_config(checkpoint_dir / "config.json")
     model = NBPDecoder(cfg)
     tensors = load_file(str(checkpoint_dir / "model.safetensors"), device=str(device))
     old_table = tensors.pop("embedding.position_embeddings.weight", None)
     if old_table is not None:  # format 1: one table over [condition, video stream]; split it in two
-        p = cfg.num_condition_tokens = layout_class(cfg.layout).legacy_num_prefix_tokens
-        model = NBPDecoder(cfg)
+        p = cfg.num_prefix_tokens
         tensors["embedding.position_embeddings.video.weight"] = old_table[p:]
         if p:
             tensors["embedding.position_embeddings.condition.weight"] = old_table[:p]

@@ -55,7 +55,7 @@ class TokenLayout(ABC):
     @classmethod
     @abstractmethod
     def from_config(cls, config: Any) -> "TokenLayout":
-        """The layout of a ``ModelConfig`` or an inference ``InferenceConfig`` (read from their fields)."""
+        """The layout of a ``megatron_nbp.config.ModelConfig`` (read from its fields)."""
 
     # ------------------------------------------------------------------ sizes and ids
     @property

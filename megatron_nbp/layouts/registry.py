@@ -28,8 +28,8 @@ def token_layout(model_config: Any) -> TokenLayout:
     """The token layout of a model, built from its config's own fields.
 
     Args:
-        model_config: a ``megatron_nbp.config.ModelConfig`` or an inference ``InferenceConfig`` (anything
-            with ``layout``, ``latent_shape``, ``block_shape``, ``vocab_size`` and the condition fields
+        model_config: a ``megatron_nbp.config.ModelConfig`` (training, conversion and inference all read
+            the same config; anything with ``layout``, ``latent_shape``, ``block_shape``, ``vocab_size`` and the condition fields
             ``condition_type``, ``condition_labels``, ``text_vocab_size``, ``num_condition_tokens``,
             ``null_condition``).
 

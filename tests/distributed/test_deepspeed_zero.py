@@ -252,9 +252,8 @@ def test_tensor_parallel_merge_inverts_megatron_split(runs):
      "zero_stage=2 contradicts stage 3"),
 ])
 def test_invalid_deepspeed_combinations_are_refused(overrides, world, message):
-    cfg = NBPConfig.from_yaml(CONFIG, {"train.backend": "deepspeed", **overrides})
-    with pytest.raises(ConfigError) as err:
-        cfg.validate(world)
+    with pytest.raises(ConfigError) as err:  # a value outside a field's choices is refused on reading
+        NBPConfig.from_yaml(CONFIG, {"train.backend": "deepspeed", **overrides}).validate(world)
     assert message in str(err.value)
 
 

@@ -6,7 +6,6 @@ One small dataset (synthetic PyAV videos + broken files) and a tiny random token
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -139,7 +138,7 @@ def test_rerun_skips_finished_shards(dataset):
 
 
 def test_rerun_after_crash_regenerates_only_missing_shard(dataset, tmp_path):
-    cfg = dataclasses.replace(dataset["cfg"], output_dir=tmp_path / "out")
+    cfg = dataset["cfg"].replace(output_dir=tmp_path / "out")
     shutil.copytree(dataset["cfg"].output_dir, cfg.output_dir)  # copy2 keeps mtimes
     original = _read_all(cfg.output_dir)
     before = _mtimes(cfg.output_dir)
@@ -159,17 +158,17 @@ def test_rerun_after_crash_regenerates_only_missing_shard(dataset, tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(dataset, tmp_path):
-    cfg = dataclasses.replace(dataset["cfg"], output_dir=tmp_path / "out")
+    cfg = dataset["cfg"].replace(output_dir=tmp_path / "out")
     shutil.copytree(dataset["cfg"].output_dir, cfg.output_dir)
     with pytest.raises(RuntimeError, match="different"):
-        run_tokenize_job(dataclasses.replace(cfg, resolution=24))
+        run_tokenize_job(cfg.replace(resolution=24))
 
 
 def test_invalid_settings():
     with pytest.raises(ValueError, match="1 \\+ 4n"):
-        TokenizeConfig(Path("."), Path("."), Path("t"), num_frames=6).validate()
+        TokenizeConfig(input_dir=Path("."), output_dir=Path("."), tokenizer=Path("t"), num_frames=6).validate()
     with pytest.raises(ValueError, match="multiple of 8"):
-        TokenizeConfig(Path("."), Path("."), Path("t"), resolution=20).validate()
+        TokenizeConfig(input_dir=Path("."), output_dir=Path("."), tokenizer=Path("t"), resolution=20).validate()
 
 
 def test_launcher_rejects_bad_flags(capsys):
@@ -227,7 +226,7 @@ def test_empty_files_are_skipped_and_odd_or_small_resolutions_are_kept(dataset, 
     (videos / "empty.mp4").write_bytes(b"")
     for name, (h, w) in {"odd.mov": (33, 45), "portrait.mov": (47, 21), "tiny.mov": (6, 10)}.items():
         _write_rgb_video(videos / name, h, w, num_frames=9)
-    cfg = dataclasses.replace(dataset["cfg"], input_dir=videos, output_dir=tmp_path / "out", label_from_dir=False)
+    cfg = dataset["cfg"].replace(input_dir=videos, output_dir=tmp_path / "out", label_from_dir=False)
     manifest = run_tokenize_job(cfg)
     failures = {f["path"]: f["reason"] for f in manifest["failures"]}
     assert list(failures) == ["empty.mp4"], failures

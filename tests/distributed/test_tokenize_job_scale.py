@@ -8,7 +8,6 @@ point is random (seed printed in failure messages; set TOKENIZE_KILL_SEED to rep
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -151,7 +150,7 @@ def test_bad_files_listed_and_nothing_else_lost(dataset):
 def test_clip_sampling_fps_and_uniform_placement(dataset, tmp_path):
     """--fps 4 on 8 fps videos keeps every second frame; --clip-placement uniform with one clip per
     video takes the middle clip of the resampled video."""
-    cfg = dataclasses.replace(dataset["cfg"], output_dir=tmp_path / "out", fps=4.0, clip_placement="uniform",
+    cfg = dataset["cfg"].replace(output_dir=tmp_path / "out", fps=4.0, clip_placement="uniform",
                               max_clips_per_video=1, videos_per_shard=4, batch_size=4)
     manifest = run_tokenize_job(cfg)
     samples = _read_all(cfg.output_dir)
@@ -189,7 +188,7 @@ def test_images_as_one_frame_clips(dataset, tmp_path):
     Image.fromarray(pattern_frames(1, 64, 64, seed=6)[0]).save(tmp_path / "full.jpg", quality=95)
     (images / "cats/cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
     (images / "cats/clip.mp4").write_bytes(b"")  # not an image: listed as skipped
-    cfg = dataclasses.replace(dataset["cfg"], input_dir=images, output_dir=tmp_path / "out", media="image",
+    cfg = dataset["cfg"].replace(input_dir=images, output_dir=tmp_path / "out", media="image",
                               num_frames=1, videos_per_shard=2)
     manifest = run_tokenize_job(cfg)
     assert manifest["media"] == "image" and manifest["tokenizer"]["latent_shape"] == [1, RES // 8, RES // 8]
@@ -208,7 +207,8 @@ def test_images_as_one_frame_clips(dataset, tmp_path):
         with torch.no_grad():
             np.testing.assert_array_equal(tokens, tok.encode(frames_to_tensor(px[None])[None])[0].numpy())
     with pytest.raises(ValueError, match="num-frames 1"):
-        TokenizeConfig(images, tmp_path / "x", cfg.tokenizer, media="image", num_frames=5).validate()
+        TokenizeConfig(input_dir=images, output_dir=tmp_path / "x", tokenizer=cfg.tokenizer, media="image",
+                       num_frames=5).validate()
 
 
 # ------------------------------------------------------------------ training-side manifest check

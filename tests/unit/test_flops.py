@@ -66,14 +66,11 @@ def test_matmul_flops_equal_torch_counter_forward_and_backward():
     """The non-attention terms against torch's FLOP counter on the real decoder (its CPU attention kernel
     is not counted by torch, so the attention term is checked against the mask above); backward = 2 x
     forward."""
-    from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+    from megatron_nbp.inference.model import NBPDecoder
 
     m = tiny(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=96, latent_shape=(5, 4, 4),
              block_shape=(1, 1, 4), vocab_size=300)
-    cfg = InferenceConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=96, vocab_size=300,
-                          padded_vocab_size=m.padded_vocab_size, max_seq_length=m.seq_length,
-                          latent_shape=[5, 4, 4], block_shape=[1, 1, 4])
-    model = NBPDecoder(cfg)
+    model = NBPDecoder(m)
     batch = 3
     tokens = torch.randint(0, 300, (batch, m.seq_length))
     positions = torch.arange(m.seq_length).expand(batch, -1)

@@ -4,8 +4,9 @@ step counts of the paper, seeded reproducibility and classifier-free guidance.""
 import pytest
 import torch
 
+from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference.generate import HybridDecoder, generate_hybrid
-from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.model import NBPDecoder
 from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import hybrid_batch
 from megatron_nbp.masks import block_causal_allowed
@@ -17,13 +18,16 @@ def hybrid_model(P=1, C=3, latent=(2, 4, 4), block=(1, 1, 4), position="learned_
     L = block[0] * block[1] * block[2]
     n = latent[0] * latent[1] * latent[2]
     C_total = C + (1 if null else 0)
-    cfg = InferenceConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=2, ffn_hidden_size=2 * hidden,
-                          vocab_size=vocab, padded_vocab_size=L + C_total + vocab + 7, max_seq_length=P + n,
-                          latent_shape=list(latent), block_shape=list(block), layout="hybrid",
-                          condition_type=condition_type, num_condition_tokens=P, video_token_offset=L + C_total,
-                          position_embedding_type=position, mrope_section=[4, 2, 2], null_condition=null,
-                          condition_labels=[str(i) for i in range(C)] if condition_type == "class" else None,
-                          text_vocab_size=C if condition_type == "text" else None)
+    cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=2, ffn_hidden_size=2 * hidden,
+                      vocab_size=vocab, make_vocab_size_divisible_by=L + C_total + vocab + 7,  # 7 padded ids
+                      latent_shape=latent, block_shape=block, layout="hybrid",
+                      condition_type=condition_type, num_condition_tokens=P,
+                      position_embedding_type=position, null_condition=null,
+                      condition_labels=[str(i) for i in range(C)] if condition_type == "class" else None,
+                      text_vocab_size=C if condition_type == "text" else None)
+    assert (cfg.padded_vocab_size, cfg.position_table_size, cfg.video_token_offset) == (L + C_total + vocab + 7,
+                                                                                        P + n, L + C_total)
+    assert position != "rope3d" or cfg.mrope_section == [4, 2, 2]
     model = NBPDecoder(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
+from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference.generate import BlockDecoder, generate_frame_prediction
-from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.inference.model import NBPDecoder
 from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import frame_prediction_batch
 from megatron_nbp.masks import block_causal_allowed
@@ -16,10 +17,9 @@ def tiny_model(seed=0, latent=(5, 4, 4), block=(1, 1, 4), position="learned_abso
     torch.manual_seed(seed)
     n = latent[0] * latent[1] * latent[2]
     L = block[0] * block[1] * block[2]
-    cfg = InferenceConfig(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-                          vocab_size=500, padded_vocab_size=512, max_seq_length=n - L,
-                          latent_shape=list(latent), block_shape=list(block),
-                          position_embedding_type=position, mrope_section=[4, 2, 2])
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                      vocab_size=500, latent_shape=latent, block_shape=block, position_embedding_type=position)
+    assert (cfg.padded_vocab_size, cfg.position_table_size, cfg.mrope_section) == (512, n - L, [4, 2, 2])
     model = NBPDecoder(cfg).eval()
     with torch.no_grad():  # larger than default init so attention patterns matter
         for p in model.parameters():
@@ -81,9 +81,9 @@ def test_generation_steps_and_reproducibility():
 
 def test_paper_step_count_for_frame_prediction():
     """K600 setting of the paper: 5x16x16 latents, L = 16, 2 condition frames -> 48 forward passes."""
-    cfg = InferenceConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
-                          vocab_size=64000, padded_vocab_size=64000, max_seq_length=1280 - 16,
-                          latent_shape=[5, 16, 16], block_shape=[1, 1, 16])
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                      vocab_size=64000, latent_shape=[5, 16, 16], block_shape=[1, 1, 16])
+    assert (cfg.padded_vocab_size, cfg.position_table_size) == (64000, 1280 - 16)
     model = NBPDecoder(cfg).eval()
     result = generate_frame_prediction(model, torch.randint(0, 64000, (1, 512)), SamplingConfig(temperature=0))
     assert result.steps == 48 and result.tokens.shape == (1, 1280)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_nbp.inference.generate import BlockDecoder, generate_frame_prediction
-from megatron_nbp.inference.model import InferenceConfig, NBPDecoder
+from megatron_nbp.config import ModelConfig
+from megatron_nbp.inference.model import NBPDecoder
 from megatron_nbp.layouts import block_major_order, frame_prediction_batch, hybrid_batch
 from megatron_nbp.masks import block_causal_allowed
 from megatron_nbp.model.embeddings import ConditionVideoPositionEmbedding
@@ -113,9 +114,11 @@ def test_non_contiguous_block_layout_predicts_the_next_spatial_block():
 def tiny_decoder(**overrides):
     torch.manual_seed(0)
     cfg = dict(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, vocab_size=300,
-               padded_vocab_size=384, max_seq_length=28, latent_shape=[2, 4, 4], block_shape=[1, 2, 2])
+               latent_shape=[2, 4, 4], block_shape=[1, 2, 2])
     cfg.update(overrides)
-    model = NBPDecoder(InferenceConfig(**cfg)).eval()
+    cfg = ModelConfig(**cfg)
+    assert cfg.padded_vocab_size == 384 and cfg.position_table_size == cfg.seq_length
+    model = NBPDecoder(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -143,8 +146,8 @@ def test_padded_text_is_invisible_to_the_video():
     text id changes them (the comparison is sensitive)."""
     P, N, L = 4, 16, 4
     model = tiny_decoder(layout="hybrid", condition_type="text", text_vocab_size=20, num_condition_tokens=P,
-                         max_seq_length=P + N, latent_shape=[1, 4, 4], block_shape=[1, 1, 4],
-                         video_token_offset=L + 20)
+                         latent_shape=[1, 4, 4], block_shape=[1, 1, 4])
+    assert model.config.position_table_size == P + N and model.config.video_token_offset == L + 20
     video = torch.randint(0, 300, (1, N))
     pad = torch.tensor([[False, False, True, True]])
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megatron_nbp.config import ModelConfig, NBPConfig
-from megatron_nbp.inference.model import InferenceConfig
 from megatron_nbp.layouts import (LAYOUTS, FramePredictionLayout, HybridLayout, LayoutBatch, frame_prediction_batch,
                                   hybrid_batch, layout_class, token_layout)
 from megatron_nbp.masks import block_causal_allowed
@@ -226,20 +225,25 @@ def test_random_batches_are_seeded_and_valid():
         assert a.tokens.shape == (2, layout.seq_length) and int(a.tokens.max()) < layout.total_vocab_size
 
 
-def test_inference_config_gives_the_training_layout():
+def test_converted_config_gives_the_training_layout(tmp_path):
+    """The inference side reads the same ModelConfig: config.json written by the converter gives back the
+    training layout (sizes, offsets, null condition)."""
+    import json
+
+    from megatron_nbp.inference.model import converted_config, load_converted_config
+
     m = ModelConfig(latent_shape=(2, 4, 8), block_shape=(2, 1, 8), vocab_size=300, layout="hybrid",
                     condition_type="text", text_vocab_size=20, num_condition_tokens=4, null_condition=True)
-    inf = InferenceConfig(num_layers=1, hidden_size=8, num_attention_heads=2, ffn_hidden_size=16, vocab_size=300,
-                          padded_vocab_size=384, max_seq_length=m.seq_length, latent_shape=list(m.latent_shape),
-                          block_shape=list(m.block_shape), layout=m.layout, condition_type="text",
-                          text_vocab_size=20, num_condition_tokens=m.num_prefix_tokens,
-                          video_token_offset=m.video_token_offset, null_condition=True)
-    assert inf.token_layout == m.token_layout
-    assert inf.token_layout.video_token_offset == inf.video_token_offset == 16 + 21
+    (tmp_path / "config.json").write_text(json.dumps(converted_config(m, {"iteration": 3})))
+    back = load_converted_config(tmp_path / "config.json")
+    assert back.token_layout == m.token_layout
+    assert back.token_layout.video_token_offset == back.video_token_offset == 16 + 21
 
 
 def test_unknown_layout_names_are_refused():
     with pytest.raises(ValueError, match=r"model.layout='ntp' not in \('frame_prediction', 'hybrid'\)"):
+        NBPConfig.from_dict({"model": {"layout": "ntp"}})      # refused when the config is read
+    with pytest.raises(ValueError, match=r"layout='ntp' not in \('frame_prediction', 'hybrid'\)"):
         token_layout(ModelConfig(layout="ntp"))
     with pytest.raises(ValueError, match="model.layout='prefix' not in"):
         layout_class("prefix")
