@@ -39,7 +39,7 @@ then
   echo "== installing requirements.txt (constrained to torch==2.13.0)"
   pip install -q -c "$REPO/constraints.txt" -r "$REPO/requirements.txt"
 fi
-# the project itself, editable (packages megatron_nbp and data_prep, the nbp-* console scripts)
+# the project itself, editable (packages megatron_nbp, data_prep and nbp_common, the nbp-* console scripts)
 if ! python - "$REPO" <<'PY' 2>/dev/null
 import json, sys
 from importlib.metadata import distribution
@@ -47,7 +47,16 @@ url = json.loads(distribution("megatron-nbp").read_text("direct_url.json") or "{
 sys.exit(url.get("url") != "file://" + sys.argv[1] or not url.get("dir_info", {}).get("editable"))
 PY
 then
+  INSTALL_PROJECT=1
+fi
+# pyproject.toml changed since the last install (new package, console script, version): install again
+STAMP="$VENV/.megatron-nbp-pyproject.sha256"
+if [ "$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)" != "$(cat "$STAMP" 2>/dev/null)" ]; then
+  INSTALL_PROJECT=1
+fi
+if [ -n "${INSTALL_PROJECT:-}" ]; then
   echo "== installing the project (pip install -e .)"
   pip install -q --no-deps --no-build-isolation -e "$REPO"
+  sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1 > "$STAMP"
 fi
 python -c "import torch, megatron.core, megatron_nbp; print(f'== environment ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, megatron-nbp {megatron_nbp.__version__}')" 2>/dev/null
