@@ -244,8 +244,8 @@ def test_check_manifest_accepts_matching_and_refuses_mismatches(dataset):
 def test_pretrain_refuses_wrong_tokenizer_before_building_the_model(dataset, monkeypatch):
     from megatron_nbp import training
     from megatron_nbp.config import NBPConfig
-    from megatron_nbp.training import loop, megatron_backend
     from megatron_nbp.data import DataError
+    from megatron_nbp.training import loop, megatron_backend
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("model/parallel state built before the data check")
