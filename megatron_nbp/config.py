@@ -278,7 +278,7 @@ class TrainingConfig(TypedConfig):
 
 
 class DeepSpeedConfig(TypedConfig):
-    """DeepSpeed ZeRO settings, used when ``train.backend`` is "deepspeed" (megatron_nbp.deepspeed_backend).
+    """DeepSpeed ZeRO settings, used when ``train.backend`` is "deepspeed" (megatron_nbp.training.deepspeed_backend).
 
     ZeRO partitions over the data-parallel group only; tensor parallelism stays megatron-core's layers.
     """

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,329 @@ def _recon_grid(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return ((torch.cat([top, bottom], dim=-2).clamp(-1, 1) + 1) / 2).detach().cpu()
 
 
+def _start_process_group() -> tuple[int, int, bool]:
+    """Set the thread count (:func:`_setup_threads`) and, under torchrun (WORLD_SIZE > 1), start a gloo
+    process group unless one exists.
+
+    Returns:
+        ``(rank, world size, whether this call created the group)`` (the creator destroys it at the end).
+    """
+    _setup_threads()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    created_group = world > 1 and not dist.is_initialized()
+    if created_group:
+        dist.init_process_group("gloo")
+    rank, world = _dist_info()
+    return rank, world, created_group
+
+
+def _checked_config(opts: TrainOptions) -> TokenizerConfig:
+    """The tokenizer config of ``opts.config``, once the options that do not depend on data are checked.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or bad config; T not 1 + 4n or resolution not a multiple
+            of 8 (:meth:`VideoTokenizer.latent_shape`); unknown ``gan_loss``; ``perceptual_weight`` > 0
+            without ``perceptual_network``.
+    """
+    config = TokenizerConfig.from_yaml(opts.config)
+    VideoTokenizer.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
+    if opts.gan_loss not in ("hinge", "non_saturating"):
+        raise ValueError(f"gan_loss must be 'hinge' or 'non_saturating', got {opts.gan_loss!r}")
+    if opts.perceptual_weight > 0 and not opts.perceptual_network:
+        raise ValueError("perceptual_weight > 0 needs perceptual_network (a TorchScript file you supply)")
+    return config
+
+
+@dataclass
+class _Trainables:
+    """Everything one rank trains or updates, built by :meth:`build`.
+
+    Attributes:
+        model: the tokenizer; ``ddp``: the same, DDP-wrapped when world > 1 (used for the forward).
+        optimizer: AdamW of the tokenizer (betas 0.9 / 0.99, ``weight_decay``).
+        disc, disc_ddp, opt_d, disc_lr: the 3D PatchGAN discriminator (DDP-wrapped when world > 1), its
+            AdamW and peak learning rate; ``disc`` / ``disc_ddp`` / ``opt_d`` are None without the GAN.
+        lecam: LeCam's EMA anchors of this rank's discriminator logits.
+        ema: EMA of the tokenizer weights (``AveragedModel``), None when ``ema_decay`` is 0.
+        perceptual: the perceptual loss, None when ``perceptual_weight`` is 0.
+    """
+
+    model: VideoTokenizer
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    disc: PatchDiscriminator3d | None
+    disc_ddp: torch.nn.Module | None
+    opt_d: torch.optim.Optimizer | None
+    disc_lr: float
+    lecam: LeCamEMA
+    ema: AveragedModel | None
+    perceptual: PerceptualLoss | None
+
+    @classmethod
+    def build(cls, opts: TrainOptions, config: TokenizerConfig, world: int) -> _Trainables:
+        """Seed torch with ``opts.seed``, then build tokenizer, discriminator, LeCam, EMA and perceptual
+        loss in that order (so a seed gives the same weights on every rank and in every run), wrap the
+        tokenizer and discriminator in DDP when ``world`` > 1 (collective: DDP broadcasts rank 0's
+        weights) and create the optimizers.
+
+        Raises:
+            FileNotFoundError: no file at ``perceptual_network``. RuntimeError: not a TorchScript archive.
+        """
+        torch.manual_seed(opts.seed)
+        model = VideoTokenizer(config)
+        disc = PatchDiscriminator3d(config.in_channels, opts.disc_channels, opts.disc_layers) \
+            if opts.disc_weight > 0 else None
+        lecam = LeCamEMA(opts.lecam_decay)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay)) if opts.ema_decay > 0 else None
+        perceptual = PerceptualLoss(opts.perceptual_network) if opts.perceptual_weight > 0 else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        disc_ddp = torch.nn.parallel.DistributedDataParallel(disc) if (world > 1 and disc is not None) else disc
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99),
+                                      weight_decay=opts.weight_decay)
+        disc_lr = opts.disc_lr if opts.disc_lr is not None else opts.lr
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.9, 0.99)) if disc is not None else None
+        return cls(model, ddp, optimizer, disc, disc_ddp, opt_d, disc_lr, lecam, ema, perceptual)
+
+    @property
+    def num_params(self) -> int:
+        """Number of tokenizer parameters."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last convolution weight (VQGAN's adaptive GAN weight compares gradients there)."""
+        return self.model.decoder.layers[-1].conv.weight
+
+    def exported(self, opts: TrainOptions) -> VideoTokenizer:
+        """The weights to evaluate and export: the EMA when enabled and ``export_ema``, else the model."""
+        return self.ema.module if (self.ema is not None and opts.export_ema) else self.model
+
+    def shared_state(self, opts: TrainOptions, step: int, elapsed: float) -> dict[str, Any]:
+        """The checkpoint's ``state.pt`` (rank 0's): step, elapsed seconds, model, optimizer, LeCam,
+        options, and discriminator + its optimizer / EMA when present."""
+        state = {"step": step, "elapsed": elapsed, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "lecam": self.lecam.state_dict(), "options": opts.to_dict()}
+        if self.disc is not None:
+            state["discriminator"] = self.disc.state_dict()
+            state["disc_optimizer"] = self.opt_d.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def rank_state(self, generator: torch.Generator) -> dict[str, Any]:
+        """The checkpoint's ``rng_rank{r}.pt``: the data-order ``generator``, torch's RNG and LeCam's
+        anchors (EMAs of this rank's logits)."""
+        return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "lecam": self.lecam.state_dict()}
+
+    def restore(self, state: dict[str, Any], rng: dict[str, Any], generator: torch.Generator, folder: Path) -> int:
+        """Load a checkpoint's ``state`` and this rank's ``rng`` (see :meth:`shared_state`,
+        :meth:`rank_state`) into the modules, optimizers, ``generator`` and torch's RNG.
+
+        Returns:
+            the checkpoint's step.
+
+        Raises:
+            TrainingCheckpointError: a part is missing or does not fit this run (names ``folder``).
+        """
+        _restore(self.model, state["model"], "tokenizer", folder)
+        _restore(self.optimizer, state["optimizer"], "tokenizer optimizer", folder)
+        if self.disc is not None:
+            if "discriminator" not in state:
+                raise TrainingCheckpointError(f"checkpoint {folder} has no discriminator but disc_weight > 0")
+            _restore(self.disc, state["discriminator"], "discriminator", folder)
+            _restore(self.opt_d, state["disc_optimizer"], "discriminator optimizer", folder)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise TrainingCheckpointError(f"checkpoint {folder} has no EMA but ema_decay > 0")
+            _restore(self.ema, state["ema"], "EMA", folder)
+        # this rank's anchors (older checkpoints only hold rank 0's, in state.pt)
+        _restore(self.lecam, rng.get("lecam", state["lecam"]), "LeCam anchors", folder)
+        try:
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise TrainingCheckpointError(
+                f"checkpoint {folder}: unusable RNG state for rank {_dist_info()[0]}: {exc}") from exc
+        return int(state["step"])
+
+
+def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Generator,
+            settings: dict[str, Any]) -> tuple[int, float]:
+    """Restore the latest checkpoint under ``opts.load`` (verified against ``settings``), if any.
+
+    Returns:
+        ``(step, elapsed seconds)`` to continue from; ``(0, 0.0)`` when ``opts.load`` holds no checkpoint
+        (logged as a warning).
+
+    Raises:
+        TrainingCheckpointError: a damaged checkpoint or one for other settings (see
+            :func:`_load_training_state`, :meth:`_Trainables.restore`).
+    """
+    loaded = _load_training_state(opts.load, settings)
+    if loaded is None:
+        log.warning("no checkpoint under %s: starting from scratch", opts.load)
+        return 0, 0.0
+    state, rng = loaded
+    folder = training_iteration_dir(opts.load, int(state["step"]))
+    step = trainables.restore(state, rng, generator, folder)
+    if _dist_info()[0] == 0:
+        log.info("resumed from %s at step %d", folder, step)
+    return step, float(state["elapsed"])
+
+
+@dataclass
+class _StepOutcome:
+    """One training step's results: the ``batch`` ([B, C, T, H, W], an image batch when ``is_image``)
+    and its reconstruction ``recon``, the generator's total ``loss`` and ``rec_loss`` and ``mse`` (scalar
+    tensors), the learning rate ``lr``, and with the GAN on (``gan_on``) the generator's adversarial term
+    ``g_adv``, its weight ``gan_weight`` and the discriminator's ``d_loss`` (None otherwise)."""
+
+    batch: torch.Tensor
+    recon: torch.Tensor
+    is_image: bool
+    lr: float
+    loss: torch.Tensor
+    rec_loss: torch.Tensor
+    mse: torch.Tensor
+    gan_on: bool
+    g_adv: torch.Tensor | None = None
+    gan_weight: torch.Tensor | float | None = None
+    d_loss: torch.Tensor | None = None
+
+
+def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: torch.Generator, step: int,
+                progress: float) -> _StepOutcome:
+    """Step ``step`` (0-based): set the learning rates (:func:`_lr_at` at ``progress``), draw a clip or
+    image batch from ``bank`` with ``generator``, update the tokenizer (reconstruction + optional
+    perceptual and adversarial terms, clipping, EMA update), then, with the GAN on, the discriminator
+    (hinge / non-saturating loss + LeCam, clipping, anchor update). Collective when DDP-wrapped."""
+    lr = _lr_at(opts, step, progress)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    is_image = opts.image_every > 0 and step % opts.image_every == opts.image_every - 1
+    if is_image:
+        batch = bank.sample_images(opts.image_batch_size, generator)
+    else:
+        batch = bank.sample_clips(opts.batch_size, generator)
+    gan_on = t.disc is not None and step >= opts.disc_start
+
+    # ---- generator (tokenizer) step
+    recon, _ = t.ddp(batch)
+    mse = F.mse_loss(recon, batch)
+    rec_loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, batch)
+    if t.perceptual is not None:
+        rec_loss = rec_loss + opts.perceptual_weight * t.perceptual(batch, recon)
+    out = _StepOutcome(batch, recon, is_image, lr, rec_loss, rec_loss, mse, gan_on)
+    if gan_on:
+        t.disc.requires_grad_(False)  # plain module (not DDP) in the G step: D's grads are not needed here
+        out.g_adv = generator_loss(t.disc(recon), opts.gan_loss)
+        out.gan_weight = opts.disc_weight * (
+            adaptive_generator_weight(rec_loss, out.g_adv, t.last_layer) if opts.adaptive_weight else 1.0)
+        out.loss = rec_loss + out.gan_weight * out.g_adv
+    t.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if opts.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), opts.grad_clip)
+    t.optimizer.step()
+    if t.ema is not None:
+        t.ema.update_parameters(t.model)
+
+    # ---- discriminator step
+    if gan_on:
+        t.disc.requires_grad_(True)
+        for group in t.opt_d.param_groups:
+            group["lr"] = _lr_at(opts, step, progress, peak=t.disc_lr)
+        logits_real = t.disc_ddp(torch.cat([batch, recon.detach()]))
+        logits_real, logits_fake = logits_real.chunk(2)
+        d_loss = discriminator_loss(logits_real, logits_fake, opts.gan_loss)
+        if opts.lecam_weight > 0:
+            d_loss = d_loss + opts.lecam_weight * t.lecam(logits_real, logits_fake)
+        t.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        if opts.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(t.disc.parameters(), opts.grad_clip)
+        t.opt_d.step()
+        t.lecam.update(logits_real, logits_fake)
+        out.d_loss = d_loss
+    return out
+
+
+class _ProgressLog:
+    """Rank 0's log lines and TensorBoard scalars / images of a training run (other ranks: nothing).
+
+    Args:
+        opts: ``log_interval``, ``tensorboard_dir``, ``image_log_interval`` are read.
+        rank: this process's rank.
+    """
+
+    def __init__(self, opts: TrainOptions, rank: int) -> None:
+        self.opts, self.enabled = opts, rank == 0
+        self.writer = None
+        self.start = self.last_time = time.time()
+        self.last_step = 0
+        if self.enabled and opts.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(opts.tensorboard_dir)
+
+    def announce(self, t: _Trainables, bank: ClipBank, world: int) -> None:
+        """The run's opening line: parameters, videos, clip windows, world, GAN and EMA settings."""
+        if self.enabled:
+            opts = self.opts
+            log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d, GAN %s, "
+                     "EMA %s", t.num_params / 1e6, len(bank.videos), bank.names, len(bank.windows), world,
+                     f"{opts.gan_loss} from step {opts.disc_start}" if t.disc is not None else "off",
+                     opts.ema_decay if t.ema is not None else "off")
+
+    def begin(self, start: float, step: int) -> None:
+        """Training (re)starts at ``step``; ``start`` is the wall time the run's elapsed time counts from."""
+        self.start, self.last_time, self.last_step = start, time.time(), step
+
+    def step(self, step: int, out: _StepOutcome, loss_value: float, lecam: LeCamEMA) -> None:
+        """After step ``step`` (1-based): at the log interval (and step 1) a line with loss, batch PSNR,
+        GAN terms, lr, steps/s and elapsed seconds, plus TensorBoard scalars; at ``image_log_interval``
+        a reconstruction grid of the batch's first clip."""
+        opts = self.opts
+        if self.enabled and (step % opts.log_interval == 0 or step == 1):
+            now = time.time()
+            rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+            kind = "image" if out.is_image else "video"
+            gan_text = ""
+            if out.gan_on:
+                gan_text = (f" | g_adv {float(out.g_adv.detach()):.3f} x {float(out.gan_weight):.3g}"
+                            f" | d_loss {float(out.d_loss.detach()):.3f}")
+            log.info("step %6d | loss %.4f | psnr %.2f dB (%s batch)%s | lr %.2e | %.2f steps/s | %.0fs",
+                     step, loss_value, psnr_from_mse(out.mse.detach()), kind, gan_text, out.lr, rate,
+                     now - self.start)
+            if self.writer:
+                w = self.writer
+                w.add_scalar("train/loss", loss_value, step)
+                w.add_scalar("train/rec_loss", float(out.rec_loss.detach()), step)
+                w.add_scalar(f"train/psnr_{kind}", psnr_from_mse(out.mse.detach()), step)
+                w.add_scalar("train/lr", out.lr, step)
+                w.add_scalar("train/steps_per_s", rate, step)
+                if out.gan_on:
+                    w.add_scalar("train/g_adv", float(out.g_adv.detach()), step)
+                    w.add_scalar("train/gan_weight", float(out.gan_weight), step)
+                    w.add_scalar("train/d_loss", float(out.d_loss.detach()), step)
+                    w.add_scalar("train/lecam_ema_real", float(lecam.ema_real), step)
+                    w.add_scalar("train/lecam_ema_fake", float(lecam.ema_fake), step)
+            self.last_time, self.last_step = now, step
+        if self.writer and opts.image_log_interval and step % opts.image_log_interval == 0:
+            self.writer.add_image(f"recon/{'image' if out.is_image else 'video'}",
+                                  _recon_grid(out.batch[0], out.recon[0]), step)
+
+    def final(self, step: int, seconds: float, psnr: float, n_eval: int) -> None:
+        """The closing line and the ``eval/psnr`` scalar; closes TensorBoard."""
+        if self.enabled:
+            log.info("final: %d steps in %.0fs (%.2f steps/s), reconstruction PSNR %.2f dB on %d %s clips",
+                     step, seconds, step / max(seconds, 1e-9), psnr, n_eval,
+                     "held-back" if self.opts.holdout_fraction > 0 else "(seen footage)")
+            if self.writer:
+                self.writer.add_scalar("eval/psnr", psnr, step)
+                self.writer.close()
+
+
 def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     """Train a :class:`VideoTokenizer` on clips of the videos under ``opts.data`` and save it (rank 0).
 
@@ -209,96 +533,26 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
             settings (model config, codebook size, latent shape, discriminator, EMA, world size); raised
             before the first step, naming the checkpoint and each differing value.
     """
-    _setup_threads()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    created_group = world > 1 and not dist.is_initialized()
-    if created_group:
-        dist.init_process_group("gloo")
-    rank, world = _dist_info()
-    config = TokenizerConfig.from_yaml(opts.config)
-    VideoTokenizer.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
-    if opts.gan_loss not in ("hinge", "non_saturating"):
-        raise ValueError(f"gan_loss must be 'hinge' or 'non_saturating', got {opts.gan_loss!r}")
-    if opts.perceptual_weight > 0 and not opts.perceptual_network:
-        raise ValueError("perceptual_weight > 0 needs perceptual_network (a TorchScript file you supply)")
-
-    torch.manual_seed(opts.seed)
-    model = VideoTokenizer(config)
-    use_gan = opts.disc_weight > 0
-    disc = PatchDiscriminator3d(config.in_channels, opts.disc_channels, opts.disc_layers) if use_gan else None
-    lecam = LeCamEMA(opts.lecam_decay)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay)) if opts.ema_decay > 0 else None
-    perceptual = PerceptualLoss(opts.perceptual_network) if opts.perceptual_weight > 0 else None
-    num_params = sum(p.numel() for p in model.parameters())
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    disc_ddp = torch.nn.parallel.DistributedDataParallel(disc) if (world > 1 and disc is not None) else disc
+    rank, world, created_group = _start_process_group()
+    config = _checked_config(opts)
+    trainables = _Trainables.build(opts, config, world)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
                           holdout_fraction=opts.holdout_fraction)
     generator = torch.Generator().manual_seed(opts.seed + 1000 * rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=opts.weight_decay)
-    disc_lr = opts.disc_lr if opts.disc_lr is not None else opts.lr
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.9, 0.99)) if disc is not None else None
-    last_layer = model.decoder.layers[-1].conv.weight
-
-    step, elapsed_before = 0, 0.0
     settings = _run_settings(config, opts, world)
-    if opts.load:
-        loaded = _load_training_state(opts.load, settings)
-        if loaded is None:
-            log.warning("no checkpoint under %s: starting from scratch", opts.load)
-        else:
-            state, rng = loaded
-            folder = training_iteration_dir(opts.load, int(state["step"]))
-            _restore(model, state["model"], "tokenizer", folder)
-            _restore(optimizer, state["optimizer"], "tokenizer optimizer", folder)
-            if disc is not None:
-                if "discriminator" not in state:
-                    raise TrainingCheckpointError(f"checkpoint {folder} has no discriminator but disc_weight > 0")
-                _restore(disc, state["discriminator"], "discriminator", folder)
-                _restore(opt_d, state["disc_optimizer"], "discriminator optimizer", folder)
-            if ema is not None:
-                if "ema" not in state:
-                    raise TrainingCheckpointError(f"checkpoint {folder} has no EMA but ema_decay > 0")
-                _restore(ema, state["ema"], "EMA", folder)
-            # this rank's anchors (older checkpoints only hold rank 0's, in state.pt)
-            _restore(lecam, rng.get("lecam", state["lecam"]), "LeCam anchors", folder)
-            step, elapsed_before = int(state["step"]), float(state["elapsed"])
-            try:
-                generator.set_state(rng["generator"])
-                torch.set_rng_state(rng["torch"])
-            except (KeyError, RuntimeError, TypeError) as exc:
-                raise TrainingCheckpointError(f"checkpoint {folder}: unusable RNG state for rank {rank}: {exc}") from exc
-            if rank == 0:
-                log.info("resumed from %s at step %d", folder, step)
-
-    writer = None
-    if rank == 0:
-        log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d, GAN %s, EMA %s",
-                 num_params / 1e6, len(bank.videos), bank.names, len(bank.windows), world,
-                 f"{opts.gan_loss} from step {opts.disc_start}" if use_gan else "off",
-                 opts.ema_decay if ema is not None else "off")
-        if opts.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(opts.tensorboard_dir)
+    step, elapsed_before = _resume(opts, trainables, generator, settings) if opts.load else (0, 0.0)
+    progress_log = _ProgressLog(opts, rank)
+    progress_log.announce(trainables, bank, world)
 
     def save_state(at_step: int, elapsed: float) -> None:
-        state = {"step": at_step, "elapsed": elapsed, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "lecam": lecam.state_dict(), "options": opts.to_dict()}
-        if disc is not None:
-            state["discriminator"] = disc.state_dict()
-            state["disc_optimizer"] = opt_d.state_dict()
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        # per rank: the data-order generator, torch's RNG and LeCam's anchors (EMAs of this rank's logits)
-        _save_training_state(opts, at_step, state, {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-                                                    "lecam": lecam.state_dict()}, settings)
+        _save_training_state(opts, at_step, trainables.shared_state(opts, at_step, elapsed),
+                             trainables.rank_state(generator), settings)
 
     start = time.time() - elapsed_before
-    first_step = step
-    last_time, last_step, loss_value = time.time(), step, float("nan")
+    first_step, loss_value = step, float("nan")
+    progress_log.begin(start, step)
     budget = opts.max_minutes * 60 if opts.max_minutes else None
-    model.train()
+    trainables.model.train()
     while step < opts.train_steps:
         elapsed = _all_reduce([time.time() - start], op=dist.ReduceOp.MAX if world > 1 else None)[0]
         if budget is not None and elapsed >= budget:
@@ -306,101 +560,23 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         if opts.exit_interval and step - first_step >= opts.exit_interval:
             break
         progress = max(step / opts.train_steps, elapsed / budget if budget else 0.0)
-        lr = _lr_at(opts, step, progress)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        is_image = opts.image_every > 0 and step % opts.image_every == opts.image_every - 1
-        if is_image:
-            batch = bank.sample_images(opts.image_batch_size, generator)
-        else:
-            batch = bank.sample_clips(opts.batch_size, generator)
-        gan_on = use_gan and step >= opts.disc_start
-
-        # ---- generator (tokenizer) step
-        recon, _ = ddp(batch)
-        mse = F.mse_loss(recon, batch)
-        rec_loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, batch)
-        if perceptual is not None:
-            rec_loss = rec_loss + opts.perceptual_weight * perceptual(batch, recon)
-        loss = rec_loss
-        g_adv = gan_weight = None
-        if gan_on:
-            disc.requires_grad_(False)  # plain module (not DDP) in the G step: D's grads are not needed here
-            g_adv = generator_loss(disc(recon), opts.gan_loss)
-            gan_weight = opts.disc_weight * (
-                adaptive_generator_weight(rec_loss, g_adv, last_layer) if opts.adaptive_weight else 1.0)
-            loss = rec_loss + gan_weight * g_adv
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opts.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(model)
-
-        # ---- discriminator step
-        d_loss = None
-        if gan_on:
-            disc.requires_grad_(True)
-            for group in opt_d.param_groups:
-                group["lr"] = _lr_at(opts, step, progress, peak=disc_lr)
-            logits_real = disc_ddp(torch.cat([batch, recon.detach()]))
-            logits_real, logits_fake = logits_real.chunk(2)
-            d_loss = discriminator_loss(logits_real, logits_fake, opts.gan_loss)
-            if opts.lecam_weight > 0:
-                d_loss = d_loss + opts.lecam_weight * lecam(logits_real, logits_fake)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if opts.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), opts.grad_clip)
-            opt_d.step()
-            lecam.update(logits_real, logits_fake)
-
+        out = _train_step(opts, trainables, bank, generator, step, progress)
         step += 1
-        loss_value = float(loss.detach())
-        if rank == 0 and (step % opts.log_interval == 0 or step == 1):
-            now = time.time()
-            rate = (step - last_step) / max(now - last_time, 1e-9)
-            kind = "image" if is_image else "video"
-            gan_text = ""
-            if gan_on:
-                gan_text = (f" | g_adv {float(g_adv.detach()):.3f} x {float(gan_weight):.3g}"
-                            f" | d_loss {float(d_loss.detach()):.3f}")
-            log.info("step %6d | loss %.4f | psnr %.2f dB (%s batch)%s | lr %.2e | %.2f steps/s | %.0fs",
-                     step, loss_value, psnr_from_mse(mse.detach()), kind, gan_text, lr, rate, now - start)
-            if writer:
-                writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/rec_loss", float(rec_loss.detach()), step)
-                writer.add_scalar(f"train/psnr_{kind}", psnr_from_mse(mse.detach()), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/steps_per_s", rate, step)
-                if gan_on:
-                    writer.add_scalar("train/g_adv", float(g_adv.detach()), step)
-                    writer.add_scalar("train/gan_weight", float(gan_weight), step)
-                    writer.add_scalar("train/d_loss", float(d_loss.detach()), step)
-                    writer.add_scalar("train/lecam_ema_real", float(lecam.ema_real), step)
-                    writer.add_scalar("train/lecam_ema_fake", float(lecam.ema_fake), step)
-            last_time, last_step = now, step
-        if writer and opts.image_log_interval and step % opts.image_log_interval == 0:
-            writer.add_image(f"recon/{'image' if is_image else 'video'}", _recon_grid(batch[0], recon[0]), step)
+        loss_value = float(out.loss.detach())
+        progress_log.step(step, out, loss_value, trainables.lecam)
         if opts.save and opts.save_interval and step % opts.save_interval == 0:
             save_state(step, time.time() - start)
     seconds = time.time() - start
     if opts.save and _latest_or_none(opts.save) != step:
         save_state(step, seconds)
-    export = ema.module if (ema is not None and opts.export_ema) else model
+    export = trainables.exported(opts)
     psnr, n_eval = evaluate_psnr(export, bank, opts.eval_clips)
     result = {"steps": step, "seconds": round(seconds, 1), "final_loss": loss_value, "psnr": psnr,
-              "eval_clips": n_eval, "parameters": num_params, "output": opts.output}
+              "eval_clips": n_eval, "parameters": trainables.num_params, "output": opts.output}
+    progress_log.final(step, seconds, psnr, n_eval)
     if rank == 0:
-        log.info("final: %d steps in %.0fs (%.2f steps/s), reconstruction PSNR %.2f dB on %d %s clips",
-                 step, seconds, step / max(seconds, 1e-9), psnr, n_eval,
-                 "held-back" if opts.holdout_fraction > 0 else "(seen footage)")
-        if writer:
-            writer.add_scalar("eval/psnr", psnr, step)
-            writer.close()
         metadata = {"train": opts.to_dict(), "result": {k: result[k] for k in ("steps", "psnr", "eval_clips")},
-                    "videos": bank.names, "weights": "ema" if export is not model else "raw"}
+                    "videos": bank.names, "weights": "ema" if export is not trainables.model else "raw"}
         save_tokenizer(export, opts.output, extra_metadata=metadata)
         log.info("saved tokenizer to %s", opts.output)
     if world > 1:

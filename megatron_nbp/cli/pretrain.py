@@ -102,10 +102,7 @@ def main(argv=None) -> None:
         sys.exit(f"pretrain_nbp.py [rank {rank}]: {type(err).__name__}: {err}")
     from megatron_nbp.parallel import destroy_parallel
 
-    if cfg.train.backend == "deepspeed":
-        from megatron_nbp.deepspeed_backend import pretrain_deepspeed as pretrain
-    else:
-        from megatron_nbp.training import pretrain
+    from megatron_nbp.training import pretrain
     from megatron_nbp.checkpointing import CheckpointError
     from megatron_nbp.data import DataError
 

@@ -245,12 +245,13 @@ def test_pretrain_refuses_wrong_tokenizer_before_building_the_model(dataset, mon
     from megatron_nbp import training
     from megatron_nbp.config import NBPConfig
     from megatron_nbp.data import DataError
+    from megatron_nbp.training import loop, megatron_backend
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("model/parallel state built before the data check")
 
-    monkeypatch.setattr(training, "initialize_parallel", must_not_run)
-    monkeypatch.setattr(training, "build_training_state", must_not_run)
+    monkeypatch.setattr(loop, "initialize_parallel", must_not_run)
+    monkeypatch.setattr(megatron_backend, "build_training_state", must_not_run)
     cfg = NBPConfig(model=_model(), data=str(dataset["cfg"].output_dir))
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 1, 1
     cfg.train.tokenizer_sha256 = "f" * 64

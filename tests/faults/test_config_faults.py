@@ -32,8 +32,9 @@ class Reached(Exception):
 @pytest.fixture
 def spies(monkeypatch):
     """Replace data check, process-group start and model builds (both backends) by recording spies."""
-    import megatron_nbp.deepspeed_backend as ds
-    import megatron_nbp.training as training
+    import megatron_nbp.training.deepspeed_backend as ds
+    import megatron_nbp.training.loop as loop
+    import megatron_nbp.training.megatron_backend as megatron
 
     calls: list[str] = []
 
@@ -43,9 +44,9 @@ def spies(monkeypatch):
             raise Reached(name)
         return called
 
-    monkeypatch.setattr(training, "check_manifest", spy("check_manifest"))
-    monkeypatch.setattr(training, "initialize_parallel", spy("initialize_parallel"))
-    monkeypatch.setattr(training, "build_gpt_model", spy("build_gpt_model"))
+    monkeypatch.setattr(loop, "check_manifest", spy("check_manifest"))
+    monkeypatch.setattr(loop, "initialize_parallel", spy("initialize_parallel"))
+    monkeypatch.setattr(megatron, "build_gpt_model", spy("build_gpt_model"))
     monkeypatch.setattr(ds, "build_gpt_model", spy("build_gpt_model"))
     monkeypatch.chdir(REPO)
     return calls

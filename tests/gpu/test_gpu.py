@@ -83,9 +83,9 @@ def test_training_runs_on_the_gpu_in_bf16_and_matches_fp32():
             assert {p.dtype for p in module.parameters()} == {torch.float32 if precision == "fp32" else torch.bfloat16}
             batches = micro_batches(cfg)
             assert not batches[0].tokens.is_cuda  # the step moves them
-            loss, grad_norm, ok = train_step(state, iter(batches), cfg, 4)
-            assert ok and grad_norm > 0
-            losses[precision] = loss
+            result = train_step(state, iter(batches), cfg, 4)
+            assert result.applied and result.grad_norm > 0
+            losses[precision] = result.loss
         assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] <= 1e-2, losses
     finally:
         destroy_parallel()

@@ -73,8 +73,8 @@ def test_batches_move_through_the_plan():
 def test_forward_step_moves_the_batch_and_builds_the_mask_on_the_plan_device(monkeypatch):
     """What only a GPU would reveal, seen on a CPU: with a GPU plan, the forward step hands the model
     tensors that went through move_batch for that plan, and a mask built for that plan's device."""
-    from megatron_nbp import training
     from megatron_nbp.model import attention
+    from megatron_nbp.training import step as step_pieces
 
     plan = device_plan(local_rank=2, cuda_available=True)
     moved_for, built_on = [], []
@@ -87,10 +87,10 @@ def test_forward_step_moves_the_batch_and_builds_the_mask_on_the_plan_device(mon
         built_on.append(device)
         return "mask"
 
-    monkeypatch.setattr(training, "move_batch", fake_move)
+    monkeypatch.setattr(step_pieces, "move_batch", fake_move)
     monkeypatch.setitem(attention.ATTENTION_BACKENDS, "dense", (attention.BlockCausalSDPAttention, fake_mask))
     cfg = NBPConfig.from_yaml("tests/configs/tiny_test.yaml").model
-    step = training.make_forward_step(cfg, plan=plan)
+    step = step_pieces.make_forward_step(cfg, plan=plan)
     batch = frame_prediction_batch(torch.randint(0, 100, (2, 80)), 4, (5, 4, 4), (1, 1, 4))
     seen = {}
 

@@ -5,7 +5,7 @@ in one set of processes (torchrun start-up and the DeepSpeed / megatron imports 
         --runs '{"megatron": {"train.backend": "megatron", ...}, "zero1": {...}}'
 
 Each run is NBPConfig.from_yaml(CONFIG, overrides) handed to the backend's real ``pretrain`` function
-(megatron_nbp.training.pretrain or megatron_nbp.deepspeed_backend.pretrain_deepspeed), which
+(megatron_nbp.training.pretrain, which picks the backend from ``train.backend``), which
 re-seeds, rebuilds the model and restarts the data stream; megatron's parallel groups are torn down
 between runs, the default process group is kept.
 """
@@ -17,7 +17,6 @@ import json
 from megatron.core import parallel_state
 
 from megatron_nbp.config import NBPConfig
-from megatron_nbp.deepspeed_backend import pretrain_deepspeed
 from megatron_nbp.parallel import destroy_parallel
 from megatron_nbp.training import pretrain
 
@@ -29,7 +28,7 @@ def main():
     args = parser.parse_args()
     for name, overrides in json.loads(args.runs).items():
         cfg = NBPConfig.from_yaml(args.config, overrides)
-        (pretrain_deepspeed if cfg.train.backend == "deepspeed" else pretrain)(cfg)
+        pretrain(cfg)
         parallel_state.destroy_model_parallel()
         print(f"> run {name} done", flush=True)
     destroy_parallel()

@@ -71,8 +71,7 @@ class Writer:
         if name == "tokenizer":
             import data_prep.tokenizer.train  # noqa: F401
         else:
-            import megatron_nbp.deepspeed_backend  # noqa: F401
-            import megatron_nbp.training  # noqa: F401
+            import megatron_nbp.training  # noqa: F401 (both backends)
         self.launcher = _launcher("train_tokenizer" if name == "tokenizer" else "pretrain_nbp")
         # the published directory of CRASH_AT, its staging name, the pointer file and what it then holds
         if name == "deepspeed":

@@ -60,8 +60,7 @@ def main() -> None:
     root = Path(args.root)
     pretrain, tokenizer = _launcher("pretrain_nbp"), _launcher("train_tokenizer")
     import data_prep.tokenizer.train  # noqa: F401 - everything the ranks need, imported before the fork
-    import megatron_nbp.deepspeed_backend  # noqa: F401
-    import megatron_nbp.training  # noqa: F401
+    import megatron_nbp.training  # noqa: F401 (both backends)
     from tests.faults.test_safe_loading import plant_payloads
 
     def job(kind: str, command: list[str], logs: Path) -> list[int]:

@@ -12,6 +12,7 @@ processes; writes DIR/result.json (rank 0): {stage: results}.
 """
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -21,10 +22,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_nbp.config import NBPConfig
-from megatron_nbp.deepspeed_backend import build_deepspeed_state, deepspeed_train_step
-from megatron_nbp.deepspeed_checkpointing import LATEST_TAG_FILE, save_deepspeed_checkpoint
+from megatron_nbp.deepspeed_checkpointing import LATEST_TAG_FILE
 from megatron_nbp.parallel import destroy_parallel, initialize_parallel
-from megatron_nbp.training import training_loop
+from megatron_nbp.training import DeepSpeedBackend, training_loop
 from tests.workers.tp_pp_worker import micro_batches
 
 
@@ -68,14 +68,19 @@ def run_stage(stage: int, work: Path) -> dict:
     cfg = NBPConfig.from_yaml("tests/configs/tiny_test.yaml", {
         "train.backend": "deepspeed", "deepspeed.zero_stage": stage, "train.max_skipped_iterations": 3,
         "save": str(work / "ckpt")})
-    initialize_parallel(1, 1, seed=cfg.train.seed)
+    backend = DeepSpeedBackend(cfg)
+    backend.build(initialize_parallel(1, 1, seed=cfg.train.seed))
     rank = dist.get_rank()
-    state = build_deepspeed_state(cfg)
+    state = backend.state
     engine = state.engine
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist.get_world_size())
     data = micro_batches(cfg)[rank * num_micro:(rank + 1) * num_micro]  # each DP rank its own micro-batches
     batches = lambda: iter(data)  # noqa: E731
-    step = lambda: deepspeed_train_step(state, batches(), num_micro)  # noqa: E731
+
+    def step() -> tuple[float, float, bool]:
+        result = backend.train_step(batches(), num_micro)
+        return result.loss, result.grad_norm, result.applied
+
     lr = lambda: engine.optimizer.param_groups[0]["lr"]  # noqa: E731
     counters = lambda: [engine.global_steps, engine.skipped_steps, state.scheduler.num_steps]  # noqa: E731
 
@@ -120,10 +125,8 @@ def run_stage(stage: int, work: Path) -> dict:
 
     set_entry(poisoned, float("nan"))
     try:
-        training_loop(cfg, 2, 16, step=step,
-                      save=lambda it, seen: save_deepspeed_checkpoint(cfg.save, it, engine, state.scheduler, seen,
-                                                                      cfg.to_dict()["model"], cfg.deepspeed.stage),
-                      current_lr=lr)
+        # this rank's same micro-batches every iteration, from iteration 2 (16 samples seen)
+        training_loop(cfg, backend, itertools.cycle(data), num_micro, iteration=2, consumed=16)
         out["aborted"] = None
     except FloatingPointError as err:
         out["aborted"] = str(err)

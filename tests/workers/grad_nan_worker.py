@@ -118,7 +118,9 @@ def run_variant(name: str) -> dict:
     batches = micro_batches(cfg)
     data_a = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     data_b = list(reversed(batches))[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    step = lambda st, data: train_step(st, iter(data), cfg, per_rank)  # noqa: E731
+    def step(st, data) -> tuple[float, float, bool]:
+        result = train_step(st, iter(data), cfg, per_rank)
+        return result.loss, result.grad_norm, result.applied
     fault_rank = dist.get_world_size() - 1
     out = {"dp": dp, "fault_rank": fault_rank, "faults": {}}
 

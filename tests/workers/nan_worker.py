@@ -2,16 +2,17 @@
 (weights, optimizer and LR unchanged) and too many in a row save a checkpoint and abort."""
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 
 import torch
 
-from megatron_nbp.checkpointing import read_latest_iteration, save_checkpoint, unwrap
+from megatron_nbp.checkpointing import read_latest_iteration, unwrap
 from megatron_nbp.config import NBPConfig
 from megatron_nbp.parallel import destroy_parallel, initialize_parallel
-from megatron_nbp.training import build_training_state, train_step, training_loop
+from megatron_nbp.training import MegatronBackend, train_step, training_loop
 from tests.workers.tp_pp_worker import micro_batches
 
 
@@ -22,28 +23,27 @@ def main():
     work = Path(args.workdir)
     cfg = NBPConfig.from_yaml("tests/configs/tiny_test.yaml", {"train.max_skipped_iterations": 3,
                                                                "save": str(work / "ckpt")})
-    initialize_parallel(1, 1, seed=cfg.train.seed)
-    state = build_training_state(cfg)
+    backend = MegatronBackend(cfg)
+    backend.build(initialize_parallel(1, 1, seed=cfg.train.seed))
+    state = backend.state
     batches = lambda: iter(micro_batches(cfg))  # noqa: E731
-    out = {"first_ok": train_step(state, batches(), cfg, 4)[2]}
+    out = {"first_ok": train_step(state, batches(), cfg, 4).applied}
     params = {n: p.detach().clone() for n, p in unwrap(state.model).named_parameters()}
     lr = state.optimizer.param_groups[0]["lr"]
     poisoned = unwrap(state.model).decoder.layers[0].mlp.linear_fc2.weight
     with torch.no_grad():
         saved = poisoned[0, 0].item()
         poisoned[0, 0] = float("inf")
-    loss, grad_norm, ok = train_step(state, batches(), cfg, 4)
+    result = train_step(state, batches(), cfg, 4)
     with torch.no_grad():
         poisoned[0, 0] = saved
-    out.update(skipped_ok=ok, skipped_loss=loss, lr_unchanged=state.optimizer.param_groups[0]["lr"] == lr,
+    out.update(skipped_ok=result.applied, skipped_loss=result.loss, lr_unchanged=state.optimizer.param_groups[0]["lr"] == lr,
                weights_unchanged=all(torch.equal(p, params[n]) for n, p in unwrap(state.model).named_parameters()))
     with torch.no_grad():
         poisoned[0, 0] = float("nan")
     try:
-        training_loop(cfg, 2, 16, step=lambda: train_step(state, batches(), cfg, 4),
-                      save=lambda it, seen: save_checkpoint(cfg.save, it, state.model, state.optimizer,
-                                                            state.scheduler, seen, cfg.to_dict()["model"]),
-                      current_lr=lambda: state.optimizer.param_groups[0]["lr"])
+        # the same 4 micro-batches every iteration, from iteration 2 (16 samples seen)
+        training_loop(cfg, backend, itertools.cycle(micro_batches(cfg)), 4, iteration=2, consumed=16)
         out["aborted"] = None
     except FloatingPointError as err:
         out["aborted"] = str(err)

@@ -100,8 +100,9 @@ def main():
         initial = None
     steps = []
     for it in range(ITERATIONS):
-        loss, grad_norm, ok = train_step(state, iter(iteration_batches(cfg, it)), cfg, NUM_MICROBATCHES)
-        steps.append({"loss": loss, "grad_norm": grad_norm, "ok": ok, "lr": state.optimizer.param_groups[0]["lr"]})
+        result = train_step(state, iter(iteration_batches(cfg, it)), cfg, NUM_MICROBATCHES)
+        steps.append({"loss": result.loss, "grad_norm": result.grad_norm, "ok": result.applied,
+                      "lr": state.optimizer.param_groups[0]["lr"]})
     result = {
         "steps": steps, "clip_grad": cfg.train.clip_grad,
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),

@@ -55,10 +55,10 @@ def run_variant(name: str, work: Path) -> None:
     data = micro_batches(cfg)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     out = {"loss": [], "grad_norm": [], "ok": []}
     for i in range(3):
-        loss, grad_norm, ok = train_step(state, iter(data), cfg, per_rank)
-        out["loss"].append(loss)
-        out["grad_norm"].append(grad_norm)
-        out["ok"].append(ok)
+        result = train_step(state, iter(data), cfg, per_rank)
+        out["loss"].append(result.loss)
+        out["grad_norm"].append(result.grad_norm)
+        out["ok"].append(result.applied)
         if i == 0:
             out["grads"] = {n: p.main_grad.detach().float().clone() for n, p in unwrap(state.model).named_parameters()}
     if cfg.train.overlap_param_gather:  # the last update's all-gather is still pending

@@ -1,21 +1,22 @@
-"""NBP pretraining with DeepSpeed ZeRO (stage 1/2/3, optional CPU optimizer offload) over megatron-core
+"""The DeepSpeed ZeRO backend (stage 1/2/3, optional CPU optimizer offload) over megatron-core
 tensor-parallel layers: ``train.backend: deepspeed`` (launchers/pretrain_nbp.py --backend deepspeed).
 
 The same GPTModel, data stream, forward step, NBP loss, parameter groups and LR schedule as the
-megatron backend (megatron_nbp.training); only the data-parallel machinery differs. DeepSpeed gets
-megatron's parallel_state as its ``mpu`` (:class:`MegatronMPU`), so ZeRO partitions optimizer states,
-gradients (2) and parameters (3) over the data-parallel group only, and computes the gradient norm
-over the tensor-parallel group without double-counting replicated parameters. No pipeline
+megatron backend (megatron_nbp.training.megatron_backend); only the data-parallel machinery differs.
+DeepSpeed gets megatron's parallel_state as its ``mpu`` (:class:`MegatronMPU`), so ZeRO partitions
+optimizer states, gradients (2) and parameters (3) over the data-parallel group only, and computes the
+gradient norm over the tensor-parallel group without double-counting replicated parameters. No pipeline
 parallelism (NBPConfig.validate refuses it): the iteration is a plain loop over micro-batches with
 DeepSpeed's gradient accumulation.
 
 Numerics match the megatron backend (fp32 on CPU): each micro-batch's loss is its token-mean, DeepSpeed
 divides it by the gradient-accumulation steps and averages gradients over data-parallel ranks, as the
 megatron schedule + DDP do; the optimizer is torch AdamW on megatron's parameter groups (no weight
-decay on biases and norms), which is what megatron-core uses when neither TE nor Apex is installed;
-clipping is DeepSpeed's ``gradient_clipping`` (clip / (norm + 1e-6), as megatron's clip_grad_norm).
-Precision is the run's ``train.precision`` (bf16 by default on GPU, fp32 on CPU; fp16 with DeepSpeed's
-dynamic loss scaling), always with fp32 master weights in the ZeRO optimizer. Devices and batches are
+decay on biases and norms, megatron_nbp.training.optim), which is what megatron-core uses when neither
+TE nor Apex is installed; clipping is DeepSpeed's ``gradient_clipping`` (clip / (norm + 1e-6), as
+megatron's clip_grad_norm). Precision is the run's ``train.precision`` (bf16 by default on GPU, fp32
+on CPU; fp16 with DeepSpeed's dynamic loss scaling), always with fp32 master weights in the ZeRO
+optimizer. Devices and batches are
 placed as in the megatron backend (megatron_nbp.device). A non-finite loss or gradient on any rank skips
 the update on every rank, as in the megatron backend (see :func:`deepspeed_train_step`).
 """
@@ -23,22 +24,24 @@ the update on every rank, as in the megatron backend (see :func:`deepspeed_train
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_nbp.config import NBPConfig
+from megatron_nbp.config import NBPConfig, TrainingConfig
 from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
-from megatron_nbp.model.builder import build_gpt_model
-from megatron_nbp.parallel import print_rank_0
 from megatron_nbp.device import DevicePlan, device_plan
-from megatron_nbp.training import (_loss_contribution, build_data_iterator, build_scheduler, make_forward_step,
-                                   optimizer_config, report_resume, start_job, training_loop)
+from megatron_nbp.layouts import LayoutBatch
+from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.training.backend import StepResult, TrainingBackend
+from megatron_nbp.training.optim import build_scheduler, weight_decay_groups
+from megatron_nbp.training.step import loss_contribution, make_forward_step
 
 
 class MegatronMPU:
@@ -109,10 +112,8 @@ def deepspeed_config(cfg: NBPConfig, dp_size: int, precision: str) -> dict[str, 
     return config
 
 
-def _fp16_section(t) -> dict[str, Any]:
+def _fp16_section(t: TrainingConfig) -> dict[str, Any]:
     """DeepSpeed's fp16 section from Megatron-LM's loss-scaling settings (``loss_scale`` 0 = dynamic)."""
-    import math
-
     return {"enabled": True, "loss_scale": t.loss_scale or 0,
             "initial_scale_power": int(round(math.log2(t.initial_loss_scale))),
             "loss_scale_window": t.loss_scale_window, "hysteresis": t.hysteresis, "min_loss_scale": t.min_loss_scale}
@@ -121,13 +122,13 @@ def _fp16_section(t) -> dict[str, Any]:
 def build_optimizer(module: torch.nn.Module, cfg: NBPConfig, use_gpu: bool) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay on megatron-core's parameter groups for ``module``.
 
-    The groups come from megatron's own grouping (``_get_param_groups``: weight decay off for biases and
-    1-D parameters, ``wd_mult`` / ``max_lr`` / ``min_lr`` keys that OptimizerParamScheduler reads), so
-    both backends decay the same parameters. torch.optim.AdamW, except DeepSpeedCPUAdam (adamw mode,
-    its compiled host kernel) for optimizer offload on GPU.
+    The groups are megatron's default grouping (:func:`~megatron_nbp.training.optim.weight_decay_groups`:
+    weight decay off for biases and 1-D parameters, ``wd_mult`` / ``max_lr`` / ``min_lr`` keys that
+    OptimizerParamScheduler reads), so both backends decay the same parameters. torch.optim.AdamW, except
+    DeepSpeedCPUAdam (adamw mode, its compiled host kernel) for optimizer offload on GPU.
     """
     t = cfg.train
-    groups = _get_param_groups([module], optimizer_config(t), None)
+    groups = weight_decay_groups(module, t.lr, t.min_lr)
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     if use_gpu and cfg.deepspeed.offload == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -150,14 +151,13 @@ def _skip_shm_comm_build() -> None:
 class DeepSpeedState:
     """One rank's DeepSpeed engine (wrapping the GPTModel and the ZeRO optimizer), the LR scheduler
     (megatron's, on the engine's parameter groups), the forward step shared with the megatron backend,
-    the precision, fp16's minimum loss scale and whether the last skip was a loss-scale overflow."""
+    the precision and fp16's minimum loss scale."""
 
     engine: Any
     scheduler: OptimizerParamScheduler
     forward_step: Callable
     precision: str = "fp32"
     min_loss_scale: float = 1.0
-    last_skip_was_overflow: bool = False
 
 
 def build_deepspeed_state(cfg: NBPConfig, plan: DevicePlan | None = None) -> DeepSpeedState:
@@ -186,7 +186,8 @@ def build_deepspeed_state(cfg: NBPConfig, plan: DevicePlan | None = None) -> Dee
                           cfg.train.min_loss_scale)
 
 
-def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches: int):
+def deepspeed_train_step(state: DeepSpeedState, data_iterator: Iterator[LayoutBatch],
+                         num_microbatches: int) -> StepResult:
     """One iteration: forward/backward of each micro-batch through the engine (DeepSpeed accumulates and
     takes the ZeRO step at the last one), then the scheduler step, unless the update is skipped.
 
@@ -206,13 +207,12 @@ def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches:
 
     Host reads per iteration: the loss flag before the last backward (one fused check of every
     micro-batch, one all-reduce) and, after the step, one all-reduce carrying "applied" and the loss.
-    Under fp16 an overflow skip by DeepSpeed's dynamic loss scaler above its minimum scale sets
-    ``state.last_skip_was_overflow`` (a normal event of loss scaling, not a fault).
+    Under fp16 an overflow skip by DeepSpeed's dynamic loss scaler above its minimum scale is reported
+    as ``loss_scale_overflow`` (a normal event of loss scaling, not a fault).
 
     Returns:
-        (loss: token-weighted mean over micro-batches and DP ranks, float (nan/inf on a skipped step);
-        grad_norm: float, before clipping, nan on a skipped step; update_ok: bool, False if the update
-        was skipped)
+        the :class:`StepResult` (loss: token-weighted mean over micro-batches and DP ranks, nan/inf on a
+        skipped step; grad_norm: before clipping, nan on a skipped step).
 
     Raises:
         RuntimeError: DeepSpeed applied the update on some ranks but not on others (replicas diverged).
@@ -234,22 +234,21 @@ def deepspeed_train_step(state: DeepSpeedState, data_iterator, num_microbatches:
         engine.step()
     applied = bool(engine.was_step_applied())
     not_applied = torch.tensor([0.0 if applied else 1.0], device=loss.device)
-    total = torch.cat([not_applied, _loss_contribution(reported, loss.device)])
+    total = torch.cat([not_applied, loss_contribution(reported, loss.device)])
     dist.all_reduce(total)
     skipped_ranks, loss_sum, tokens = total.tolist()
     mean_loss = loss_sum / max(tokens, 1.0)
     if skipped_ranks not in (0, dist.get_world_size()):
         raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed applied the update on some ranks but skipped it on "
                            "others; the data-parallel replicas no longer agree")
-    state.last_skip_was_overflow = False
     if skipped_ranks:
         scale = getattr(engine.optimizer, "loss_scale", None)
-        state.last_skip_was_overflow = (state.precision == "fp16" and losses_finite and scale is not None
-                                        and float(scale) > state.min_loss_scale)
-        return mean_loss, float("nan"), False
+        overflow = (state.precision == "fp16" and losses_finite and scale is not None
+                    and float(scale) > state.min_loss_scale)
+        return StepResult(mean_loss, float("nan"), False, loss_scale_overflow=overflow)
     state.scheduler.step(increment=1)
     grad_norm = engine.get_global_grad_norm()
-    return mean_loss, float(grad_norm if grad_norm is not None else 0.0), True
+    return StepResult(mean_loss, float(grad_norm if grad_norm is not None else 0.0), True)
 
 
 def _on_every_rank(flag: torch.Tensor) -> bool:
@@ -260,29 +259,50 @@ def _on_every_rank(flag: torch.Tensor) -> bool:
     return bool(t.item())
 
 
-def pretrain_deepspeed(cfg: NBPConfig) -> list[float]:
-    """The training job with ``train.backend: deepspeed``; same contract as megatron_nbp.training.pretrain
-    (per-iteration losses on the logging rank, resume from ``cfg.load``, saves per the intervals)."""
-    p = cfg.parallel
-    plan, dp_size, num_microbatches = start_job(cfg, 1)
-    state = build_deepspeed_state(cfg, plan)
-    print_rank_0(
-        f"> DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "
-        f"TP={p.tensor_model_parallel_size} DP={dp_size} | micro-batches per iteration: {num_microbatches} | "
-        f"seq length {cfg.model.seq_length} | block size {cfg.model.block_size} | "
-        f"padded vocab {cfg.model.padded_vocab_size} | {state.precision}"
-    )
-    model_config = cfg.to_dict()["model"]
-    iteration, consumed = 0, 0
-    if cfg.load:
-        iteration, consumed = load_deepspeed_checkpoint(cfg.load, state.engine, state.scheduler, model_config)
-        report_resume(cfg, iteration)
-    data_iterator = build_data_iterator(cfg, consumed)
-    return training_loop(
-        cfg, iteration, consumed,
-        step=lambda: deepspeed_train_step(state, data_iterator, num_microbatches),
-        save=lambda it, seen: save_deepspeed_checkpoint(cfg.save, it, state.engine, state.scheduler, seen,
-                                                        model_config, cfg.deepspeed.stage),
-        current_lr=lambda: state.engine.optimizer.param_groups[0]["lr"],
-        plan=plan, overflow_skip=lambda: state.last_skip_was_overflow,
-    )
+class DeepSpeedBackend(TrainingBackend):
+    """:class:`TrainingBackend` over a DeepSpeed ZeRO engine (TP from megatron-core, no PP); its state
+    after :meth:`build` is :attr:`state` (a :class:`DeepSpeedState`)."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: NBPConfig) -> None:
+        super().__init__(cfg)
+        self.state: DeepSpeedState | None = None
+
+    def build(self, plan: DevicePlan) -> None:
+        """:func:`build_deepspeed_state` on ``plan``."""
+        self.state = build_deepspeed_state(self.cfg, plan)
+        self.plan = plan
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision of :attr:`state`."""
+        return self.state.precision
+
+    def describe(self, dp_size: int, num_microbatches: int) -> str:
+        """ZeRO stage and offload, TP / DP, micro-batches, sequence and block sizes, precision."""
+        cfg, p = self.cfg, self.cfg.parallel
+        return (f"> DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "
+                f"TP={p.tensor_model_parallel_size} DP={dp_size} | micro-batches per iteration: {num_microbatches} | "
+                f"seq length {cfg.model.seq_length} | block size {cfg.model.block_size} | "
+                f"padded vocab {cfg.model.padded_vocab_size} | {self.precision}")
+
+    def load(self) -> tuple[int, int] | None:
+        """DeepSpeed checkpoint from ``cfg.load`` (engine, ZeRO partitions, scheduler, every rank's RNG;
+        :func:`megatron_nbp.deepspeed_checkpointing.load_deepspeed_checkpoint`)."""
+        iteration, consumed = load_deepspeed_checkpoint(self.cfg.load, self.state.engine, self.state.scheduler,
+                                                        self.cfg.to_dict()["model"])
+        return (iteration, consumed) if iteration else None
+
+    def train_step(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> StepResult:
+        """:func:`deepspeed_train_step` on :attr:`state`."""
+        return deepspeed_train_step(self.state, data_iterator, num_microbatches)
+
+    def save(self, iteration: int, consumed: int) -> Path:
+        """:func:`megatron_nbp.deepspeed_checkpointing.save_deepspeed_checkpoint` under ``cfg.save``."""
+        return save_deepspeed_checkpoint(self.cfg.save, iteration, self.state.engine, self.state.scheduler, consumed,
+                                         self.cfg.to_dict()["model"], self.cfg.deepspeed.stage)
+
+    def learning_rate(self) -> float:
+        """The ZeRO optimizer's first group's lr."""
+        return self.state.engine.optimizer.param_groups[0]["lr"]
