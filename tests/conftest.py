@@ -16,9 +16,26 @@ import pytest
 # --- markers: the test's kind (its folder) and what it needs ----------------------------------------
 # tests/unit: one process, seconds; tests/distributed: torchrun worlds, equivalence of parallel layouts and
 # backends; tests/faults: crashes, SIGKILL, damaged and malicious inputs; tests/gpu: CUDA only.
-# `pytest -m "not slow"` leaves out the runs over 30 s (measured on 2 cores); `-m unit` is the quick loop.
+# `pytest -m "not slow"` leaves out the modules whose tests (with the fixtures they need) take over 20 s
+# (SLOW_MODULES); `-m unit` is the quick loop. CI runs everything.
 
 FOLDER_MARKERS = {"unit": "unit", "distributed": "distributed", "faults": "faults", "gpu": "gpu"}
+
+# Modules marked `slow`: seconds of the module in `bash scripts/test.sh --durations=120` on 2 idle CPU cores
+# (2026-11-30). A module, not a test, because their time is mostly a shared fixture (one torchrun job
+# whose result several tests check), which any one selected test would start anyway.
+SLOW_MODULES = {
+    "tests/distributed/test_parallel_equivalence.py": 186,
+    "tests/distributed/test_deepspeed_zero.py": 95,
+    "tests/faults/test_resume.py": 93,
+    "tests/distributed/test_precision_checkpoints.py": 42,
+    "tests/faults/test_publish_crash.py": 36,
+    "tests/faults/test_numerical_faults.py": 31,
+    "tests/faults/test_safe_loading.py": 29,
+    "tests/faults/test_tokenizer_faults.py": 28,
+    "tests/distributed/test_multinode.py": 23,
+    "tests/distributed/test_parallel_training.py": 22,
+}
 
 
 def pytest_configure(config):
@@ -27,7 +44,7 @@ def pytest_configure(config):
         "unit: one process, no torchrun (tests/unit)",
         "distributed: starts torchrun / multi-process worlds (tests/distributed)",
         "faults: crashes, kills, damaged or malicious inputs (tests/faults)",
-        "slow: takes over 30 s on 2 CPU cores",
+        "slow: a module whose tests take over 20 s on 2 CPU cores (SLOW_MODULES)",
         "network: needs a package registry (PyPI / Debian apt) or its cache; skipped when the files are not "
         "cached and the registry is unreachable",
         "gpu: needs a CUDA GPU (skipped on CPU machines and in CI; tests/gpu)",
@@ -36,11 +53,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test with its folder's kind (FOLDER_MARKERS)."""
+    """Mark every test with its folder's kind (FOLDER_MARKERS) and the slow modules (SLOW_MODULES)."""
     for item in items:
         parts = item.nodeid.split("/")
         if len(parts) > 2 and parts[0] == "tests" and parts[1] in FOLDER_MARKERS:
             item.add_marker(FOLDER_MARKERS[parts[1]])
+        if item.nodeid.split("::")[0] in SLOW_MODULES:
+            item.add_marker("slow")
 
 
 # --- data_prep: `network` marker (tests that reach PyPI / Debian apt) ---------------------------------
