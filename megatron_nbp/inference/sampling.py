@@ -10,56 +10,74 @@ caller-supplied function of the :data:`Sampler` signature instead of :func:`samp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field, field_validator
+
+from nbp_common.config import TypedConfig, add_config_arguments, config_overrides
 
 __all__ = ["SamplingConfig", "Sampler", "sample_tokens", "guided_logits", "add_sampling_args", "sampling_from_args"]
 
 
-@dataclass
-class SamplingConfig:
-    """temperature <= 0 = greedy (argmax); top_k / top_p as in the NBP release (the paper's defaults:
-    k = 16000, p = 0.9); ``cfg_scale`` is the classifier-free guidance scale (1 = no guidance; hybrid
-    models trained with a null condition)."""
+class SamplingConfig(TypedConfig):
+    """How generation picks tokens from logits, as the NBP release does (the paper's defaults: top-k
+    16000, top-p 0.9, temperature 1). One meaning of "off" wherever a config comes from: ``top_k`` None
+    or 0 and ``top_p`` None or >= 1 turn the filter off (stored as None). The flags of ``nbp-generate``
+    and ``nbp-evaluate`` are derived from these fields (:func:`add_sampling_args`).
 
-    temperature: float = 1.0
-    top_k: int | None = 16000
-    top_p: float | None = 0.9
-    cfg_scale: float = 1.0
+    Raises:
+        ConfigError (a ValueError): a negative top_k, a top_p <= 0, a cfg_scale < 0, or a wrong type,
+            naming the field.
+    """
 
-    def __post_init__(self) -> None:
-        """One meaning for "off" wherever a config comes from: ``top_k`` None or 0 and ``top_p`` None or >= 1
-        turn the filter off (stored as None).
+    temperature: float = Field(1.0, description="softmax temperature; 0 = greedy (argmax)")
+    top_k: int | None = Field(16000, description="keep the ids whose logits are >= the k-th largest; 0 = off "
+                                                 "(paper: 16000)")
+    top_p: float | None = Field(0.9, description="nucleus: keep the most probable ids up to this mass; 1 = off "
+                                                 "(paper: 0.9)")
+    cfg_scale: float = Field(1.0, description="classifier-free guidance scale: uncond + scale x (cond - uncond); "
+                                              "1 = none (needs a model trained with a null condition)")
 
-        Raises:
-            ValueError: a negative top_k, a top_p <= 0, or a cfg_scale < 0.
-        """
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns top-k off)")
-        if self.top_p is not None and self.top_p <= 0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 turns top-p off)")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (1 = no guidance)")
-        self.top_k = self.top_k or None
-        self.top_p = self.top_p if self.top_p is not None and self.top_p < 1.0 else None
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"top_k={value} must be >= 0 (0 turns top-k off)")
+        return value or None
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_off(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"top_p={value} must be in (0, 1] (1 turns top-p off)")
+        return value if value is not None and value < 1.0 else None
+
+    @field_validator("cfg_scale")
+    @classmethod
+    def _cfg_scale_positive(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"cfg_scale={value} must be >= 0 (1 = no guidance)")
+        return value
+
+
+SAMPLING_LAUNCHER_FLAGS = {"--seed": "the sampling seed (not a SamplingConfig field: one per run, not per model)"}
 
 
 def add_sampling_args(parser) -> None:
-    """The sampling flags every generating command shares (nbp-generate, nbp-evaluate), with the paper's
-    defaults: ``--temperature`` (0 = greedy), ``--top-k`` (0 = off), ``--top-p`` (1 = off), ``--cfg-scale``
-    (1 = no guidance), ``--seed``. Read them back with :func:`sampling_from_args`."""
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
-    parser.add_argument("--top-k", type=int, default=16000, help="keep the k most probable ids; 0 = off (paper: 16000)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass; 1 = off (paper: 0.9)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0,
-                        help="classifier-free guidance scale (1 = none; needs a model trained with a null condition)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    """The sampling flags every generating command shares (nbp-generate, nbp-evaluate): one per
+    :class:`SamplingConfig` field (nbp_common.config.add_config_arguments, defaults shown) and ``--seed``.
+    Read them back with :func:`sampling_from_args`."""
+    add_config_arguments(parser, SamplingConfig, show_defaults=True)
+    parser.add_argument("--seed", type=int, default=0, help=SAMPLING_LAUNCHER_FLAGS["--seed"] + " (default: 0)")
 
 
 def sampling_from_args(args) -> SamplingConfig:
-    """The :class:`SamplingConfig` of flags added by :func:`add_sampling_args` (raises ValueError on bad values)."""
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
+    """The :class:`SamplingConfig` of the flags added by :func:`add_sampling_args` (fields not given keep
+    their defaults).
+
+    Raises:
+        ConfigError: a bad value, naming the field."""
+    return SamplingConfig.from_dict({}, config_overrides(args, SamplingConfig))
 
 
 def sample_tokens(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig,

@@ -70,3 +70,22 @@ def test_generate_maps_class_names_through_the_layout():
     assert condition.tolist() == [[1], [1]] and padding is None and "dog" in what
     with pytest.raises(SystemExit):
         generate_cli._condition(parser, parser.parse_args(GENERATE + ["--class-name", "cow"]), cfg)
+
+
+@pytest.mark.parametrize("cli", [generate_cli, evaluate_cli])
+def test_sampling_flags_are_derived_from_the_fields(cli):
+    """Every SamplingConfig field is a flag of both commands (help = the field's description), and every
+    sampling-looking flag of either command is a field or the documented --seed."""
+    from nbp_common.config import field_flags, leaf_fields
+
+    from megatron_nbp.inference.sampling import SAMPLING_LAUNCHER_FLAGS
+
+    actions = {opt: a for a in cli.build_parser()._actions for opt in a.option_strings}
+    fields = leaf_fields(SamplingConfig)
+    for dotted, field in fields.items():
+        flag = field_flags(dotted, field)[0]
+        assert flag in actions and actions[flag].dest == dotted, (cli.__name__, flag)
+        assert actions[flag].help.startswith(field.description)
+    field_flag_names = {field_flags(d, f)[0] for d, f in fields.items()}
+    sampling_like = {o for o in actions if o.lstrip("-").split("-")[0] in ("top", "temperature", "cfg", "seed")}
+    assert sampling_like == field_flag_names | set(SAMPLING_LAUNCHER_FLAGS)
