@@ -19,6 +19,11 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
+# a checkout where `pip install -e .` has not run (a GPU box without the project installed): the packages
+# are importable from the repository root, for the launchers and the torchrun workers alike
+if ! $PY -c "import megatron_nbp, data_prep, nbp_common" 2>/dev/null; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 START=$(date +%s)
 FAILED=0
 
