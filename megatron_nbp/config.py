@@ -109,13 +109,13 @@ class ModelConfig(TypedConfig):
 
     @property
     def block_size(self) -> int:
-        """Tokens per block, L = t * h * w."""
-        return math.prod(self.block_shape)
+        """Tokens per block, L = t * h * w (the token layout's)."""
+        return self.token_layout.block_size
 
     @property
     def num_video_tokens(self) -> int:
-        """Tokens per clip, N = T' * H' * W'."""
-        return math.prod(self.latent_shape)
+        """Tokens per clip, N = T' * H' * W' (the token layout's)."""
+        return self.token_layout.num_video_tokens
 
     @property
     def token_layout(self):

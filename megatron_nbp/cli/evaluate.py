@@ -1,11 +1,6 @@
-"""FVD evaluation of a converted NBP model under the paper's two protocols (see docs/evaluation.md).
-
-ucf101 (class-conditional): real distribution = training clips (token-shard metadata -> the source
-    video's pixels at the model geometry); for every real clip one video is generated from its class
-    label (hybrid layout); FVD between the generated and the real clips (first 16 of 17 frames, 224).
-k600 (frame prediction): real clips = validation clips; the first ``c`` latent frames (c = 2: 5 pixel
-    frames) of each clip's tokens condition generation of the rest; real and generated clips are
-    resized to 64x64 (the evaluation resolution of the paper / MAGVIT) before the I3D's 224 resize.
+"""nbp-evaluate: FVD of a converted NBP model under the paper's two protocols, ``ucf101``
+(class-conditional, against training clips) and ``k600`` (5-frame prediction at 64x64); the protocols
+themselves are megatron_nbp.eval.protocols, the protocol details and figures docs/evaluation.md.
 
     python launchers/evaluate.py ucf101 --checkpoint runs/ucf_inf --tokenizer runs/tok.safetensors \
         --data-dir data/ucf101_tokens --video-root /data/UCF-101 --num-samples 10000 --top-k 16000 --top-p 0.9
