@@ -19,7 +19,7 @@ from .layers import ACTIVATIONS, PAD_MODES
 
 __all__ = ["TokenizerConfig", "TrainOptions", "SPATIAL_STRIDE", "TEMPORAL_STRIDE"]
 
-SPATIAL_STRIDE = 8  # three 2x spatial downsamples
+SPATIAL_STRIDE = 8  # three 2x spatial downsamples (the default and MAGVITv2's; spatial_downsample can drop some)
 TEMPORAL_STRIDE = 4  # two 2x causal temporal downsamples; the first frame stays alone
 
 
@@ -32,6 +32,9 @@ class TokenizerConfig:
     downsample between consecutive levels (total stride 8); ``temporal_downsample[i]`` says whether the
     i-th downsample also halves time causally (exactly two do: stride 4, T = 1 + 4n -> 1 + n).
     ``num_mid_blocks`` extra residual units run at the lowest resolution. The decoder mirrors all of it.
+    ``spatial_downsample[i]`` says whether the i-th downsample halves height and width (default: all three,
+    stride 8, MAGVITv2's; dropping one gives stride 4, four times the tokens per frame: the CPU demo's
+    choice, where a small model at 64x64 keeps far more of the scene).
     MAGVITv2 / NBP: base 128, multipliers [1, 2, 2, 4], 4 residual units, 4 mid units,
     temporal_downsample [False, True, True], FSQ levels [8, 8, 8, 5, 5, 5].
 
@@ -53,6 +56,7 @@ class TokenizerConfig:
     levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
     in_channels: int = 3
     temporal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+    spatial_downsample: list[bool] = field(default_factory=lambda: [True, True, True])
     norm_groups: int = 32
     pad_mode: str = "replicate"
     spatial_pad_mode: str = "zeros"
@@ -63,7 +67,29 @@ class TokenizerConfig:
         self.channel_multipliers = [int(m) for m in self.channel_multipliers]
         self.levels = [int(level) for level in self.levels]
         self.temporal_downsample = [bool(flag) for flag in self.temporal_downsample]
+        self.spatial_downsample = [bool(flag) for flag in self.spatial_downsample]
         self.validate()
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent token along height and width: 2 ** (number of spatial downsamples)."""
+        return 2 ** sum(self.spatial_downsample)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Token grid ``(T', H', W') = (1 + (T-1)/4, H/s, W/s)`` of a ``T x H x W`` video, s = spatial_stride.
+
+        Raises:
+            ValueError: T is not 1 + 4n (n >= 0), or H / W is not a positive multiple of s.
+        """
+        if num_frames < 1 or (num_frames - 1) % TEMPORAL_STRIDE:
+            raise ValueError(
+                f"number of frames must be 1 + {TEMPORAL_STRIDE}n (1, 5, 9, 13, 17, ...), got {num_frames}"
+            )
+        stride = self.spatial_stride
+        for name, size in (("height", height), ("width", width)):
+            if size < stride or size % stride:
+                raise ValueError(f"{name} must be a positive multiple of the spatial stride {stride}, got {size}")
+        return (1 + (num_frames - 1) // TEMPORAL_STRIDE, height // stride, width // stride)
 
     @property
     def codebook_size(self) -> int:
@@ -90,6 +116,11 @@ class TokenizerConfig:
             raise ValueError(
                 "temporal_downsample must hold 3 flags (one per downsample) with exactly two True "
                 f"(temporal stride {TEMPORAL_STRIDE}), got {self.temporal_downsample}"
+            )
+        if len(self.spatial_downsample) != 3 or not any(self.spatial_downsample):
+            raise ValueError(
+                "spatial_downsample must hold 3 flags (one per downsample), at least one True, got "
+                f"{self.spatial_downsample}"
             )
         if self.num_res_blocks < 1 or self.num_mid_blocks < 0:
             raise ValueError(

@@ -3,7 +3,7 @@
 Follows Yu et al. 2023 ("Language Model Beats Diffusion - Tokenizer is Key to Visual Generation") as
 reproduced by NBP (Ren et al. 2025): causal 3D convolutions, per-frame GroupNorm, Swish, residual
 units, spatial stride 8 and causal temporal stride 4 that keeps the first frame alone, so a video of
-T = 1 + 4n frames of H x W pixels becomes 1 + n latent frames of H/8 x W/8 FSQ tokens
+T = 1 + 4n frames of H x W pixels becomes 1 + n latent frames of H/s x W/s FSQ tokens (s = the spatial stride, 8 by default)
 (17x128x128 -> 5x16x16, 17x64x64 -> 5x8x8); an image is a 1-frame video.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SPATIAL_STRIDE, TEMPORAL_STRIDE, TokenizerConfig
+from .config import TokenizerConfig
 from .fsq import FSQ
 from .layers import CausalConv3d, DepthToSpace3d, FrameGroupNorm, ResBlock3d, make_activation
 
@@ -24,7 +24,7 @@ def _silu_head(channels: int, groups: int, activation: str = "silu") -> list[nn.
 
 
 class Encoder(nn.Module):
-    """Causal encoder: float ``[B, C_in, 1+4n, H, W]`` -> unquantized latent ``[B, D, 1+n, H/8, W/8]``.
+    """Causal encoder: float ``[B, C_in, 1+4n, H, W]`` -> unquantized latent ``[B, D, 1+n, H/s, W/s]`` (s = config.spatial_stride, 8 by default).
 
     D = len(config.levels). Latent frame t depends only on input frames 0..4t.
     """
@@ -42,7 +42,9 @@ class Encoder(nn.Module):
                 current = channels
             if level < len(chans) - 1:
                 time_stride = 2 if config.temporal_downsample[level] else 1
-                layers.append(CausalConv3d(current, current, 3, stride=(time_stride, 2, 2), **conv))
+                space_stride = 2 if config.spatial_downsample[level] else 1
+                layers.append(CausalConv3d(current, current, 3, stride=(time_stride, space_stride, space_stride),
+                                           **conv))
         layers += [ResBlock3d(current, current, groups, pad, **res) for _ in range(config.num_mid_blocks)]
         layers += _silu_head(current, groups, config.activation)
         layers.append(nn.Conv3d(current, len(config.levels), 1))
@@ -77,9 +79,10 @@ class Decoder(nn.Module):
                 # "next": the upsampling conv also moves to the next level's channel count;
                 # "current" (official NBP): it keeps this level's width, the next ResBlock changes it.
                 time_factor = 2 if config.temporal_downsample[level - 1] else 1
+                space_factor = 2 if config.spatial_downsample[level - 1] else 1
                 width = chans[level - 1] if config.decoder_upsample == "next" else current
-                layers.append(CausalConv3d(current, width * time_factor * 4, 3, **conv))
-                layers.append(DepthToSpace3d((time_factor, 2, 2)))
+                layers.append(CausalConv3d(current, width * time_factor * space_factor ** 2, 3, **conv))
+                layers.append(DepthToSpace3d((time_factor, space_factor, space_factor)))
                 current = width
         layers += _silu_head(current, groups, config.activation)
         layers.append(CausalConv3d(current, config.in_channels, 3, **conv))
@@ -96,7 +99,7 @@ class VideoTokenizer(nn.Module):
         config: a :class:`TokenizerConfig` (kept as ``self.config``).
 
     Videos are float32 ``[B, C_in, T, H, W]`` in [-1, 1] with T = 1 + 4n (n >= 0) and H, W multiples
-    of 8; tokens are int64 ``[B, 1+n, H/8, W/8]`` in [0, codebook_size).
+    of the spatial stride s (8 by default); tokens are int64 ``[B, 1+n, H/s, W/s]`` in [0, codebook_size).
     """
 
     def __init__(self, config: TokenizerConfig):
@@ -113,21 +116,14 @@ class VideoTokenizer(nn.Module):
         """Number of distinct tokens, prod(config.levels) (64,000 for [8, 8, 8, 5, 5, 5])."""
         return self.quantizer.codebook_size
 
-    @staticmethod
-    def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """Token grid ``(T', H', W') = (1 + (T-1)/4, H/8, W/8)`` of a ``T x H x W`` video.
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Token grid ``(T', H', W') = (1 + (T-1)/4, H/s, W/s)`` of a ``T x H x W`` video, s the config's
+        spatial stride (8 by default): :meth:`TokenizerConfig.latent_shape`.
 
         Raises:
-            ValueError: T is not 1 + 4n (n >= 0), or H / W is not a positive multiple of 8.
+            ValueError: T is not 1 + 4n (n >= 0), or H / W is not a positive multiple of s.
         """
-        if num_frames < 1 or (num_frames - 1) % TEMPORAL_STRIDE:
-            raise ValueError(
-                f"number of frames must be 1 + {TEMPORAL_STRIDE}n (1, 5, 9, 13, 17, ...), got {num_frames}"
-            )
-        for name, size in (("height", height), ("width", width)):
-            if size < SPATIAL_STRIDE or size % SPATIAL_STRIDE:
-                raise ValueError(f"{name} must be a positive multiple of {SPATIAL_STRIDE}, got {size}")
-        return (1 + (num_frames - 1) // TEMPORAL_STRIDE, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE)
+        return self.config.latent_shape(num_frames, height, width)
 
     def _check_video(self, video: torch.Tensor) -> None:
         if not isinstance(video, torch.Tensor) or not video.is_floating_point():
@@ -148,7 +144,7 @@ class VideoTokenizer(nn.Module):
             video: float ``[B, C_in, 1+4n, H, W]`` in [-1, 1].
 
         Returns:
-            ``(codes, indices)``: codes float ``[B, D, 1+n, H/8, W/8]`` in [-1, 1] (differentiable),
+            ``(codes, indices)``: codes float ``[B, D, 1+n, H/s, W/s]`` (s = config.spatial_stride, 8 by default) in [-1, 1] (differentiable),
             indices int64 ``[B, 1+n, H/8, W/8]``.
 
         Raises:

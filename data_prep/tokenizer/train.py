@@ -122,7 +122,7 @@ def _run_settings(config: TokenizerConfig, opts: TrainOptions, world: int) -> di
     return {
         "model": config.to_dict(),
         "codebook_size": config.codebook_size,
-        "latent_shape": list(VideoTokenizer.latent_shape(opts.num_frames, opts.resolution, opts.resolution)),
+        "latent_shape": list(config.latent_shape(opts.num_frames, opts.resolution, opts.resolution)),
         "num_frames": opts.num_frames,
         "resolution": opts.resolution,
         "discriminator": ({"channels": opts.disc_channels, "layers": opts.disc_layers}
@@ -216,7 +216,7 @@ def _checked_config(opts: TrainOptions) -> TokenizerConfig:
             without ``perceptual_network``.
     """
     config = TokenizerConfig.from_yaml(opts.config)
-    VideoTokenizer.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
+    config.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
     if opts.gan_loss not in ("hinge", "non_saturating"):
         raise ValueError(f"gan_loss must be 'hinge' or 'non_saturating', got {opts.gan_loss!r}")
     if opts.perceptual_weight > 0 and not opts.perceptual_network:

@@ -198,6 +198,29 @@ def test_decoder_is_temporally_causal_exactly(tiny):
             assert not torch.equal(out[:, :, 4 * t + 1 :], base[:, :, 4 * t + 1 :]), t
 
 
+def test_spatial_stride_4_keeps_the_causal_structure_and_four_times_the_tokens():
+    """spatial_downsample [True, True, False]: 17x64x64 -> 5x16x16 tokens and back to 17x64x64; the encoder
+    stays exactly causal in time; a height that is a multiple of 4 but not of 8 is accepted."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(TokenizerConfig.from_yaml(TINY_YAML), spatial_downsample=[True, True, False])
+    assert config.spatial_stride == 4
+    model = VideoTokenizer(config).eval()
+    assert model.latent_shape(17, 64, 64) == (5, 16, 16) and model.latent_shape(1, 36, 20) == (1, 9, 5)
+    video = _video(1, 17, 64, 64, seed=4)
+    with torch.no_grad():
+        tokens = model.encode(video)
+        assert tokens.shape == (1, 5, 16, 16)
+        assert model.decode(tokens).shape == (1, 3, 17, 64, 64)
+        changed = video.clone()
+        changed[:, :, 5:] = _video(1, 12, 64, 64, seed=5)          # frames after latent 1's window
+        other = model.encode(changed)
+    assert torch.equal(other[:, :2], tokens[:, :2]) and not torch.equal(other[:, 2:], tokens[:, 2:])
+    with pytest.raises(ValueError, match="height must be a positive multiple of the spatial stride 4"):
+        model.latent_shape(17, 66, 64)
+    with pytest.raises(ValueError, match="spatial_downsample"):
+        TokenizerConfig(spatial_downsample=[False, False, False])
+
+
 # ------------------------------------------------------------------------------- bad inputs
 
 
@@ -206,8 +229,8 @@ def test_decoder_is_temporally_causal_exactly(tiny):
     [
         ((1, 3, 16, 32, 32), r"1 \+ 4n"),
         ((1, 3, 0, 32, 32), r"1 \+ 4n"),
-        ((1, 3, 17, 30, 32), "height must be a positive multiple of 8"),
-        ((1, 3, 17, 32, 36), "width must be a positive multiple of 8"),
+        ((1, 3, 17, 30, 32), "height must be a positive multiple of the spatial stride 8"),
+        ((1, 3, 17, 32, 36), "width must be a positive multiple of the spatial stride 8"),
         ((1, 4, 17, 32, 32), "3 channels"),
         ((3, 17, 32, 32), r"\[B, C, T, H, W\]"),
     ],
