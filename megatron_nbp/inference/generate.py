@@ -22,6 +22,7 @@ Sampling (temperature, top-k / top-p, the guidance mix) lives in megatron_nbp.in
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_nbp.inference.model import NBPDecoder
-from megatron_nbp.inference.sampling import Sampler, SamplingConfig, sample_tokens
+from megatron_nbp.inference.sampling import Generators, Sampler, SamplingConfig, row_generators, sample_tokens
 from megatron_nbp.inference.sampling import guided_logits as _guided
 from megatron_nbp.layouts import DecodeStep, FramePredictionLayout, GenerationPlan, HybridLayout
 from megatron_nbp.masks import block_causal_allowed
@@ -213,10 +214,29 @@ def _run_plan(decoder: KVDecoder, plan: GenerationPlan, given: torch.Tensor,
     return pieces, prefill_seconds
 
 
+def _batch_generators(generator: Generators, seeds: Sequence[int] | None, batch: int,
+                      device: torch.device) -> Generators:
+    """The sampler's ``generator`` of a batch of ``batch`` samples: ``generator`` as given (one, or a
+    sequence of ``batch``), or one generator per seed on ``device``.
+
+    Raises:
+        ValueError: both given, or a sequence / ``seeds`` not of ``batch`` entries."""
+    if seeds is not None:
+        if generator is not None:
+            raise ValueError("give either seeds or generator, not both")
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one seed per sample")
+        return row_generators(seeds, device)
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per sample, or one in all")
+    return generator
+
+
 @torch.no_grad()
 def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_padding: torch.Tensor | None = None,
-                    sampling: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
-                    progress: bool = False, *, sampler: Sampler = sample_tokens) -> GenerationResult:
+                    sampling: SamplingConfig = SamplingConfig(), generator: Generators = None,
+                    progress: bool = False, *, sampler: Sampler = sample_tokens,
+                    seeds: Sequence[int] | None = None) -> GenerationResult:
     """Class- or text-conditional generation of whole clips (hybrid layout), one block per forward pass
     after the first block's tokens.
 
@@ -225,18 +245,22 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         condition: int64 [B, P] condition ids (class ids [B, 1], or text ids padded to P).
         condition_padding: bool [B, P], True at padded text positions.
         sampling: temperature / top-k / top-p / classifier-free guidance scale.
-        generator: torch.Generator for reproducible sampling.
+        generator: one torch.Generator for the whole batch, or B of them (sample i draws only from
+            generator i, its guided rows included, so it equals sample i generated alone with generator i).
         progress: tqdm bar over forward passes.
         sampler: called once per forward pass as ``sampler(logits, vocab_size, sampling, generator)`` with
             the (guided) logits of the video codes, float [B, s, V_padded - video_token_offset] (s = 1 for
             BOV and the first block's tokens, then L), and ``model.config.vocab_size``; returns int64
             [B, s] video codes in block order. Default :func:`sample_tokens`.
+        seeds: one seed per sample instead of ``generator``: B generators on the model's device
+            (:func:`megatron_nbp.inference.sampling.row_generators`).
 
     Returns:
         GenerationResult: tokens [B, N] video codes in (t, h, w) order; steps = L + N/L - 1.
 
     Raises:
-        ValueError: wrong condition shape or ids, or guidance without a null condition in the model.
+        ValueError: wrong condition shape or ids, guidance without a null condition in the model, or
+            ``seeds`` / a generator list not of B entries, or both ``seeds`` and ``generator``.
     """
     cfg = model.config
     layout = cfg.token_layout
@@ -258,6 +282,7 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
         condition = torch.cat([condition, torch.full_like(condition, null_id)])
         pad = torch.cat([pad, torch.zeros_like(pad)])
     decoder = HybridDecoder(model, condition.shape[0], pad)
+    generator = _batch_generators(generator, seeds, batch, decoder.device)
     plan = layout.generation_plan()
     ids = layout.condition_token_ids(condition, pad)
     start_time = time.perf_counter()
@@ -279,8 +304,9 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
 
 @torch.no_grad()
 def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
-                              generator: torch.Generator | None = None, progress: bool = False, *,
-                              sampler: Sampler = sample_tokens) -> GenerationResult:
+                              generator: Generators = None, progress: bool = False, *,
+                              sampler: Sampler = sample_tokens,
+                              seeds: Sequence[int] | None = None) -> GenerationResult:
     """Complete clips from their first latent frames, one block per forward pass.
 
     Args:
@@ -288,20 +314,25 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
         prompt: int64 [B, P] video tokens of the condition frames, (t, h, w)-major; P a positive
             multiple of L, < N (whole frames when the block spans several frames).
         sampling: temperature / top-k / top-p.
-        generator: torch.Generator for reproducible sampling.
+        generator: one torch.Generator for the whole batch, or B of them (clip i draws only from
+            generator i, so it equals clip i generated alone with generator i).
         progress: show a tqdm bar over block steps.
         sampler: called once per forward pass as ``sampler(logits, vocab_size, sampling, generator)`` with
             the logits float [B, L, V_padded] of the next block and ``model.config.vocab_size``; returns
             int64 [B, L] video tokens in block order. Default :func:`sample_tokens`.
+        seeds: one seed per clip instead of ``generator``: B generators on the model's device
+            (:func:`megatron_nbp.inference.sampling.row_generators`).
 
     Returns:
         GenerationResult with tokens [B, N] ((t, h, w)-major) and steps = (N - P) / L forward passes.
 
     Raises:
-        ValueError: prompt length not a multiple of the block size or not shorter than the clip.
+        ValueError: prompt length not a multiple of the block size or not shorter than the clip, or
+            ``seeds`` / a generator list not of B entries, or both ``seeds`` and ``generator``.
     """
     cfg = model.config
     decoder = BlockDecoder(model, prompt.shape[0])
+    generator = _batch_generators(generator, seeds, prompt.shape[0], decoder.device)
     layout = decoder.layout
     prompt = layout.prompt_in_block_order(prompt)
     plan = layout.generation_plan(prompt.shape[1])

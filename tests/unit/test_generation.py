@@ -216,17 +216,12 @@ DISTINCT = [2.0, 1.5, 1.2, 0.3, 0.2, -0.5, -1.0, 0.9, 0.0, -2.0]
 TIES = [2.0, 1.0, 1.0, 1.0, 0.5, -1.0, 1.0, 0.0, 0.0, -2.0]    # four logits tie at the 2nd..5th largest
 
 
-@pytest.mark.parametrize("values,k,p,rounds", [
-    (DISTINCT, 5, 0.9, 8), (DISTINCT, None, 0.7, 8), (DISTINCT, 4, None, 8), (DISTINCT, None, None, 8),
-    (DISTINCT, 8, 0.3, 8), (DISTINCT, 8, 0.3, 0), (DISTINCT, None, 0.7, 1),
-    (TIES, 2, None, 8), (TIES, 3, 0.95, 8), (TIES, 3, 0.95, 0), (TIES, None, 0.85, 8)])
-def test_sampling_distribution_equals_the_official_filter(values, k, p, rounds, monkeypatch):
-    """rounds: rejection rounds before the sorted fallback (0: all rows take the fallback). TIES at the k-th
-    value: the release keeps every logit >= the k-th largest, so more than k survive."""
-    import megatron_nbp.inference.sampling as sampling_module
+@pytest.mark.parametrize("values,k,p", [
+    (DISTINCT, 5, 0.9), (DISTINCT, None, 0.7), (DISTINCT, 4, None), (DISTINCT, None, None), (DISTINCT, 8, 0.3),
+    (TIES, 2, None), (TIES, 3, 0.95), (TIES, None, 0.85)])
+def test_sampling_distribution_equals_the_official_filter(values, k, p):
+    """TIES at the k-th value: the release keeps every logit >= the k-th largest, so more than k survive."""
     from megatron_nbp.inference.sampling import sample_tokens
-
-    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
 
     logits = torch.tensor([values])
     want = official_top_k_top_p(logits, k or 0, p or 1.0)[0]
@@ -237,18 +232,25 @@ def test_sampling_distribution_equals_the_official_filter(values, k, p, rounds, 
     assert float((freq - want).abs().max()) < 0.01
 
 
-@pytest.mark.parametrize("margin,path", [(3, "whole row"), (4, "top-W"), (256, "top-W")])
-def test_ties_at_the_kth_value_within_and_beyond_the_tie_margin(margin, path, monkeypatch):
-    """TIES, k = 2: the k-th largest is 1.0, held four times. top-(k + 3) cannot tell whether more 1.0s lie
-    outside it (whole-row fallback); top-(k + 4) reaches 0.5, so it holds them all. Both give the release's
-    distribution."""
-    import megatron_nbp.inference.sampling as sampling_module
-    from megatron_nbp.inference.sampling import _top_k_candidates, sample_tokens
+def top_k_pool_survivors(logits, k):
+    """bool [R, V]: the ids the sampler's top-k pool keeps (its first k entries that stay finite, and every
+    logit equal to the k-th largest, which its tie bucket stands for)."""
+    from megatron_nbp.inference.sampling import _top_k_pool
 
-    monkeypatch.setattr(sampling_module, "_TIE_MARGIN_MIN", margin)
+    pool = _top_k_pool(logits, k)
+    listed = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, pool.ids, pool.values[:, :k].isfinite())
+    return listed | (logits == pool.values[:, k:])
+
+
+def test_ties_at_the_kth_value_inside_and_outside_the_top_k():
+    """TIES, k = 2: the k-th largest is 1.0, held four times, three of them outside an unsorted top-2. The
+    pool keeps all four (through its tie bucket) and the draws give the release's distribution."""
+    from megatron_nbp.inference.sampling import _top_k_pool, sample_tokens
+
     logits = torch.tensor([TIES])
-    _, ids = _top_k_candidates(logits, 2)
-    assert (ids is None) == (path == "whole row")
+    pool = _top_k_pool(logits, 2)
+    assert int(pool.ties[0, -1]) == 4
+    assert torch.equal(top_k_pool_survivors(logits, 2), official_top_k_top_p(logits, 2) > 0)
     want = official_top_k_top_p(logits, 2, 0.95)[0]
     draws = sample_tokens(logits.expand(40000, 10), 10, SamplingConfig(top_k=2, top_p=0.95),
                           torch.Generator().manual_seed(0))
@@ -258,30 +260,27 @@ def test_ties_at_the_kth_value_within_and_beyond_the_tie_margin(margin, path, mo
 
 
 def test_top_k_keeps_every_bf16_tie_at_the_paper_setting():
-    """bf16 logits, 16 x 64000, k = 16000: tens of logits per row tie at the k-th value. The candidates are
-    exactly the release's top-k survivors (every logit >= the k-th), found without the whole-row fallback."""
-    from megatron_nbp.inference.sampling import _top_k_candidates
+    """bf16 logits, 16 x 64000, k = 16000: tens of logits per row tie at the k-th value. The pool keeps
+    exactly the release's top-k survivors (every logit >= the k-th), with the logits of the listed ones."""
+    from megatron_nbp.inference.sampling import _top_k_pool
 
     logits = (torch.randn(16, 64000, generator=torch.Generator().manual_seed(0)) * 3).bfloat16().float()
     k = 16000
     kth = torch.topk(logits, k).values[:, -1:]
     assert int(((logits >= kth).sum(-1) - k).max()) > 10                  # the case has ties
-    values, ids = _top_k_candidates(logits, k)
-    assert ids is not None
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, values.isfinite())
-    assert torch.equal(kept, official_top_k_top_p(logits, k) > 0)
-    assert torch.equal(values[values.isfinite()], logits.gather(1, ids)[values.isfinite()])
+    assert torch.equal(top_k_pool_survivors(logits, k), official_top_k_top_p(logits, k) > 0)
+    pool = _top_k_pool(logits, k)
+    values, listed = pool.values[:, :k], pool.values[:, :k].isfinite()
+    assert torch.equal(values[listed], logits.gather(1, pool.ids)[listed])
+    assert torch.equal(pool.ties[:, -1], (logits == kth).sum(-1).int())   # the bucket holds every tie
 
 
-@pytest.mark.parametrize("rounds", [8, 0])
-def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
+def test_ties_at_the_nucleus_edge_are_all_kept():
     """TIES, k = 3, p = 0.8: top-k keeps 2.0 and the four 1.0s (probabilities 0.405, 4 x 0.149); the mass
     ahead of each 1.0 is 0.405 <= p, so all four stay, equally likely. (The release keeps three of them,
     whichever its unstable sort puts first.)"""
-    import megatron_nbp.inference.sampling as sampling_module
     from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
     g = torch.Generator().manual_seed(0)
     draws = sample_tokens(torch.tensor([TIES]).expand(40000, 10), 10, SamplingConfig(top_k=3, top_p=0.8), g)
     freq = torch.bincount(draws, minlength=10).float() / draws.numel()
@@ -290,34 +289,37 @@ def test_ties_at_the_nucleus_edge_are_all_kept(rounds, monkeypatch):
     assert float((freq[[0, 1, 2, 3, 6]] - want).abs().max()) < 0.01
 
 
-def test_rejection_sampling_rarely_needs_the_sorted_fallback(monkeypatch):
-    """Each draw is accepted with probability >= p (sample_tokens docstring): at p = 0.9 a row is left to the
-    sorted fallback after 8 rounds with probability <= 0.1 ** 8, so 40000 rows never reach it."""
-    import megatron_nbp.inference.sampling as sampling_module
+def test_sampling_never_sorts(monkeypatch):
+    """The nucleus comes from a radix select, not a sort, for every row (sample_tokens docstring): a sort or a
+    multinomial draw anywhere in the call fails the test, and the draws still give the release's distribution."""
     from megatron_nbp.inference.sampling import sample_tokens
 
-    def no_fallback(*args):
-        raise AssertionError("a row needed the sorted fallback")
+    def no_sort(*args, **kwargs):
+        raise AssertionError("sample_tokens sorted or called multinomial")
 
-    monkeypatch.setattr(sampling_module, "_sorted_nucleus_sample", no_fallback)
-    draws = sample_tokens(torch.tensor([DISTINCT]).expand(40000, 10), 10, SamplingConfig(top_k=5, top_p=0.9),
-                          torch.Generator().manual_seed(0))
+    with monkeypatch.context() as patch:
+        for name in ("sort", "argsort", "multinomial"):
+            patch.setattr(torch, name, no_sort)
+            patch.setattr(torch.Tensor, name, no_sort)
+        draws = sample_tokens(torch.tensor([DISTINCT]).expand(40000, 10), 10, SamplingConfig(top_k=5, top_p=0.9),
+                              torch.Generator().manual_seed(0))
     want = official_top_k_top_p(torch.tensor([DISTINCT]), 5, 0.9)[0]
     freq = torch.bincount(draws, minlength=10).float() / draws.numel()
     assert float((freq - want).abs().max()) < 0.01
 
 
-def test_top_k_candidates_of_a_row_do_not_depend_on_the_other_rows():
-    """Two rows far apart in scale (the second is the first + 100): each row's top-W holds its own ties, so
-    neither needs the whole-row fallback, and each keeps exactly the release's top-k survivors."""
-    from megatron_nbp.inference.sampling import _top_k_candidates
+def test_top_k_pool_of_a_row_does_not_depend_on_the_other_rows():
+    """Two rows far apart in scale (the second is the first + 100): each row's pool keeps exactly the
+    release's top-k survivors of that row, and each row's pool alone equals its row of the batch's."""
+    from megatron_nbp.inference.sampling import _top_k_pool
 
     row = torch.randn(1, 2000, generator=torch.Generator().manual_seed(0))
     logits = torch.cat([row, row + 100.0])
-    values, ids = _top_k_candidates(logits, 100)
-    assert ids is not None
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, values.isfinite())
-    assert torch.equal(kept, official_top_k_top_p(logits, 100) > 0)
+    assert torch.equal(top_k_pool_survivors(logits, 100), official_top_k_top_p(logits, 100) > 0)
+    both = _top_k_pool(logits, 100)
+    for i in range(2):
+        alone = _top_k_pool(logits[i:i + 1], 100)
+        assert torch.equal(alone.values, both.values[i:i + 1]) and torch.equal(alone.ids, both.ids[i:i + 1])
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
@@ -345,14 +347,11 @@ def test_non_positive_temperature_is_greedy_within_the_vocabulary():
         assert torch.equal(got, logits[:, :10].argmax(-1))
 
 
-@pytest.mark.parametrize("rounds", [8, 0])
-def test_a_token_whose_mass_ahead_equals_p_is_kept(rounds, monkeypatch):
+def test_a_token_whose_mass_ahead_equals_p_is_kept():
     """Two tokens and p = the probability of the first: the mass ahead of the second is exactly p, not more,
     so the release's filter keeps both (it removes a token when the mass before it exceeds p)."""
-    import megatron_nbp.inference.sampling as sampling_module
     from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
     logits = torch.tensor([[1.0, 0.0]])
     p = float(logits.softmax(-1)[0, 0])
     want = official_top_k_top_p(logits, 0, p)[0]
@@ -363,14 +362,11 @@ def test_a_token_whose_mass_ahead_equals_p_is_kept(rounds, monkeypatch):
     assert float((freq - want).abs().max()) < 0.01
 
 
-@pytest.mark.parametrize("rounds", [8, 0])
-def test_a_nucleus_of_one_token_always_gives_it(rounds, monkeypatch):
+def test_a_nucleus_of_one_token_always_gives_it():
     """p below the top token's probability: the release keeps only that token (the mass ahead of the second
     already exceeds p), so every draw is the argmax."""
-    import megatron_nbp.inference.sampling as sampling_module
     from megatron_nbp.inference.sampling import sample_tokens
 
-    monkeypatch.setattr(sampling_module, "_REJECTION_ROUNDS", rounds)
     logits = torch.tensor([DISTINCT]).expand(1000, 10)
     assert int((official_top_k_top_p(logits[:1], 0, 0.05)[0] > 0).sum()) == 1
     draws = sample_tokens(logits, 10, SamplingConfig(top_k=None, top_p=0.05), torch.Generator().manual_seed(0))
