@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU-only check of the project in one run (target: under 7 minutes on one H100 / H200, no network):
-#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed);
+#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed, CUDA-graph decoding);
 #   2. training throughput at nbp-xl, K600 layout (seq 1264): megatron bf16 at micro-batch 4, 8 and 16
 #      (the largest that fits shows as the last "ok" row), megatron fp32 and DeepSpeed ZeRO-1 / ZeRO-2
 #      bf16 at micro-batch 4;
@@ -68,7 +68,7 @@ for name in ("megatron.core", "deepspeed", "webdataset", "transformer_engine"):
 PY
 } 2>&1 | tee -a "$LOG"
 
-step "tests marked gpu" 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+step "tests marked gpu" 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
 
 step "training throughput, megatron bf16 (fused flex attention), largest micro-batch that fits" 240 \
   $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[@]}" "${ITERS[@]}"

@@ -48,7 +48,7 @@ def reference_block_major_order(latent, block):
 
 
 MODES = [mode for mode in DECODE_MODES if mode != "cuda_graph" or torch.cuda.is_available()]
-COMPILED_CASES = {"2x1x8", "1x2x4_rope3d", "class_1x2x4_cfg", "text_padded_2x1x8_rope3d_cfg"}
+COMPILED_CASES = {"1x2x4_rope3d", "class_1x2x4_cfg", "text_padded_2x1x8_rope3d_cfg"}
 
 
 def case_modes(cases):
@@ -128,10 +128,10 @@ def test_frame_prediction_generation_equals_full_forward(case, mode):
     sampling = SamplingConfig()
     out = generate_frame_prediction(model, video[:, :plen], sampling, sampler=teacher, decode_mode=mode)
 
-    b = frame_prediction_batch(video, L, latent, block)
+    b = frame_prediction_batch(video.cpu(), L, latent, block)   # built on the CPU, run on the model's device
     with torch.no_grad():
-        full = model(b.tokens, b.grid_position_ids if position == "rope3d" else b.position_ids,
-                     block_causal_allowed(b.block_ids))
+        full = model(b.tokens.to(device), (b.grid_position_ids if position == "rope3d" else b.position_ids).to(device),
+                     block_causal_allowed(b.block_ids).to(device))
     assert out.steps == len(teacher.calls) == (N - plen) // L
     assert all(c[0].shape == (2, L, cfg.padded_vocab_size) and c[1:] == (cfg.vocab_size, sampling, None)
                for c in teacher.calls)
@@ -178,10 +178,10 @@ def test_hybrid_generation_equals_full_forward(case, mode):
     rope = cfg.position_embedding_type == "rope3d"
 
     def full_video_logits(cond, pad):
-        b = hybrid_batch(video, cond, L, num_conditions, pad, latent, block)
+        b = hybrid_batch(video.cpu(), cond.cpu(), L, num_conditions, None if pad is None else pad.cpu(), latent, block)
         with torch.no_grad():
-            logits = model(b.tokens, b.grid_position_ids if rope else b.position_ids,
-                           block_causal_allowed(b.block_ids, key_padding=b.key_padding))
+            logits = model(b.tokens.to(device), (b.grid_position_ids if rope else b.position_ids).to(device),
+                           block_causal_allowed(b.block_ids, key_padding=b.key_padding).to(device))
         return logits[:, P:, off:]                            # predictions of z_0 .. z_{N-1}, video codes
 
     cond = full_video_logits(condition, padding)
