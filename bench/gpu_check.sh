@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU-only check of the project in one run (target: under 7 minutes on one H100 / H200, no network):
-#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed);
+#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed, CUDA-graph decoding);
 #   2. training throughput at nbp-xl, K600 layout (seq 1264): megatron bf16 at micro-batch 4, 8 and 16
 #      (the largest that fits shows as the last "ok" row), megatron fp32 and DeepSpeed ZeRO-1 / ZeRO-2
 #      bf16 at micro-batch 4;
 #   3. nbp-3b under DeepSpeed ZeRO-3 bf16, 5 iterations, with the memory planner's prediction beside it;
 #   4. block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
-#   5. generation, NBP vs NTP at nbp-xl bf16, batch 1 and 8.
+#   5. generation, NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time in the eager and the CUDA-graph
+#      decode modes (graph vs eager speed-up) and the sampler's share of a step.
 # Without CUDA it runs the same steps at tiny sizes (a smoke test of the script itself, ~5 min on 2 cores).
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]      (default OUT_DIR: runs/gpu_check; the log is OUT_DIR/gpu_check.log)
@@ -67,7 +68,7 @@ for name in ("megatron.core", "deepspeed", "webdataset", "transformer_engine"):
 PY
 } 2>&1 | tee -a "$LOG"
 
-step "tests marked gpu" 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+step "tests marked gpu" 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
 
 step "training throughput, megatron bf16 (fused flex attention), largest micro-batch that fits" 240 \
   $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[@]}" "${ITERS[@]}"
@@ -85,7 +86,8 @@ step "memory plan of that parallel plan (ZeRO-3, DP 1, micro-batch 1, bf16 gradi
 step "block-causal attention kernels" 120 $PY bench/attention.py "${ATTN[@]}" --repeats 20
 
 for batch in 1 8; do
-  step "generation, NBP vs NTP, batch $batch" 150 $PY bench/nbp_vs_ntp.py "${GEN[@]}" --batch-size "$batch" --repeats 1
+  step "generation, NBP vs NTP, batch $batch (eager and CUDA-graph decoding)" 240 \
+    $PY bench/nbp_vs_ntp.py "${GEN[@]}" --batch-size "$batch" --repeats 1
 done
 
 echo "" | tee -a "$LOG"

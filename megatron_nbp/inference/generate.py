@@ -17,6 +17,11 @@ block, which sees the whole cache and itself: that is the block-causal rule for 
 The passes, their lengths, block ids and positions come from the model's token layout
 (``TokenLayout.generation_plan``, megatron_nbp.layouts.plan); :func:`_run_plan` walks the plan.
 Sampling (temperature, top-k / top-p, the guidance mix) lives in megatron_nbp.inference.sampling.
+
+``decode_mode`` chooses how the passes after the prefill run (megatron_nbp.inference.static_decode):
+"eager" (Python-int cache slices), "static" (the static-shape step, eagerly), "compile" (that step through
+torch.compile) or "cuda_graph" (that step captured once per (batch size, step length) and replayed);
+None = "cuda_graph" on a GPU, "eager" on the CPU. The prefill is eager in every mode.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ from tqdm import tqdm
 from megatron_nbp.inference.model import NBPDecoder
 from megatron_nbp.inference.sampling import Generators, Sampler, SamplingConfig, row_generators, sample_tokens
 from megatron_nbp.inference.sampling import guided_logits as _guided
+from megatron_nbp.inference.static_decode import DECODE_MODES, resolve_decode_mode, static_step_runner
 from megatron_nbp.layouts import DecodeStep, FramePredictionLayout, GenerationPlan, HybridLayout
 from megatron_nbp.masks import block_causal_allowed
 
 # SamplingConfig and sample_tokens are re-exported: `from megatron_nbp.inference.generate import SamplingConfig,
 # sample_tokens` keeps working (their home is megatron_nbp.inference.sampling).
 __all__ = ["SamplingConfig", "Sampler", "sample_tokens", "GenerationResult", "KVDecoder", "BlockDecoder",
-           "HybridDecoder", "generate_hybrid", "generate_frame_prediction"]
+           "HybridDecoder", "generate_hybrid", "generate_frame_prediction", "DECODE_MODES"]
 
 
 @dataclass
@@ -70,23 +76,35 @@ class KVDecoder:
             [3, S] (rope3d (t, h, w) coordinates).
         block_ids: int64 [S] block ids of the layout.
         key_padding: bool [B, S], True at padded positions (never attended), or None.
+        decode_mode: how the calls after the prefill run, one of DECODE_MODES (see the module docstring);
+            None = "cuda_graph" on a GPU, "eager" on the CPU. The static modes share the model's cache for
+            this batch size (megatron_nbp.inference.static_decode.static_step_runner): one decoder at a time.
 
     ``append(tokens)`` feeds the next s tokens: the first call (the prefill) under the block-causal
     rule, every later call as one block that sees the cache and itself. Returns their logits.
 
     Raises:
-        ValueError: appending past the end of the layout.
+        ValueError: appending past the end of the layout; an unknown decode mode, or "cuda_graph" off CUDA.
+        RuntimeError: appending after a newer decoder of the same model and batch size took the shared
+            cache (static modes).
     """
 
     def __init__(self, model: NBPDecoder, batch_size: int, positions: torch.Tensor, block_ids: torch.Tensor,
-                 key_padding: torch.Tensor | None = None) -> None:
+                 key_padding: torch.Tensor | None = None, *, decode_mode: str | None = None) -> None:
         self.model = model
         self.device = model.embedding.word_embeddings.weight.device
+        self.decode_mode = resolve_decode_mode(decode_mode, self.device)
         self.max_length = block_ids.shape[0]
-        self.cache = model.new_cache(batch_size, self.max_length)
         self.positions = positions.to(self.device)
         self.block_ids = block_ids.to(self.device)
         self.key_padding = None if key_padding is None else key_padding.to(self.device)
+        if self.decode_mode == "eager":
+            self.runner = None
+            self.cache = model.new_cache(batch_size, self.max_length)
+        else:
+            self.runner = static_step_runner(model, batch_size, self.max_length)
+            self.runner.claim(self, self.positions, self.key_padding)
+            self.cache = self.runner.cache
         self.length = 0
 
     def append(self, tokens: torch.Tensor, num_logits: int | None = None) -> torch.Tensor:
@@ -94,6 +112,13 @@ class KVDecoder:
         start, end = self.length, self.length + tokens.shape[1]
         if end > self.max_length:
             raise ValueError(f"no room for {tokens.shape[1]} more tokens: {start} of {self.max_length} positions used")
+        if self.runner is not None and self.runner.owner is not self:
+            raise RuntimeError(f"this decoder's KV cache was taken by a newer decoder of the same model and batch "
+                               f"size (decode_mode {self.decode_mode!r} shares one cache): run one at a time")
+        if start and self.runner is not None:
+            logits = self.runner.step(tokens.to(self.device), start, self.decode_mode)
+            self.length = end
+            return logits if num_logits is None else logits[:, logits.shape[1] - num_logits:]
         positions = self.positions[..., start:end].unsqueeze(-2)          # [1, s] or [3, 1, s]
         pad = None if self.key_padding is None else self.key_padding[:, :end]
         if start == 0:
@@ -121,14 +146,15 @@ class BlockDecoder(KVDecoder):
             past the end of the clip.
     """
 
-    def __init__(self, model: NBPDecoder, batch_size: int) -> None:
+    def __init__(self, model: NBPDecoder, batch_size: int, *, decode_mode: str | None = None) -> None:
         layout = model.config.token_layout
         if not isinstance(layout, FramePredictionLayout):
             raise ValueError(f"BlockDecoder implements the frame-prediction layout; the model's layout is "
                              f"{layout.name!r} (use HybridDecoder)")
         self.layout = layout
         self.block = layout.block_size
-        super().__init__(model, batch_size, layout.positions(model.rope), layout.block_ids())
+        super().__init__(model, batch_size, layout.positions(model.rope), layout.block_ids(),
+                         decode_mode=decode_mode)
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt: int64 [B, P]. Returns logits [B, L, V] of the prompt's last block.
@@ -155,16 +181,18 @@ class HybridDecoder(KVDecoder):
 
     Args:
         condition_padding: bool [B, P], True at padded text positions.
+        decode_mode: as for :class:`KVDecoder`.
     """
 
-    def __init__(self, model: NBPDecoder, batch_size: int, condition_padding: torch.Tensor | None = None) -> None:
+    def __init__(self, model: NBPDecoder, batch_size: int, condition_padding: torch.Tensor | None = None, *,
+                 decode_mode: str | None = None) -> None:
         layout = model.config.token_layout
         if not isinstance(layout, HybridLayout):
             raise ValueError(f"HybridDecoder implements the hybrid layout; the model's layout is {layout.name!r}")
         self.layout = layout
         self.P, self.L = layout.num_prefix_tokens, layout.block_size
         super().__init__(model, batch_size, layout.positions(model.rope), layout.block_ids(),
-                         layout.sequence_padding(condition_padding))
+                         layout.sequence_padding(condition_padding), decode_mode=decode_mode)
 
     def prefill(self, condition: torch.Tensor) -> torch.Tensor:
         """condition: int64 [B, P] condition *model* ids. Returns BOV's logits [B, 1, V]."""
@@ -236,7 +264,7 @@ def _batch_generators(generator: Generators, seeds: Sequence[int] | None, batch:
 def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_padding: torch.Tensor | None = None,
                     sampling: SamplingConfig = SamplingConfig(), generator: Generators = None,
                     progress: bool = False, *, sampler: Sampler = sample_tokens,
-                    seeds: Sequence[int] | None = None) -> GenerationResult:
+                    seeds: Sequence[int] | None = None, decode_mode: str | None = None) -> GenerationResult:
     """Class- or text-conditional generation of whole clips (hybrid layout), one block per forward pass
     after the first block's tokens.
 
@@ -254,13 +282,15 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
             [B, s] video codes in block order. Default :func:`sample_tokens`.
         seeds: one seed per sample instead of ``generator``: B generators on the model's device
             (:func:`megatron_nbp.inference.sampling.row_generators`).
+        decode_mode: how the passes after the prefill run (module docstring; None = "cuda_graph" on a GPU,
+            "eager" on the CPU). Graphs are captured per (batch, 1) and (batch, L) and reused by later clips.
 
     Returns:
         GenerationResult: tokens [B, N] video codes in (t, h, w) order; steps = L + N/L - 1.
 
     Raises:
-        ValueError: wrong condition shape or ids, guidance without a null condition in the model, or
-            ``seeds`` / a generator list not of B entries, or both ``seeds`` and ``generator``.
+        ValueError: wrong condition shape or ids, guidance without a null condition in the model,
+            ``seeds`` / a generator list not of B entries, both ``seeds`` and ``generator``, or a bad decode mode.
     """
     cfg = model.config
     layout = cfg.token_layout
@@ -281,7 +311,7 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
                              "(model.null_condition, train.p_drop_cond)")
         condition = torch.cat([condition, torch.full_like(condition, null_id)])
         pad = torch.cat([pad, torch.zeros_like(pad)])
-    decoder = HybridDecoder(model, condition.shape[0], pad)
+    decoder = HybridDecoder(model, condition.shape[0], pad, decode_mode=decode_mode)
     generator = _batch_generators(generator, seeds, batch, decoder.device)
     plan = layout.generation_plan()
     ids = layout.condition_token_ids(condition, pad)
@@ -306,7 +336,7 @@ def generate_hybrid(model: NBPDecoder, condition: torch.Tensor, condition_paddin
 def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
                               generator: Generators = None, progress: bool = False, *,
                               sampler: Sampler = sample_tokens,
-                              seeds: Sequence[int] | None = None) -> GenerationResult:
+                              seeds: Sequence[int] | None = None, decode_mode: str | None = None) -> GenerationResult:
     """Complete clips from their first latent frames, one block per forward pass.
 
     Args:
@@ -322,16 +352,18 @@ def generate_frame_prediction(model: NBPDecoder, prompt: torch.Tensor, sampling:
             int64 [B, L] video tokens in block order. Default :func:`sample_tokens`.
         seeds: one seed per clip instead of ``generator``: B generators on the model's device
             (:func:`megatron_nbp.inference.sampling.row_generators`).
+        decode_mode: how the block steps run (module docstring; None = "cuda_graph" on a GPU, "eager" on the
+            CPU). One graph per (batch, L), captured by the first clip and reused by the later ones.
 
     Returns:
         GenerationResult with tokens [B, N] ((t, h, w)-major) and steps = (N - P) / L forward passes.
 
     Raises:
         ValueError: prompt length not a multiple of the block size or not shorter than the clip, or
-            ``seeds`` / a generator list not of B entries, or both ``seeds`` and ``generator``.
+            ``seeds`` / a generator list not of B entries, both ``seeds`` and ``generator``, or a bad decode mode.
     """
     cfg = model.config
-    decoder = BlockDecoder(model, prompt.shape[0])
+    decoder = BlockDecoder(model, prompt.shape[0], decode_mode=decode_mode)
     generator = _batch_generators(generator, seeds, prompt.shape[0], decoder.device)
     layout = decoder.layout
     prompt = layout.prompt_in_block_order(prompt)

@@ -10,7 +10,10 @@ or RMSNorm; linears have biases unless ``add_bias_linear`` is False.
 
 Attention takes either a dense "allowed" mask (prefill / full forward, the block-causal rule from
 :mod:`megatron_nbp.masks`) or no mask (a block step against the KV cache: the new block sees every
-cached key and itself, which is the block-causal rule for the newest block).
+cached key and itself, which is the block-causal rule for the newest block). :meth:`NBPDecoder.decode_step`
+is the static-shape form of a block step (a device tensor of cache positions, attention over the whole
+cache under a "written so far" mask): the code megatron_nbp.inference.static_decode compiles or captures
+as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -87,14 +90,21 @@ class SelfAttention(nn.Module):
         self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: StaticKVCache | None,
-                layer: int, start: int, rope: torch.Tensor | None = None) -> torch.Tensor:
+                layer: int, start: int | torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, s, hidden]; allowed: bool [B or 1, s, K] or None; ``start``: an int writes the cache at
+        ``start : start + s`` and attends to its first ``start + s`` positions (K = start + s); an int64
+        tensor [s] of cache positions writes there and attends to the whole cache (K = max_length, static
+        shapes). Returns [B, s, hidden]."""
         b, s, _ = x.shape
         qkv = self.linear_qkv(x).view(b, s, self.heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, h, s, d]
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)
+            if isinstance(start, torch.Tensor):
+                k, v = cache.write(layer, start, k, v)
+            else:
+                k, v = cache.update(layer, start, k, v)
         attn_mask = None if allowed is None else allowed.unsqueeze(1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -181,17 +191,40 @@ class NBPDecoder(nn.Module):
         cfg = self.config
         if num_logits is not None and not 0 < num_logits <= tokens.shape[1]:
             raise ValueError(f"num_logits must be in [1, {tokens.shape[1]}] (the input positions), got {num_logits}")
+        if self.rope and (position_ids.dim() != 3 or position_ids.shape[0] != 3):
+            raise ValueError(f"rope3d needs (t, h, w) position ids [3, B, S], got {tuple(position_ids.shape)}")
+        if not self.rope and position_ids.max() >= cfg.position_table_size:
+            raise ValueError(f"position {int(position_ids.max())} beyond the position tables "
+                             f"({cfg.position_table_size})")
+        return self._run(tokens, position_ids, allowed, cache, start, num_logits)
+
+    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor,
+                    cache: StaticKVCache, index: torch.Tensor) -> torch.Tensor:
+        """One KV-cache step with static shapes and no host synchronisation (what a CUDA graph captures).
+
+        Args:
+            tokens: int64 [B, s] ids fed at the cache positions ``index``.
+            position_ids: int64 [1, s] learned positions or [3, 1, s] rope3d (t, h, w) coordinates of them
+                (not range-checked: they come from the layout's tables).
+            allowed: bool [B or 1, s or 1, max_length] "may attend" over the whole cache, the positions
+                written so far (this step's included) and not padding.
+            cache: the StaticKVCache the step writes (``StaticKVCache.write``) and reads.
+            index: int64 [s] cache positions of the tokens, on the model's device.
+
+        Returns:
+            logits float [B, s, padded_vocab_size], equal to :meth:`forward` with ``start = index[0]`` up to
+            the summation order of the longer (masked) attention.
+        """
+        return self._run(tokens, position_ids, allowed, cache, index, None)
+
+    def _run(self, tokens, position_ids, allowed, cache, start, num_logits) -> torch.Tensor:
+        cfg = self.config
         x = self.embedding.word_embeddings(tokens)
         rope = None
         if self.rope:
-            if position_ids.dim() != 3 or position_ids.shape[0] != 3:
-                raise ValueError(f"rope3d needs (t, h, w) position ids [3, B, S], got {tuple(position_ids.shape)}")
             rope = mrope_frequencies(position_ids, cfg.hidden_size // cfg.num_attention_heads,
                                      cfg.mrope_section, cfg.rotary_base)
         else:
-            if position_ids.max() >= cfg.position_table_size:
-                raise ValueError(f"position {int(position_ids.max())} beyond the position tables "
-                                 f"({cfg.position_table_size})")
             x = x + self.embedding.position_embeddings(position_ids)
         for i, layer in enumerate(self.decoder.layers):
             x = layer(x, allowed, cache, i, start, rope)

@@ -1,6 +1,7 @@
 """GPU-only checks (skipped without CUDA; CI has no GPU): the project's compiled FlexAttention core
-attention against the dense one in fp32 and bf16, a bf16 and an fp32 training step on the GPU, and the
-Transformer Engine layer spec against the local spec. Run by bench/gpu_check.sh."""
+attention against the dense one in fp32 and bf16, a bf16 and an fp32 training step on the GPU, the
+Transformer Engine layer spec against the local spec, and CUDA-graph block decoding against the full
+forward pass and eager decoding. Run by bench/gpu_check.sh."""
 
 import pytest
 import torch
@@ -142,3 +143,84 @@ def test_generation_timing_waits_for_the_queued_gpu_work():
     start = time.perf_counter()
     torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU clock cycles, queued asynchronously
     assert _elapsed(start, torch.device("cuda", torch.cuda.current_device())) >= 0.2
+
+
+# --- CUDA-graph block decoding (megatron_nbp.inference.static_decode) -----------------------------------
+
+
+@pytest.mark.parametrize("layout", ["frame_prediction", "hybrid"])
+def test_cuda_graph_generation_equals_the_full_forward_pass(layout):
+    """decode_mode "cuda_graph" (every block step a replayed graph; the hybrid's first block token by token
+    through a graph of its own), fp32: the teacher-forced logits of tests/unit/test_generation_e2e.py against
+    the full forward pass within 1e-5, for every case there (class and padded text conditions, guidance,
+    3D RoPE, non-identity block orders)."""
+    from tests.unit import test_generation_e2e as e2e
+
+    if layout == "frame_prediction":
+        for case in sorted(e2e.FRAME_CASES):
+            e2e.test_frame_prediction_generation_equals_full_forward(case, "cuda_graph")
+    else:
+        for case in sorted(e2e.HYBRID_CASES):
+            e2e.test_hybrid_generation_equals_full_forward(case, "cuda_graph")
+
+
+def test_cuda_graph_greedy_tokens_equal_eager_decoding():
+    """Greedy decoding (the real sampler) gives the tokens of eager decoding on the same GPU, for frame
+    prediction and the hybrid layout (class and padded text), two clips each; the graphs are captured once."""
+    from tests.unit import test_generation_e2e as e2e
+
+    for name in sorted(e2e.GREEDY_CASES):
+        e2e.test_greedy_decoding_gives_the_same_tokens_in_every_decode_mode(name, "cuda_graph")
+
+
+def test_one_graph_per_batch_and_step_length_is_reused_across_clips():
+    """Frame prediction captures one graph for (batch, L) and replays it for every block of every clip
+    (different prompts give eager decoding's different clips); the hybrid layout captures two, (batch, 1)
+    for its first block and (batch, L), and no more for a second clip. A new batch size captures its own."""
+    from megatron_nbp.inference.generate import generate_frame_prediction, generate_hybrid
+    from megatron_nbp.inference.sampling import SamplingConfig
+    from megatron_nbp.inference.static_decode import static_step_runner
+    from tests.unit.test_generation import hybrid_model
+    from tests.unit.test_kv_cache import tiny_model
+
+    greedy = SamplingConfig(temperature=0)
+    model = tiny_model().cuda()
+    seq = model.config.token_layout.seq_length
+    clips = []
+    for seed in (0, 1):
+        prompt = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(seed)).cuda()
+        graph = generate_frame_prediction(model, prompt, greedy, decode_mode="cuda_graph")
+        eager = generate_frame_prediction(model, prompt, greedy, decode_mode="eager")
+        assert graph.steps == 12 and torch.equal(graph.tokens, eager.tokens)
+        clips.append(graph.tokens)
+    assert not torch.equal(clips[0], clips[1])
+    assert static_step_runner(model, 2, seq, create=False).captures == 1
+    generate_frame_prediction(model, clips[0][:1, :32], greedy, decode_mode="cuda_graph")
+    assert static_step_runner(model, 1, seq, create=False).captures == 1
+
+    model = hybrid_model().cuda()
+    seq = model.config.token_layout.seq_length
+    for condition in ([[0], [2]], [[1], [1]]):
+        condition = torch.tensor(condition, device="cuda")
+        graph = generate_hybrid(model, condition, sampling=greedy, decode_mode="cuda_graph")
+        assert torch.equal(graph.tokens, generate_hybrid(model, condition, sampling=greedy, decode_mode="eager").tokens)
+        assert static_step_runner(model, 2, seq, create=False).captures == 2
+
+
+def test_cuda_graph_decoding_in_bf16_matches_eager_bf16():
+    """The bf16 model: the graph's teacher-forced logits against eager decoding's in bf16 (the two attend
+    over different key lengths, so bf16 rounding differs), and the default decode mode on a GPU is the graph."""
+    from megatron_nbp.inference.generate import BlockDecoder, generate_frame_prediction
+    from megatron_nbp.inference.sampling import SamplingConfig
+    from tests.unit.test_generation_e2e import TeacherForcing
+    from tests.unit.test_kv_cache import tiny_model
+
+    model = tiny_model(latent=(3, 2, 12), block=(1, 2, 4), position="rope3d").cuda().to(torch.bfloat16)
+    assert BlockDecoder(model, 2).decode_mode == "cuda_graph"
+    video = torch.randint(0, 500, (2, 72), generator=torch.Generator().manual_seed(4)).cuda()
+    logits = {}
+    for mode in ("eager", "cuda_graph"):
+        teacher = TeacherForcing(video[:, 24:])
+        generate_frame_prediction(model, video[:, :24], SamplingConfig(), sampler=teacher, decode_mode=mode)
+        logits[mode] = teacher.logits().float()
+    assert rel(logits["cuda_graph"], logits["eager"]) <= 2e-2

@@ -35,13 +35,13 @@ def hybrid_model(P=1, C=3, latent=(2, 4, 4), block=(1, 1, 4), position="learned_
     return model
 
 
-def teacher_forced_cached_logits(model, video, condition, padding):
-    """Feed the true clip through HybridDecoder exactly as generate_hybrid feeds sampled tokens;
-    returns the logits [B, N, V] predicting video tokens 0 .. N-1 (block order)."""
+def teacher_forced_cached_logits(model, video, condition, padding, decode_mode="eager"):
+    """Feed the true clip through HybridDecoder (in ``decode_mode``) exactly as generate_hybrid feeds sampled
+    tokens; returns the logits [B, N, V] predicting video tokens 0 .. N-1 (block order)."""
     cfg = model.config
     L, off = cfg.block_size, cfg.video_token_offset
     z = video + off
-    dec = HybridDecoder(model, video.shape[0], padding)
+    dec = HybridDecoder(model, video.shape[0], padding, decode_mode=decode_mode)
     out = [dec.prefill(condition.masked_fill(padding, 0) + L if padding is not None else condition + L)]
     for k in range(L - 1):
         out.append(dec.append(z[:, k:k + 1]))
