@@ -127,6 +127,11 @@ def _generation_kwargs(seeds: list[int], device: torch.device) -> dict[str, Any]
     return {"generator": torch.Generator(device=device).manual_seed(seeds[0])}
 
 
+def _given(prompts) -> bool:
+    """Whether a prompt list (a list, a tuple or an array of clips) holds any prompt."""
+    return prompts is not None and len(prompts) > 0
+
+
 def _device_of(module) -> torch.device:
     """The device of a module's first parameter."""
     return next(iter(module.parameters())).device
@@ -368,7 +373,7 @@ class NBPPipeline:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if self.config.token_layout.conditional:
-            if prompt_videos:
+            if _given(prompt_videos):
                 raise ValueError(f"the model's layout {self.config.token_layout.name!r} takes class names or text "
                                  f"ids, not prompt videos")
             condition, padding = condition_batch(self.config, class_names, text_ids, num_samples)
@@ -377,13 +382,13 @@ class NBPPipeline:
             num_prompts, generated = condition.shape[0] // num_samples, None
             encode_seconds, clips, recons = 0.0, None, None
         else:
-            if class_names or text_ids or not prompt_videos:
+            if _given(class_names) or _given(text_ids) or not _given(prompt_videos):
                 raise ValueError(f"the model's layout {self.config.token_layout.name!r} takes prompt_videos "
                                  f"(one or more video files or clips), not class names or text ids")
             start = time.perf_counter()
-            clips = np.stack([self.load_prompt_video(v) if isinstance(v, (str, os.PathLike)) else v
-                              for v in prompt_videos])
-            prompt_tokens = self.encode(list(clips))                               # [P, T', H', W']
+            clip_list = [self.load_prompt_video(v) if isinstance(v, (str, os.PathLike)) else v for v in prompt_videos]
+            prompt_tokens = self.encode(clip_list)                                 # [P, T', H', W']
+            clips = np.stack(clip_list)
             _synchronize(_device_of(self.tokenizer))
             encode_seconds = time.perf_counter() - start
             recons = self.decode(prompt_tokens) if return_reconstructions else None

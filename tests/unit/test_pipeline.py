@@ -140,8 +140,10 @@ def test_call_arguments_are_checked(files):
         pipe(class_names=["cat"])
     with pytest.raises(ValueError, match="3 given for 2 rows"):
         pipe(prompt_videos=clips(2), seeds=[1, 2, 3])
-    with pytest.raises(ValueError, match=r"expected uint8 \[9, 16, 16, 3\]"):
-        pipe(prompt_videos=[np.zeros((9, 8, 8, 3), np.uint8)])
+    with pytest.raises(ValueError, match=r"prompt clip 1: expected uint8 \[9, 16, 16, 3\]"):
+        pipe(prompt_videos=[clips(1)[0], np.zeros((9, 8, 8, 3), np.uint8)])
+    stacked = pipe(prompt_videos=np.stack(clips(2)), temperature=0.0)         # an array of clips works too
+    assert torch.equal(stacked.tokens, pipe(prompt_videos=clips(2), temperature=0.0).tokens)
     assert row_seeds(None, 3) == [0, 1, 2] and row_seeds(5, 2) == [5, 6] and row_seeds([4, 1], 2) == [4, 1]
 
 
