@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_nbp.eval.protocols import iter_samples, real_clip_loader, run_protocol, summarize
+from megatron_nbp.inference.dtypes import add_dtype_arg, dtype_name, resolve_dtype
 from megatron_nbp.inference.sampling import add_sampling_args, sampling_from_args
 
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i3d-cache", help="download cache for the I3D weights (default ~/.cache/megatron-nbp)")
     p.add_argument("--output", help="write the result JSON here (rank 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available)")
+    add_dtype_arg(p, "dtype the model runs in (default: bf16 on CUDA, fp32 on the CPU; logits are sampled in fp32)")
     return p
 
 
@@ -80,22 +82,23 @@ def evaluate(argv=None) -> dict | None:
 
         dist.init_process_group(plan.distributed_backend)
 
-    from data_prep.tokenizer import load_tokenizer
     from megatron_nbp.eval.fvd import i3d_features
     from megatron_nbp.eval.weights import load_i3d
-    from megatron_nbp.inference.model import load_inference_model
-    from megatron_nbp.inference.video import clip_geometry
+    from megatron_nbp.inference.pipeline import NBPPipeline
     from tqdm import tqdm
 
-    model = load_inference_model(args.checkpoint, device)
-    tokenizer = load_tokenizer(args.tokenizer, device=device)
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as err:  # a dtype whose kernels do not run on the device
+        p.error(str(err))
+    pipe = NBPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
     i3d = load_i3d(args.i3d_cache, device)
-    geometry = clip_geometry(model, tokenizer)
+    geometry = pipe.geometry
     bar = tqdm(total=len(range(rank, num_samples, world)), desc=f"{args.protocol} rank {rank}", unit="clip",
                disable=rank != 0)
     start = time.perf_counter()
     real, fake = run_protocol(
-        args.protocol, model, tokenizer, iter_samples(args.data_dir, num_samples, rank, world),
+        args.protocol, pipe, iter_samples(args.data_dir, num_samples, rank, world),
         real_clip_loader(args.video_root, geometry), lambda clips: i3d_features(i3d, clips, args.batch_size),
         sampling, args.batch_size, args.seed, args.condition_frames, eval_res, progress=bar.update)
     bar.close()
@@ -111,6 +114,7 @@ def evaluate(argv=None) -> dict | None:
         result = summarize(real, fake, args.num_folds)
         result.update(protocol=args.protocol, checkpoint=str(args.checkpoint), eval_resolution=eval_res,
                       top_k=sampling.top_k, top_p=sampling.top_p, cfg_scale=sampling.cfg_scale, seed=args.seed,
+                      dtype=dtype_name(pipe.dtype),
                       seconds=time.perf_counter() - start)
         print(f"> {args.protocol}: FVD {result['fvd']:.2f} +- {result['fvd_std']:.2f} over {args.num_folds} fold(s) "
               f"of {len(fake) // args.num_folds} generated vs {len(real)} real clips", flush=True)

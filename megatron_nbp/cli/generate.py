@@ -1,19 +1,24 @@
 """Generate video with a converted NBP model, block by block with a static KV cache; decode with the
-tokenizer; write one mp4 per sample and a PNG contact sheet.
+tokenizer; write one mp4 per prompt and sample and a PNG contact sheet. A thin command line over
+megatron_nbp.inference.pipeline.NBPPipeline (the Python API).
 
-Frame prediction (K600-style models): condition on the first latent frames of a real clip::
+Frame prediction (K600-style models): condition on the first latent frames of real clips (one or more
+``--prompt-video``, generated together as one batch)::
 
     python launchers/generate.py --checkpoint runs/nbp_inference --tokenizer runs/tokenizer.safetensors \
-        --prompt-video runs/media/bikes.mp4 --output runs/generated.mp4
+        --prompt-video runs/media/bikes.mp4 --prompt-video runs/media/waves.mp4 --output runs/generated.mp4
 
 Class-conditional hybrid (UCF-101-style models), optionally with classifier-free guidance::
 
-    python launchers/generate.py --checkpoint CKPT --tokenizer TOK --class-name bikes --num-samples 4 \
-        --cfg-scale 2.0 --output runs/bikes.mp4
+    python launchers/generate.py --checkpoint CKPT --tokenizer TOK --class-name bikes --class-name dogs \
+        --num-samples 4 --cfg-scale 2.0 --output runs/classes.mp4
 
-Text-conditional hybrid models take ``--text-ids 12,845,9`` (ids from your text tokenizer).
+Text-conditional hybrid models take ``--text-ids 12,845,9`` (ids from your text tokenizer); several
+prompts as repeated flags or ``;``-separated rows (``--text-ids "12,845,9;7,3"``).
+Outputs: OUT.mp4 for one prompt and sample; OUT_0.mp4, OUT_1.mp4, ... for the samples of one prompt;
+OUT_p0.mp4, OUT_p1.mp4, ... (OUT_p0_0.mp4, OUT_p0_1.mp4, ... with several samples) for several prompts.
 Sampling defaults are the paper's: top-k 16000, top-p 0.9, temperature 1 (``--top-k 0 --top-p 1``
-disable the filters, ``--temperature 0`` is greedy).
+disable the filters, ``--temperature 0`` is greedy). ``--dtype`` defaults to bf16 on a GPU, fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -24,81 +29,113 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``nbp-generate`` (sampling flags shared with ``nbp-evaluate``)."""
+    from megatron_nbp.inference.dtypes import add_dtype_arg
     from megatron_nbp.inference.sampling import add_sampling_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="converted model directory (config.json + model.safetensors)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.safetensors)")
-    parser.add_argument("--prompt-video", help="frame prediction: real video whose first frames condition generation")
-    parser.add_argument("--class-name", help="class-conditional models: one of the model's condition_labels")
-    parser.add_argument("--text-ids", help="text-conditional models: comma-separated text token ids")
-    parser.add_argument("--output", required=True, help="output .mp4 (several samples: OUT_0.mp4, OUT_1.mp4, ...)")
+    parser.add_argument("--prompt-video", action="append",
+                        help="frame prediction: real video whose first frames condition generation "
+                             "(repeat for a batch)")
+    parser.add_argument("--class-name", action="append",
+                        help="class-conditional models: one of the model's condition_labels (repeat for a batch)")
+    parser.add_argument("--text-ids", action="append",
+                        help="text-conditional models: comma-separated text token ids (repeat, or separate rows "
+                             "with ';', for a batch)")
+    parser.add_argument("--output", required=True,
+                        help="output .mp4 (several samples: OUT_0.mp4, ...; several prompts: OUT_p0.mp4, ...)")
     parser.add_argument("--contact-sheet", help="PNG of real / reconstruction / generated frames (default: OUTPUT.png)")
     parser.add_argument("--start-frame", type=int, default=0)
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument("--condition-frames", type=int, help="latent frames given (default: the model's)")
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--num-samples", type=int, default=1, help="videos per prompt")
     add_sampling_args(parser)
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--tensorboard-dir", help="also log each sample's frames to TensorBoard (an image series per "
                                                   "sample: SummaryWriter.add_video would need moviepy)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when CUDA is available, else cpu)")
+    add_dtype_arg(parser, "dtype the model runs in (default: bf16 on CUDA, fp32 on the CPU; logits are sampled "
+                          "in fp32)")
     return parser
 
 
 def main(argv=None) -> None:
-    """Console script ``nbp-generate``: videos from a converted checkpoint, a tokenizer and a prompt."""
+    """Console script ``nbp-generate``: videos from a converted checkpoint, a tokenizer and prompts."""
     from megatron_nbp.inference.sampling import sampling_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
-
-    from data_prep.tokenizer import load_tokenizer
-    from data_prep.video_io import load_clip, write_contact_sheet, write_mp4
-    from megatron_nbp.inference.model import load_inference_model
-    from megatron_nbp.inference.video import (clip_geometry, condition_pixel_frames, generate_conditional_videos,
-                                              predict_frames, sample_paths)
-
-    model = load_inference_model(args.checkpoint, args.device)
-    tokenizer = load_tokenizer(args.tokenizer, device=args.device)
-    geo = clip_geometry(model, tokenizer)
     try:
         sampling = sampling_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.num_samples < 1:
+        parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
+
+    from data_prep.video_io import write_contact_sheet, write_mp4
+    from megatron_nbp.device import device_plan
+    from megatron_nbp.inference.dtypes import dtype_name, resolve_dtype
+    from megatron_nbp.inference.pipeline import NBPPipeline, condition_pixel_frames
+
+    try:
+        device = device_plan(device=args.device).device
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as err:  # CUDA asked for where there is none, a dtype whose kernels do not run there
+        parser.error(str(err))
+    pipe = NBPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    cfg = pipe.config
     output = Path(args.output)
-    paths = sample_paths(output, args.num_samples)
     sheet = Path(args.contact_sheet) if args.contact_sheet else output.with_suffix(".png")
-    if model.config.token_layout.conditional:         # class or text condition (hybrid)
-        condition, padding, what = _condition(parser, args, model.config)
-        videos, result = generate_conditional_videos(model, tokenizer, condition, padding, sampling, args.seed)
-        for video, path in zip(videos, paths):
-            write_mp4(video, path, fps=args.fps)
-        write_contact_sheet(videos, sheet, row_labels=[f"{what} #{i}" for i in range(len(videos))])
-        _tensorboard(args.tensorboard_dir, videos, what)
-        tokens = result.tokens.numel()
-        print(f"> {what}: {result.steps} forward passes (block size {model.config.block_size}) for {tokens} "
-              f"tokens in {result.seconds:.2f} s ({tokens / result.seconds:.0f} tokens/s)", flush=True)
-        print(f"> wrote {', '.join(map(str, paths))} and {sheet}", flush=True)
-        return
-    if not args.prompt_video:
-        parser.error("a frame-prediction model needs --prompt-video")
-    clip = load_clip(args.prompt_video, geo.num_frames, (geo.height, geo.width), args.start_frame, args.frame_stride)
-    c = args.condition_frames or model.config.condition_frames
-    recon, videos, result = predict_frames(model, tokenizer, clip, args.num_samples, c, sampling, args.seed)
-    for video, path in zip(videos, paths):
+    if cfg.token_layout.conditional:         # class or text condition (hybrid)
+        prompts, labels = _prompts(parser, args, cfg)
+        _condition(parser, args, cfg)      # usage errors (unknown class, bad ids) before any generation
+        out = pipe(**prompts, num_samples=args.num_samples, seeds=args.seed, sampling=sampling, progress=True)
+        paths = sample_paths(output, len(labels), args.num_samples)
+        rows = list(out.videos)
+        row_labels = [f"{labels[p]} #{s}" for p, s in zip(out.prompt_index, out.sample_index)]
+    else:
+        if not args.prompt_video:
+            parser.error("a frame-prediction model needs --prompt-video")
+        if args.class_name or args.text_ids:
+            parser.error("a frame-prediction model takes --prompt-video, not --class-name / --text-ids")
+        clips = [pipe.load_prompt_video(v, args.start_frame, args.frame_stride) for v in args.prompt_video]
+        out = pipe(prompt_videos=clips, num_samples=args.num_samples, seeds=args.seed, sampling=sampling,
+                   condition_frames=args.condition_frames, return_reconstructions=True, progress=True)
+        labels = [Path(v).name for v in args.prompt_video]
+        paths = sample_paths(output, len(labels), args.num_samples)
+        rows, row_labels = [], []
+        for p, label in enumerate(labels):
+            rows += [clips[p], out.reconstructions[p], *out.videos_of(p)]
+            row_labels += [f"{label} real", f"{label} tokenizer recon"] + [f"{label} generated {s}"
+                                                                             for s in range(args.num_samples)]
+        c = args.condition_frames or cfg.condition_frames
+        print(f"> condition: {condition_pixel_frames(c)} frames ({c} latent frames) of each prompt video; "
+              f"generated {pipe.geometry.num_frames - condition_pixel_frames(c)} frames per sample", flush=True)
+    for video, path in zip(out.videos, paths):
         write_mp4(video, path, fps=args.fps)
-    labels = ["real", "tokenizer recon"] + [f"generated {i}" for i in range(len(videos))]
-    write_contact_sheet([clip, recon, *videos], sheet, row_labels=labels)
-    _tensorboard(args.tensorboard_dir, videos, f"prediction from {Path(args.prompt_video).name}")
-    generated = result.tokens.shape[0] * (model.config.num_video_tokens - c * model.config.latent_shape[1]
-                                          * model.config.latent_shape[2])
-    print(f"> condition: {condition_pixel_frames(c)} frames ({c} latent frames) of {args.prompt_video}; "
-          f"generated {geo.num_frames - condition_pixel_frames(c)} frames per sample", flush=True)
-    print(f"> {result.steps} forward passes (block size {model.config.block_size}) for {generated} tokens "
-          f"in {result.seconds:.2f} s ({generated / result.seconds:.0f} tokens/s; the prompt's prefill "
-          f"{result.prefill_seconds:.2f} s)", flush=True)
-    print(f"> wrote {', '.join(map(str, paths))} and {sheet}", flush=True)
+    write_contact_sheet(rows, sheet, row_labels=row_labels)
+    _tensorboard(args.tensorboard_dir, out.videos, "; ".join(labels))
+    print(f"> {len(labels)} prompt(s) x {args.num_samples} sample(s) in one batch, {dtype_name(pipe.dtype)} on "
+          f"{pipe.device}: {out.steps} forward passes (block size {cfg.block_size}) for {out.generated_tokens} "
+          f"tokens in {out.generate_seconds:.2f} s ({out.generated_tokens / out.generate_seconds:.0f} tokens/s; prefill "
+          f"{out.prefill_seconds:.2f} s, tokenizer decode {out.decode_seconds:.2f} s)", flush=True)
+    for label, p, s, path in zip([labels[p] for p in out.prompt_index], out.prompt_index, out.sample_index, paths):
+        print(f">   prompt {p} ({label}) sample {s} -> {path}", flush=True)
+    print(f"> wrote {len(paths)} video(s) and {sheet}", flush=True)
+
+
+def sample_paths(output: Path, num_prompts: int, num_samples: int) -> list[Path]:
+    """Output file of each row (prompt-major, as NBPPipeline's): OUT.mp4 for one prompt and sample;
+    OUT_0.mp4, OUT_1.mp4, ... for one prompt's samples; OUT_p0.mp4, ... for one sample of several prompts;
+    OUT_p0_0.mp4, OUT_p0_1.mp4, ... otherwise (numbers zero-padded to a common width)."""
+    output = Path(output)
+    pw, sw = len(str(num_prompts - 1)), len(str(num_samples - 1))
+
+    def name(p: int, s: int) -> Path:
+        parts = ([f"p{p:0{pw}d}"] if num_prompts > 1 else []) + ([f"{s:0{sw}d}"] if num_samples > 1 else [])
+        return output.with_name("_".join([output.stem, *parts]) + output.suffix) if parts else output
+    return [name(p, s) for p in range(num_prompts) for s in range(num_samples)]
 
 
 def _tensorboard(logdir, videos, what: str) -> None:
@@ -113,31 +150,39 @@ def _tensorboard(logdir, videos, what: str) -> None:
         writer.add_text("generated/condition", what)
 
 
-def _condition(parser, args, cfg):
-    """(condition ids [num_samples, P], padding [num_samples, P] or None, a label) from the flags; the model's
-    token layout turns a class name or text ids into condition ids (text padded / truncated to P)."""
+def _prompts(parser, args, cfg) -> tuple[dict, list[str]]:
+    """The pipeline keywords of the condition flags (``class_names`` or ``text_ids``: one entry per prompt; a
+    ``--text-ids`` value holds one row or several separated by ';') and a label per prompt."""
     layout = cfg.token_layout
+    if args.prompt_video:
+        parser.error("a conditional model takes --class-name / --text-ids, not --prompt-video")
     if layout.condition_key == "text_ids":
         if not args.text_ids:
             parser.error("a text-conditional model needs --text-ids")
+        rows = [row for value in args.text_ids for row in value.split(";") if row.strip()]
         try:
-            raw = [int(x) for x in args.text_ids.split(",") if x.strip()]
+            texts = [[int(x) for x in row.split(",") if x.strip()] for row in rows]
         except ValueError:
-            parser.error(f"--text-ids must be comma-separated integers, got {args.text_ids!r}")
-        what = f"text {raw[:layout.num_condition_tokens]}"
-    else:
-        raw, what = args.class_name, f"class {args.class_name!r}"
+            parser.error(f"--text-ids must be comma-separated integers (rows separated by ';'), got {args.text_ids!r}")
+        return {"text_ids": texts}, [f"text {t[:layout.num_condition_tokens]}" for t in texts]
+    if not args.class_name:
+        parser.error("a class-conditional model needs --class-name")
+    return {"class_names": list(args.class_name)}, [f"class {c!r}" for c in args.class_name]
+
+
+def _condition(parser, args, cfg):
+    """(condition ids [prompts x num_samples, P], padding [same] or None, a label per prompt) of the flags,
+    as the pipeline builds them (megatron_nbp.inference.pipeline.condition_batch: the model's token layout
+    turns a class name or text ids into condition ids, text padded / truncated to P); a bad prompt is a
+    usage error."""
+    from megatron_nbp.inference.pipeline import condition_batch
+
+    prompts, labels = _prompts(parser, args, cfg)
     try:
-        condition, padding = layout.condition_batch([layout.sample_condition(raw)] * args.num_samples)
+        condition, padding = condition_batch(cfg, num_samples=args.num_samples, **prompts)
     except ValueError as err:
-        parser.error(f"{'--text-ids' if layout.condition_key == 'text_ids' else '--class-name'}: {err}")
-    return condition, (padding if bool(padding.any()) else None), what
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        parser.error(f"{'--text-ids' if 'text_ids' in prompts else '--class-name'}: {err}")
+    return condition, padding, labels[0] if len(labels) == 1 else "; ".join(labels)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
 
 
 @torch.no_grad()
-def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, Sample]],
+def run_protocol(protocol: str, pipe, samples: Iterator[tuple[int, Sample]],
                  load_real: Callable[[dict], np.ndarray], features: Callable[[np.ndarray], torch.Tensor],
                  sampling, batch_size: int = 8, seed: int = 0, condition_frames: int | None = None,
                  eval_resolution: int | None = None, num_frames: int = 16,
@@ -80,15 +80,17 @@ def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, S
     """Generate and featurize one rank's samples.
 
     Args:
-        protocol: "ucf101" (class-conditional, ``generate_hybrid``) or "k600" (frame prediction,
-            ``generate_frame_prediction`` from the first ``condition_frames`` latent frames).
-        model: converted NBP model (megatron_nbp.inference.model.NBPDecoder).
-        tokenizer: video tokenizer with ``decode(int64 [B, T', H', W']) -> float [B, 3, T, H, W]`` in [-1, 1].
+        protocol: "ucf101" (class-conditional, ``NBPPipeline.generate_conditional``) or "k600" (frame
+            prediction, ``NBPPipeline.generate_frame_prediction`` from the first ``condition_frames``
+            latent frames of each clip's tokens).
+        pipe: the converted model and its tokenizer (megatron_nbp.inference.pipeline.NBPPipeline:
+            ``config``, the two generate methods, ``decode`` of tokens to uint8 frames).
         samples: (global index, (tokens uint16 [T', H', W'], metadata)) pairs (:func:`iter_samples`).
         load_real: metadata -> uint8 [T, H, W, 3] real clip (:func:`real_clip_loader`).
         features: uint8 [B, T, H, W, 3] -> float64 [B, D] (I3D logits, ``fvd.i3d_features``).
-        sampling: SamplingConfig; batch_size: clips per generation call; seed: per-batch generator seed
-            is ``seed + first global index`` (results do not depend on the number of ranks).
+        sampling: SamplingConfig; batch_size: clips per generation call; seed: the sample of global index
+            i is generated with seed ``seed + i`` (the pipeline's per-row seeds; results do not depend on
+            the number of ranks).
         eval_resolution: resize real and generated clips to this square size first (64 for K600).
         num_frames: frames per clip fed to I3D (the first 16).
     Returns:
@@ -96,13 +98,10 @@ def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, S
     Raises:
         ValueError: unknown protocol, or a UCF label that is not one of the model's condition labels.
     """
-    from data_prep.video_io import tensor_to_frames
     from megatron_nbp.eval.fvd import resize_clips
-    from megatron_nbp.inference import generate as gen
 
-    cfg = model.config
-    t, h, w = cfg.latent_shape
-    device = next(tokenizer.parameters()).device  # model and tokenizer share the device (main)
+    cfg = pipe.config
+    _, h, w = cfg.latent_shape
     if protocol == "ucf101":
         labels = {name: i for i, name in enumerate(cfg.condition_labels or [])}
     elif protocol == "k600":
@@ -111,19 +110,17 @@ def run_protocol(protocol: str, model, tokenizer, samples: Iterator[tuple[int, S
         raise ValueError(f"unknown protocol {protocol!r}")
     real_feats, fake_feats = [], []
     for batch in _batched(iter(samples), batch_size):
-        first = batch[0][0]
-        generator = torch.Generator(device=device).manual_seed(seed + first)
+        seeds = [seed + index for index, _ in batch]
         if protocol == "ucf101":
             missing = [m.get("label") for _, (_, m) in batch if m.get("label") not in labels]
             if missing:
                 raise ValueError(f"labels {missing} are not among the model's condition_labels")
             cond = torch.tensor([[labels[m["label"]]] for _, (_, m) in batch], dtype=torch.long)
-            result = gen.generate_hybrid(model, cond, None, sampling, generator)
+            result = pipe.generate_conditional(cond, None, sampling, seeds)
         else:
             prompt = torch.from_numpy(np.stack([tok.astype(np.int64).reshape(-1) for _, (tok, _) in batch]))
-            result = gen.generate_frame_prediction(model, prompt[:, : c * h * w], sampling, generator)
-        video = tokenizer.decode(result.tokens.view(-1, t, h, w).to(device))
-        fake = np.stack([tensor_to_frames(v) for v in video.cpu()])[:, :num_frames]
+            result = pipe.generate_frame_prediction(prompt[:, : c * h * w], sampling, seeds)
+        fake = pipe.decode(result.tokens)[:, :num_frames]
         real = np.stack([load_real(meta) for _, (_, meta) in batch])[:, :num_frames]
         if eval_resolution:
             fake, real = resize_clips(fake, eval_resolution), resize_clips(real, eval_resolution)

@@ -24,13 +24,14 @@ from megatron.core import dist_checkpointing
 from megatron_nbp.checkpointing import (CheckpointError, iteration_dir, read_latest_iteration,
                                         read_weights_from_main_params, verify_checkpoint)
 from megatron_nbp.deepspeed_checkpointing import is_deepspeed_checkpoint
-from megatron_nbp.inference.convert_common import read_model_config, write_inference_checkpoint
+from megatron_nbp.inference.convert_common import DEFAULT_MAX_SHARD_SIZE, read_model_config, write_inference_checkpoint
 from megatron_nbp.inference.convert_zero import convert_deepspeed_checkpoint
 
 __all__ = ["convert_checkpoint", "convert_megatron_checkpoint", "write_inference_checkpoint"]
 
 
-def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
+def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None,
+                       dtype: str | torch.dtype = "fp32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``output_dir`` (model.safetensors + config.json) from the checkpoint in ``load_dir``, of either
     backend: :func:`convert_megatron_checkpoint`, or for a DeepSpeed checkpoint (a ``latest`` tag file and
     no ``latest_checkpointed_iteration.txt``)
@@ -39,24 +40,31 @@ def convert_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: 
     Args:
         load_dir: training checkpoint directory.
         iteration: which iteration to convert (default: the latest).
+        dtype: the weights' dtype, "bf16" | "fp16" | "fp32" (default fp32: the trained fp32 weights unchanged).
+        max_shard_size: past this many bytes the weights are sharded with an index file ("5GB", as
+            transformers; megatron_nbp.inference.weight_files).
 
     Returns:
         ``output_dir`` as a Path.
 
     Raises:
         CheckpointError: as the converter of the checkpoint's kind.
+        ValueError: an unknown dtype or a bad shard size.
     """
     if is_deepspeed_checkpoint(load_dir) and read_latest_iteration(load_dir) is None:
-        return convert_deepspeed_checkpoint(load_dir, output_dir, iteration)
-    return convert_megatron_checkpoint(load_dir, output_dir, iteration)
+        return convert_deepspeed_checkpoint(load_dir, output_dir, iteration, dtype, max_shard_size)
+    return convert_megatron_checkpoint(load_dir, output_dir, iteration, dtype, max_shard_size)
 
 
-def convert_megatron_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
+def convert_megatron_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None,
+                                dtype: str | torch.dtype = "fp32",
+                                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``output_dir`` (model.safetensors + config.json) from the megatron dist checkpoint in ``load_dir``.
 
     Args:
         load_dir: training checkpoint directory (``latest_checkpointed_iteration.txt`` + ``iter_*``).
         iteration: which ``iter_XXXXXXX`` to convert (default: the latest).
+        dtype, max_shard_size: as :func:`convert_checkpoint`.
 
     Returns:
         ``output_dir`` as a Path.
@@ -92,4 +100,4 @@ def convert_megatron_checkpoint(load_dir: str | Path, output_dir: str | Path, it
     finally:
         destroy_parallel()
     return write_inference_checkpoint(tensors, model_cfg, output_dir,
-                                      {"source_checkpoint": str(ckpt), "iteration": iteration})
+                                      {"source_checkpoint": str(ckpt), "iteration": iteration}, dtype, max_shard_size)

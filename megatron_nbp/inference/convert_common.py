@@ -3,10 +3,13 @@
 Format (``FORMAT`` below), one directory::
 
     OUTPUT/model.safetensors   megatron GPTModel TP1 PP1 parameter names -> tensors (no ``_extra_state``;
-                               a tied ``output_layer.weight`` is left out), safetensors metadata
-                               {"format": FORMAT}
+                               a tied ``output_layer.weight`` is left out) in the converted dtype,
+                               safetensors metadata {"format": FORMAT, "dtype": "bf16" | "fp16" | "fp32"};
+                               past ``max_shard_size`` bytes instead numbered shards
+                               ``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``
+                               (weight_map; megatron_nbp.inference.weight_files)
     OUTPUT/config.json         {"format_version", "model": the trained ModelConfig (every field), "extra":
-                               provenance (source checkpoint, iteration, ...)}
+                               provenance (source checkpoint, iteration, ...), "dtype": the weights' dtype}
                                (megatron_nbp.inference.model.converted_config)
 
 read by :func:`megatron_nbp.inference.model.load_inference_model`. The directory is filled under
@@ -29,13 +32,17 @@ import torch
 
 from megatron_nbp.checkpointing import CheckpointError
 from megatron_nbp.config import ModelConfig
+from megatron_nbp.inference.dtypes import CONFIG_DTYPE_KEY, dtype_name, to_torch_dtype
 from megatron_nbp.inference.model import converted_config
+from megatron_nbp.inference.weight_files import (DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, WEIGHTS_FILE, parse_size,
+                                                 write_weight_files)
 from nbp_common.files import publish_directory, staging_path
 
 FORMAT = "megatron-nbp-inference/1"
-"""The ``format`` entry of model.safetensors' metadata."""
-WEIGHTS_FILE = "model.safetensors"
+"""The ``format`` entry of the weight files' metadata."""
 CONFIG_FILE = "config.json"
+__all__ = ["FORMAT", "WEIGHTS_FILE", "INDEX_FILE", "CONFIG_FILE", "DEFAULT_MAX_SHARD_SIZE", "read_model_config",
+           "write_inference_checkpoint"]
 
 
 def read_model_config(saved: dict[str, Any], where: Any) -> ModelConfig:
@@ -55,7 +62,8 @@ def read_model_config(saved: dict[str, Any], where: Any) -> ModelConfig:
 
 
 def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                               output_dir: str | Path, extra: dict) -> Path:
+                               output_dir: str | Path, extra: dict, dtype: str | torch.dtype = "fp32",
+                               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the inference format (module doc) from a TP1 megatron GPTModel state dict (both converters).
 
     Args:
@@ -65,19 +73,29 @@ def write_inference_checkpoint(tensors: dict[str, torch.Tensor], model_cfg: Mode
             megatron_nbp.inference.model.load_converted_config).
         output_dir: the directory to publish; an existing one is replaced as a whole.
         extra: provenance stored in config.json (source checkpoint, iteration, ...).
+        dtype: "bf16" | "fp16" | "fp32" (or the torch dtype): every floating tensor is written in it
+            (``tensor.to(dtype)``: round to nearest even from fp32) and config.json records it.
+        max_shard_size: bytes per weight file (int, or "5GB" / "500MiB"); past it the weights are
+            sharded with an index file (megatron_nbp.inference.weight_files).
 
     Returns:
         ``output_dir`` as a Path, filled under ``OUTPUT.tmp`` and published with
         :func:`nbp_common.files.publish_directory`.
-    """
-    from safetensors.torch import save_file
 
+    Raises:
+        ValueError: an unknown ``dtype`` or a bad ``max_shard_size`` (before anything is written).
+    """
+    target = to_torch_dtype(dtype)
+    parse_size(max_shard_size)
     if model_cfg.share_embeddings_and_output_weights:
         tensors.pop("output_layer.weight", None)
+    cast = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    config = converted_config(model_cfg, extra)
+    config[CONFIG_DTYPE_KEY] = dtype_name(target)
     output_dir = Path(output_dir)
     staging = staging_path(output_dir)
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion to the same output
     staging.mkdir(parents=True)
-    save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (staging / CONFIG_FILE).write_text(json.dumps(converted_config(model_cfg, extra), indent=2))
+    write_weight_files(cast, staging, max_shard_size, metadata={"format": FORMAT, "dtype": dtype_name(target)})
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return publish_directory(staging, output_dir)

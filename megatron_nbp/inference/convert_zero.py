@@ -26,7 +26,7 @@ import torch
 
 from megatron_nbp.checkpointing import CheckpointError
 from megatron_nbp.deepspeed_checkpointing import read_latest_tag, read_meta, tag_name
-from megatron_nbp.inference.convert_common import read_model_config, write_inference_checkpoint
+from megatron_nbp.inference.convert_common import DEFAULT_MAX_SHARD_SIZE, read_model_config, write_inference_checkpoint
 from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_torch_files
 
 
@@ -95,12 +95,16 @@ def tp_rank_state_dict(ckpt_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
             return get_fp32_state_dict_from_zero_checkpoint(view, tag=ckpt_dir.name)
 
 
-def convert_deepspeed_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None) -> Path:
+def convert_deepspeed_checkpoint(load_dir: str | Path, output_dir: str | Path, iteration: int | None = None,
+                                 dtype: str | torch.dtype = "fp32",
+                                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``output_dir`` (model.safetensors + config.json, megatron TP1 names) from the DeepSpeed
     checkpoint in ``load_dir`` (megatron_nbp.deepspeed_checkpointing layout). One process, no GPU.
 
     Args:
         iteration: which ``global_stepN`` to convert (default: the one named in ``latest``).
+        dtype: the weights' dtype, "bf16" | "fp16" | "fp32" (default fp32: the fp32 master weights).
+        max_shard_size: past this many bytes the weights are sharded with an index file.
 
     Returns:
         ``output_dir`` as a Path.
@@ -131,4 +135,5 @@ def convert_deepspeed_checkpoint(load_dir: str | Path, output_dir: str | Path, i
         destroy_parallel()
     return write_inference_checkpoint(tensors, model_cfg, output_dir,
                                       {"source_checkpoint": str(ckpt), "iteration": meta["iteration"],
-                                       "zero_stage": meta["zero_stage"], "tensor_model_parallel_size": tp})
+                                       "zero_stage": meta["zero_stage"], "tensor_model_parallel_size": tp},
+                                      dtype, max_shard_size)

@@ -240,27 +240,43 @@ class NBPDecoder(nn.Module):
                              c.hidden_size // c.num_attention_heads, dtype=p.dtype, device=p.device)
 
 
-def load_inference_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> NBPDecoder:
-    """Load ``config.json`` + ``model.safetensors`` written by :mod:`megatron_nbp.inference.convert`.
+def load_inference_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+                         dtype: str | torch.dtype | None = None) -> NBPDecoder:
+    """Load ``config.json`` + the weights (``model.safetensors``, or shards + ``model.safetensors.index.json``)
+    written by :mod:`megatron_nbp.inference.convert`.
+
+    Args:
+        checkpoint_dir: the converted model's directory.
+        device: where the model goes (the weights are read straight onto it).
+        dtype: "bf16" | "fp16" | "fp32" (or the torch dtype) to run in; None = the stored dtype
+            (config.json's ``dtype``; fp32 for checkpoints converted before it was recorded).
+
+    Returns:
+        The model in eval mode on ``device``, every parameter in the chosen dtype.
 
     Raises:
-        FileNotFoundError: either file is missing.
+        FileNotFoundError: config.json or a weight file is missing.
+        ValueError: an unknown dtype, here or in config.json.
         RuntimeError: the weights do not match the config (missing or unexpected tensors).
     """
-    from safetensors.torch import load_file
+    from megatron_nbp.inference.dtypes import CONFIG_DTYPE_KEY, to_torch_dtype
+    from megatron_nbp.inference.weight_files import read_weight_files
 
     checkpoint_dir = Path(checkpoint_dir)
-    for name in ("config.json", "model.safetensors"):
-        if not (checkpoint_dir / name).is_file():
-            raise FileNotFoundError(f"{checkpoint_dir / name} not found (run launchers/convert_checkpoint.py)")
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir / 'config.json'} not found (run launchers/convert_checkpoint.py)")
     cfg = load_converted_config(checkpoint_dir / "config.json")
-    model = NBPDecoder(cfg)
-    tensors = load_file(str(checkpoint_dir / "model.safetensors"), device=str(device))
+    stored = json.loads((checkpoint_dir / "config.json").read_text()).get(CONFIG_DTYPE_KEY, "fp32")
+    target = to_torch_dtype(stored if dtype is None else dtype)
+    tensors = read_weight_files(checkpoint_dir, device)
     old_table = tensors.pop("embedding.position_embeddings.weight", None)
     if old_table is not None:  # format 1: one table over [condition, video stream]; split it in two
         p = cfg.num_prefix_tokens
         tensors["embedding.position_embeddings.video.weight"] = old_table[p:]
         if p:
             tensors["embedding.position_embeddings.condition.weight"] = old_table[:p]
-    model.load_state_dict(tensors, strict=True)
+    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    with torch.device("meta"):
+        model = NBPDecoder(cfg)
+    model.load_state_dict(tensors, strict=True, assign=True)  # the loaded tensors become the parameters
     return model.to(device).eval()

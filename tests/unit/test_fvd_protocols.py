@@ -40,6 +40,11 @@ class _Tokenizer(torch.nn.Module):
         return v.expand(b, 3, 17, 16, 16).clone()
 
 
+def _first_seed(seeding: dict) -> int:
+    """The first row's seed of the seeding keywords the pipeline passed (per-row ``seeds`` or a ``generator``)."""
+    return seeding["seeds"][0] if "seeds" in seeding else seeding["generator"].initial_seed()
+
+
 def _features(clips):
     x = torch.as_tensor(clips).double()
     return torch.stack([x.mean(dim=(1, 2, 3, 4)), x.std(dim=(1, 2, 3, 4)), torch.full((len(x),), float(x.shape[1])),
@@ -54,18 +59,22 @@ def test_protocols(evaluate, tmp_path, monkeypatch):
     write_synthetic_shards(data, num_clips=10, clips_per_shard=4, latent_shape=(5, 2, 2), vocab=100)
     calls = []
 
-    def fake_hybrid(model, condition, condition_padding=None, sampling=None, generator=None, progress=False):
-        calls.append(("hybrid", condition.clone()))
+    from megatron_nbp.inference.pipeline import NBPPipeline
+
+    def fake_hybrid(model, condition, condition_padding=None, sampling=None, progress=False, **seeding):
+        calls.append(("hybrid", condition.clone(), seeding))
         return gen.GenerationResult(condition.repeat(1, 20) * 0 + 3, 95, 0.0)
 
-    def fake_frames(model, prompt, sampling=None, generator=None, progress=False):
-        calls.append(("frames", prompt.clone()))
+    def fake_frames(model, prompt, sampling=None, progress=False, **seeding):
+        calls.append(("frames", prompt.clone(), seeding))
         return gen.GenerationResult(torch.cat([prompt, prompt, prompt[:, :4]], 1), 3, 0.0)
 
     monkeypatch.setattr(gen, "generate_hybrid", fake_hybrid)
     monkeypatch.setattr(gen, "generate_frame_prediction", fake_frames)
     model = SimpleNamespace(config=SimpleNamespace(latent_shape=[5, 2, 2], condition_frames=2,
-                                                   condition_labels=["other", "synthetic"]))
+                                                   condition_labels=["other", "synthetic"]),
+                            parameters=lambda: iter([torch.zeros(1)]))
+    pipe = NBPPipeline(model, _Tokenizer())
     real_shapes = []
 
     def load_real(meta):
@@ -76,21 +85,23 @@ def test_protocols(evaluate, tmp_path, monkeypatch):
     # UCF: class id of the label "synthetic" = 1; 7 samples over 2 ranks (indices 1, 3, 5 on rank 1)
     samples = list(evaluate.iter_samples(data, 7, rank=1, world_size=2))
     assert [i for i, _ in samples] == [1, 3, 5]
-    real, fake = evaluate.run_protocol("ucf101", model, _Tokenizer(), iter(samples), load_real, _features,
-                                       sampling, batch_size=2)
+    real, fake = evaluate.run_protocol("ucf101", pipe, iter(samples), load_real, _features, sampling, batch_size=2,
+                                       seed=100)
     assert [c[0] for c in calls] == ["hybrid", "hybrid"] and calls[0][1].tolist() == [[1], [1]]
+    # the batch's seeding starts at seed + its first global index (1, then 5)
+    assert [_first_seed(c[2]) for c in calls] == [101, 105]
     assert real.shape == (3, 4) and real[0, 2] == 16 and real[0, 3] == 16  # 16 frames, native 16x16
     assert fake[0, 0] == 191 and real[0, 0] == 200  # decoded tokens (value 0.5 -> 191) vs real pixels
     # K600: prompt = first 2 latent frames (8 tokens), clips resized to 64x64, dataset cycled (10 < 12)
     calls.clear()
     samples = list(evaluate.iter_samples(data, 12))
     assert len(samples) == 12 and samples[10][1][1]["source"] == samples[0][1][1]["source"]
-    real, fake = evaluate.run_protocol("k600", model, _Tokenizer(), iter(samples), load_real, _features,
-                                       sampling, batch_size=5, eval_resolution=64)
+    real, fake = evaluate.run_protocol("k600", pipe, iter(samples), load_real, _features, sampling, batch_size=5,
+                                       eval_resolution=64)
     assert [c[1].shape for c in calls] == [(5, 8), (5, 8), (2, 8)]
     assert real.shape == (12, 4) and real[0, 3] == 64 and real[0, 2] == 16
     result = evaluate.summarize(real, fake, num_folds=3)
     assert len(result["folds"]) == 3 and result["num_generated"] == 12 and result["fvd"] > 0
     with pytest.raises(ValueError, match="condition_labels"):
         model.config.condition_labels = ["other"]
-        evaluate.run_protocol("ucf101", model, _Tokenizer(), iter(samples[:1]), load_real, _features, sampling)
+        evaluate.run_protocol("ucf101", pipe, iter(samples[:1]), load_real, _features, sampling)
