@@ -122,9 +122,10 @@ def row_seeds(seeds: int | Sequence[int] | None, num_rows: int) -> list[int]:
 
 def _generation_kwargs(seeds: list[int], device: torch.device) -> dict[str, Any]:
     """The seeding keywords of generate_frame_prediction / generate_hybrid for rows seeded ``seeds``: one
-    torch.Generator on the model's device seeded with the first row's seed, which draws for the whole
-    batch (so a row depends on the batch it is in)."""
-    return {"generator": torch.Generator(device=device).manual_seed(seeds[0])}
+    generator per row on the model's device (megatron_nbp.inference.sampling.row_generators), so a row's
+    tokens equal its prompt generated alone with the same seed, whatever else is in the batch."""
+    del device  # the generate functions put the row generators on the model's device
+    return {"seeds": list(seeds)}
 
 
 def _given(prompts) -> bool:

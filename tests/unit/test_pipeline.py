@@ -101,6 +101,22 @@ def test_frame_prediction_batch_equals_the_lower_level_call_and_each_prompt_alon
         assert torch.equal(alone.tokens[0], out.tokens[2 * p]) and torch.equal(alone.tokens[0], out.tokens[2 * p + 1])
 
 
+def test_sampled_rows_equal_each_prompt_alone_with_its_seed(files):
+    """With sampling on (temperature 1, top-k, top-p) every row of a batch equals its prompt generated alone
+    with that row's seed: the pipeline seeds one generator per row."""
+    pipe = NBPPipeline.from_pretrained(files["frames"], tokenizer=files["tokenizer"], device="cpu")
+    prompts = clips(3, seed=5)
+    out = pipe(prompt_videos=prompts, num_samples=2, top_k=50, top_p=0.9, seeds=[11, 12, 13, 14, 15, 16])
+    assert len({tuple(t.flatten().tolist()) for t in out.tokens[[0, 1]]}) == 2   # two samples of prompt 0 differ
+    for row, (p, seed) in enumerate(zip(out.prompt_index, out.seeds)):
+        alone = pipe(prompt_videos=[prompts[p]], top_k=50, top_p=0.9, seeds=[seed])
+        assert torch.equal(alone.tokens[0], out.tokens[row]), (row, p, seed)
+    classes = NBPPipeline.from_pretrained(files["classes"], tokenizer=files["tokenizer"], device="cpu")
+    both = classes(class_names=["dog", "cat"], top_k=50, seeds=[3, 4])
+    for row, name in enumerate(["dog", "cat"]):
+        assert torch.equal(classes(class_names=[name], top_k=50, seeds=[3 + row]).tokens[0], both.tokens[row])
+
+
 def test_class_conditional_batch_equals_generate_hybrid(files):
     pipe = NBPPipeline.from_pretrained(files["classes"], tokenizer=files["tokenizer"], device="cpu")
     out = pipe(class_names=["dog", "cat"], num_samples=2, sampling=SamplingConfig(top_k=5), temperature=0.0)
