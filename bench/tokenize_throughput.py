@@ -121,6 +121,7 @@ def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, wor
            "--num-workers", str(workers), "--prefetch-factor", str(args.prefetch_factor), "--device", args.device,
            "--precision", precision, "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # torchrun would set 1: same threads as encode
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"tokenize job with {workers} workers failed:\n{proc.stderr[-3000:]}")
