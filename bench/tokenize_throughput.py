@@ -7,8 +7,8 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
   (:func:`data_prep.tokenize_job.decoded_media`) with each of ``--decode-workers`` DataLoader workers
   (0 = in-process), no tokenizer (worker start-up included);
 * ``encode``: the job's encoding step (uint8 clips copied to the device, converted, encoded at each
-  precision; :func:`data_prep.tokenize_job.frames_batch_to_tensor`, :func:`~data_prep.tokenizer.precision.encode_tokens`)
-  on random clips already in host memory, for each of ``--batch-sizes``, after one warm-up batch (cuDNN
+  precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``encode_tokens`` of
+  :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of ``--batch-sizes``, after one warm-up batch (cuDNN
   autotuning); the bf16 rows also give the share of token ids equal to fp32's on the first clips;
 * ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
   of ``--job-workers`` at each of ``--job-precisions``; the rate is the rank's own summary line (imports,
@@ -228,7 +228,8 @@ def main() -> None:
             for precision in precisions:
                 note = ""
                 if precision == "bf16":
-                    note = f"token ids equal to fp32: {bf16_agreement(args, tokenizer, choice.device):.4f} (noise clips)"
+                    rate = bf16_agreement(args, tokenizer, choice.device)
+                    note = f"token ids equal to fp32: {rate:.4f} (noise clips)"
                 for batch in _ints(args.batch_sizes):
                     clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
                     print(f"| encode | {precision}, batch {batch} | {clips} | {seconds:.2f} | {clips / seconds:.1f} "

@@ -139,9 +139,10 @@ class TokenizeConfig(TypedConfig):
         """Settings that determine a shard's content; stored in each sidecar and checked on rerun.
 
         ``precision`` appears only for bf16 encoding, so fp32 shards keep the settings of earlier versions
-        (a rerun completes an output folder they started). ``device``, ``batch_size`` and the loader
-        options are not part of it: they change neither the clips nor (in fp32) the computation, only
-        the order of floating-point work."""
+        (a rerun completes an output folder they started). The loader options change nothing in a shard;
+        ``device`` and ``batch_size`` change only floating-point rounding (e.g. cuDNN's TF32 convolutions
+        on GPUs), which can flip a rare token, and are left out so that a job may finish on other
+        machines than it started on."""
         settings = {
             "num_frames": self.num_frames,
             "frame_stride": self.frame_stride,

@@ -119,7 +119,8 @@ def test_tokenize_job_on_cuda_with_decode_workers(videos, tmp_path, capsys):
     assert gpu == cpu  # same clips, shards and failures (fp32: tokens differ only by TF32 rounding)
 
     def tokens(out: Path) -> np.ndarray:
-        return np.concatenate([t.ravel() for e in read_manifest(out)["shards"] for _, t, _ in iter_shard(out / e["name"])])
+        shards = read_manifest(out)["shards"]
+        return np.concatenate([t.ravel() for e in shards for _, t, _ in iter_shard(out / e["name"])])
 
     rate = float((tokens(tmp_path / "cpu") == tokens(tmp_path / "gpu")).mean())
     with capsys.disabled():
