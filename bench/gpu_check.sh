@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU-only check of the project in one run (target: under 7 minutes on one H100 / H200, no network):
-#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed, CUDA-graph decoding);
+# Every GPU-only check of the project in one run (target: under 8 minutes on one H100 / H200, no network):
+#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed, CUDA-graph
+#      decoding, the tokenizer on CUDA);
 #   2. training throughput at nbp-xl, K600 layout (seq 1264): megatron bf16 at micro-batch 4, 8 and 16
 #      (the largest that fits shows as the last "ok" row), megatron fp32 and DeepSpeed ZeRO-1 / ZeRO-2
 #      bf16 at micro-batch 4;
 #   3. nbp-3b under DeepSpeed ZeRO-3 bf16, 5 iterations, with the memory planner's prediction beside it;
 #   4. block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
 #   5. generation, NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time in the eager and the CUDA-graph
-#      decode modes (graph vs eager speed-up) and the sampler's share of a step.
+#      decode modes (graph vs eager speed-up) and the sampler's share of a step;
+#   6. tokenizer throughput at the 370M layout (configs/tokenizer/magvit2.yaml), 17x128x128: decode alone (0 / 8
+#      DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job (bf16, 8 workers) and
+#      training steps (bf16, batch 2), bench/tokenize_throughput.py (cut at 90 s; rows print as they finish).
 # Without CUDA it runs the same steps at tiny sizes (a smoke test of the script itself, ~5 min on 2 cores).
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]      (default OUT_DIR: runs/gpu_check; the log is OUT_DIR/gpu_check.log)
@@ -46,11 +50,14 @@ if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   XL=(--config configs/model/nbp_xl.yaml --config configs/data/k600.yaml)
   B3=(--config configs/model/nbp_3b.yaml --config configs/data/k600.yaml)
   SIZES=(4 8 16); ITERS=(--iters 5 --warmup 2); ATTN=(--paper-shape); GEN=(--config configs/model/nbp_xl.yaml --dtype bf16)
+  TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16)
 else
   GPU=0
   XL=(--config configs/tiny_frame_prediction.yaml)
   B3=(--config configs/tiny_frame_prediction.yaml)
   SIZES=(2 4); ITERS=(--iters 2 --warmup 1); ATTN=(); GEN=(--dtype fp32)
+  TOK=(--num-videos 4 --video-frames 40 --resolution 32 --batch-sizes 8 --encode-batches 1 --job-workers 2
+       --train-steps 1)
 fi
 
 {
@@ -89,6 +96,9 @@ for batch in 1 8; do
   step "generation, NBP vs NTP, batch $batch (eager and CUDA-graph decoding)" 240 \
     $PY bench/nbp_vs_ntp.py "${GEN[@]}" --batch-size "$batch" --repeats 1
 done
+
+step "tokenizer throughput: decode, encode, tokenization job, training steps (370M layout, 17x128x128)" 90 \
+  $PY bench/tokenize_throughput.py "${TOK[@]}"
 
 echo "" | tee -a "$LOG"
 echo "# done in $(( $(date +%s) - START )) s, $FAILED step(s) failed (GPU: $GPU); log: $LOG" | tee -a "$LOG"

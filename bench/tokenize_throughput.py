@@ -1,105 +1,255 @@
 #!/usr/bin/env python
-"""Tokenization throughput: clips/s per rank of launchers/tokenize_videos.py under torchrun.
+"""Tokenizer throughput: decode alone, encode alone, the whole tokenization job, and tokenizer training.
 
-Runs the real job (decode with PyAV, resize/crop, encode, write shards) once per world size in
-``--nproc`` into a fresh output folder, parses each rank's summary line
-(``tokenize: rank r/W: C clips from F files in S s (X clips/s)``) and prints a table, plus the
-end-to-end wall time (torchrun start, imports and manifest included) of each run.
+Four parts (``--parts``, all by default), one table (clips/s; training: steps/s and clips/s):
 
-    python bench/tokenize_throughput.py                                   # synthetic videos, random tiny tokenizer
-    python bench/tokenize_throughput.py --input VIDEOS --tokenizer TOK.safetensors --nproc 1,2,8 --resolution 128
+* ``decode``: PyAV decode + resize/crop + clip cutting of every video, through the job's own loader
+  (:func:`data_prep.tokenize_job.decoded_media`) with each of ``--decode-workers`` DataLoader workers
+  (0 = in-process), no tokenizer (worker start-up included);
+* ``encode``: the job's encoding step (uint8 clips copied to the device, converted, encoded at each
+  precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``encode_tokens`` of
+  :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of ``--batch-sizes``, after one warm-up batch (cuDNN
+  autotuning); the bf16 rows also give the share of token ids equal to fp32's on the first clips;
+* ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
+  of ``--job-workers`` at each of ``--job-precisions``; the rate is the rank's own summary line (imports,
+  tokenizer loading and the manifest excluded);
+* ``train``: tokenizer training steps of the trainer's own functions (discriminator on, EMA on), after
+  one warm-up step, at each of ``--train-precisions`` with ``--train-batch-size`` clips.
 
-Without ``--input``, ``--num-videos`` synthetic 8 fps H.264 videos (``--video-frames`` frames of
-160x120, a moving square on colour gradients) are written with PyAV; without ``--tokenizer``, a
-randomly initialised tokenizer of ``--tokenizer-config`` is saved (speed does not depend on weights).
+Defaults follow the machine: with CUDA, the 370M layout (``configs/tokenizer/magvit2.yaml``) at 17x128x128
+on ``cuda:0``, fp32 and bf16, 8 decode workers; without, ``configs/tokenizer/tiny.yaml`` at 17x64x64 on
+the CPU in fp32. Without ``--input``, ``--num-videos`` synthetic H.264 videos of ``--video-frames``
+frames (``--video-size``) are written first; without ``--tokenizer``, a randomly initialised tokenizer
+of ``--tokenizer-config`` is used (speed does not depend on the weights).
+
+    python bench/tokenize_throughput.py                       # CPU or GPU defaults
+    python bench/tokenize_throughput.py --parts encode --batch-sizes 16,32,64 --precisions bf16
+    python bench/tokenize_throughput.py --input VIDEOS --tokenizer TOK.safetensors --parts decode,job
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-
 import argparse
+import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 _RANK_LINE = re.compile(r"tokenize: rank (\d+)/(\d+): (\d+) clips from (\d+) files in ([\d.]+) s \(([\d.]+) clips/s\)")
 
 
-def make_inputs(root: Path, num_videos: int, frames: int, tokenizer_config: Path) -> tuple[Path, Path]:
-    """Write synthetic videos and a random tokenizer under ``root``; returns (video dir, checkpoint)."""
-    import torch
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, save_tokenizer
+
+def make_videos(root: Path, num_videos: int, frames: int, size: tuple[int, int]) -> Path:
+    """Write ``num_videos`` synthetic H.264 videos (``frames`` frames of ``size`` = (width, height))."""
     from data_prep.synthetic import write_pattern_video
 
     videos = root / "videos"
     for i in range(num_videos):
-        write_pattern_video(videos / f"class{i % 4}/v{i:04d}.mp4", num_frames=frames, height=120, width=160, seed=i)
-    torch.manual_seed(0)
-    ckpt = save_tokenizer(VideoTokenizer(TokenizerConfig.from_yaml(tokenizer_config)), root / "tok.safetensors")
-    return videos, ckpt
+        write_pattern_video(videos / f"class{i % 4}/v{i:04d}.mp4", num_frames=frames, height=size[1], width=size[0],
+                            seed=i)
+    return videos
 
 
-def run_once(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, nproc: int) -> tuple[list[tuple], float]:
-    """One job with ``nproc`` ranks; returns ([(rank, world, clips, files, seconds, clips/s)], wall seconds).
+def bench_decode(args: argparse.Namespace, videos: Path, ckpt: Path, workers: int) -> tuple[int, float]:
+    """(clips, seconds) of decoding every video with ``workers`` DataLoader workers (start-up included)."""
+    from data_prep.tokenize_job import TokenizeConfig, decoded_media
+
+    cfg = TokenizeConfig(input_dir=videos, output_dir=videos.parent / "unused", tokenizer=ckpt,
+                         num_frames=args.num_frames, resolution=args.resolution, num_workers=workers,
+                         prefetch_factor=args.prefetch_factor)
+    media = cfg.list_inputs()[0]
+    start = time.perf_counter()
+    clips = sum(len(item.starts) for item in decoded_media(cfg, media))
+    return clips, time.perf_counter() - start
+
+
+def bench_encode(args: argparse.Namespace, tokenizer, device: torch.device, batch: int,
+                 precision: str) -> tuple[int, float]:
+    """(clips, seconds) of ``args.encode_batches`` batches of ``batch`` random uint8 clips, host to tokens."""
+    from data_prep.tokenize_job import frames_batch_to_tensor
+    from data_prep.tokenizer.precision import encode_tokens
+
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 256, (batch, args.num_frames, args.resolution, args.resolution, 3), generator=g,
+                          dtype=torch.uint8)
+
+    def one() -> None:
+        encode_tokens(tokenizer, frames_batch_to_tensor(clips, device), precision).cpu()
+
+    one()  # warm-up (cuDNN autotuning for this shape)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.encode_batches):
+        one()
+    _sync(device)
+    return batch * args.encode_batches, time.perf_counter() - start
+
+
+def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device) -> float:
+    """Share of equal token ids, bf16 vs fp32, on 4 random clips (noise: a rough figure, not real footage)."""
+    from data_prep.tokenize_job import frames_batch_to_tensor
+    from data_prep.tokenizer.precision import bf16_token_agreement
+
+    g = torch.Generator().manual_seed(1)
+    clips = torch.randint(0, 256, (4, args.num_frames, args.resolution, args.resolution, 3), generator=g,
+                          dtype=torch.uint8)
+    return bf16_token_agreement(tokenizer, frames_batch_to_tensor(clips, device), batch_size=2)
+
+
+def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, workers: int,
+              precision: str) -> tuple[int, float, float]:
+    """(clips, seconds, clips/s) from rank 0's summary line of one torchrun job with ``workers`` workers.
 
     Raises:
         RuntimeError: the job failed (its stderr tail is in the message).
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(REPO / "launchers/tokenize_videos.py"), "--input", str(videos), "--output", str(out),
            "--tokenizer", str(ckpt), "--num-frames", str(args.num_frames), "--resolution", str(args.resolution),
-           "--batch-size", str(args.batch_size), "--videos-per-shard", str(args.videos_per_shard), "--no-progress"]
+           "--batch-size", str(args.job_batch_size), "--videos-per-shard", str(args.videos_per_shard),
+           "--num-workers", str(workers), "--prefetch-factor", str(args.prefetch_factor), "--device", args.device,
+           "--precision", precision, "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    start = time.monotonic()
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # torchrun would set 1: same threads as encode
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.monotonic() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"tokenize job with {nproc} ranks failed:\n{proc.stderr[-3000:]}")
-    rows = [(int(m[1]), int(m[2]), int(m[3]), int(m[4]), float(m[5]), float(m[6])) for m in _RANK_LINE.finditer(proc.stdout)]
-    return sorted(rows), wall
+        raise RuntimeError(f"tokenize job with {workers} workers failed:\n{proc.stderr[-3000:]}")
+    match = _RANK_LINE.search(proc.stdout)
+    if match is None:
+        raise RuntimeError(f"no summary line in the job's output:\n{proc.stdout[-2000:]}")
+    return int(match[3]), float(match[5]), float(match[6])
+
+
+def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str) -> tuple[int, float]:
+    """(steps, seconds) of ``args.train_steps`` tokenizer training steps after one warm-up step."""
+    from data_prep.tokenizer.clips import load_clip_bank
+    from data_prep.tokenizer.config import TrainOptions
+    from data_prep.tokenizer.train import _checked_config, _train_step, _Trainables
+
+    opts = TrainOptions(config=str(args.tokenizer_config), data=str(videos), output=str(videos.parent / "t.st"),
+                        resolution=args.resolution, num_frames=args.num_frames, batch_size=args.train_batch_size,
+                        lr=1e-4, warmup_steps=1, disc_weight=0.1, disc_start=0, lecam_weight=0.001,
+                        ema_decay=0.999, precision=precision, device=str(choice.device))
+    t = _Trainables.build(opts, _checked_config(opts), 1, choice)
+    bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames)
+    generator = torch.Generator().manual_seed(0)
+    _train_step(opts, t, bank, generator, 0, 0.0)
+    _sync(choice.device)
+    start = time.perf_counter()
+    for step in range(1, args.train_steps + 1):
+        _train_step(opts, t, bank, generator, step, 0.0)
+    _sync(choice.device)
+    seconds = time.perf_counter() - start
+    del t
+    if choice.is_cuda:
+        torch.cuda.empty_cache()
+    return args.train_steps, seconds
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> None:
+    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="decode,encode,job,train", help="comma-separated: decode, encode, job, train")
     p.add_argument("--input", type=Path, help="video folder (default: synthetic videos)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer checkpoint (default: random --tokenizer-config)")
-    p.add_argument("--tokenizer-config", type=Path, default=REPO / "configs/tokenizer/tiny.yaml")
-    p.add_argument("--num-videos", type=int, default=16)
+    p.add_argument("--tokenizer-config", type=Path,
+                   default=REPO / "configs/tokenizer" / ("magvit2.yaml" if cuda else "tiny.yaml"))
+    p.add_argument("--device", default="auto", help="auto (cuda:0 when CUDA is available, else cpu), cpu, cuda:N")
+    p.add_argument("--precisions", default="fp32,bf16" if cuda else "fp32", help="encode / train / job precisions")
+    p.add_argument("--num-videos", type=int, default=32 if cuda else 8)
     p.add_argument("--video-frames", type=int, default=72)
-    p.add_argument("--nproc", default="1,2", help="comma-separated world sizes (default 1,2)")
+    p.add_argument("--video-size", default="320x240" if cuda else "160x120", help="WIDTHxHEIGHT of synthetic videos")
     p.add_argument("--num-frames", type=int, default=17)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--videos-per-shard", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=128 if cuda else 64)
+    p.add_argument("--decode-workers", default="0,8" if cuda else "0,2")
+    p.add_argument("--prefetch-factor", type=int, default=2)
+    p.add_argument("--batch-sizes", default="8,32" if cuda else "1,8", help="encode batch sizes")
+    p.add_argument("--encode-batches", type=int, default=4 if cuda else 2, help="timed batches per encode row")
+    p.add_argument("--job-workers", default="8" if cuda else "0,2")
+    p.add_argument("--job-precisions", default="bf16" if cuda else "fp32", help="precisions of the job rows")
+    p.add_argument("--job-batch-size", type=int, default=32 if cuda else 8)
+    p.add_argument("--videos-per-shard", type=int, default=8 if cuda else 2)
+    p.add_argument("--train-batch-size", type=int, default=2)
+    p.add_argument("--train-precisions", help="precisions of the train rows (default: --precisions)")
+    p.add_argument("--train-steps", type=int, default=3 if cuda else 2, help="timed steps per train row")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"decode", "encode", "job", "train"}
+    if unknown:
+        p.error(f"unknown --parts {sorted(unknown)}")
+    precisions = args.precisions.split(",")
 
+    from data_prep.device import activate, choose_device
+    from data_prep.tokenizer import TokenizerConfig, VideoTokenizer, load_tokenizer, save_tokenizer
+
+    choice = choose_device(args.device)
+    activate(choice)
+    args.device = str(choice.device)
+    gpu = torch.cuda.get_device_name(choice.device) if choice.is_cuda else f"{os.cpu_count()}-core CPU"
     with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:
         tmp = Path(tmp)
-        videos, ckpt = args.input, args.tokenizer
-        if videos is None or ckpt is None:
-            made_videos, made_ckpt = make_inputs(tmp, args.num_videos, args.video_frames, args.tokenizer_config)
-            videos, ckpt = videos or made_videos, ckpt or made_ckpt
-        print(f"clips of {args.num_frames}x{args.resolution}x{args.resolution}, batch {args.batch_size}, "
-              f"tokenizer {ckpt.name if args.tokenizer else args.tokenizer_config.name + ' (random init)'}, "
-              f"{os.cpu_count()} CPU cores")
-        print("| ranks | rank | clips | files | seconds | clips/s (rank) | clips/s (all ranks) | job wall s |")
-        print("|---|---|---|---|---|---|---|---|")
-        for nproc in [int(x) for x in args.nproc.split(",")]:
-            rows, wall = run_once(args, videos, ckpt, tmp / f"out_{nproc}", nproc)
-            total_clips, slowest = sum(r[2] for r in rows), max(r[4] for r in rows)
-            for rank, world, clips, files, seconds, rate in rows:
-                agg = f"{total_clips / max(slowest, 1e-9):.2f}" if rank == 0 else ""
-                print(f"| {world} | {rank} | {clips} | {files} | {seconds:.2f} | {rate:.2f} | {agg} | "
-                      f"{f'{wall:.1f}' if rank == 0 else ''} |", flush=True)
+        videos = args.input or make_videos(tmp, args.num_videos, args.video_frames,
+                                           tuple(int(x) for x in args.video_size.split("x")))
+        if args.tokenizer is not None:
+            tokenizer = load_tokenizer(args.tokenizer, device=choice.device)
+            ckpt, name = args.tokenizer, args.tokenizer.name
+        else:
+            torch.manual_seed(0)
+            tokenizer = VideoTokenizer(TokenizerConfig.from_yaml(args.tokenizer_config))
+            ckpt = save_tokenizer(tokenizer, tmp / "tok.safetensors") if "job" in parts else tmp / "none"
+            tokenizer = tokenizer.to(choice.device).eval()
+            name = f"{args.tokenizer_config.name} (random init)"
+        params = sum(p.numel() for p in tokenizer.parameters()) / 1e6
+        print(f"# tokenizer {name}, {params:.1f}M parameters | clips {args.num_frames}x{args.resolution}x"
+              f"{args.resolution} | {choice.device} ({gpu}) | torch {torch.__version__} | "
+              f"{time.strftime('%Y-%m-%d')}", flush=True)
+        print("| part | setting | clips | seconds | clips/s | note |\n|---|---|---|---|---|---|", flush=True)
+        if "decode" in parts:
+            for workers in _ints(args.decode_workers):
+                clips, seconds = bench_decode(args, videos, ckpt, workers)
+                print(f"| decode | {workers} workers | {clips} | {seconds:.2f} | {clips / seconds:.1f} | PyAV + "
+                      f"resize/crop + clips, {args.video_size if not args.input else 'given'} videos |", flush=True)
+        if "encode" in parts:
+            for precision in precisions:
+                note = ""
+                if precision == "bf16":
+                    rate = bf16_agreement(args, tokenizer, choice.device)
+                    note = f"token ids equal to fp32: {rate:.4f} (noise clips)"
+                for batch in _ints(args.batch_sizes):
+                    clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
+                    print(f"| encode | {precision}, batch {batch} | {clips} | {seconds:.2f} | {clips / seconds:.1f} "
+                          f"| {note} |", flush=True)
+        del tokenizer
+        if choice.is_cuda:
+            torch.cuda.empty_cache()
+        if "job" in parts:
+            for precision in args.job_precisions.split(","):
+                for workers in _ints(args.job_workers):
+                    clips, seconds, rate = bench_job(args, videos, ckpt, tmp / f"out_{precision}_{workers}",
+                                                     workers, precision)
+                    print(f"| job | {precision}, {workers} workers, batch {args.job_batch_size} | {clips} | "
+                          f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written |", flush=True)
+        if "train" in parts:
+            for precision in (args.train_precisions or args.precisions).split(","):
+                steps, seconds = bench_train(args, videos, choice, precision)
+                clips = steps * args.train_batch_size
+                print(f"| train | {precision}, batch {args.train_batch_size} | {clips} | {seconds:.2f} | "
+                      f"{clips / seconds:.2f} | {steps / seconds:.3f} steps/s (GAN + EMA on) |", flush=True)
 
 
 if __name__ == "__main__":

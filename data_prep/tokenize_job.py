@@ -14,13 +14,26 @@ to ``fps``; clips start every ``clip_hop`` frames (``clip_placement="first"``) o
 the video (``"uniform"``, with ``max_clips_per_video``; 1 = the middle clip); every frame is resized
 (shorter side) and center-cropped to ``resolution``. Images (``media="image"``, PNG/JPEG via Pillow)
 are 1-frame clips: ``num_frames=1``, latent ``(1, H', W')``.
+
+Devices and throughput: each rank encodes on ``device`` (auto: ``cuda:LOCAL_RANK`` when CUDA is
+available, so torchrun with one process per GPU uses every GPU of a node) in batches of ``batch_size``
+clips at ``precision`` (fp32 by default; bf16 autocast on request, see
+:func:`data_prep.tokenizer.precision.bf16_token_agreement` for what it changes). Decoding (PyAV) and clip
+cutting run in ``num_workers`` DataLoader worker processes that prefetch ``prefetch_factor`` media files
+each, so the device is not left waiting; ``num_workers`` 0 decodes in the rank's own process. The
+DataLoader returns the media files in the rank's deterministic order whatever the number of workers,
+and batches are formed in the rank's process, so the shards' bytes do not depend on ``num_workers``. The
+ranks only meet at barriers, over gloo even on GPUs (nothing is reduced, and a CPU barrier does not hold
+a GPU while the slowest rank finishes).
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -28,9 +41,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import ConfigDict, Field
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_prep import shards
+from data_prep.device import activate, choose_device, to_device
 from data_prep.video_io import (
     CLIP_PLACEMENTS,
     IMAGE_EXTENSIONS,
@@ -38,7 +53,6 @@ from data_prep.video_io import (
     VideoDecodeError,
     clip_starts,
     decode_video,
-    frames_to_tensor,
     list_media,
     load_image,
 )
@@ -84,6 +98,15 @@ class TokenizeConfig(TypedConfig):
     clip_placement: Literal[CLIP_PLACEMENTS] = Field(
         "first", description="first: clips every clip_hop frames from the start; uniform: max_clips_per_video clips "
                              "spread evenly over the video (1 = the middle clip); see data_prep.video_io.clip_starts")
+    device: str = Field("auto", description="where to encode: auto (cuda:LOCAL_RANK when CUDA is available, else "
+                                            "cpu), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="encoding precision: fp32, or bf16 autocast of the encoder's convolutions (FSQ stays "
+                            "fp32; token ids can differ, measure with data_prep.tokenizer.precision."
+                            "bf16_token_agreement)")
+    num_workers: int = Field(0, description="DataLoader worker processes that decode videos and cut clips (0: in "
+                                            "this process)")
+    prefetch_factor: int = Field(2, description="media files each worker decodes ahead (with num_workers > 0)")
 
     def validate(self) -> None:
         """Check the rules between fields.
@@ -107,10 +130,20 @@ class TokenizeConfig(TypedConfig):
                              f"{self.num_frames} frames, fps {self.fps}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--fps must be > 0, got {self.fps}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"--prefetch-factor must be >= 1, got {self.prefetch_factor}")
 
     def shard_settings(self) -> dict:
-        """Settings that determine a shard's content; stored in each sidecar and checked on rerun."""
-        return {
+        """Settings that determine a shard's content; stored in each sidecar and checked on rerun.
+
+        ``precision`` appears only for bf16 encoding, so fp32 shards keep the settings of earlier versions
+        (a rerun completes an output folder they started). The loader options change nothing in a shard;
+        ``device`` and ``batch_size`` change only floating-point rounding (e.g. cuDNN's TF32 convolutions
+        on GPUs), which can flip a rare token, and are left out so that a job may finish on other
+        machines than it started on."""
+        settings = {
             "num_frames": self.num_frames,
             "frame_stride": self.frame_stride,
             "clip_hop": self.clip_hop,
@@ -122,6 +155,9 @@ class TokenizeConfig(TypedConfig):
             "fps": self.fps,
             "clip_placement": self.clip_placement,
         }
+        if self.precision != "fp32":
+            settings["precision"] = self.precision
+        return settings
 
     def list_inputs(self) -> tuple[list[Path], list[Path]]:
         """``(media, others)`` under ``input_dir``, sorted; files inside ``output_dir`` are left out."""
@@ -157,73 +193,146 @@ def _remove_partial(shard_path: Path) -> None:
     shard_path.unlink(missing_ok=True)
 
 
+@dataclass
+class DecodedMedia:
+    """One media file, decoded and cut into clips (made in a DataLoader worker or in-process).
+
+    Attributes:
+        rel: path relative to the input folder (POSIX); label: its parent folder's name with
+            ``label_from_dir``, else None; fps: frame rate of the frames the clips were cut from (0.0 for
+            images and containers that do not say).
+        starts: clip start frames, in order. clips: uint8 ``[len(starts), T, R, R, 3]`` (None on failure).
+        failure: why the file gave no clip (decoding error, too short), else None.
+    """
+
+    rel: str
+    label: str | None
+    fps: float
+    starts: list[int]
+    clips: torch.Tensor | None
+    failure: str | None = None
+
+
+class MediaClips(Dataset):
+    """Map-style dataset: item ``i`` is :class:`DecodedMedia` of ``media[i]`` (decode with PyAV or Pillow,
+    resize / center-crop, cut clips as the config says). Undecodable or too short files give an item with
+    ``failure`` set, never an exception."""
+
+    def __init__(self, cfg: TokenizeConfig, media: list[Path]):
+        self.cfg, self.media = cfg, list(media)
+        span = (cfg.num_frames - 1) * cfg.frame_stride + 1
+        self.span, self.hop = span, cfg.clip_hop or cfg.num_frames * cfg.frame_stride
+        self.max_frames = None
+        if cfg.max_clips_per_video is not None and cfg.clip_placement == "first":
+            self.max_frames = (cfg.max_clips_per_video - 1) * self.hop + span
+
+    def __len__(self) -> int:
+        return len(self.media)
+
+    def __getitem__(self, index: int) -> DecodedMedia:
+        cfg, video = self.cfg, self.media[index]
+        rel = video.relative_to(cfg.input_dir).as_posix()
+        label = video.parent.name if cfg.label_from_dir and video.parent != cfg.input_dir else None
+        try:
+            if cfg.media == "image":
+                frames, fps = load_image(video, size=cfg.resolution), 0.0
+            else:
+                frames, fps = decode_video(video, max_frames=self.max_frames, size=cfg.resolution, fps=cfg.fps)
+            starts = clip_starts(len(frames), cfg.num_frames, cfg.frame_stride, self.hop, cfg.max_clips_per_video,
+                                 cfg.clip_placement)
+            if not starts:
+                raise VideoDecodeError(video, f"too short: {len(frames)} frames, a clip needs {self.span}")
+        except VideoDecodeError as exc:
+            return DecodedMedia(rel, label, 0.0, [], None, exc.reason)
+        clips = np.stack([frames[s : s + self.span : cfg.frame_stride] for s in starts])
+        return DecodedMedia(rel, label, fps, list(starts), torch.from_numpy(clips))
+
+
+def _keep(item: DecodedMedia) -> DecodedMedia:
+    """DataLoader ``collate_fn``: items pass unchanged (one media file per item)."""
+    return item
+
+
+def _worker_init(_: int) -> None:
+    """One thread per DataLoader worker: the workers are the parallelism."""
+    torch.set_num_threads(1)
+
+
+def decoded_media(cfg: TokenizeConfig, media: list[Path]) -> Iterator[DecodedMedia]:
+    """:class:`DecodedMedia` of every file of ``media``, in that order: in ``cfg.num_workers`` DataLoader
+    worker processes with ``cfg.prefetch_factor`` files prefetched per worker, or in this process when
+    ``num_workers`` is 0. The order, and each item, do not depend on ``num_workers``."""
+    dataset = MediaClips(cfg, media)
+    workers = cfg.num_workers if len(dataset) else 0
+    loader = DataLoader(
+        dataset, batch_size=None, shuffle=False, collate_fn=_keep, num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor if workers else None, worker_init_fn=_worker_init if workers else None)
+    return iter(loader)
+
+
+def frames_batch_to_tensor(clips: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 clips ``[B, T, H, W, 3]`` -> float32 ``[B, 3, T, H, W]`` in [-1, 1] on ``device``: the uint8
+    batch is copied (4x fewer bytes than floats), then converted there with the arithmetic of
+    :func:`data_prep.video_io.frames_to_tensor`, so the values are the same bits on any device."""
+    x = to_device(clips, device).permute(0, 4, 1, 2, 3).to(torch.float32)
+    return x / 127.5 - 1.0
+
+
 class _ShardBuilder:
-    """Produces the samples of one shard: decode, cut clips, encode in batches."""
+    """Produces the samples of one shard from decoded media: batch the clips, encode them on the
+    tokenizer's device at ``cfg.precision``."""
 
     def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int]):
         self.tok, self.cfg, self.latent_shape = tokenizer, cfg, tuple(latent_shape)
+        self.device = next(tokenizer.parameters()).device
         self.failures: list[dict] = []
         self.labels: set[str] = set()
         self.videos_done = 0
         self.clips_done = 0
 
-    def _clips(self, videos: list[Path]) -> Iterator[tuple[str, np.ndarray, dict]]:
-        """Yield ``(key, frames uint8 [T, R, R, 3], meta)`` for every clip; record failing videos."""
+    def _clips(self, items: Iterator[DecodedMedia]) -> Iterator[tuple[str, torch.Tensor, dict]]:
+        """Yield ``(key, frames uint8 [T, R, R, 3], meta)`` for every clip; record failing files."""
         cfg = self.cfg
-        span = (cfg.num_frames - 1) * cfg.frame_stride + 1
-        hop = cfg.clip_hop or cfg.num_frames * cfg.frame_stride
-        max_frames = None
-        if cfg.max_clips_per_video is not None and cfg.clip_placement == "first":
-            max_frames = (cfg.max_clips_per_video - 1) * hop + span
-        for video in videos:
-            rel = video.relative_to(cfg.input_dir).as_posix()
-            try:
-                if cfg.media == "image":
-                    frames, fps = load_image(video, size=cfg.resolution), 0.0
-                else:
-                    frames, fps = decode_video(video, max_frames=max_frames, size=cfg.resolution, fps=cfg.fps)
-                starts = clip_starts(len(frames), cfg.num_frames, cfg.frame_stride, hop, cfg.max_clips_per_video,
-                                     cfg.clip_placement)
-                if not starts:
-                    raise VideoDecodeError(video, f"too short: {len(frames)} frames, a clip needs {span}")
-            except VideoDecodeError as exc:
-                self.failures.append({"path": rel, "reason": exc.reason})
+        for item in items:
+            if item.failure is not None:
+                self.failures.append({"path": item.rel, "reason": item.failure})
                 self.videos_done += 1
                 continue
-            label = video.parent.name if cfg.label_from_dir and video.parent != cfg.input_dir else None
-            if label is not None:
-                self.labels.add(label)
-            for s in starts:
+            if item.label is not None:
+                self.labels.add(item.label)
+            for s, frames in zip(item.starts, item.clips):
                 meta = {
-                    "source": rel,
+                    "source": item.rel,
                     "clip_start": s,
                     "num_frames": cfg.num_frames,
                     "frame_stride": cfg.frame_stride,
-                    "fps": fps,
-                    "label": label,
+                    "fps": item.fps,
+                    "label": item.label,
                     "latent_shape": list(self.latent_shape),
                 }
-                yield shards.clip_key(rel, s), frames[s : s + span : cfg.frame_stride], meta
+                yield shards.clip_key(item.rel, s), frames, meta
             self.videos_done += 1
 
-    def _encode(self, batch: list[tuple[str, np.ndarray, dict]]) -> list[tuple[str, np.ndarray, dict]]:
+    def _encode(self, batch: list[tuple[str, torch.Tensor, dict]]) -> list[tuple[str, np.ndarray, dict]]:
         """Encode a batch of clips; returns ``(key, tokens uint16 [T', H', W'], meta)``."""
-        video = torch.stack([frames_to_tensor(frames) for _, frames, _ in batch])
-        with torch.inference_mode():
-            indices = self.tok.encode(video)
+        from data_prep.tokenizer.precision import encode_tokens  # heavy; import when needed
+
+        video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), self.device)
+        indices = encode_tokens(self.tok, video, self.cfg.precision)
         if tuple(indices.shape) != (len(batch), *self.latent_shape):
             raise RuntimeError(f"tokenizer returned shape {tuple(indices.shape)}, expected {(len(batch), *self.latent_shape)}")
+        indices = indices.cpu()
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi > _MAX_UINT16:
             raise RuntimeError(f"token indices [{lo}, {hi}] do not fit uint16; codebook too large for this format")
-        tokens = indices.cpu().numpy().astype(np.uint16)
+        tokens = indices.numpy().astype(np.uint16)
         self.clips_done += len(batch)
         return [(key, tokens[i], meta) for i, (key, _, meta) in enumerate(batch)]
 
-    def samples(self, videos: list[Path]) -> Iterator[tuple[str, np.ndarray, dict]]:
-        """All samples of a shard made of ``videos``, in video order then clip-start order."""
+    def samples(self, items: Iterator[DecodedMedia]) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """All samples of a shard made of the decoded ``items``, in media order then clip-start order."""
         batch: list = []
-        for clip in self._clips(videos):
+        for clip in self._clips(items):
             batch.append(clip)
             if len(batch) == self.cfg.batch_size:
                 yield from self._encode(batch)
@@ -233,7 +342,8 @@ class _ShardBuilder:
 
 
 def _init_distributed(timeout_hours: float) -> tuple[int, int, bool]:
-    """Join the torchrun process group (gloo) if ``WORLD_SIZE > 1``; returns (rank, world, created)."""
+    """Join the torchrun process group (gloo: only barriers, also on GPUs) if ``WORLD_SIZE > 1``; returns
+    (rank, world, created)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
@@ -343,6 +453,9 @@ def _process_shards(
 ) -> _Progress:
     """Write this rank's unfinished shards (after checking that finished ones match these settings).
 
+    The media of all of them go through one :func:`decoded_media` stream (decoding runs ahead across
+    shard boundaries); each shard takes its own files from it, in order.
+
     Returns:
         The progress bar (rank 0), to be closed after the barrier.
     """
@@ -353,15 +466,16 @@ def _process_shards(
             path = cfg.output_dir / shards.shard_name(k)
             _check_settings(path, shards.read_sidecar(path), cfg, rel[k], sha)
     progress = _Progress(rank == 0 and cfg.progress, cfg, plan, pending, set(pending) - set(mine), world)
-    for k in mine:
-        if k not in pending:
-            continue
+    todo = [k for k in mine if k in pending]
+    stream = decoded_media(cfg, [video for k in todo for video in plan[k]])
+    for k in todo:
         path = cfg.output_dir / shards.shard_name(k)
         _remove_partial(path)
         builder.failures, builder.labels = [], set()
         # builder.labels fills while the samples are consumed; the sidecar (written after them) stores it sorted
         extra = {"settings": cfg.shard_settings(), "videos": rel[k], "tokenizer_sha256": sha, "labels": builder.labels}
-        shards.write_shard(path, _with_progress(builder.samples(plan[k]), builder, progress), builder.failures, extra)
+        samples = builder.samples(itertools.islice(stream, len(plan[k])))
+        shards.write_shard(path, _with_progress(samples, builder, progress), builder.failures, extra)
         progress.update(builder.videos_done, builder.clips_done)
     return progress
 
@@ -376,7 +490,8 @@ def _with_progress(samples: Iterator, builder: _ShardBuilder, progress: _Progres
 def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict | None:
     """Run the job on this process's share of the shards; rank 0 also writes the manifest.
 
-    Works as a plain single process or under torchrun (``WORLD_SIZE > 1``: gloo process group).
+    Works as a plain single process or under torchrun (``WORLD_SIZE > 1``: gloo process group). The
+    tokenizer is loaded onto ``cfg.device`` (auto: ``cuda:LOCAL_RANK`` when CUDA is available, else cpu).
 
     Args:
         cfg: job settings.
@@ -388,6 +503,7 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         RuntimeError: the output directory holds shards made with other settings, or the tokenizer
             produced out-of-range / wrongly shaped indices.
         FileNotFoundError, NotADirectoryError: missing tokenizer checkpoint or input directory.
+        ValueError: ``cfg.device`` names CUDA on a machine without it.
     """
     from data_prep.tokenizer import load_tokenizer, tokenizer_sha256  # heavy; import when needed
 
@@ -397,10 +513,12 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         raise ValueError(f"no {cfg.media} files under {cfg.input_dir}")
     if not Path(cfg.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {cfg.tokenizer}")
+    choice = choose_device(cfg.device)
+    activate(choice)
     rank, world, created = _init_distributed(timeout_hours)
     try:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        tok = load_tokenizer(cfg.tokenizer, device="cpu")
+        tok = load_tokenizer(cfg.tokenizer, device=choice.device)
         sha = tokenizer_sha256(cfg.tokenizer)
         latent = tuple(tok.latent_shape(cfg.num_frames, cfg.resolution, cfg.resolution))
         plan = plan_shards(videos, cfg.videos_per_shard)
@@ -411,7 +529,8 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         seconds = time.monotonic() - start
         print(
             f"tokenize: rank {rank}/{world}: {builder.clips_done} clips from {builder.videos_done} files in "
-            f"{seconds:.2f} s ({builder.clips_done / max(seconds, 1e-9):.2f} clips/s)",
+            f"{seconds:.2f} s ({builder.clips_done / max(seconds, 1e-9):.2f} clips/s) on {choice.device}, "
+            f"{cfg.precision}, {cfg.num_workers} decode workers",
             flush=True,
         )
         if world > 1:

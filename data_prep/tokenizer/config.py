@@ -179,9 +179,16 @@ class TrainOptions(TypedConfig):
     ``launchers/train_tokenizer.py`` (data_prep.cli.train_tokenizer derives them), and the ``train:``
     section of the tokenizer YAML may set any of them (:meth:`yaml_defaults`).
 
-    ``lr`` follows a linear warmup over ``warmup_steps`` then a cosine decay to ``min_lr_ratio * lr``;
-    the decay's progress is the larger of step / train_steps and elapsed / max_minutes, so a run cut by
-    the time limit still ends at a low learning rate. ``image_every`` k > 0: every k-th step trains on
+    ``lr`` follows a linear warmup over ``warmup_steps`` (or ``warmup_ratio * train_steps`` when
+    ``warmup_ratio`` is set) then a cosine (``lr_schedule`` "cosine") or linear ("linear") decay to
+    ``min_lr_ratio * lr``; the decay's progress is the larger of step / train_steps and elapsed /
+    max_minutes, so a run cut by the time limit still ends at a low learning rate. The optimizer is AdamW
+    (betas 0.9 / 0.99); with ``weight_decay`` 0 it is Adam. ``batch_size`` is per rank;
+    ``global_batch_size`` (when set) replaces it by global / world size.
+
+    Device: ``device`` "auto" = ``cuda:LOCAL_RANK`` when CUDA is available (nccl between ranks), else the
+    CPU (gloo); ``precision`` "auto" = bf16 autocast on CUDA, fp32 on CPU (see
+    :mod:`data_prep.tokenizer.train` for which parts stay fp32). ``image_every`` k > 0: every k-th step trains on
     ``image_batch_size`` single frames (1-frame videos) instead of clips.
 
     GAN: on when ``disc_weight > 0``, from step ``disc_start``; ``gan_loss`` "hinge" | "non_saturating";
@@ -208,6 +215,17 @@ class TrainOptions(TypedConfig):
     min_lr_ratio: float = Field(0.05, description="the cosine decay ends at this fraction of the peak learning "
                                                   "rate")
     warmup_steps: int = Field(20, description="linear warmup steps")
+    warmup_ratio: float | None = Field(None, description="warmup over this fraction of train_steps (replaces "
+                                                         "warmup_steps when set)")
+    lr_schedule: Literal["cosine", "linear"] = Field("cosine", description="decay after the warmup: cosine or "
+                                                                            "linear, to min_lr_ratio x lr")
+    global_batch_size: int | None = Field(None, description="clips per step over all ranks; replaces batch_size by "
+                                                            "global / world size (must divide)")
+    device: str = Field("auto", description="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda "
+                                            "or cuda:N")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 covers the convolutions of the "
+                            "tokenizer and discriminator (FSQ, losses, optimizer and EMA stay fp32)")
     weight_decay: float = Field(0.0, description="AdamW weight decay of the tokenizer")
     grad_clip: float = Field(1.0, description="gradient clipping by global L2 norm (tokenizer and discriminator)")
     l1_weight: float = Field(1.0, description="weight of the L1 reconstruction loss")

@@ -35,7 +35,7 @@ def ssim(original: torch.Tensor, reconstruction: torch.Tensor, window: int = 11,
     As the paper's reference code: images mapped to [0, 1] (data range L = 1), Gaussian window
     ``window x window`` with ``sigma``, "valid" filtering (no padding), ``C1 = (0.01 L)^2``,
     ``C2 = (0.03 L)^2``; the SSIM map is averaged over every channel, frame and valid position.
-    Computed in float64.
+    Computed in float64 on the inputs' device.
 
     Returns float64 ``[B]``.
 
@@ -50,7 +50,7 @@ def ssim(original: torch.Tensor, reconstruction: torch.Tensor, window: int = 11,
         raise ValueError(f"frames {h}x{w} are smaller than the {window}x{window} SSIM window")
     x = ((original.double().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).reshape(b * t * c, 1, h, w)
     y = ((reconstruction.double().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).reshape(b * t * c, 1, h, w)
-    kernel = _gaussian_window(window, sigma).view(1, 1, window, window)
+    kernel = _gaussian_window(window, sigma).to(x.device).view(1, 1, window, window)
     mu_x, mu_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
     sxx = F.conv2d(x * x, kernel) - mu_x**2
     syy = F.conv2d(y * y, kernel) - mu_y**2

@@ -100,6 +100,8 @@ class VideoTokenizer(nn.Module):
 
     Videos are float32 ``[B, C_in, T, H, W]`` in [-1, 1] with T = 1 + 4n (n >= 0) and H, W multiples
     of the spatial stride s (8 by default); tokens are int64 ``[B, 1+n, H/s, W/s]`` in [0, codebook_size).
+    Under bf16 autocast (:func:`data_prep.device.autocast`) the encoder's and decoder's convolutions run in bf16 while the
+    FSQ quantizer stays fp32; the reconstruction then comes out in bf16 (cast it before a loss).
     """
 
     def __init__(self, config: TokenizerConfig):
@@ -151,7 +153,11 @@ class VideoTokenizer(nn.Module):
             TypeError: non-float input. ValueError: wrong rank, channel count, T or H/W.
         """
         self._check_video(video)
-        return self.quantizer(self.encoder(video))
+        z = self.encoder(video)
+        # FSQ always in fp32, also under bf16 autocast: tanh-bounding and rounding to a grid of up to 8 levels
+        # per channel would move values across rounding boundaries in bf16 (8 mantissa bits) and change tokens.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.quantizer(z.float())
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Tokenize a video batch.

@@ -1,4 +1,4 @@
-"""Tokenizer training (single process or torchrun + DDP/gloo on CPU, NCCL on GPU).
+"""Tokenizer training (single process or torchrun + DDP: one process per GPU with nccl, or gloo on CPU).
 
 The MAGVITv2 recipe (Yu et al. 2023) on top of VQGAN's (Esser et al. 2021):
 
@@ -8,11 +8,30 @@ The MAGVITv2 recipe (Yu et al. 2023) on top of VQGAN's (Esser et al. 2021):
   ``disc_start`` when ``disc_weight > 0``; the generator term is scaled by VQGAN's adaptive weight
   (ratio of last-layer gradient norms) and D's loss gets the LeCam regularizer (Tseng et al. 2021);
 * EMA of the tokenizer weights (``torch.optim.swa_utils.AveragedModel``), exported when enabled;
-* linear warmup + cosine schedule (both optimizers), gradient clipping;
+* linear warmup + cosine or linear schedule (both optimizers), gradient clipping;
 * joint image-video training (``image_every``: every k-th step uses 1-frame videos);
 * checkpoints ``save/iter_XXXXXXX/`` + ``latest_checkpointed_iteration.txt`` with model, discriminator,
   EMA, both optimizers, LeCam anchors and every rank's RNG; ``load`` resumes bitwise on CPU. Saves are
   staged and published atomically, and loads verify files and settings (see :mod:`.checkpoint`).
+
+Devices (:mod:`data_prep.device`): ``device`` "auto" puts rank r of a node on ``cuda:LOCAL_RANK`` with nccl
+(DDP with ``device_ids``), or on the CPU with gloo. Weights are initialised on the CPU from the seed and
+then moved, so a seed gives the same initial weights on either device; clip sampling (data order, flips)
+uses a CPU generator, so the batches are the same too, and are copied to the device per step.
+
+Precision: ``precision`` "bf16" (the default on CUDA) runs the tokenizer's encoder / decoder convolutions
+and the discriminator under bf16 autocast. Kept in fp32, and why:
+
+* FSQ quantisation (:meth:`VideoTokenizer.encode_codes` turns autocast off for it): the bounded latent is
+  rounded to a grid of 5-8 levels, and bf16's 8-bit mantissa would move values across rounding boundaries;
+* the losses (L1/L2, perceptual, GAN, LeCam): reconstruction and logits are cast to fp32 before them, so
+  small per-pixel errors are not rounded away when averaged over a batch of 17x128x128 clips;
+* parameters, gradients, optimizer states and the EMA: fp32 master weights, as in mixed-precision training
+  (Micikevicius et al. 2018); bf16 has fp32's exponent range, so no loss scaling is needed;
+* GroupNorm: autocast itself runs normalisation in fp32.
+
+Checkpoints hold the same files on either device (CUDA's RNG state added on CUDA) and load onto any
+device, so a run saved on GPUs can resume on CPUs and back; resume is bitwise on CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ from .checkpoint import (TrainingCheckpointError, load_training_checkpoint, publ
                          training_iteration_dir, training_staging_dir, write_training_file)
 from .clips import ClipBank, load_clip_bank
 from .config import TokenizerConfig, TrainOptions
+from ..device import DataDevice, activate, autocast, choose_device, to_device
 from .gan import (LeCamEMA, PatchDiscriminator3d, PerceptualLoss, adaptive_generator_weight,
                   discriminator_loss, generator_loss)
 from .model import VideoTokenizer
@@ -56,11 +76,18 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device() -> torch.device:
+    """Where tensors of a collective must live: the current CUDA device under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(values: list[float], op=None) -> list[float]:
     """Sum (or ``op``) a few floats over ranks; identity when not distributed."""
     if _dist_info()[1] == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor.tolist()
 
@@ -68,15 +95,16 @@ def _all_reduce(values: list[float], op=None) -> list[float]:
 @torch.no_grad()
 def evaluate_psnr(model: VideoTokenizer, bank: ClipBank, max_clips: int, batch_size: int = 8) -> tuple[float, int]:
     """Mean per-clip PSNR (dB, outputs clamped to [-1, 1]) over this rank's first ``max_clips`` eval clips,
-    averaged over all ranks. Returns ``(psnr, number_of_clips)``."""
+    averaged over all ranks, computed in fp32 on the model's device. Returns ``(psnr, number_of_clips)``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     windows = bank.eval_windows[:max_clips]
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        clips = torch.stack([bank.clip(*w) for w in windows[i : i + batch_size]])
+        clips = to_device(torch.stack([bank.clip(*w) for w in windows[i : i + batch_size]]), device)
         recon = model.decode_codes(model.encode_codes(clips)[0]).clamp(-1, 1)
-        mse = (recon - clips).pow(2).flatten(1).mean(1)
+        mse = (recon - clips).pow(2).flatten(1).mean(1).cpu()
         total += sum(psnr_from_mse(m) for m in mse)
         count += len(mse)
     model.train(was_training)
@@ -85,12 +113,39 @@ def evaluate_psnr(model: VideoTokenizer, bank: ClipBank, max_clips: int, batch_s
 
 
 
+def warmup_steps(opts: TrainOptions) -> int:
+    """Warmup length: ``ceil(warmup_ratio * train_steps)`` when ``warmup_ratio`` is set, else ``warmup_steps``."""
+    if opts.warmup_ratio is not None:
+        return math.ceil(opts.warmup_ratio * opts.train_steps)
+    return opts.warmup_steps
+
+
 def _lr_at(opts: TrainOptions, step: int, progress: float, peak: float | None = None) -> float:
+    """Learning rate of step ``step`` (0-based) at decay ``progress`` in [0, 1]: linear warmup to ``peak``
+    (default ``opts.lr``), then cosine or linear decay (``opts.lr_schedule``) to ``min_lr_ratio * peak``."""
     peak = opts.lr if peak is None else peak
-    if step < opts.warmup_steps:
-        return peak * (step + 1) / opts.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return peak * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cosine)
+    warmup = warmup_steps(opts)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if opts.lr_schedule == "linear":
+        shape = 1.0 - min(1.0, progress)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return peak * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * shape)
+
+
+def per_rank_batch_size(opts: TrainOptions, world: int) -> int:
+    """Clips per step on each rank: ``global_batch_size / world`` when set, else ``batch_size``.
+
+    Raises:
+        ValueError: ``global_batch_size`` is not a positive multiple of ``world``.
+    """
+    if opts.global_batch_size is None:
+        return opts.batch_size
+    if opts.global_batch_size < 1 or opts.global_batch_size % world:
+        raise ValueError(f"global_batch_size {opts.global_batch_size} must be a positive multiple of the world "
+                         f"size {world}")
+    return opts.global_batch_size // world
 
 
 def _setup_threads() -> None:
@@ -191,20 +246,28 @@ def _recon_grid(video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return ((torch.cat([top, bottom], dim=-2).clamp(-1, 1) + 1) / 2).detach().cpu()
 
 
-def _start_process_group() -> tuple[int, int, bool]:
-    """Set the thread count (:func:`_setup_threads`) and, under torchrun (WORLD_SIZE > 1), start a gloo
-    process group unless one exists.
+def _start_process_group(opts: TrainOptions, cuda_available: bool | None = None) -> tuple[int, int, bool, DataDevice]:
+    """Choose this rank's device from ``opts.device`` (:func:`data_prep.device.choose_device`; CUDA
+    availability from torch unless ``cuda_available`` is given), make it current, set the thread count
+    (:func:`_setup_threads`) and, under torchrun (WORLD_SIZE > 1), start a process group (nccl on CUDA,
+    gloo on CPU) unless one exists.
 
     Returns:
-        ``(rank, world size, whether this call created the group)`` (the creator destroys it at the end).
+        ``(rank, world size, whether this call created the group, the device choice)`` (the creator
+        destroys the group at the end).
+
+    Raises:
+        ValueError: ``opts.device`` names CUDA on a machine without it, or is not a device name.
     """
+    choice = choose_device(opts.device, cuda_available=cuda_available)
+    activate(choice)
     _setup_threads()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     created_group = world > 1 and not dist.is_initialized()
     if created_group:
-        dist.init_process_group("gloo")
+        dist.init_process_group(choice.distributed_backend)
     rank, world = _dist_info()
-    return rank, world, created_group
+    return rank, world, created_group, choice
 
 
 def _checked_config(opts: TrainOptions) -> TokenizerConfig:
@@ -212,8 +275,8 @@ def _checked_config(opts: TrainOptions) -> TokenizerConfig:
 
     Raises:
         FileNotFoundError / ValueError: missing or bad config; T not 1 + 4n or resolution not a multiple
-            of 8 (:meth:`VideoTokenizer.latent_shape`); unknown ``gan_loss``; ``perceptual_weight`` > 0
-            without ``perceptual_network``.
+            of the spatial stride (:meth:`TokenizerConfig.latent_shape`); unknown ``gan_loss``; ``perceptual_weight`` > 0
+            without ``perceptual_network``; ``warmup_ratio`` outside [0, 1).
     """
     config = TokenizerConfig.from_yaml(opts.config)
     config.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
@@ -221,6 +284,8 @@ def _checked_config(opts: TrainOptions) -> TokenizerConfig:
         raise ValueError(f"gan_loss must be 'hinge' or 'non_saturating', got {opts.gan_loss!r}")
     if opts.perceptual_weight > 0 and not opts.perceptual_network:
         raise ValueError("perceptual_weight > 0 needs perceptual_network (a TorchScript file you supply)")
+    if opts.warmup_ratio is not None and not 0 <= opts.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {opts.warmup_ratio}")
     return config
 
 
@@ -236,6 +301,7 @@ class _Trainables:
         lecam: LeCam's EMA anchors of this rank's discriminator logits.
         ema: EMA of the tokenizer weights (``AveragedModel``), None when ``ema_decay`` is 0.
         perceptual: the perceptual loss, None when ``perceptual_weight`` is 0.
+        device: where all of them live; precision: "bf16" (autocast of the convolutions) or "fp32".
     """
 
     model: VideoTokenizer
@@ -248,31 +314,41 @@ class _Trainables:
     lecam: LeCamEMA
     ema: AveragedModel | None
     perceptual: PerceptualLoss | None
+    device: torch.device
+    precision: str
 
     @classmethod
-    def build(cls, opts: TrainOptions, config: TokenizerConfig, world: int) -> _Trainables:
+    def build(cls, opts: TrainOptions, config: TokenizerConfig, world: int,
+              choice: DataDevice | None = None) -> _Trainables:
         """Seed torch with ``opts.seed``, then build tokenizer, discriminator, LeCam, EMA and perceptual
-        loss in that order (so a seed gives the same weights on every rank and in every run), wrap the
-        tokenizer and discriminator in DDP when ``world`` > 1 (collective: DDP broadcasts rank 0's
-        weights) and create the optimizers.
+        loss in that order on the CPU (so a seed gives the same weights on every rank, in every run and on
+        every device), move them to ``choice.device`` (default: the CPU), wrap the tokenizer and
+        discriminator in DDP when ``world`` > 1 (``device_ids`` on CUDA; collective: DDP broadcasts rank
+        0's weights) and create the optimizers for the moved parameters. The precision is
+        ``opts.precision`` resolved for the device.
 
         Raises:
             FileNotFoundError: no file at ``perceptual_network``. RuntimeError: not a TorchScript archive.
         """
+        choice = choice or choose_device("cpu")
+        device = choice.device
         torch.manual_seed(opts.seed)
-        model = VideoTokenizer(config)
-        disc = PatchDiscriminator3d(config.in_channels, opts.disc_channels, opts.disc_layers) \
+        model = VideoTokenizer(config).to(device)
+        disc = PatchDiscriminator3d(config.in_channels, opts.disc_channels, opts.disc_layers).to(device) \
             if opts.disc_weight > 0 else None
-        lecam = LeCamEMA(opts.lecam_decay)
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay)) if opts.ema_decay > 0 else None
-        perceptual = PerceptualLoss(opts.perceptual_network) if opts.perceptual_weight > 0 else None
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        disc_ddp = torch.nn.parallel.DistributedDataParallel(disc) if (world > 1 and disc is not None) else disc
+        lecam = LeCamEMA(opts.lecam_decay).to(device)
+        ema = AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay)) \
+            if opts.ema_decay > 0 else None
+        perceptual = PerceptualLoss(opts.perceptual_network).to(device) if opts.perceptual_weight > 0 else None
+        ids = dict(device_ids=[device.index]) if choice.is_cuda else {}
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **ids) if world > 1 else model
+        disc_ddp = torch.nn.parallel.DistributedDataParallel(disc, **ids) if (world > 1 and disc is not None) else disc
         optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99),
                                       weight_decay=opts.weight_decay)
         disc_lr = opts.disc_lr if opts.disc_lr is not None else opts.lr
         opt_d = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.9, 0.99)) if disc is not None else None
-        return cls(model, ddp, optimizer, disc, disc_ddp, opt_d, disc_lr, lecam, ema, perceptual)
+        return cls(model, ddp, optimizer, disc, disc_ddp, opt_d, disc_lr, lecam, ema, perceptual, device,
+                   choice.resolve_precision(opts.precision))
 
     @property
     def num_params(self) -> int:
@@ -301,9 +377,12 @@ class _Trainables:
         return state
 
     def rank_state(self, generator: torch.Generator) -> dict[str, Any]:
-        """The checkpoint's ``rng_rank{r}.pt``: the data-order ``generator``, torch's RNG and LeCam's
-        anchors (EMAs of this rank's logits)."""
-        return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "lecam": self.lecam.state_dict()}
+        """The checkpoint's ``rng_rank{r}.pt``: the data-order ``generator``, torch's RNG, LeCam's anchors
+        (EMAs of this rank's logits) and, on CUDA, this rank's CUDA RNG (``"cuda"``)."""
+        state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "lecam": self.lecam.state_dict()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def restore(self, state: dict[str, Any], rng: dict[str, Any], generator: torch.Generator, folder: Path) -> int:
         """Load a checkpoint's ``state`` and this rank's ``rng`` (see :meth:`shared_state`,
@@ -331,6 +410,8 @@ class _Trainables:
         try:
             generator.set_state(rng["generator"])
             torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and "cuda" in rng:  # absent when saved on CPU; unused on CPU
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         except (KeyError, RuntimeError, TypeError) as exc:
             raise TrainingCheckpointError(
                 f"checkpoint {folder}: unusable RNG state for rank {_dist_info()[0]}: {exc}") from exc
@@ -382,11 +463,16 @@ class _StepOutcome:
 
 
 def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: torch.Generator, step: int,
-                progress: float) -> _StepOutcome:
-    """Step ``step`` (0-based): set the learning rates (:func:`_lr_at` at ``progress``), draw a clip or
-    image batch from ``bank`` with ``generator``, update the tokenizer (reconstruction + optional
-    perceptual and adversarial terms, clipping, EMA update), then, with the GAN on, the discriminator
-    (hinge / non-saturating loss + LeCam, clipping, anchor update). Collective when DDP-wrapped."""
+                progress: float, batch_size: int | None = None) -> _StepOutcome:
+    """Step ``step`` (0-based): set the learning rates (:func:`_lr_at` at ``progress``), draw a batch of
+    ``batch_size`` clips (default ``opts.batch_size``) or an image batch from ``bank`` with ``generator``,
+    update the tokenizer (reconstruction + optional perceptual and adversarial terms, clipping, EMA
+    update), then, with the GAN on, the discriminator (hinge / non-saturating loss + LeCam, clipping,
+    anchor update). Collective when DDP-wrapped.
+
+    The batch is drawn on the CPU and copied to ``t.device``; the tokenizer and discriminator forwards run
+    under :func:`data_prep.device.autocast` at ``t.precision``, and their outputs are cast to fp32 before
+    every loss (see the module docstring)."""
     lr = _lr_at(opts, step, progress)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
@@ -394,11 +480,14 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
     if is_image:
         batch = bank.sample_images(opts.image_batch_size, generator)
     else:
-        batch = bank.sample_clips(opts.batch_size, generator)
+        batch = bank.sample_clips(opts.batch_size if batch_size is None else batch_size, generator)
+    batch = to_device(batch, t.device)
     gan_on = t.disc is not None and step >= opts.disc_start
 
     # ---- generator (tokenizer) step
-    recon, _ = t.ddp(batch)
+    with autocast(t.device, t.precision):
+        recon, _ = t.ddp(batch)
+    recon = recon.float()
     mse = F.mse_loss(recon, batch)
     rec_loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, batch)
     if t.perceptual is not None:
@@ -406,7 +495,9 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
     out = _StepOutcome(batch, recon, is_image, lr, rec_loss, rec_loss, mse, gan_on)
     if gan_on:
         t.disc.requires_grad_(False)  # plain module (not DDP) in the G step: D's grads are not needed here
-        out.g_adv = generator_loss(t.disc(recon), opts.gan_loss)
+        with autocast(t.device, t.precision):
+            logits_fake = t.disc(recon)
+        out.g_adv = generator_loss(logits_fake.float(), opts.gan_loss)
         out.gan_weight = opts.disc_weight * (
             adaptive_generator_weight(rec_loss, out.g_adv, t.last_layer) if opts.adaptive_weight else 1.0)
         out.loss = rec_loss + out.gan_weight * out.g_adv
@@ -423,8 +514,9 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
         t.disc.requires_grad_(True)
         for group in t.opt_d.param_groups:
             group["lr"] = _lr_at(opts, step, progress, peak=t.disc_lr)
-        logits_real = t.disc_ddp(torch.cat([batch, recon.detach()]))
-        logits_real, logits_fake = logits_real.chunk(2)
+        with autocast(t.device, t.precision):
+            logits = t.disc_ddp(torch.cat([batch, recon.detach()]))
+        logits_real, logits_fake = logits.float().chunk(2)
         d_loss = discriminator_loss(logits_real, logits_fake, opts.gan_loss)
         if opts.lecam_weight > 0:
             d_loss = d_loss + opts.lecam_weight * t.lecam(logits_real, logits_fake)
@@ -460,8 +552,9 @@ class _ProgressLog:
         """The run's opening line: parameters, videos, clip windows, world, GAN and EMA settings."""
         if self.enabled:
             opts = self.opts
-            log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d, GAN %s, "
-                     "EMA %s", t.num_params / 1e6, len(bank.videos), bank.names, len(bank.windows), world,
+            log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d, device %s, "
+                     "precision %s, GAN %s, EMA %s", t.num_params / 1e6, len(bank.videos), bank.names,
+                     len(bank.windows), world, t.device, t.precision,
                      f"{opts.gan_loss} from step {opts.disc_start}" if t.disc is not None else "off",
                      opts.ema_decay if t.ema is not None else "off")
 
@@ -517,14 +610,16 @@ class _ProgressLog:
 def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     """Train a :class:`VideoTokenizer` on clips of the videos under ``opts.data`` and save it (rank 0).
 
-    Under torchrun (WORLD_SIZE > 1) a gloo process group is created and the tokenizer and discriminator
-    are wrapped in DDP; each rank draws from its own disjoint share of clip windows; only rank 0 writes
-    the tokenizer, the training state's shared part and TensorBoard. Stops after ``train_steps``,
-    ``max_minutes`` (agreed across ranks) or ``exit_interval`` steps.
+    Runs on ``opts.device`` (auto: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU) at
+    ``opts.precision``. Under torchrun (WORLD_SIZE > 1) a process group (nccl on CUDA, gloo on CPU) is
+    created and the tokenizer and discriminator are wrapped in DDP; each rank draws from its own disjoint
+    share of clip windows; only rank 0 writes the tokenizer, the training state's shared part and
+    TensorBoard. Stops after ``train_steps``, ``max_minutes`` (agreed across ranks) or ``exit_interval``
+    steps.
 
     Returns:
-        ``{"steps", "seconds", "final_loss", "psnr", "eval_clips", "parameters", "output"}`` (``psnr`` of
-        the exported weights: the EMA when enabled).
+        ``{"steps", "seconds", "final_loss", "psnr", "eval_clips", "parameters", "output", "device",
+        "precision"}`` (``psnr`` of the exported weights: the EMA when enabled).
 
     Raises:
         FileNotFoundError / NotADirectoryError / ValueError: missing config, data directory or perceptual
@@ -533,9 +628,10 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
             settings (model config, codebook size, latent shape, discriminator, EMA, world size); raised
             before the first step, naming the checkpoint and each differing value.
     """
-    rank, world, created_group = _start_process_group()
+    rank, world, created_group, choice = _start_process_group(opts)
     config = _checked_config(opts)
-    trainables = _Trainables.build(opts, config, world)
+    batch_size = per_rank_batch_size(opts, world)
+    trainables = _Trainables.build(opts, config, world, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
                           holdout_fraction=opts.holdout_fraction)
     generator = torch.Generator().manual_seed(opts.seed + 1000 * rank)
@@ -560,7 +656,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         if opts.exit_interval and step - first_step >= opts.exit_interval:
             break
         progress = max(step / opts.train_steps, elapsed / budget if budget else 0.0)
-        out = _train_step(opts, trainables, bank, generator, step, progress)
+        out = _train_step(opts, trainables, bank, generator, step, progress, batch_size)
         step += 1
         loss_value = float(out.loss.detach())
         progress_log.step(step, out, loss_value, trainables.lecam)
@@ -572,7 +668,8 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     export = trainables.exported(opts)
     psnr, n_eval = evaluate_psnr(export, bank, opts.eval_clips)
     result = {"steps": step, "seconds": round(seconds, 1), "final_loss": loss_value, "psnr": psnr,
-              "eval_clips": n_eval, "parameters": trainables.num_params, "output": opts.output}
+              "eval_clips": n_eval, "parameters": trainables.num_params, "output": opts.output,
+              "device": str(trainables.device), "precision": trainables.precision}
     progress_log.final(step, seconds, psnr, n_eval)
     if rank == 0:
         metadata = {"train": opts.to_dict(), "result": {k: result[k] for k in ("steps", "psnr", "eval_clips")},

@@ -5,6 +5,8 @@ Example (the benchmark in docs/benchmarks.md: clips from the held-back last 25% 
     python launchers/eval_tokenizer.py --tokenizer runs/tok/tokenizer.safetensors --data runs/demo/media \
         --resolution 64 --num-frames 17 --holdout-fraction 0.25 --png runs/tok/recon.png --json runs/tok/eval.json
 
+``--device`` (auto: the GPU of LOCAL_RANK when CUDA is available, else the CPU; megatron_nbp.device) places
+the tokenizer, the clips and the metrics; reconstructions run in fp32 on either.
 ``--official`` reads a checkpoint of the official NBP release (see data_prep/tokenizer/official_import.py).
 ``--fvd`` computes reconstruction FVD (I3D features of originals vs reconstructions, megatron_nbp.eval.fvd)
 only if that module exists and the I3D weights are already in the local cache (nothing is downloaded here;
@@ -30,6 +32,7 @@ from data_prep import video_io
 from data_prep.tokenizer import load_tokenizer
 from data_prep.tokenizer.clips import load_clip_bank
 from data_prep.tokenizer.metrics import psnr, ssim
+from megatron_nbp.device import activate, device_plan, to_device
 from nbp_common.config import ConfigError, TypedConfig, add_config_arguments, cli_flags, config_overrides
 
 log = logging.getLogger("eval_tokenizer")
@@ -67,6 +70,8 @@ class EvalOptions(TypedConfig):
         0.25, description="evaluate on non-overlapping clips of the last fraction of every video (0: whole videos)")
     max_clips: int = Field(256, description="evaluate at most this many clips")
     batch_size: int = Field(4, description="clips per forward pass")
+    device: str = Field("auto", description="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda or "
+                                            "cuda:N")
     fvd: bool = Field(False, description="also compute reconstruction FVD (slow on CPU)")
     png: str | None = Field(None, description="write originals vs reconstructions (every 4th frame) to this PNG")
     png_clips: int = Field(3, description="clips in the PNG")
@@ -94,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
+    try:
+        plan = device_plan(device=None if args.device == "auto" else args.device)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--device: {exc}")
+    activate(plan)
     if args.official:
         from data_prep.tokenizer.official_import import load_official_tokenizer
 
-        model = load_official_tokenizer(args.tokenizer)
+        model = load_official_tokenizer(args.tokenizer).to(plan.device)
     else:
-        model = load_tokenizer(args.tokenizer)
+        model = load_tokenizer(args.tokenizer, device=plan.device)
     bank = load_clip_bank(args.data, args.resolution, args.num_frames, args.frame_stride,
                           holdout_fraction=args.holdout_fraction)
     windows = bank.eval_windows[: args.max_clips]
@@ -110,17 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for i in range(0, len(windows), args.batch_size):
             chunk = windows[i : i + args.batch_size]
-            clips = torch.stack([bank.clip(*w) for w in chunk])
+            clips = to_device(torch.stack([bank.clip(*w) for w in chunk]), plan)
             recon = model.decode(model.encode(clips)).clamp(-1, 1)
             psnrs += psnr(clips, recon).tolist()
             ssims += ssim(clips, recon).tolist()
+            clips, recon = clips.cpu(), recon.cpu()
             for clip, rec, (v, s) in zip(clips, recon, chunk):
                 originals.append(video_io.tensor_to_frames(clip))
                 recons.append(video_io.tensor_to_frames(rec))
                 labels.append(f"{bank.names[v]}@{s}")
     result = {
         "tokenizer": str(args.tokenizer), "clips": len(windows), "resolution": args.resolution,
-        "num_frames": args.num_frames, "holdout_fraction": args.holdout_fraction,
+        "num_frames": args.num_frames, "holdout_fraction": args.holdout_fraction, "device": str(plan.device),
         "psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
         "per_video_psnr_db": {name: float(np.mean([p for p, l in zip(psnrs, labels) if l.startswith(name + "@")]))
                               for name in sorted({l.rsplit("@", 1)[0] for l in labels})},
