@@ -241,7 +241,7 @@ def test_recipe_configs_hold_table_5(name, lr):
     assert (opts.num_frames, opts.resolution, opts.device, opts.precision) == (17, 128, "auto", "auto")
     model = TokenizerConfig.from_yaml(config)
     assert model == TokenizerConfig.from_yaml(REPO / "configs" / "tokenizer" / "magvit2.yaml")
-    assert VideoTokenizer.latent_shape(opts.num_frames, 128, 128) == (5, 16, 16)
+    assert model.latent_shape(opts.num_frames, 128, 128) == (5, 16, 16)
 
 
 # ------------------------------------------------------------------------- the tokenization job's options
