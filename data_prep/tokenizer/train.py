@@ -14,6 +14,18 @@ The MAGVITv2 recipe (Yu et al. 2023) on top of VQGAN's (Esser et al. 2021):
   EMA, both optimizers, LeCam anchors and every rank's RNG; ``load`` resumes bitwise on CPU. Saves are
   staged and published atomically, and loads verify files and settings (see :mod:`.checkpoint`).
 
+Data order under DDP (global-batch sampling, :class:`~.clips.ClipBank`): every rank holds all training clip
+windows and a data-order generator seeded with ``seed`` alone (the same on every rank), draws the picks,
+flips and image-step frames of the whole global batch ``G = batch_size x world`` each step, and trains on
+its rows ``[rank * batch_size, (rank + 1) * batch_size)``. DDP averages the ranks' gradients, so with the
+reconstruction and perceptual losses (means over the batch) N ranks with ``G / N`` clips each take the
+same steps as 1 rank with ``G`` clips, up to fp32 summation order. The logged loss, PSNR and GAN terms and
+the returned ``final_loss`` are means over the ranks (= the global batch's). What stays per rank by
+design: evaluation clips (split by rank, PSNR averaged over all), LeCam's anchors (EMAs of that rank's
+logits) and the adaptive GAN weight (gradient norms of that rank's losses), so with the GAN on N ranks
+are no longer exactly 1 rank. Each rank still saves its own ``rng_rank{r}.pt``; their data-order states
+are equal, and a resumed run takes rank 0's on every rank.
+
 Devices (:mod:`data_prep.device`): ``device`` "auto" puts rank r of a node on ``cuda:LOCAL_RANK`` with nccl
 (DDP with ``device_ids``), or on the CPU with gloo. Weights are initialised on the CPU from the seed and
 then moved, so a seed gives the same initial weights on either device; clip sampling (data order, flips)
@@ -377,7 +389,8 @@ class _Trainables:
         return state
 
     def rank_state(self, generator: torch.Generator) -> dict[str, Any]:
-        """The checkpoint's ``rng_rank{r}.pt``: the data-order ``generator``, torch's RNG, LeCam's anchors
+        """The checkpoint's ``rng_rank{r}.pt``: the data-order ``generator`` (the same state on every rank,
+        see the module docstring), torch's RNG, LeCam's anchors
         (EMAs of this rank's logits) and, on CUDA, this rank's CUDA RNG (``"cuda"``)."""
         state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "lecam": self.lecam.state_dict()}
         if self.device.type == "cuda":
@@ -418,6 +431,28 @@ class _Trainables:
         return int(state["step"])
 
 
+def _share_generator(generator: torch.Generator) -> bool:
+    """Give every rank rank 0's data-order ``generator`` state (a broadcast; collective when distributed).
+
+    Global-batch sampling needs the same state on every rank. Runs seed it identically and checkpoints
+    save equal states, so this is a no-op for them; a checkpoint written before global-batch sampling
+    (ranks seeded ``seed + 1000 * rank``) would otherwise leave the ranks drawing different global batches.
+
+    Returns:
+        True when this rank's state changed (logged as a warning by the caller).
+    """
+    if _dist_info()[1] == 1:
+        return False
+    mine = generator.get_state()
+    shared = mine.clone().to(_collective_device())
+    dist.broadcast(shared, src=0)
+    shared = shared.cpu()
+    if torch.equal(shared, mine):
+        return False
+    generator.set_state(shared)
+    return True
+
+
 def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Generator,
             settings: dict[str, Any]) -> tuple[int, float]:
     """Restore the latest checkpoint under ``opts.load`` (verified against ``settings``), if any.
@@ -437,6 +472,9 @@ def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Genera
     state, rng = loaded
     folder = training_iteration_dir(opts.load, int(state["step"]))
     step = trainables.restore(state, rng, generator, folder)
+    if _share_generator(generator):
+        log.warning("checkpoint %s: rank %d's data-order generator differs from rank 0's (saved before global-batch "
+                    "sampling?): using rank 0's", folder, _dist_info()[0])
     if _dist_info()[0] == 0:
         log.info("resumed from %s at step %d", folder, step)
     return step, float(state["elapsed"])
@@ -464,8 +502,9 @@ class _StepOutcome:
 
 def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: torch.Generator, step: int,
                 progress: float, batch_size: int | None = None) -> _StepOutcome:
-    """Step ``step`` (0-based): set the learning rates (:func:`_lr_at` at ``progress``), draw a batch of
-    ``batch_size`` clips (default ``opts.batch_size``) or an image batch from ``bank`` with ``generator``,
+    """Step ``step`` (0-based): set the learning rates (:func:`_lr_at` at ``progress``), draw this rank's
+    ``batch_size`` clips (default ``opts.batch_size``) or ``opts.image_batch_size`` frames of the step's
+    global batch from ``bank`` with ``generator`` (the same state on every rank, see the module docstring),
     update the tokenizer (reconstruction + optional perceptual and adversarial terms, clipping, EMA
     update), then, with the GAN on, the discriminator (hinge / non-saturating loss + LeCam, clipping,
     anchor update). Collective when DDP-wrapped.
@@ -530,6 +569,21 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
     return out
 
 
+def _rank_means(out: _StepOutcome) -> dict[str, float]:
+    """The step's logged scalars averaged over the ranks (a collective when distributed): ``loss``,
+    ``rec_loss``, ``mse`` and, with the GAN on, ``g_adv``, ``gan_weight``, ``d_loss``.
+
+    Every rank's value is a mean over its rows and every rank holds as many rows, so the mean over the ranks
+    of the reconstruction terms is the global batch's mean, the value a 1-rank run with the global batch
+    logs; the GAN terms are the mean of the per-rank values."""
+    names = ["loss", "rec_loss", "mse"] + (["g_adv", "gan_weight", "d_loss"] if out.gan_on else [])
+    values = [float(getattr(out, name)) for name in names]
+    world = _dist_info()[1]
+    if world > 1:
+        values = [v / world for v in _all_reduce(values)]
+    return dict(zip(names, values))
+
+
 class _ProgressLog:
     """Rank 0's log lines and TensorBoard scalars / images of a training run (other ranks: nothing).
 
@@ -552,9 +606,10 @@ class _ProgressLog:
         """The run's opening line: parameters, videos, clip windows, world, GAN and EMA settings."""
         if self.enabled:
             opts = self.opts
-            log.info("tokenizer: %.2fM parameters, %d videos %s, %d clip windows on rank 0, world %d, device %s, "
-                     "precision %s, GAN %s, EMA %s", t.num_params / 1e6, len(bank.videos), bank.names,
-                     len(bank.windows), world, t.device, t.precision,
+            log.info("tokenizer: %.2fM parameters, %d videos %s, %d training clip windows (every rank), "
+                     "%d evaluation clips on rank 0, world %d, device %s, precision %s, GAN %s, EMA %s",
+                     t.num_params / 1e6, len(bank.videos), bank.names, len(bank.windows),
+                     len(bank.eval_windows), world, t.device, t.precision,
                      f"{opts.gan_loss} from step {opts.disc_start}" if t.disc is not None else "off",
                      opts.ema_decay if t.ema is not None else "off")
 
@@ -562,10 +617,11 @@ class _ProgressLog:
         """Training (re)starts at ``step``; ``start`` is the wall time the run's elapsed time counts from."""
         self.start, self.last_time, self.last_step = start, time.time(), step
 
-    def step(self, step: int, out: _StepOutcome, loss_value: float, lecam: LeCamEMA) -> None:
+    def step(self, step: int, out: _StepOutcome, means: dict[str, float], lecam: LeCamEMA) -> None:
         """After step ``step`` (1-based): at the log interval (and step 1) a line with loss, batch PSNR,
-        GAN terms, lr, steps/s and elapsed seconds, plus TensorBoard scalars; at ``image_log_interval``
-        a reconstruction grid of the batch's first clip."""
+        GAN terms (``means``: :func:`_rank_means`, the global batch's), lr, steps/s and elapsed seconds,
+        plus TensorBoard scalars; at ``image_log_interval`` a reconstruction grid of rank 0's first clip
+        (the global batch's first)."""
         opts = self.opts
         if self.enabled and (step % opts.log_interval == 0 or step == 1):
             now = time.time()
@@ -573,22 +629,22 @@ class _ProgressLog:
             kind = "image" if out.is_image else "video"
             gan_text = ""
             if out.gan_on:
-                gan_text = (f" | g_adv {float(out.g_adv.detach()):.3f} x {float(out.gan_weight):.3g}"
-                            f" | d_loss {float(out.d_loss.detach()):.3f}")
+                gan_text = (f" | g_adv {means['g_adv']:.3f} x {means['gan_weight']:.3g}"
+                            f" | d_loss {means['d_loss']:.3f}")
             log.info("step %6d | loss %.4f | psnr %.2f dB (%s batch)%s | lr %.2e | %.2f steps/s | %.0fs",
-                     step, loss_value, psnr_from_mse(out.mse.detach()), kind, gan_text, out.lr, rate,
+                     step, means["loss"], psnr_from_mse(means["mse"]), kind, gan_text, out.lr, rate,
                      now - self.start)
             if self.writer:
                 w = self.writer
-                w.add_scalar("train/loss", loss_value, step)
-                w.add_scalar("train/rec_loss", float(out.rec_loss.detach()), step)
-                w.add_scalar(f"train/psnr_{kind}", psnr_from_mse(out.mse.detach()), step)
+                w.add_scalar("train/loss", means["loss"], step)
+                w.add_scalar("train/rec_loss", means["rec_loss"], step)
+                w.add_scalar(f"train/psnr_{kind}", psnr_from_mse(means["mse"]), step)
                 w.add_scalar("train/lr", out.lr, step)
                 w.add_scalar("train/steps_per_s", rate, step)
                 if out.gan_on:
-                    w.add_scalar("train/g_adv", float(out.g_adv.detach()), step)
-                    w.add_scalar("train/gan_weight", float(out.gan_weight), step)
-                    w.add_scalar("train/d_loss", float(out.d_loss.detach()), step)
+                    w.add_scalar("train/g_adv", means["g_adv"], step)
+                    w.add_scalar("train/gan_weight", means["gan_weight"], step)
+                    w.add_scalar("train/d_loss", means["d_loss"], step)
                     w.add_scalar("train/lecam_ema_real", float(lecam.ema_real), step)
                     w.add_scalar("train/lecam_ema_fake", float(lecam.ema_fake), step)
             self.last_time, self.last_step = now, step
@@ -612,14 +668,16 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
 
     Runs on ``opts.device`` (auto: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU) at
     ``opts.precision``. Under torchrun (WORLD_SIZE > 1) a process group (nccl on CUDA, gloo on CPU) is
-    created and the tokenizer and discriminator are wrapped in DDP; each rank draws from its own disjoint
-    share of clip windows; only rank 0 writes the tokenizer, the training state's shared part and
-    TensorBoard. Stops after ``train_steps``, ``max_minutes`` (agreed across ranks) or ``exit_interval``
-    steps.
+    created and the tokenizer and discriminator are wrapped in DDP; every rank draws the same global batch
+    of ``batch_size x world`` clips from all training windows and trains on its rows, so N ranks equal one
+    rank with the global batch (see the module docstring); only rank 0 writes the tokenizer, the training
+    state's shared part and TensorBoard. Stops after ``train_steps``, ``max_minutes`` (agreed across
+    ranks) or ``exit_interval`` steps.
 
     Returns:
         ``{"steps", "seconds", "final_loss", "psnr", "eval_clips", "parameters", "output", "device",
-        "precision"}`` (``psnr`` of the exported weights: the EMA when enabled).
+        "precision"}`` (``final_loss``: the last step's loss, mean over ranks; ``psnr`` of the exported
+        weights: the EMA when enabled, over every rank's evaluation clips).
 
     Raises:
         FileNotFoundError / NotADirectoryError / ValueError: missing config, data directory or perceptual
@@ -634,7 +692,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     trainables = _Trainables.build(opts, config, world, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
                           holdout_fraction=opts.holdout_fraction)
-    generator = torch.Generator().manual_seed(opts.seed + 1000 * rank)
+    generator = torch.Generator().manual_seed(opts.seed)  # data order: the same on every rank (global batch)
     settings = _run_settings(config, opts, world)
     step, elapsed_before = _resume(opts, trainables, generator, settings) if opts.load else (0, 0.0)
     progress_log = _ProgressLog(opts, rank)
@@ -658,8 +716,9 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         progress = max(step / opts.train_steps, elapsed / budget if budget else 0.0)
         out = _train_step(opts, trainables, bank, generator, step, progress, batch_size)
         step += 1
-        loss_value = float(out.loss.detach())
-        progress_log.step(step, out, loss_value, trainables.lecam)
+        means = _rank_means(out)
+        loss_value = means["loss"]
+        progress_log.step(step, out, means, trainables.lecam)
         if opts.save and opts.save_interval and step % opts.save_interval == 0:
             save_state(step, time.time() - start)
     seconds = time.time() - start

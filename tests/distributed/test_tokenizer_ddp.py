@@ -1,0 +1,152 @@
+"""Tokenizer DDP equals one process with the same global batch: ``torchrun --nproc-per-node 2`` with 2 clips per
+rank and plain ``python`` with 4 clips per step, both through launchers/train_tokenizer.py, end with the same
+weights, optimizer moments and per-step losses within an fp32 tolerance; a run that differs only in its
+data (rank 0's half of the global batch alone) lands far outside that tolerance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import run, torchrun
+from tests.distributed.test_tokenizer_recipe import _write_pattern
+
+LAUNCHER = "launchers/train_tokenizer.py"
+SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
+               "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
+STEPS = 4
+GLOBAL_BATCH = 4
+# fp32: the two runs sum the same per-clip terms in another order (a mean over 4 clips vs the all-reduced
+# mean of two means over 2); after a few Adam steps that leaves differences of order 1e-7 of the weights.
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two synthetic pattern videos (24 and 20 frames) and a tiny tokenizer config."""
+    root = tmp_path_factory.mktemp("tokddp")
+    _write_pattern(root / "videos" / "a.mp4")
+    _write_pattern(root / "videos" / "b.mp4", frames=20)
+    (root / "small.yaml").write_text(SMALL_MODEL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(data):
+    """The 1-rank and 2-rank runs with global batch 4 and the control run (1 rank, global batch 2)."""
+    root, config = data, data / "small.yaml"
+
+    def cli(name: str, global_batch: int = GLOBAL_BATCH) -> list[str]:
+        # GAN, EMA and image steps off: the tokenizer's reconstruction loss alone (per-rank terms excluded)
+        return [LAUNCHER, "--config", str(config), "--data", str(root / "videos"), "--device", "cpu",
+                "--output", str(root / name / "tok.safetensors"), "--resolution", "16", "--num-frames", "5",
+                "--train-steps", str(STEPS), "--global-batch-size", str(global_batch), "--lr", "1e-3",
+                "--warmup-steps", "2", "--seed", "3", "--log-interval", "1", "--eval-clips", "8",
+                "--image-every", "0", "--disc-weight", "0", "--ema-decay", "0", "--holdout-fraction", "0.25",
+                "--save", str(root / name / "ckpt"), "--tensorboard-dir", str(root / name / "tb")]
+
+    results = {"one": run(cli("one"), timeout=300), "two": torchrun(2, *cli("two"), timeout=300),
+               "half": run(cli("half", global_batch=GLOBAL_BATCH // 2), timeout=300)}
+    return root, {name: json.loads(proc.stdout.strip().splitlines()[-1]) for name, proc in results.items()}
+
+
+def _checkpoint(root: Path, name: str, file: str = "state.pt") -> dict:
+    return torch.load(root / name / "ckpt" / f"iter_{STEPS:07d}" / file, map_location="cpu", weights_only=True)
+
+
+def _tensors(root: Path, name: str) -> dict[str, torch.Tensor]:
+    """The exported tokenizer's weights plus the checkpoint's model weights and Adam moments, by name."""
+    from data_prep.tokenizer import load_tokenizer
+
+    state = _checkpoint(root, name)
+    out = {f"exported.{k}": v for k, v in load_tokenizer(root / name / "tok.safetensors").state_dict().items()}
+    out.update({f"model.{k}": v for k, v in state["model"].items()})
+    for index, moments in state["optimizer"]["state"].items():
+        out.update({f"adam.{index}.{k}": v for k, v in moments.items() if k != "step"})
+    return out
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest ``max |a - b| / scale`` over the tensors (scale: the tensor's largest magnitude in ``a``, at
+    least 1e-3 of the largest magnitude of its kind, so near-zero tensors are not judged by rounding)."""
+    assert set(a) == set(b) and a
+    kind_scale: dict[str, float] = {}
+    for key, value in a.items():
+        kind = key.split(".")[0] + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
+        kind_scale[kind] = max(kind_scale.get(kind, 0.0), float(value.abs().max()))
+    worst, where = 0.0, ""
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype == torch.float32 and value.shape == b[key].shape, key
+        kind = key.split(".")[0] + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
+        scale = max(float(value.abs().max()), 1e-3 * kind_scale[kind], 1e-30)
+        rel = float((value - b[key]).abs().max()) / scale
+        if rel > worst:
+            worst, where = rel, key
+    return worst, where
+
+
+def _losses(root: Path, name: str) -> dict[int, float]:
+    """Per-step ``train/loss`` TensorBoard scalars of a run (what it logged every step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root / name / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs):
+    root, results = runs
+    one, two, half = (_tensors(root, name) for name in ("one", "two", "half"))
+    worst, where = _worst(one, two)
+    print(f"\n2 ranks x 2 vs 1 rank x 4: worst relative difference {worst:.3e} ({where}); tolerance {REL_TOL}")
+    assert worst <= REL_TOL, (worst, where)
+
+    losses_one, losses_two, losses_half = (_losses(root, name) for name in ("one", "two", "half"))
+    assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
+    loss_rel = max(abs(losses_one[s] - losses_two[s]) / abs(losses_one[s]) for s in losses_one)
+    print(f"per-step losses {losses_one} vs {losses_two}: worst relative difference {loss_rel:.3e}")
+    assert loss_rel <= REL_TOL, (losses_one, losses_two)
+    for key in ("final_loss", "psnr"):  # the result JSON: means over the ranks / over every rank's eval clips
+        assert results["two"][key] == pytest.approx(results["one"][key], rel=REL_TOL), key
+    assert results["one"]["eval_clips"] == results["two"]["eval_clips"] > 1  # each rank evaluated its share
+
+    # the data order: one generator state for every rank, the same as the 1-rank run's after as many draws
+    generator = _checkpoint(root, "one", "rng_rank0.pt")["generator"]
+    for rank in (0, 1):
+        assert torch.equal(_checkpoint(root, "two", f"rng_rank{rank}.pt")["generator"], generator), rank
+
+    # control: rank 0's half of the global batch alone trains to other weights and losses
+    control, control_where = _worst(one, half)
+    control_loss = max(abs(losses_one[s] - losses_half[s]) / abs(losses_one[s]) for s in losses_one)
+    print(f"control (1 rank x 2): worst relative difference {control:.3e} ({control_where}), "
+          f"losses {control_loss:.3e}")
+    assert control > 100 * REL_TOL and control_loss > 100 * REL_TOL, (control, control_loss)
+
+
+def test_ranks_draw_their_rows_of_one_global_batch(data):
+    """ClipBank alone: per rank, rows [r*b, (r+1)*b) of the clips (and image frames, and flips) that one
+    process draws for the global batch, with the generators left in the same state."""
+    from data_prep.tokenizer.clips import load_clip_bank
+
+    videos = data / "videos"
+    for method, b in (("sample_clips", 2), ("sample_images", 3)):
+        whole_gen = torch.Generator().manual_seed(5)
+        whole = getattr(load_clip_bank(videos, 16, 5, holdout_fraction=0.25), method)(2 * b, whole_gen)
+        for rank in (0, 1):
+            bank = load_clip_bank(videos, 16, 5, rank=rank, world_size=2, holdout_fraction=0.25)
+            gen = torch.Generator().manual_seed(5)
+            part = getattr(bank, method)(b, gen)
+            assert torch.equal(part, whole[rank * b:(rank + 1) * b]), (method, rank)
+            assert torch.equal(gen.get_state(), whole_gen.get_state()), (method, rank)
+    one = load_clip_bank(videos, 16, 5, holdout_fraction=0.25)
+    ranks = [load_clip_bank(videos, 16, 5, rank=r, world_size=2, holdout_fraction=0.25) for r in (0, 1)]
+    assert ranks[0].windows == ranks[1].windows == one.windows  # every rank holds all training windows
+    assert sorted(ranks[0].eval_windows + ranks[1].eval_windows) == sorted(one.eval_windows)
+    assert not set(ranks[0].eval_windows) & set(ranks[1].eval_windows)  # evaluation stays split
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        load_clip_bank(videos, 16, 5, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        one.sample_clips(0, torch.Generator())
