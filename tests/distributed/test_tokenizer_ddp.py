@@ -20,8 +20,10 @@ SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\
 STEPS = 4
 GLOBAL_BATCH = 4
 # fp32: the two runs sum the same per-clip terms in another order (a mean over 4 clips vs the all-reduced
-# mean of two means over 2); after a few Adam steps that leaves differences of order 1e-7 of the weights.
-REL_TOL = 1e-5
+# mean of two means over 2); after 4 Adam steps that leaves differences of about 3e-7 of the weight scale
+# (the largest weight magnitude), and of up to about 6e-6 of a tensor's own largest magnitude.
+REL_TOL = 1e-5  # of the weight scale; losses: of the loss
+TENSOR_TOL = 1e-4  # of each tensor's own largest magnitude
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +71,32 @@ def _tensors(root: Path, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """Largest ``max |a - b| / scale`` over the tensors (scale: the tensor's largest magnitude in ``a``, at
-    least 1e-3 of the largest magnitude of its kind, so near-zero tensors are not judged by rounding)."""
+def _kind(key: str) -> str:
+    """Which scale a tensor is judged against: exported weights, checkpoint weights, Adam's first or second
+    moments."""
+    head = key.split(".")[0]
+    return head + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, tuple[float, str]]:
+    """The largest differences of ``b`` from ``a``, with the tensor where each occurs:
+
+    * ``"scale"``: ``max |a - b|`` over the weight scale, the largest magnitude of the tensor's kind (all
+      model weights, all first moments, ...);
+    * ``"tensor"``: ``max |a - b|`` over the tensor's own largest magnitude (at least 1e-3 of its kind's, so
+      a near-zero tensor is not judged by rounding alone)."""
     assert set(a) == set(b) and a
-    kind_scale: dict[str, float] = {}
+    scales: dict[str, float] = {}
     for key, value in a.items():
-        kind = key.split(".")[0] + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
-        kind_scale[kind] = max(kind_scale.get(kind, 0.0), float(value.abs().max()))
-    worst, where = 0.0, ""
+        scales[_kind(key)] = max(scales.get(_kind(key), 0.0), float(value.abs().max()))
+    worst = {"scale": (0.0, ""), "tensor": (0.0, "")}
     for key, value in a.items():
         assert value.dtype == b[key].dtype == torch.float32 and value.shape == b[key].shape, key
-        kind = key.split(".")[0] + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
-        scale = max(float(value.abs().max()), 1e-3 * kind_scale[kind], 1e-30)
-        rel = float((value - b[key]).abs().max()) / scale
-        if rel > worst:
-            worst, where = rel, key
-    return worst, where
+        diff, scale = float((value - b[key]).abs().max()), max(scales[_kind(key)], 1e-30)
+        for name, rel in (("scale", diff / scale), ("tensor", diff / max(float(value.abs().max()), 1e-3 * scale))):
+            if rel > worst[name][0]:
+                worst[name] = (rel, key)
+    return worst
 
 
 def _losses(root: Path, name: str) -> dict[int, float]:
@@ -100,9 +111,11 @@ def _losses(root: Path, name: str) -> dict[int, float]:
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs):
     root, results = runs
     one, two, half = (_tensors(root, name) for name in ("one", "two", "half"))
-    worst, where = _worst(one, two)
-    print(f"\n2 ranks x 2 vs 1 rank x 4: worst relative difference {worst:.3e} ({where}); tolerance {REL_TOL}")
-    assert worst <= REL_TOL, (worst, where)
+    worst = _worst(one, two)
+    print(f"\n2 ranks x 2 vs 1 rank x 4: worst difference {worst['scale'][0]:.3e} of the weight scale "
+          f"({worst['scale'][1]}; tolerance {REL_TOL}), {worst['tensor'][0]:.3e} of a tensor's own scale "
+          f"({worst['tensor'][1]}; tolerance {TENSOR_TOL})")
+    assert worst["scale"][0] <= REL_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
 
     losses_one, losses_two, losses_half = (_losses(root, name) for name in ("one", "two", "half"))
     assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
@@ -119,12 +132,11 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs):
         assert torch.equal(_checkpoint(root, "two", f"rng_rank{rank}.pt")["generator"], generator), rank
 
     # control: rank 0's half of the global batch alone trains to other weights and losses
-    control, control_where = _worst(one, half)
+    control = _worst(one, half)["scale"]
     control_loss = max(abs(losses_one[s] - losses_half[s]) / abs(losses_one[s]) for s in losses_one)
-    print(f"control (1 rank x 2): worst relative difference {control:.3e} ({control_where}), "
+    print(f"control (1 rank x 2): worst difference {control[0]:.3e} of the weight scale ({control[1]}), "
           f"losses {control_loss:.3e}")
-    assert control > 100 * REL_TOL and control_loss > 100 * REL_TOL, (control, control_loss)
-
+    assert control[0] > 100 * REL_TOL and control_loss > 100 * REL_TOL, (control, control_loss)
 
 def test_ranks_draw_their_rows_of_one_global_batch(data):
     """ClipBank alone: per rank, rows [r*b, (r+1)*b) of the clips (and image frames, and flips) that one
