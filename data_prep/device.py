@@ -9,11 +9,12 @@ own small chooser because it must not import ``megatron_nbp`` (whose ``device`` 
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+from nbp_common.device import choose_torch_device, distributed_backend
 
 __all__ = ["DataDevice", "PRECISIONS", "choose_device", "activate", "autocast", "to_device"]
 
@@ -67,26 +68,8 @@ def choose_device(requested: str | torch.device = "auto", local_rank: int | None
         ValueError: CUDA asked for on a machine without it, a device type other than cpu / cuda, an
             unparsable device string or a negative ``local_rank``.
     """
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if local_rank < 0:
-        raise ValueError(f"local rank must be >= 0, got {local_rank}")
-    if isinstance(requested, str) and requested == "auto":
-        chosen = torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
-    else:
-        try:
-            chosen = torch.device(requested)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {requested!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-        if chosen.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {requested!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if chosen.type == "cuda" and not cuda_available:
-            raise ValueError(f"device {requested!r} requested but CUDA is not available on this machine")
-        if chosen.type == "cuda" and chosen.index is None:
-            chosen = torch.device("cuda", local_rank)
-    return DataDevice(chosen, "nccl" if chosen.type == "cuda" else "gloo")
+    chosen = choose_torch_device(requested, local_rank, cuda_available)
+    return DataDevice(chosen, distributed_backend(chosen))
 
 
 def activate(choice: DataDevice, cudnn_benchmark: bool = True) -> None:

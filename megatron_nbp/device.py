@@ -11,10 +11,11 @@ device. The decision takes CUDA availability as an argument so that it can be te
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
+
+from nbp_common.device import choose_torch_device, distributed_backend
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -73,24 +74,12 @@ def device_plan(local_rank: int | None = None, cuda_available: bool | None = Non
         machine; ``cpu`` + gloo + CPU initialization + fp32 otherwise.
 
     Raises:
-        ValueError: ``device`` asks for CUDA on a machine without it, or ``local_rank`` is negative.
+        ValueError: ``device`` asks for CUDA on a machine without it or is not cpu / cuda, or ``local_rank``
+            is negative (nbp_common.device.choose_torch_device).
     """
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if local_rank < 0:
-        raise ValueError(f"local rank must be >= 0, got {local_rank}")
-    if device is not None:
-        chosen = torch.device(device)
-        if chosen.type == "cuda" and not cuda_available:
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        if chosen.type == "cuda" and chosen.index is None:
-            chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
+    chosen = choose_torch_device(device, local_rank, cuda_available)
     cuda = chosen.type == "cuda"
-    return DevicePlan(device=chosen, distributed_backend="nccl" if cuda else "gloo", use_cpu_initialization=not cuda,
+    return DevicePlan(device=chosen, distributed_backend=distributed_backend(chosen), use_cpu_initialization=not cuda,
                       pin_memory=cuda, default_precision="bf16" if cuda else "fp32")
 
 
