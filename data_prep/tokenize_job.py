@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from data_prep import shards
 from data_prep.device import activate, choose_device, to_device
+from data_prep.text_ids import TextTokenizer
 from data_prep.video_io import (
     CLIP_PLACEMENTS,
     IMAGE_EXTENSIONS,
@@ -107,6 +108,12 @@ class TokenizeConfig(TypedConfig):
     num_workers: int = Field(0, description="DataLoader worker processes that decode videos and cut clips (0: in "
                                             "this process)")
     prefetch_factor: int = Field(2, description="media files each worker decodes ahead (with num_workers > 0)")
+    # --- text conditioning (UCF-101 as in the NBP paper: the class name as text; data_prep.text_ids)
+    text_tokenizer: Path | None = Field(
+        None, description="with label_from_dir: a text tokenizer file (SentencePiece .model, e.g. LLaMA's "
+                          "tokenizer.model, or a tokenizers tokenizer.json); each clip also gets text_ids, the ids "
+                          "of its class name as text ('ApplyEyeMakeup' -> 'apply eye makeup', with the tokenizer's "
+                          "BOS, unpadded); the manifest records the file's sha256 and vocabulary size")
 
     def validate(self) -> None:
         """Check the rules between fields.
@@ -134,15 +141,19 @@ class TokenizeConfig(TypedConfig):
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
             raise ValueError(f"--prefetch-factor must be >= 1, got {self.prefetch_factor}")
+        if self.text_tokenizer is not None and not self.label_from_dir:
+            raise ValueError(f"--text-tokenizer {self.text_tokenizer} turns class names into text ids: it needs "
+                             f"--label-from-dir")
 
-    def shard_settings(self) -> dict:
+    def shard_settings(self, text_tokenizer_sha256: str | None = None) -> dict:
         """Settings that determine a shard's content; stored in each sidecar and checked on rerun.
 
         ``precision`` appears only for bf16 encoding, so fp32 shards keep the settings of earlier versions
         (a rerun completes an output folder they started). The loader options change nothing in a shard;
         ``device`` and ``batch_size`` change only floating-point rounding (e.g. cuDNN's TF32 convolutions
         on GPUs), which can flip a rare token, and are left out so that a job may finish on other
-        machines than it started on."""
+        machines than it started on. ``text_tokenizer_sha256`` (the text tokenizer file's hash) appears
+        only with ``text_tokenizer``."""
         settings = {
             "num_frames": self.num_frames,
             "frame_stride": self.frame_stride,
@@ -157,6 +168,8 @@ class TokenizeConfig(TypedConfig):
         }
         if self.precision != "fp32":
             settings["precision"] = self.precision
+        if text_tokenizer_sha256 is not None:
+            settings["text_tokenizer_sha256"] = text_tokenizer_sha256
         return settings
 
     def list_inputs(self) -> tuple[list[Path], list[Path]]:
@@ -282,8 +295,9 @@ class _ShardBuilder:
     """Produces the samples of one shard from decoded media: batch the clips, encode them on the
     tokenizer's device at ``cfg.precision``."""
 
-    def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int]):
-        self.tok, self.cfg, self.latent_shape = tokenizer, cfg, tuple(latent_shape)
+    def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int],
+                 text: TextTokenizer | None = None):
+        self.tok, self.cfg, self.latent_shape, self.text = tokenizer, cfg, tuple(latent_shape), text
         self.device = next(tokenizer.parameters()).device
         self.failures: list[dict] = []
         self.labels: set[str] = set()
@@ -294,6 +308,8 @@ class _ShardBuilder:
         """Yield ``(key, frames uint8 [T, R, R, 3], meta)`` for every clip; record failing files."""
         cfg = self.cfg
         for item in items:
+            if item.failure is None and self.text is not None and item.label is None:
+                item.failure = "no class folder: --text-tokenizer takes the text from the parent folder's name"
             if item.failure is not None:
                 self.failures.append({"path": item.rel, "reason": item.failure})
                 self.videos_done += 1
@@ -310,6 +326,8 @@ class _ShardBuilder:
                     "label": item.label,
                     "latent_shape": list(self.latent_shape),
                 }
+                if self.text is not None:
+                    meta["text_ids"] = self.text.class_name_ids(item.label)
                 yield shards.clip_key(item.rel, s), frames, meta
             self.videos_done += 1
 
@@ -353,9 +371,10 @@ def _init_distributed(timeout_hours: float) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _check_settings(shard_path: Path, sidecar: dict, cfg: TokenizeConfig, videos: list[str], sha: str) -> None:
-    """Refuse to mix shards made with other settings, another video list or another tokenizer."""
-    wanted = {"settings": cfg.shard_settings(), "videos": videos, "tokenizer_sha256": sha}
+def _check_settings(shard_path: Path, sidecar: dict, cfg: TokenizeConfig, videos: list[str], sha: str,
+                    text_sha: str | None = None) -> None:
+    """Refuse to mix shards made with other settings, another video list or another (text) tokenizer."""
+    wanted = {"settings": cfg.shard_settings(text_sha), "videos": videos, "tokenizer_sha256": sha}
     got = {k: sidecar.get(k) for k in wanted}
     if got != wanted:
         diff = sorted(k for k in wanted if got[k] != wanted[k])
@@ -366,12 +385,15 @@ def _check_settings(shard_path: Path, sidecar: dict, cfg: TokenizeConfig, videos
 
 
 def build_manifest(
-    cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Module, sha: str, ignored: list[Path] = ()
+    cfg: TokenizeConfig, plan: list[list[Path]], tok: torch.nn.Module, sha: str, ignored: list[Path] = (),
+    text: TextTokenizer | None = None,
 ) -> dict:
     """Assemble the manifest from the sidecars of all ``len(plan)`` shards (all must be finished).
 
     ``ignored`` (files under the input folder that are not media of ``cfg.media``) are appended to
-    the failures. ``labels`` lists the distinct clip labels (``--label-from-dir``), sorted.
+    the failures. ``labels`` lists the distinct clip labels (``--label-from-dir``), sorted. With a text
+    tokenizer ``text``, ``text_tokenizer`` records it (:meth:`TextTokenizer.manifest_entry`) and the text
+    ids of every label (``class_text_ids``).
 
     Raises:
         RuntimeError: a shard of the plan has no sidecar.
@@ -390,7 +412,7 @@ def build_manifest(
         {"path": p.relative_to(cfg.input_dir).as_posix(), "reason": f"not {cfg.media} media (suffix {p.suffix!r}); skipped"}
         for p in ignored
     )
-    return {
+    manifest = {
         "format": shards.SHARD_FORMAT,
         "media": cfg.media,
         "tokenizer": {
@@ -414,6 +436,10 @@ def build_manifest(
         "num_samples": sum(e["num_samples"] for e in entries),
         "failures": failures,
     }
+    if text is not None:
+        manifest["text_tokenizer"] = text.manifest_entry()
+        manifest["class_text_ids"] = {label: text.class_name_ids(label) for label in manifest["labels"]}
+    return manifest
 
 
 class _Progress:
@@ -460,11 +486,12 @@ def _process_shards(
         The progress bar (rank 0), to be closed after the barrier.
     """
     rel = [[v.relative_to(cfg.input_dir).as_posix() for v in group] for group in plan]
+    text_sha = builder.text.sha256 if builder.text is not None else None
     pending = [k for k in range(len(plan)) if not _is_finished(cfg.output_dir / shards.shard_name(k))]
     for k in range(len(plan)):  # every rank checks every finished shard: all fail alike, none hangs
         if k not in pending:
             path = cfg.output_dir / shards.shard_name(k)
-            _check_settings(path, shards.read_sidecar(path), cfg, rel[k], sha)
+            _check_settings(path, shards.read_sidecar(path), cfg, rel[k], sha, text_sha)
     progress = _Progress(rank == 0 and cfg.progress, cfg, plan, pending, set(pending) - set(mine), world)
     todo = [k for k in mine if k in pending]
     stream = decoded_media(cfg, [video for k in todo for video in plan[k]])
@@ -473,7 +500,7 @@ def _process_shards(
         _remove_partial(path)
         builder.failures, builder.labels = [], set()
         # builder.labels fills while the samples are consumed; the sidecar (written after them) stores it sorted
-        extra = {"settings": cfg.shard_settings(), "videos": rel[k], "tokenizer_sha256": sha, "labels": builder.labels}
+        extra = {"settings": cfg.shard_settings(text_sha), "videos": rel[k], "tokenizer_sha256": sha, "labels": builder.labels}
         samples = builder.samples(itertools.islice(stream, len(plan[k])))
         shards.write_shard(path, _with_progress(samples, builder, progress), builder.failures, extra)
         progress.update(builder.videos_done, builder.clips_done)
@@ -502,7 +529,9 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         ValueError: invalid settings, or no media files under ``cfg.input_dir``.
         RuntimeError: the output directory holds shards made with other settings, or the tokenizer
             produced out-of-range / wrongly shaped indices.
-        FileNotFoundError, NotADirectoryError: missing tokenizer checkpoint or input directory.
+        FileNotFoundError, NotADirectoryError: missing tokenizer checkpoint (or text tokenizer file) or input
+            directory.
+        ValueError: a text tokenizer file that neither sentencepiece nor tokenizers can read.
         ValueError: ``cfg.device`` names CUDA on a machine without it.
     """
     from data_prep.tokenizer import load_tokenizer, tokenizer_sha256  # heavy; import when needed
@@ -513,6 +542,7 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         raise ValueError(f"no {cfg.media} files under {cfg.input_dir}")
     if not Path(cfg.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {cfg.tokenizer}")
+    text = TextTokenizer.load(cfg.text_tokenizer) if cfg.text_tokenizer is not None else None
     choice = choose_device(cfg.device)
     activate(choice)
     rank, world, created = _init_distributed(timeout_hours)
@@ -523,7 +553,7 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         latent = tuple(tok.latent_shape(cfg.num_frames, cfg.resolution, cfg.resolution))
         plan = plan_shards(videos, cfg.videos_per_shard)
         mine = shards_for_rank(len(plan), rank, world)
-        builder = _ShardBuilder(tok, cfg, latent)
+        builder = _ShardBuilder(tok, cfg, latent, text)
         start = time.monotonic()
         progress = _process_shards(cfg, plan, mine, builder, sha, rank, world)
         seconds = time.monotonic() - start
@@ -538,7 +568,7 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         progress.close()
         manifest = None
         if rank == 0:
-            manifest = build_manifest(cfg, plan, tok, sha, ignored)
+            manifest = build_manifest(cfg, plan, tok, sha, ignored, text)
             shards.write_failures(cfg.output_dir, manifest["failures"])
             shards.write_manifest(cfg.output_dir, manifest)
             print(

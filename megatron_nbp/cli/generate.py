@@ -13,8 +13,15 @@ Class-conditional hybrid (UCF-101-style models), optionally with classifier-free
     python launchers/generate.py --checkpoint CKPT --tokenizer TOK --class-name bikes --class-name dogs \
         --num-samples 4 --cfg-scale 2.0 --output runs/classes.mp4
 
-Text-conditional hybrid models take ``--text-ids 12,845,9`` (ids from your text tokenizer); several
-prompts as repeated flags or ``;``-separated rows (``--text-ids "12,845,9;7,3"``).
+Text-conditional hybrid models (UCF-101 as in the NBP paper) take a class name and the text tokenizer file
+the shards were made with (the tokenization job's ``--text-tokenizer``; the name becomes the ids of its text,
+"ApplyEyeMakeup" -> "apply eye makeup", data_prep.text_ids)::
+
+    python launchers/generate.py --checkpoint CKPT --tokenizer TOK --class-name ApplyEyeMakeup \
+        --text-tokenizer llama/tokenizer.model --output runs/apply_eye_makeup.mp4
+
+or raw ids, ``--text-ids 12,845,9``; several prompts as repeated flags or ``;``-separated rows
+(``--text-ids "12,845,9;7,3"``).
 Outputs: OUT.mp4 for one prompt and sample; OUT_0.mp4, OUT_1.mp4, ... for the samples of one prompt;
 OUT_p0.mp4, OUT_p1.mp4, ... (OUT_p0_0.mp4, OUT_p0_1.mp4, ... with several samples) for several prompts.
 Sampling defaults are the paper's: top-k 16000, top-p 0.9, temperature 1 (``--top-k 0 --top-p 1``
@@ -39,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frame prediction: real video whose first frames condition generation "
                              "(repeat for a batch)")
     parser.add_argument("--class-name", action="append",
-                        help="class-conditional models: one of the model's condition_labels (repeat for a batch)")
+                        help="class-conditional models: one of the model's condition_labels; text-conditional "
+                             "models with --text-tokenizer: a class name made text (repeat for a batch)")
+    parser.add_argument("--text-tokenizer",
+                        help="text-conditional models: the text tokenizer file the shards were made with "
+                             "(SentencePiece .model or tokenizer.json), to take --class-name")
     parser.add_argument("--text-ids", action="append",
                         help="text-conditional models: comma-separated text token ids (repeat, or separate rows "
                              "with ';', for a batch)")
@@ -83,13 +94,19 @@ def main(argv=None) -> None:
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as err:  # CUDA asked for where there is none, a dtype whose kernels do not run there
         parser.error(str(err))
-    pipe = NBPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    if args.text_tokenizer and not args.class_name:
+        parser.error("--text-tokenizer turns --class-name into text ids: give --class-name")
+    try:
+        pipe = NBPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype,
+                                           text_tokenizer=args.text_tokenizer)
+    except (ValueError, FileNotFoundError) as err:  # e.g. a text tokenizer file sentencepiece cannot read
+        parser.error(str(err))
     cfg = pipe.config
     output = Path(args.output)
     sheet = Path(args.contact_sheet) if args.contact_sheet else output.with_suffix(".png")
     if cfg.token_layout.conditional:         # class or text condition (hybrid)
         prompts, labels = _prompts(parser, args, cfg)
-        _condition(parser, args, cfg)      # usage errors (unknown class, bad ids) before any generation
+        _condition(parser, args, cfg, pipe.text_tokenizer)   # usage errors (unknown class, bad ids) first
         out = pipe(**prompts, num_samples=args.num_samples, seeds=args.seed, sampling=sampling, progress=True)
         paths = sample_paths(output, len(labels), args.num_samples)
         rows = list(out.videos)
@@ -156,9 +173,16 @@ def _prompts(parser, args, cfg) -> tuple[dict, list[str]]:
     layout = cfg.token_layout
     if args.prompt_video:
         parser.error("a conditional model takes --class-name / --text-ids, not --prompt-video")
+    if args.text_tokenizer and layout.condition_key != "text_ids":
+        parser.error(f"--text-tokenizer is for text-conditional models; this one is {layout.condition_type}-conditional")
+    if layout.condition_key == "text_ids" and args.class_name and not args.text_ids:
+        if not args.text_tokenizer:
+            parser.error("a text-conditional model takes --class-name with --text-tokenizer (the text tokenizer "
+                         "file the shards were made with), or --text-ids")
+        return {"class_names": list(args.class_name)}, [f"text of {c!r}" for c in args.class_name]
     if layout.condition_key == "text_ids":
         if not args.text_ids:
-            parser.error("a text-conditional model needs --text-ids")
+            parser.error("a text-conditional model needs --text-ids, or --class-name with --text-tokenizer")
         rows = [row for value in args.text_ids for row in value.split(";") if row.strip()]
         try:
             texts = [[int(x) for x in row.split(",") if x.strip()] for row in rows]
@@ -170,7 +194,7 @@ def _prompts(parser, args, cfg) -> tuple[dict, list[str]]:
     return {"class_names": list(args.class_name)}, [f"class {c!r}" for c in args.class_name]
 
 
-def _condition(parser, args, cfg):
+def _condition(parser, args, cfg, text_tokenizer=None):
     """(condition ids [prompts x num_samples, P], padding [same] or None, a label per prompt) of the flags,
     as the pipeline builds them (megatron_nbp.inference.pipeline.condition_batch: the model's token layout
     turns a class name or text ids into condition ids, text padded / truncated to P); a bad prompt is a
@@ -179,7 +203,8 @@ def _condition(parser, args, cfg):
 
     prompts, labels = _prompts(parser, args, cfg)
     try:
-        condition, padding = condition_batch(cfg, num_samples=args.num_samples, **prompts)
+        condition, padding = condition_batch(cfg, num_samples=args.num_samples, text_tokenizer=text_tokenizer,
+                                             **prompts)
     except ValueError as err:
         parser.error(f"{'--text-ids' if 'text_ids' in prompts else '--class-name'}: {err}")
     return condition, padding, labels[0] if len(labels) == 1 else "; ".join(labels)

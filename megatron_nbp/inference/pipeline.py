@@ -9,7 +9,10 @@ from prompts in a few lines (the pattern of diffusers / transformers pipelines):
 Frame-prediction models take ``prompt_videos`` (files or uint8 [T, H, W, 3] clips at the model geometry:
 the first ``condition_frames`` latent frames condition the rest); class-conditional hybrid models take
 ``class_names``, text-conditional ones ``text_ids`` (rows of text token ids, padded / truncated to the
-model's P as the training data was). All prompts run as one batch (``num_samples`` rows each).
+model's P as the training data was) or, with a ``text_tokenizer`` file (data_prep.text_ids, the one the
+tokenization job's ``--text-tokenizer`` used), ``class_names`` turned into text ids as the training data
+was (``NBPPipeline.from_pretrained(..., text_tokenizer="tokenizer.model")``). All prompts run as one batch
+(``num_samples`` rows each).
 
 This module is also the pixel glue of the generating commands (nbp-generate, nbp-evaluate): the clip
 geometry a model implies, encoding prompt clips, decoding tokens to frames. The token loops are
@@ -31,7 +34,7 @@ import torch
 from megatron_nbp.inference import generate as gen
 from megatron_nbp.inference.sampling import SamplingConfig
 
-__all__ = ["NBPPipeline", "PipelineOutput", "ClipGeometry", "clip_geometry", "condition_batch",
+__all__ = ["NBPPipeline", "PipelineOutput", "ClipGeometry", "class_text_ids", "clip_geometry", "condition_batch",
            "condition_pixel_frames", "row_seeds"]
 
 
@@ -68,7 +71,7 @@ def condition_pixel_frames(condition_latent_frames: int) -> int:
 
 def condition_batch(cfg, class_names: Sequence[str] | None = None,
                     text_ids: Sequence[Sequence[int]] | None = None,
-                    num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    num_samples: int = 1, text_tokenizer=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Condition ids of a conditional (hybrid) model for a list of prompts, each repeated ``num_samples``
     times (prompt-major rows), through the model's token layout (the padding the training data got).
 
@@ -77,17 +80,24 @@ def condition_batch(cfg, class_names: Sequence[str] | None = None,
         class_names: class-conditional models: names among ``cfg.condition_labels``.
         text_ids: text-conditional models: one list of text token ids per prompt (right-padded or
             truncated to ``num_condition_tokens``).
+        text_tokenizer: text-conditional models given ``class_names``: a text tokenizer file or a loaded
+            data_prep.text_ids.TextTokenizer; each name becomes the ids of its text
+            (``TextTokenizer.class_name_ids``, as the tokenization job's ``--text-tokenizer`` wrote them).
 
     Returns:
         (int64 [len(prompts) * num_samples, P] condition ids, bool [same] padding or None when nothing is padded).
 
     Raises:
         ValueError: a frame-prediction model, the other kind of prompt (or none, or both), an unknown class
-            name, text ids outside the text vocabulary, or ``num_samples`` < 1.
+            name, text ids outside the text vocabulary, class names for a text model without a text
+            tokenizer or with one of another vocabulary size, or ``num_samples`` < 1.
     """
     layout = cfg.token_layout
     if not layout.conditional:
         raise ValueError(f"the model's layout {layout.name!r} takes prompt videos, not class names or text ids")
+    if layout.condition_key == "text_ids" and class_names and not text_ids:
+        text_ids = class_text_ids(cfg, class_names, text_tokenizer)
+        class_names = None
     wanted, other = ("text_ids", "class_names") if layout.condition_key == "text_ids" else ("class_names", "text_ids")
     given = {"class_names": class_names, "text_ids": text_ids}
     if given[other]:
@@ -100,6 +110,24 @@ def condition_batch(cfg, class_names: Sequence[str] | None = None,
     rows = [layout.sample_condition(list(p) if wanted == "text_ids" else p) for p in prompts]
     condition, padding = layout.condition_batch([r for r in rows for _ in range(num_samples)])
     return condition, (padding if bool(padding.any()) else None)
+
+
+def class_text_ids(cfg, class_names: Sequence[str], text_tokenizer) -> list[list[int]]:
+    """Text ids of class names for a text-conditional model (UCF-101 as in the NBP paper): the ids the
+    tokenization job's ``--text-tokenizer`` wrote for those classes (data_prep.text_ids), unpadded.
+
+    Raises:
+        ValueError: no ``text_tokenizer``, or one whose vocabulary size is not ``cfg.text_vocab_size``.
+        FileNotFoundError: a tokenizer file that does not exist.
+    """
+    if text_tokenizer is None:
+        raise ValueError("a text-conditional model turns class names into text ids with the text tokenizer "
+                         "the training data was made with: give text_tokenizer (nbp-generate --text-tokenizer)")
+    from data_prep.text_ids import load_text_tokenizer
+
+    text = load_text_tokenizer(text_tokenizer)
+    text.check_vocab_size(cfg.text_vocab_size)
+    return [text.class_name_ids(name) for name in class_names]
 
 
 def row_seeds(seeds: int | Sequence[int] | None, num_rows: int) -> list[int]:
@@ -195,16 +223,28 @@ class NBPPipeline:
         tokenizer: a video tokenizer (data_prep.tokenizer.VideoTokenizer: ``encode`` of float
             [B, 3, T, H, W] in [-1, 1] -> int64 [B, T', H', W'], ``decode`` back), on any device.
         decode_batch_size: rows decoded by the tokenizer at a time (its activations dominate memory).
+        text_tokenizer: text-conditional models: a text tokenizer file (SentencePiece .model or
+            tokenizer.json) or a loaded data_prep.text_ids.TextTokenizer, to take ``class_names``
+            (:func:`class_text_ids`).
 
     Use :meth:`from_pretrained` to load both from files.
+
+    Raises:
+        ValueError: ``decode_batch_size`` < 1; a text tokenizer the library cannot read.
+        FileNotFoundError: a text tokenizer file that does not exist.
     """
 
-    def __init__(self, model, tokenizer, decode_batch_size: int = 4) -> None:
+    def __init__(self, model, tokenizer, decode_batch_size: int = 4, text_tokenizer=None) -> None:
         if decode_batch_size < 1:
             raise ValueError(f"decode_batch_size must be >= 1, got {decode_batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.decode_batch_size = decode_batch_size
+        if text_tokenizer is not None:
+            from data_prep.text_ids import load_text_tokenizer
+
+            text_tokenizer = load_text_tokenizer(text_tokenizer)
+        self.text_tokenizer = text_tokenizer
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, tokenizer, device: str | torch.device | None = None,
@@ -220,7 +260,7 @@ class NBPPipeline:
             dtype: "bf16" | "fp16" | "fp32" (or the torch dtype) the model runs in; default bf16 on CUDA,
                 fp32 on the CPU, whatever the stored dtype. The tokenizer keeps its own dtype (fp32);
                 sampling always sees fp32 logits.
-            kwargs: for the constructor (``decode_batch_size``).
+            kwargs: for the constructor (``decode_batch_size``, ``text_tokenizer``).
 
         Raises:
             FileNotFoundError: a missing file. ValueError: an unknown dtype or one that does not run on the
@@ -352,7 +392,8 @@ class NBPPipeline:
         Args:
             prompt_videos: frame-prediction models: video files (the first frames taken,
                 :meth:`load_prompt_video`) or uint8 [T, H, W, 3] clips at the model geometry.
-            class_names: class-conditional models: names among the model's ``condition_labels``.
+            class_names: class-conditional models: names among the model's ``condition_labels``;
+                text-conditional models with a ``text_tokenizer``: class names made text (:func:`class_text_ids`).
             text_ids: text-conditional models: a list of text token ids per prompt.
             num_samples: videos per prompt.
             seeds: one int (row r gets seed + r) or one per row (:func:`row_seeds`); default 0.
@@ -377,7 +418,8 @@ class NBPPipeline:
             if _given(prompt_videos):
                 raise ValueError(f"the model's layout {self.config.token_layout.name!r} takes class names or text "
                                  f"ids, not prompt videos")
-            condition, padding = condition_batch(self.config, class_names, text_ids, num_samples)
+            condition, padding = condition_batch(self.config, class_names, text_ids, num_samples,
+                                                 self.text_tokenizer)
             seeds = row_seeds(seeds, condition.shape[0])
             result = self.generate_conditional(condition, padding, sampling, seeds, progress)
             num_prompts, generated = condition.shape[0] // num_samples, None

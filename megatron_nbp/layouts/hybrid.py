@@ -313,7 +313,15 @@ class HybridLayout(TokenLayout):
         return errors
 
     def manifest_problems(self, manifest: dict) -> list[str]:
-        """Class conditions: every clip label the manifest lists must be one of ``condition_labels``."""
+        """Class conditions: every clip label the manifest lists must be one of ``condition_labels``. Text
+        conditions: the text tokenizer the manifest records (``--text-tokenizer``, data_prep.text_ids) must
+        have ``text_vocab_size`` ids."""
+        if self.condition_type == "text":
+            text = manifest.get("text_tokenizer")
+            if text is None or int(text["vocab_size"]) == self.text_vocab_size:
+                return []
+            return [f"shards hold text ids of the text tokenizer {text.get('path')} ({text['vocab_size']} ids), "
+                    f"but model.text_vocab_size is {self.text_vocab_size}"]
         if self.condition_type != "class" or not manifest.get("labels"):
             return []
         known = self.condition_labels or ()
