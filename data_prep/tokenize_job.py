@@ -15,6 +15,11 @@ the video (``"uniform"``, with ``max_clips_per_video``; 1 = the middle clip); ev
 (shorter side) and center-cropped to ``resolution``. Images (``media="image"``, PNG/JPEG via Pillow)
 are 1-frame clips: ``num_frames=1``, latent ``(1, H', W')``.
 
+Labels and text: ``label_from_dir`` stores each file's parent folder name as its clip label (UCF-101's
+class); ``text_tokenizer`` (a SentencePiece ``.model`` or a ``tokenizer.json``, data_prep.text_ids) also
+stores the ids of that class name as text (``text_ids``, what text-conditional models read), and the
+manifest records the file's SHA-256 and vocabulary size; a file outside any class folder is then a failure.
+
 Devices and throughput: each rank encodes on ``device`` (auto: ``cuda:LOCAL_RANK`` when CUDA is
 available, so torchrun with one process per GPU uses every GPU of a node) in batches of ``batch_size``
 clips at ``precision`` (fp32 by default; bf16 autocast on request, see
