@@ -4,7 +4,9 @@ the command line around them.
 
 ucf101 (class-conditional): real distribution = training clips (token-shard metadata -> the source
     video's pixels at the model geometry); for every real clip one video is generated from its class
-    label (hybrid layout); FVD between the generated and the real clips (first 16 of 17 frames, 224).
+    label (hybrid layout), or, for a text-conditional model (the paper's), from its class name's
+    ``text_ids`` (the tokenization job's ``--text-tokenizer``); FVD between the generated and the real
+    clips (first 16 of 17 frames, 224).
 k600 (frame prediction): real clips = validation clips; the first ``c`` latent frames (c = 2: 5 pixel
     frames) of each clip's tokens condition generation of the rest; real and generated clips are
     resized to 64x64 (the evaluation resolution of the paper / MAGVIT) before the I3D's 224 resize.
@@ -63,6 +65,20 @@ def real_clip_loader(video_root: str | Path, geometry) -> Callable[[dict], np.nd
     return load
 
 
+def _generate_from_text_ids(pipe, metas: list[dict], sampling, seeds: list[int]):
+    """Generate one clip per shard sample from its ``text_ids``, padded as the training batches were.
+
+    Raises:
+        ValueError: a sample without ``text_ids`` (shards tokenized without ``--text-tokenizer``).
+    """
+    missing = [m.get("source") for m in metas if not isinstance(m.get("text_ids"), list)]
+    if missing:
+        raise ValueError(f"clips {missing[:3]} carry no text_ids; a text-conditional model needs shards made with "
+                         f"--label-from-dir --text-tokenizer")
+    condition, padding = pipe.config.token_layout.condition_batch([m["text_ids"] for m in metas])
+    return pipe.generate_conditional(condition, padding if bool(padding.any()) else None, sampling, seeds)
+
+
 def _batched(it: Iterator, n: int) -> Iterator[list]:
     while True:
         chunk = list(itertools.islice(it, n))
@@ -96,7 +112,8 @@ def run_protocol(protocol: str, pipe, samples: Iterator[tuple[int, Sample]],
     Returns:
         (real features float64 [n, D], generated features float64 [n, D]) for this rank's n samples.
     Raises:
-        ValueError: unknown protocol, or a UCF label that is not one of the model's condition labels.
+        ValueError: unknown protocol, a UCF label that is not one of the model's condition labels, or (text
+            models) a clip without ``text_ids``.
     """
     from megatron_nbp.eval.fvd import resize_clips
 
@@ -111,7 +128,9 @@ def run_protocol(protocol: str, pipe, samples: Iterator[tuple[int, Sample]],
     real_feats, fake_feats = [], []
     for batch in _batched(iter(samples), batch_size):
         seeds = [seed + index for index, _ in batch]
-        if protocol == "ucf101":
+        if protocol == "ucf101" and getattr(cfg, "condition_type", "class") == "text":
+            result = _generate_from_text_ids(pipe, [m for _, (_, m) in batch], sampling, seeds)
+        elif protocol == "ucf101":
             missing = [m.get("label") for _, (_, m) in batch if m.get("label") not in labels]
             if missing:
                 raise ValueError(f"labels {missing} are not among the model's condition_labels")

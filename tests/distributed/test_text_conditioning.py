@@ -180,3 +180,28 @@ def test_rerun_with_another_text_tokenizer_is_refused(pipeline_run, tmp_path):
     other = train_sentencepiece(tmp_path / "other.model", TEXT_VOCAB, extra=["band marching"])
     with pytest.raises(RuntimeError, match="different \\['settings'\\]"):
         run_tokenize_job(pipeline_run["cfg"].replace(text_tokenizer=other))
+
+
+def test_ucf101_fvd_protocol_generates_from_each_clips_text_ids(pipeline_run, monkeypatch):
+    from megatron_nbp.eval.protocols import run_protocol
+    from megatron_nbp.inference.pipeline import NBPPipeline
+    from megatron_nbp.inference.sampling import SamplingConfig
+
+    pipe = NBPPipeline.from_pretrained(pipeline_run["root"] / "model", tokenizer=pipeline_run["tok"], device="cpu")
+    seen = []
+    real = pipe.generate_conditional
+
+    def recording(condition, padding, *args, **kwargs):
+        seen.append((condition.clone(), padding))
+        return real(condition, padding, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "generate_conditional", recording)
+    samples = shard_samples(pipeline_run["root"] / "tokens")
+    real_feats, fake_feats = run_protocol(
+        "ucf101", pipe, iter(enumerate(samples)), load_real=lambda meta: np.zeros((5, 16, 16, 3), np.uint8),
+        features=lambda clips: torch.from_numpy(clips.reshape(len(clips), -1)[:, :4].astype(np.float64)),
+        sampling=SamplingConfig(), batch_size=4, num_frames=5)
+    assert real_feats.shape == fake_feats.shape == (6, 4)
+    condition = torch.cat([c for c, _ in seen])
+    assert condition.tolist() == [padded(pipeline_run["ref"][meta["label"]])[0] for _, meta in samples]
+    assert all(p is not None for _, p in seen)   # every batch holds a short text: padding is passed on
