@@ -32,12 +32,26 @@ def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+#: Transformer Engine layer spec -> local spec names: TE fuses each pre-norm into the following linear
+#: layer (megatron-core's TE spec maps them back the same way in its sharded state dict)
+TE_TO_LOCAL = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
 def _global_name(model: torch.nn.Module, name: str) -> str:
-    """The TP1 PP1 name of this stage's parameter ``name``: ``decoder.layers.<i>`` gets the layer's global
-    index (megatron numbers a stage's layers locally; ``layer_number`` is global and 1-based)."""
+    """The TP1 PP1 local-spec name of this stage's parameter ``name``: ``decoder.layers.<i>`` gets the
+    layer's global index (megatron numbers a stage's layers locally; ``layer_number`` is global and
+    1-based), and a Transformer Engine fused norm its local name (:data:`TE_TO_LOCAL`)."""
     parts = name.split(".")
     if parts[:2] == ["decoder", "layers"]:
         parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+        rest = ".".join(parts[3:])
+        if rest in TE_TO_LOCAL:
+            parts = parts[:3] + TE_TO_LOCAL[rest].split(".")
     return ".".join(parts)
 
 
