@@ -9,7 +9,7 @@
 Each validation loss is checked against a direct computation in this process: the checkpoint saved at that
 iteration, converted to the single-device model (megatron_nbp.inference), and the token-mean NBP cross
 entropy over the first ``eval_iters x global_batch_size`` clips of the validation shards (read with one
-stream, no data-parallel split). fp32; measured agreement ~1e-7 relative, asserted 1e-5. The printed
+stream, no data-parallel split). fp32, asserted to 1e-5 relative (float32 TensorBoard scalar vs float64 sum). The printed
 Megatron-LM line, the TensorBoard scalars ``lm loss validation`` / ``lm loss validation ppl`` and the
 event file's sample records are read back with tensorboard's EventAccumulator; the samples must equal a
 clip generated from the same prompt and seed by the converted checkpoint (so the in-memory TP / PP / ZeRO-3
