@@ -275,6 +275,17 @@ class TrainingConfig(TypedConfig):
     # --- observability ----------------------------------------------------------------------------
     peak_tflops: float | None = Field(
         None, description="dense bf16 peak TFLOP/s of one GPU for MFU; unset = from the GPU's name")
+    # --- validation and training-time samples (Megatron-LM's names; megatron_nbp.training.validation,
+    # megatron_nbp.training.samples) ------------------------------------------------------------------
+    eval_interval: int | None = Field(
+        None, description="with --valid-data: evaluate the validation loss every N iterations (and after the last "
+                          "one); unset = after the last iteration only")
+    eval_iters: int = Field(
+        10, description="validation iterations per evaluation, each of global_batch_size samples: every "
+                        "evaluation reads the same first eval_iters x global_batch_size samples of --valid-data")
+    sample_interval: int | None = Field(
+        None, description="every N iterations, generate one clip from the first --valid-data clip's prompt with "
+                          "the current weights and log it to TensorBoard / W&B (needs --valid-data); unset = never")
 
 
 class DeepSpeedConfig(TypedConfig):
@@ -375,6 +386,19 @@ class NBPConfig(TypedConfig):
     save: str | None = Field(None, description="checkpoint directory to write")
     load: str | None = Field(None, description="checkpoint directory to resume from")
     tensorboard_dir: str | None = Field(None, description="write TensorBoard scalars here")
+    # --- validation data, training-time samples, Weights & Biases (megatron_nbp.training.validation,
+    # megatron_nbp.training.samples, megatron_nbp.training_log) ----------------------------------------
+    valid_data: str | None = Field(
+        None, description="directory of held-out token shards with manifest.json (checked against the model like "
+                          "--data): the validation loss and the prompt of training-time samples")
+    sample_tokenizer: str | None = Field(
+        None, description="tokenizer file (.safetensors) the shards were made with: training-time samples are "
+                          "decoded to video; unset = the generated latent ids are logged as an image")
+    wandb_project: str | None = Field(
+        None, description="also log the scalars (and samples) to this Weights & Biases project (pip install "
+                          "'megatron-nbp[wandb]')")
+    wandb_exp_name: str | None = Field(None, description="W&B run name (with --wandb-project)")
+    wandb_save_dir: str | None = Field(None, description="directory of W&B's local files (with --wandb-project)")
     dry_run: bool = Field(False, description="validate the config, print it and the parameter count, and exit "
                                              "(no weights, no process group)")
 
@@ -462,8 +486,34 @@ class NBPConfig(TypedConfig):
         if t.backend == "deepspeed":
             errors.extend(self.deepspeed.problems(m, pp))
         errors.extend(self._performance_problems())
+        errors.extend(self._validation_problems())
         if errors:
             raise ConfigError.from_problems(errors)
+
+    def _validation_problems(self) -> list[str]:
+        """Reasons the validation, training-time sample and W&B settings cannot run."""
+        t = self.train
+        errors = []
+        for name in ("eval_interval", "eval_iters", "sample_interval"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                errors.append(f"train.{name}={getattr(t, name)} must be >= 1")
+        if t.eval_interval is not None and not self.valid_data:
+            errors.append(f"--eval-interval {t.eval_interval} needs --valid-data (a directory of held-out token shards)")
+        if t.sample_interval is not None and not self.valid_data:
+            errors.append(f"--sample-interval {t.sample_interval} needs --valid-data (its first clip is the prompt)")
+        if self.sample_tokenizer and t.sample_interval is None:
+            errors.append(f"--sample-tokenizer {self.sample_tokenizer} needs --sample-interval")
+        if self.sample_tokenizer and not Path(self.sample_tokenizer).is_file():
+            errors.append(f"--sample-tokenizer {self.sample_tokenizer}: no such file")
+        if (self.wandb_exp_name or self.wandb_save_dir) and not self.wandb_project:
+            errors.append("--wandb-exp-name / --wandb-save-dir need --wandb-project")
+        if self.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                errors.append(f"--wandb-project {self.wandb_project} needs the wandb package: "
+                              "pip install 'megatron-nbp[wandb]'")
+        return errors
 
     def _performance_problems(self) -> list[str]:
         """Reasons the precision / performance options cannot run with this model and backend

@@ -1,5 +1,7 @@
 """Megatron-style iteration log lines and TensorBoard scalars for the training loop: loss, learning rate,
-grad norm, time per iteration, tokens/s, model TFLOP/s per GPU, MFU and peak GPU memory."""
+grad norm, time per iteration, tokens/s, model TFLOP/s per GPU, MFU and peak GPU memory; the validation
+loss and perplexity, training-time sample videos / images; the same to Weights & Biases with
+``--wandb-project`` (:class:`WandbWriter`, the optional extra ``megatron-nbp[wandb]``)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,11 @@ import math
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_nbp.config import NBPConfig
+from megatron_nbp.config import ConfigError, NBPConfig
 from megatron_nbp.device import DevicePlan
 from megatron_nbp.flops import peak_tflops, training_flops_per_iteration
 
@@ -47,6 +50,65 @@ def read_scalars(logdir: str | Path, tag: str = "lm-loss") -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+class WandbWriter:
+    """Weights & Biases as a second writer beside TensorBoard's SummaryWriter (the same ``add_scalar``
+    calls, so the same tags and values): ``wandb.init(project, name, dir, config)`` at construction,
+    ``wandb.log({tag: value}, step=iteration)`` per scalar, ``wandb.Video`` / ``wandb.Image`` for samples.
+
+    Args:
+        cfg: the run's config (``wandb_project``, ``wandb_exp_name``, ``wandb_save_dir``; the whole
+            config is stored as the W&B run's config).
+
+    Raises:
+        ConfigError: the wandb package is not installed (the optional extra ``megatron-nbp[wandb]``).
+    """
+
+    def __init__(self, cfg: NBPConfig) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(f"--wandb-project {cfg.wandb_project} needs the wandb package: "
+                              "pip install 'megatron-nbp[wandb]'") from None
+        self.wandb = wandb
+        if cfg.wandb_save_dir:
+            Path(cfg.wandb_save_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name, dir=cfg.wandb_save_dir,
+                              config=cfg.to_dict())
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """Log one scalar at iteration ``step``."""
+        self.wandb.log({tag: value}, step=step)
+
+    def add_video(self, tag: str, frames, step: int, fps: int = 4) -> None:
+        """Log a uint8 [T, H, W, 3] clip (wandb.Video takes [T, C, H, W])."""
+        self.wandb.log({tag: self.wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=fps)},
+                       step=step)
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        """Log a uint8 [H, W, 3] image."""
+        self.wandb.log({tag: self.wandb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        """Finish the W&B run."""
+        self.wandb.finish()
+
+
+def gif_summary(tag: str, frames: np.ndarray, fps: int = 4):
+    """A TensorBoard image summary holding ``frames`` (uint8 [T, H, W, 3]) as an animated GIF, the record
+    ``SummaryWriter.add_video`` writes, encoded with Pillow (add_video needs moviepy for it)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(f) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    t, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
 class TrainingLogger:
     """Prints a Megatron-LM-style line every ``log_interval`` iterations and writes TensorBoard
     scalars every iteration: lm-loss, learning-rate, grad-norm, iteration-time (s), tokens-per-second,
@@ -75,6 +137,7 @@ class TrainingLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=cfg.tensorboard_dir)
+        self.wandb = WandbWriter(cfg) if enabled and cfg.wandb_project else None
 
     def throughput(self, seconds: float) -> dict[str, float]:
         """tokens/s (whole job), model TFLOP/s per GPU and MFU (fraction, nan without a known peak) of an
@@ -84,6 +147,58 @@ class TrainingLogger:
         tflops = self.flops_per_iteration / seconds / self.world_size / 1e12
         return {"tokens_per_s": t.global_batch_size * self.cfg.model.seq_length / seconds, "tflops_per_gpu": tflops,
                 "mfu": tflops / self.peak_tflops if self.peak_tflops else float("nan")}
+
+    def _scalars(self, loss: float, lr: float, grad_norm: float, seconds: float, rates: dict[str, float],
+                 memory_gib: tuple[float, float] | None) -> list[tuple[str, float]]:
+        """(tag, value) of one iteration's scalars, the same for every writer."""
+        scalars = [("lm-loss", loss), ("learning-rate", lr), ("grad-norm", grad_norm), ("iteration-time", seconds),
+                   ("tokens-per-second", rates["tokens_per_s"]), ("tflops-per-gpu", rates["tflops_per_gpu"])]
+        if self.peak_tflops:
+            scalars.append(("mfu", rates["mfu"]))
+        if memory_gib is not None:
+            scalars += [("mem-max-allocated-gib", memory_gib[0]), ("mem-max-reserved-gib", memory_gib[1])]
+        return scalars
+
+    def log_validation(self, iteration: int, loss: float, perplexity: float) -> None:
+        """Megatron-LM's validation line (``validation loss at iteration N | lm loss value: X | lm loss PPL:
+        Y |``, between dashed rules) and its TensorBoard / W&B tags ``lm loss validation`` and ``lm loss
+        validation ppl`` at step ``iteration``. Loss in nats per video token."""
+        if not self.enabled:
+            return
+        for writer in (self.writer, self.wandb):
+            if writer is not None:
+                writer.add_scalar("lm loss validation", loss, iteration)
+                writer.add_scalar("lm loss validation ppl", perplexity, iteration)
+        line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {perplexity:.6E} |"
+        rule = "-" * len(line)
+        print(f"{rule}\n{line}\n{rule}", flush=True)
+
+    def log_video(self, tag: str, frames: np.ndarray, iteration: int, fps: int = 4) -> None:
+        """A uint8 [T, H, W, 3] clip at step ``iteration``: TensorBoard ``add_video`` when moviepy is
+        installed, else the same animated-GIF image record encoded with Pillow (:func:`gif_summary`); W&B
+        ``wandb.Video``."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            try:
+                import moviepy  # noqa: F401  (add_video writes nothing without it)
+
+                self.writer.add_video(tag, torch.from_numpy(frames).permute(0, 3, 1, 2)[None], iteration, fps=fps)
+            except ImportError:
+                self.writer._get_file_writer().add_summary(gif_summary(tag, frames, fps), iteration)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.add_video(tag, frames, iteration, fps)
+
+    def log_image(self, tag: str, image: np.ndarray, iteration: int) -> None:
+        """A uint8 [H, W, 3] image at step ``iteration`` (TensorBoard ``add_image``, W&B ``wandb.Image``)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_image(tag, image, iteration, dataformats="HWC")
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.add_image(tag, image, iteration)
 
     def log(self, iteration: int, loss: float, lr: float, grad_norm: float, update_ok: bool,
             seconds: float, consumed_samples: int, memory_gib: tuple[float, float] | None = None) -> None:
@@ -97,14 +212,11 @@ class TrainingLogger:
         rates = self.throughput(seconds)
         self._window.append((loss, seconds))
         if self.writer is not None:
-            scalars = [("lm-loss", loss), ("learning-rate", lr), ("grad-norm", grad_norm), ("iteration-time", seconds),
-                       ("tokens-per-second", rates["tokens_per_s"]), ("tflops-per-gpu", rates["tflops_per_gpu"])]
-            if self.peak_tflops:
-                scalars.append(("mfu", rates["mfu"]))
-            if memory_gib is not None:
-                scalars += [("mem-max-allocated-gib", memory_gib[0]), ("mem-max-reserved-gib", memory_gib[1])]
-            for name, value in scalars:
+            for name, value in self._scalars(loss, lr, grad_norm, seconds, rates, memory_gib):
                 self.writer.add_scalar(name, value, iteration)
+        if self.wandb is not None:
+            for name, value in self._scalars(loss, lr, grad_norm, seconds, rates, memory_gib):
+                self.wandb.add_scalar(name, value, iteration)
         if iteration % t.log_interval == 0 or iteration == t.train_iters:
             losses = [l for l, _ in self._window]
             ms = 1000.0 * sum(s for _, s in self._window) / len(self._window)
@@ -129,6 +241,8 @@ class TrainingLogger:
             )
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard, finish the W&B run."""
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -27,6 +27,7 @@ FOLDER_MARKERS = {"unit": "unit", "distributed": "distributed", "faults": "fault
 SLOW_MODULES = {
     "tests/distributed/test_parallel_equivalence.py": 186,
     "tests/distributed/test_deepspeed_zero.py": 95,
+    "tests/distributed/test_validation_samples.py": 90,
     "tests/faults/test_resume.py": 93,
     "tests/distributed/test_precision_checkpoints.py": 42,
     "tests/faults/test_publish_crash.py": 36,

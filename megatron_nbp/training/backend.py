@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator
 
+import torch
+
 from megatron_nbp.config import NBPConfig
 from megatron_nbp.device import DevicePlan
 from megatron_nbp.layouts import LayoutBatch
@@ -113,6 +115,29 @@ class TrainingBackend(ABC):
 
         Returns:
             the published checkpoint directory.
+        """
+
+    @abstractmethod
+    def evaluate(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> tuple[float, float]:
+        """Forward only, no gradient, no update: the NBP loss of ``num_microbatches`` host micro-batches
+        from ``data_iterator`` (this rank's data-parallel share), with the model in eval mode (dropout
+        and token corruption off) and back in train mode afterwards. Collective.
+
+        Returns:
+            (sum of the per-token cross entropies in nats, number of loss tokens), summed over the
+            micro-batches and the data-parallel ranks (reduced as :meth:`train_step` reduces its loss),
+            identical on every rank.
+        """
+
+    @abstractmethod
+    def gather_weights(self, dst: int) -> dict[str, torch.Tensor] | None:
+        """The current weights as one single-device model: every tensor-parallel shard all-gathered and
+        every pipeline stage collected on global rank ``dst``, under megatron's TP1 PP1 parameter names
+        (those of the inference format, megatron_nbp.inference.convert_common; no tied
+        ``output_layer.weight``), as fp32 CPU tensors. Collective.
+
+        Returns:
+            the state dict on rank ``dst``, None on the other ranks.
         """
 
     @abstractmethod

@@ -41,6 +41,7 @@ from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.builder import build_gpt_model
 from megatron_nbp.training.backend import StepResult, TrainingBackend
 from megatron_nbp.training.optim import build_scheduler, weight_decay_groups
+from megatron_nbp.training.gather_weights import gather_full_state_dict
 from megatron_nbp.training.step import loss_contribution, make_forward_step
 
 
@@ -251,6 +252,43 @@ def deepspeed_train_step(state: DeepSpeedState, data_iterator: Iterator[LayoutBa
     return StepResult(mean_loss, float(grad_norm if grad_norm is not None else 0.0), True)
 
 
+def deepspeed_evaluate(state: DeepSpeedState, data_iterator: Iterator[LayoutBatch],
+                       num_microbatches: int) -> tuple[float, float]:
+    """Forward only through the engine (eval mode, no gradient, no backward or step; train mode
+    again after), then the loss reduction of :func:`deepspeed_train_step`. Collective.
+
+    Returns:
+        (loss sum in nats, loss tokens) over the micro-batches and data-parallel ranks, on every rank.
+    """
+    engine = state.engine
+    engine.eval()
+    reported = []
+    try:
+        with torch.no_grad():
+            for _ in range(num_microbatches):
+                output, loss_fn = state.forward_step(data_iterator, engine)
+                reported.append(loss_fn(output)[2])
+    finally:
+        engine.train()
+    total = loss_contribution(reported, reported[0]["lm loss"].device)
+    dist.all_reduce(total)
+    loss_sum, tokens = total.tolist()
+    return loss_sum, tokens
+
+
+def deepspeed_gather_weights(state: DeepSpeedState, cfg: NBPConfig, dst: int) -> dict[str, torch.Tensor] | None:
+    """:func:`megatron_nbp.training.gather_weights.gather_full_state_dict` of the engine's model; under
+    ZeRO-3 inside ``deepspeed.zero.GatheredParameters`` (the partitioned parameters made whole for the
+    duration, read only). Collective."""
+    module = state.engine.module
+    if cfg.deepspeed.stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return gather_full_state_dict(module, cfg.model, dst)
+    return gather_full_state_dict(module, cfg.model, dst)
+
+
 def _on_every_rank(flag: torch.Tensor) -> bool:
     """A bool tensor ``flag`` and-ed over every rank of the world (an int32 MIN all-reduce; collective;
     one host read)."""
@@ -302,6 +340,14 @@ class DeepSpeedBackend(TrainingBackend):
         """:func:`megatron_nbp.deepspeed_checkpointing.save_deepspeed_checkpoint` under ``cfg.save``."""
         return save_deepspeed_checkpoint(self.cfg.save, iteration, self.state.engine, self.state.scheduler, consumed,
                                          self.cfg.to_dict()["model"], self.cfg.deepspeed.stage)
+
+    def evaluate(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> tuple[float, float]:
+        """:func:`deepspeed_evaluate` on :attr:`state`."""
+        return deepspeed_evaluate(self.state, data_iterator, num_microbatches)
+
+    def gather_weights(self, dst: int) -> dict[str, torch.Tensor] | None:
+        """:func:`deepspeed_gather_weights` on :attr:`state`."""
+        return deepspeed_gather_weights(self.state, self.cfg, dst)
 
     def learning_rate(self) -> float:
         """The ZeRO optimizer's first group's lr."""

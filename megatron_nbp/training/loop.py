@@ -23,6 +23,8 @@ from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_ra
 from megatron_nbp.training.backend import TrainingBackend
 from megatron_nbp.training.deepspeed_backend import DeepSpeedBackend
 from megatron_nbp.training.megatron_backend import MegatronBackend
+from megatron_nbp.training.samples import TrainingSamples
+from megatron_nbp.training.validation import Validation
 from megatron_nbp.training_log import TrainingLogger
 
 #: ``train.backend`` -> its TrainingBackend class
@@ -68,6 +70,8 @@ def start_job(cfg: NBPConfig) -> tuple[DevicePlan, int, int]:
     if cfg.data is None:
         raise ValueError("--data (directory of token shards with manifest.json) is required")
     check_manifest(cfg.data, cfg.model, cfg.train.tokenizer_sha256)  # before any model is built
+    if cfg.valid_data:
+        check_manifest(cfg.valid_data, cfg.model, cfg.train.tokenizer_sha256)
     t = cfg.train
     p = cfg.parallel
     plan = initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
@@ -120,7 +124,9 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
     """The iteration loop both backends share: ``backend.train_step``, Megatron-style log line +
     TensorBoard (throughput, TFLOP/s per GPU, MFU and peak memory, see megatron_nbp.training_log),
     checkpoint (``backend.save``, when ``cfg.save`` is set) at ``save_interval`` / the last iteration /
-    ``exit_interval`` (which then stops, as in Megatron-LM). An iteration whose step applied no update
+    ``exit_interval`` (which then stops, as in Megatron-LM), the validation loss
+(megatron_nbp.training.validation) and training-time samples (megatron_nbp.training.samples) at their
+intervals. An iteration whose step applied no update
     (non-finite loss or gradient, skipped) is logged and counted; ``train.max_skipped_iterations`` of
     them in a row save a final checkpoint (of the last good weights: skipped steps change nothing) and
     abort. An fp16 loss-scale overflow (``StepResult.loss_scale_overflow``) is counted as skipped but is
@@ -142,6 +148,8 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
                             world_size=dist.get_world_size() if dist.is_initialized() else 1)
     history: list[float] = []
     skipped_in_a_row = 0
+    validation = Validation.from_config(cfg, num_microbatches)  # --valid-data / --eval-interval
+    samples = TrainingSamples.from_config(cfg)  # --sample-interval
     while iteration < t.train_iters:
         start = time.perf_counter()
         result = backend.train_step(data_iterator, num_microbatches)
@@ -165,6 +173,9 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
                 f"{skipped_in_a_row} consecutive iterations with a non-finite loss or gradient (up to iteration "
                 f"{iteration}; train.max_skipped_iterations={t.max_skipped_iterations}); "
                 + (f"saved the last good weights to {path}" if path else "no --save given, nothing saved"))
+        for periodic in (validation, samples):  # collective: every rank evaluates / gathers
+            if periodic is not None and periodic.due(iteration):
+                periodic.run(backend, iteration, logger)
         exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
         if cfg.save and (exiting or iteration == t.train_iters
                          or (t.save_interval and iteration % t.save_interval == 0)):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -32,7 +34,8 @@ from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.builder import PARAMS_DTYPES, build_gpt_model
 from megatron_nbp.training.backend import StepResult, TrainingBackend
 from megatron_nbp.training.optim import build_scheduler
-from megatron_nbp.training.step import check_and_reduce, make_forward_step
+from megatron_nbp.training.gather_weights import gather_full_state_dict
+from megatron_nbp.training.step import check_and_reduce, loss_contribution, make_forward_step
 
 
 @dataclass
@@ -136,6 +139,51 @@ def train_step(state: TrainingState, data_iterator: Iterator[LayoutBatch], cfg: 
     return StepResult(loss, float(grad_norm or 0.0), True)
 
 
+def evaluate(state: TrainingState, data_iterator: Iterator[LayoutBatch], cfg: NBPConfig,
+             num_microbatches: int) -> tuple[float, float]:
+    """Forward-only pass of ``num_microbatches`` micro-batches through megatron-core's schedule
+    (``get_forward_backward_func()(..., forward_only=True)``; under PP the losses come out on the last
+    stage), no gradient, the model in eval mode and back in train mode after, as Megatron-LM's
+    ``evaluate``: with ``--overlap-param-gather`` the parameters are all-gathered first (the forward
+    pre-hooks paused meanwhile). Collective.
+
+    Returns:
+        (loss sum in nats, loss tokens) over the micro-batches and data-parallel ranks, on every rank.
+    """
+    overlap = cfg.train.overlap_param_gather
+    if overlap:
+        state.model.disable_forward_pre_hook(param_sync=True)
+    state.model.eval()
+    try:
+        with torch.no_grad():
+            losses = get_forward_backward_func()(
+                forward_step_func=state.forward_step, data_iterator=data_iterator, model=[state.model],
+                num_microbatches=num_microbatches, seq_length=cfg.model.seq_length,
+                micro_batch_size=cfg.train.micro_batch_size, forward_only=True,
+            )
+    finally:
+        state.model.train()
+        if overlap:
+            state.model.enable_forward_pre_hook()
+    total = loss_contribution(losses, state.plan.device)
+    dist.all_reduce(total)
+    loss_sum, tokens = total.tolist()
+    return loss_sum, tokens
+
+
+def gather_weights(state: TrainingState, cfg: NBPConfig, dst: int) -> dict[str, torch.Tensor] | None:
+    """:func:`megatron_nbp.training.gather_weights.gather_full_state_dict` of the model (parameters
+    all-gathered first under ``--overlap-param-gather``, as for a save). Collective."""
+    overlap = cfg.train.overlap_param_gather
+    if overlap:
+        state.model.disable_forward_pre_hook(param_sync=True)
+    try:
+        return gather_full_state_dict(state.model, cfg.model, dst)
+    finally:
+        if overlap:
+            state.model.enable_forward_pre_hook()
+
+
 def run_info(state: TrainingState, cfg: NBPConfig) -> RunInfo:
     """The precision and optimizer kind the megatron backend's checkpoints record."""
     return RunInfo(precision=state.precision, use_distributed_optimizer=cfg.train.use_distributed_optimizer)
@@ -207,6 +255,14 @@ class MegatronBackend(TrainingBackend):
     def save(self, iteration: int, consumed: int) -> Path:
         """:func:`save_training_checkpoint`."""
         return save_training_checkpoint(self.cfg, self.state, iteration, consumed)
+
+    def evaluate(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> tuple[float, float]:
+        """:func:`evaluate` on :attr:`state`."""
+        return evaluate(self.state, data_iterator, self.cfg, num_microbatches)
+
+    def gather_weights(self, dst: int) -> dict[str, torch.Tensor] | None:
+        """:func:`gather_weights` on :attr:`state`."""
+        return gather_weights(self.state, self.cfg, dst)
 
     def learning_rate(self) -> float:
         """The megatron optimizer's first group's lr."""
