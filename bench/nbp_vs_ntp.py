@@ -60,7 +60,8 @@ VOCAB, CLASSES = 64000, 101
 
 # What a --config file may set here: the architecture (the layout, shapes and vocabulary are this benchmark's).
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "layernorm_epsilon",
-                "normalization", "activation", "add_bias_linear", "share_embeddings_and_output_weights",
+                "normalization", "activation", "add_bias_linear", "untie_embeddings_and_output_weights",
+                "share_embeddings_and_output_weights",  # the inverse, read from older files
                 "position_embedding_type", "rotary_base")
 
 

@@ -47,7 +47,7 @@ from nbp_common.files import publish_directory, remove_leftovers, staging_path
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # Model settings that must match between a checkpoint and the model loading it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-               "latent_shape", "block_shape", "layout", "share_embeddings_and_output_weights", "normalization",
+               "latent_shape", "block_shape", "layout", "untie_embeddings_and_output_weights", "normalization",
                "activation", "add_bias_linear", "condition_type", "condition_labels", "text_vocab_size",
                "num_condition_tokens", "null_condition", "position_embedding_type", "max_position_embeddings")
 
@@ -305,6 +305,8 @@ def check_model_config(saved: dict[str, Any], model_config: dict[str, Any], wher
     Raises:
         CheckpointError: naming each differing setting.
     """
+    if "share_embeddings_and_output_weights" in saved:  # written before untie_embeddings_and_output_weights
+        saved = {**saved, "untie_embeddings_and_output_weights": not saved["share_embeddings_and_output_weights"]}
     diffs = {k: (saved.get(k), model_config.get(k)) for k in _SHAPE_KEYS
              if k in saved and _norm(saved.get(k)) != _norm(model_config.get(k))}
     if diffs:

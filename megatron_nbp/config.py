@@ -60,8 +60,6 @@ class ModelConfig(TypedConfig):
     init_method_std: float = Field(0.02, description="standard deviation of the normal weight initialisation")
     make_vocab_size_divisible_by: int = Field(
         128, description="vocabulary padding unit (independent of TP, see ModelConfig.padded_vocab_size)")
-    share_embeddings_and_output_weights: bool = Field(
-        True, description="tie the input embedding and the output layer (Megatron's default)")
     attention_backend: Literal["dense", "flex"] = Field(
         "dense", description="block-causal attention kernel: dense (SDPA + dense block-causal mask; CPU path and "
                              "reference) or flex (FlexAttention + cached BlockMask; compiled on GPU, no S x S "
@@ -99,6 +97,34 @@ class ModelConfig(TypedConfig):
         None, description="rows of the learned position tables, condition + video stream (Megatron-LM's "
                           "--max-position-embeddings); unset = exactly the layout's sequence length. A layout "
                           "whose sequence is longer than the table is refused")
+    # --- output head and position-table initialisation (the official release's choices) ----------
+    untie_embeddings_and_output_weights: bool = Field(
+        False, description="give the output layer its own weights (no bias) instead of the word embedding's "
+                           "(Megatron-LM's --untie-embeddings-and-output-weights; the official NBP release's head). "
+                           "Unset = tied, megatron's default. Checkpoints and converted files of either kind load; "
+                           "older ones stored the inverse, share_embeddings_and_output_weights, which is still read")
+    position_embedding_init: Literal["normal", "zeros"] = Field(
+        "normal", description="learned_absolute: initial values of the position tables: normal (init_method_std, "
+                              "megatron's) or zeros (the official release's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_tied_flag(cls, data: Any) -> Any:
+        """Read the key older configs, checkpoints and converted files stored,
+        ``share_embeddings_and_output_weights`` (megatron-core's name), as its inverse
+        ``untie_embeddings_and_output_weights``; both given must agree."""
+        if isinstance(data, dict) and "share_embeddings_and_output_weights" in data:
+            data = dict(data)
+            untie = not data.pop("share_embeddings_and_output_weights")
+            if data.setdefault("untie_embeddings_and_output_weights", untie) != untie:
+                raise ValueError("share_embeddings_and_output_weights and untie_embeddings_and_output_weights "
+                                 "contradict each other")
+        return data
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """megatron-core's name for the tied head (GPTModel's argument): ``not untie_embeddings_and_output_weights``."""
+        return not self.untie_embeddings_and_output_weights
 
     @model_validator(mode="after")
     def _default_ffn_hidden_size(self) -> "ModelConfig":
@@ -286,6 +312,14 @@ class TrainingConfig(TypedConfig):
     sample_interval: int | None = Field(
         None, description="every N iterations, generate one clip from the first --valid-data clip's prompt with "
                           "the current weights and log it to TensorBoard / W&B (needs --valid-data); unset = never")
+    # --- schedule length and weight-decay groups (the official release's choices) --------------
+    lr_decay_iters: int | None = Field(
+        None, description="iterations over which the LR decays from lr to min_lr, counted from 0 and including "
+                          "the warmup (Megatron-LM's --lr-decay-iters); unset = train_iters")
+    no_weight_decay: Literal["megatron", "release"] = Field(
+        "megatron", description="parameters without weight decay (megatron_nbp.training.optim.no_weight_decay): "
+                                "megatron (biases and 1-D parameters, Megatron-LM's rule) or release (those plus the "
+                                "word embedding and the position tables, the official NBP release's rule)")
 
 
 class DeepSpeedConfig(TypedConfig):
@@ -478,6 +512,11 @@ class NBPConfig(TypedConfig):
             errors.append(f"train.pkeep={t.pkeep} must be in (0, 1]")
         if not 0 <= t.lr_warmup_iters < t.train_iters:
             errors.append(f"lr_warmup_iters={t.lr_warmup_iters} must be in [0, train_iters={t.train_iters})")
+        if t.lr_decay_iters is not None and t.lr_decay_iters <= t.lr_warmup_iters:
+            errors.append(f"train.lr_decay_iters={t.lr_decay_iters} must exceed lr_warmup_iters={t.lr_warmup_iters}")
+        if m.position_embedding_init != "normal" and m.position_embedding_type != "learned_absolute":
+            errors.append(f"model.position_embedding_init={m.position_embedding_init!r} needs learned_absolute "
+                          f"positions (position_embedding_type={m.position_embedding_type!r} has no table)")
         if t.max_skipped_iterations < 1:
             errors.append(f"max_skipped_iterations={t.max_skipped_iterations} must be >= 1")
         for name in ("save_interval", "exit_interval"):

@@ -78,7 +78,9 @@ def dry_run(cfg) -> None:
           f"{m.padded_vocab_size})")
     print(f"> parameters: transformer {format_count(c.transformer)} ({c.transformer:,}) | "
           f"embeddings {format_count(c.word_embeddings + c.position_embeddings)} | "
-          f"output layer {format_count(c.output_layer)} | total {format_count(c.total)} ({c.total:,})")
+          f"output layer {format_count(c.output_layer)} "
+          f"({'tied to the word embedding' if m.share_embeddings_and_output_weights else 'untied'}) | "
+          f"total {format_count(c.total)} ({c.total:,})")
     if cfg.train.backend == "deepspeed":
         world = int(os.environ.get("WORLD_SIZE", p.tensor_model_parallel_size))
         dp = world // p.tensor_model_parallel_size

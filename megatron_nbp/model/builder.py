@@ -94,7 +94,8 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
         GPTModel with a vocabulary padded to a multiple of make_vocab_size_divisible_by (any TP) and
         either learned absolute positions in separate condition / video tables
         (:class:`ConditionVideoPositionEmbedding`, parameters ``embedding.position_embeddings.condition``
-        / ``.video``) or 3D RoPE (megatron's multimodal rotary embedding over (t, h, w)). Its forward
+        / ``.video``; initialised normal(0, init_method_std) or, with ``position_embedding_init`` zeros,
+        to zeros as the official release) or 3D RoPE (megatron's multimodal rotary embedding over (t, h, w)). Its forward
         takes input_ids, position_ids (learned: int64 [B, S]; rope3d: int64 [3, B, S], see
         megatron_nbp.layouts) and attention_mask (dense backend: bool [B, 1, S, S], True = masked;
         flex backend: a BlockMask; see megatron_nbp.model.attention.ATTENTION_BACKENDS); with labels it
@@ -112,7 +113,7 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
         max_sequence_length=model.position_table_size,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type="mrope" if model.position_embedding_type == "rope3d" else "learned_absolute",
         rotary_base=model.rotary_base,
         parallel_output=True,
@@ -120,8 +121,9 @@ def build_gpt_model(model: ModelConfig, tensor_parallel: int | None = None,
     if gpt.pre_process and model.position_embedding_type == "learned_absolute":
         p = model.num_prefix_tokens
         with torch.no_grad():
+            init = torch.nn.init.zeros_ if model.position_embedding_init == "zeros" else config.embedding_init_method
             gpt.embedding.position_embeddings = ConditionVideoPositionEmbedding(
-                p, model.position_table_size - p, model.hidden_size, config.embedding_init_method
+                p, model.position_table_size - p, model.hidden_size, init
             ).to(dtype=config.params_dtype)
     if plan.is_cuda:  # torch norms and the position tables above were created on the host
         gpt.cuda(plan.device)

@@ -28,7 +28,13 @@ class ParameterCount:
 
 
 def count_parameters(model: ModelConfig) -> ParameterCount:
-    """Exact parameter count of the whole model (all TP/PP ranks together, tied weights once)."""
+    """Exact parameter count of the whole model (all TP/PP ranks together, tied weights once).
+
+    Per layer (h = hidden_size, f = ffn_hidden_size, f1 = 2f for SwiGLU else f, b = 1 with linear biases):
+    two norms (2h each for LayerNorm, h for RMSNorm), QKV 3h^2 + 3bh, projection h^2 + bh, fc1 h f1 + b f1,
+    fc2 f h + bh; then the final norm, the word embedding (padded vocabulary x h), the position tables
+    (``position_table_size`` x h, learned_absolute only) and, untied, the output layer (padded vocabulary
+    x h, no bias: megatron's ColumnParallelLinear output layer has none)."""
     h, f = model.hidden_size, model.ffn_hidden_size
     vocab = model.padded_vocab_size
     norm = 2 * h if model.normalization == "LayerNorm" else h      # weight (+ bias)

@@ -123,13 +123,14 @@ def _fp16_section(t: TrainingConfig) -> dict[str, Any]:
 def build_optimizer(module: torch.nn.Module, cfg: NBPConfig, use_gpu: bool) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay on megatron-core's parameter groups for ``module``.
 
-    The groups are megatron's default grouping (:func:`~megatron_nbp.training.optim.weight_decay_groups`:
-    weight decay off for biases and 1-D parameters, ``wd_mult`` / ``max_lr`` / ``min_lr`` keys that
-    OptimizerParamScheduler reads), so both backends decay the same parameters. torch.optim.AdamW, except
+    The groups are megatron's grouping (:func:`~megatron_nbp.training.optim.weight_decay_groups`:
+    weight decay off for the parameters ``train.no_weight_decay`` names, by default biases and 1-D
+    parameters; ``wd_mult`` / ``max_lr`` / ``min_lr`` keys that OptimizerParamScheduler reads), so both
+    backends decay the same parameters. torch.optim.AdamW, except
     DeepSpeedCPUAdam (adamw mode, its compiled host kernel) for optimizer offload on GPU.
     """
     t = cfg.train
-    groups = weight_decay_groups(module, t.lr, t.min_lr)
+    groups = weight_decay_groups(module, t.lr, t.min_lr, t.no_weight_decay)
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     if use_gpu and cfg.deepspeed.offload == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -33,8 +33,8 @@ from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.builder import PARAMS_DTYPES, build_gpt_model
 from megatron_nbp.training.backend import StepResult, TrainingBackend
-from megatron_nbp.training.optim import build_scheduler
 from megatron_nbp.training.gather_weights import gather_full_state_dict
+from megatron_nbp.training.optim import build_scheduler, megatron_config_overrides
 from megatron_nbp.training.step import check_and_reduce, loss_contribution, make_forward_step
 
 
@@ -75,7 +75,8 @@ def build_training_state(cfg: NBPConfig, plan: DevicePlan | None = None) -> Trai
         overlap_param_gather=t.overlap_param_gather, use_distributed_optimizer=t.use_distributed_optimizer,
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
-    optimizer = get_megatron_optimizer(optimizer_config(t, precision), [model])
+    optimizer = get_megatron_optimizer(optimizer_config(t, precision), [model],
+                                       config_overrides=megatron_config_overrides(t.no_weight_decay))
     scheduler = build_scheduler(optimizer, t)
     config.no_sync_func = model.no_sync
     if t.overlap_grad_reduce:  # start each bucket's reduction as soon as its last micro-batch is done

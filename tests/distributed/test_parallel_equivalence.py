@@ -18,7 +18,8 @@ CONFIG = "tests/configs/tiny_test.yaml"
 WORKER = "tests/workers/tp_pp_worker.py"
 LAYOUT_CONFIGS = {"frame_prediction": CONFIG, "hybrid": "tests/configs/tiny_test_hybrid.yaml",
                   "rmsnorm_swiglu": "tests/configs/tiny_test_llama.yaml",
-                  "text_rope3d": "tests/configs/tiny_test_text_rope.yaml"}
+                  "text_rope3d": "tests/configs/tiny_test_text_rope.yaml",
+                  "untied": "tests/configs/tiny_test_untied.yaml"}  # untied output layer, release wd groups
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUT_CONFIGS))
