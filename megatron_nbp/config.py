@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from megatron_nbp.data_path import parse_data_path
 from nbp_common.config import ConfigError, TypedConfig, cli_flags
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "TrainingConfig", "DeepSpeedConfig", "NBPConfig"]
@@ -392,13 +393,11 @@ class NBPConfig(TypedConfig):
 
     def data_folders(self) -> list[tuple[float, str]]:
         """The training data as ``[(normalised weight, folder)]``: ``--data DIR`` is ``[(1.0, DIR)]``, else
-        ``data_path`` parsed by :func:`megatron_nbp.data_blend.parse_data_path`.
+        ``data_path`` parsed by :func:`megatron_nbp.data_path.parse_data_path`.
 
         Raises:
             ValueError: neither or both of ``data`` and ``data_path`` given, or a malformed ``data_path``.
         """
-        from megatron_nbp.data_blend import parse_data_path
-
         if self.data is not None and self.data_path is not None:
             raise ValueError(f"give the training data once: --data {self.data} or --data-path "
                              f"{' '.join(self.data_path)}, not both")

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -54,9 +54,6 @@ from data_prep.shards import (Opener, ShardFormatError, complete_samples, iter_s
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.layouts.hybrid import pad_text_ids as _pad_text_ids
-
-if TYPE_CHECKING:
-    from megatron_nbp.data_blend import BlendedStream
 
 log = logging.getLogger(__name__)
 
@@ -380,12 +377,18 @@ def drop_conditions(ids: torch.Tensor, padding: torch.Tensor, drop: torch.Tensor
     return ids, padding
 
 
-def micro_batches(stream: "TokenClipStream | BlendedStream", micro_batch_size: int, model: ModelConfig,
+class ClipStream(Protocol):
+    """What :func:`micro_batches` reads: yields ``(int64 [N] tokens, condition)`` and counts ``consumed``
+    samples (:class:`TokenClipStream`, :class:`megatron_nbp.data_blend.BlendedStream`)."""
+
+    consumed: int
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, object]]: ...
+
+
+def micro_batches(stream: ClipStream, micro_batch_size: int, model: ModelConfig,
                   p_drop_cond: float = 0.0, seed: int = 0) -> Iterator[LayoutBatch]:
     """Group the stream into micro-batches in the model's layout (LayoutBatch, tensors [mbs, S]).
-
-    ``stream``: a :class:`TokenClipStream` or a :class:`megatron_nbp.data_blend.BlendedStream` (anything
-    yielding ``(int64 [N] tokens, condition)`` with a ``consumed`` sample count).
 
     With ``p_drop_cond`` > 0 (hybrid, ``model.null_condition``) each sample's condition becomes the null
     condition with that probability. The draw is seeded by (seed, samples consumed): identical on the

@@ -5,6 +5,7 @@ import itertools
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from data_prep.synthetic import write_synthetic_shards
@@ -94,3 +95,24 @@ def test_data_path_forms_and_refusals(folders, tmp_path):
     write_synthetic_shards(other, num_clips=4, clips_per_shard=2, latent_shape=(5, 8, 8), vocab=2048)
     with pytest.raises(DataError, match="latent shape"):
         build_token_stream([(0.5, str(folders[0][0])), (0.5, str(other))], 0, 1, 5, LATENT, 2048)
+
+
+def test_pretrain_checks_every_folder_and_streams_the_blend(folders, tmp_path, monkeypatch):
+    from megatron_nbp.data import micro_batches
+    from megatron_nbp.training import loop
+
+    other = tmp_path / "other"
+    write_synthetic_shards(other, num_clips=4, clips_per_shard=2, latent_shape=LATENT, vocab=4096)
+    model = {"model.latent_shape": list(LATENT), "model.block_shape": [1, 1, 4], "model.vocab_size": 2048,
+             "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.seed": 5, "train.shuffle_buffer": 4}
+    monkeypatch.setattr(loop, "initialize_parallel", lambda *a, **k: pytest.fail("started before checking the data"))
+    bad = NBPConfig.from_yaml(TINY, {**model, "data_path": ["1", str(folders[0][0]), "1", str(other)]})
+    with pytest.raises(DataError, match=f"{other}.*codebook 4096"):  # the second folder, before any process group
+        loop.start_job(bad)
+    monkeypatch.setattr(loop.parallel_state, "get_data_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(loop.parallel_state, "get_data_parallel_rank", lambda: 1)
+    cfg = NBPConfig.from_yaml(TINY, {**model, "data_path": ["1", str(folders[0][0]), "3", str(folders[1][0])]})
+    batches = loop.build_data_iterator(cfg, consumed=2 * 6)  # 6 samples of this rank consumed
+    reference = micro_batches(blend(folders, [0.25, 0.75], 1, 2, consumed=6), 2, cfg.model)
+    for got, want in itertools.islice(zip(batches, reference), 4):
+        assert torch.equal(got.tokens, want.tokens)
