@@ -171,3 +171,18 @@ def test_no_readable_sample_is_refused(damaged):
         check_manifest(data, ModelConfig(vocab_size=2048, latent_shape=LATENT, block_shape=(1, 1, 4)))
     with pytest.raises(DataError, match="no readable token samples"):
         stream(data)
+
+
+def test_a_rank_whose_whole_share_is_unreadable_fills_it_from_the_epoch(tmp_path, caplog):
+    clips = write_synthetic_shards(tmp_path, num_clips=14, clips_per_shard=PER_SHARD, latent_shape=LATENT, vocab=2048)
+    s0 = tmp_path / shard_name(0)
+    _overwrite(s0, 0, b"\xff" * 200)  # first tar header: nothing of shard 0 readable, its size unchanged
+    streams = [stream(tmp_path, r, 2) for r in range(2)]  # 7 positions each: one rank owns shard 0 each epoch
+    assert [s.samples_per_rank for s in streams] == [7, 7] and not streams[0].damaged_shards
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        got = [take(s, 3 * 7) for s in streams]
+    shard1 = {_flat(clips[i]) for i in range(7, 14)}
+    for g in got:  # the same count on both ranks, every sample a readable one, nothing stopped
+        assert len(g) == 21 and set(g) <= shard1
+    assert any("filled from the whole epoch" in r.getMessage() for r in caplog.records)
+    assert any(r["shard"] == shard_name(0) and r["readable"] == 0 for s in streams for r in s.damaged_shards)
