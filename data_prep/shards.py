@@ -3,7 +3,7 @@
 Layout of a tokenized dataset directory::
 
     shard-000000.tar    WebDataset tar; per sample: <key>.tokens.npy and <key>.json
-    shard-000000.json   sidecar {"num_samples", "keys", "failures"}; written last = "shard finished"
+    shard-000000.json   sidecar {"num_samples", "keys", "offsets", "failures"}; written last = "shard finished"
     ...
     failures.jsonl      one {"path", "reason"} JSON object per line: input files that gave no clip
     manifest.json       dataset description (see :func:`write_manifest`); written last
@@ -14,6 +14,12 @@ Per sample:
 * ``tokens.npy``: ``np.save`` bytes of a ``uint16 [T', H', W']`` array of raw FSQ indices (t-major);
 * ``json``: UTF-8 JSON ``{"source": str, "clip_start": int, "num_frames": int, "frame_stride": int,
   "fps": float, "label": str | null, "latent_shape": [T', H', W']}``.
+
+Sidecar ``offsets`` (written since the per-rank reader; older shards lack it): ``num_samples + 1`` byte
+offsets into the tar, entry ``i`` where sample ``i``'s first tar header starts, the last one where the
+end-of-archive blocks start; a reader seeks to ``offsets[i]`` to read samples ``i..`` without reading the
+ones before (:func:`iter_shard_readable` with ``start``). The manifest's shard entries carry ``bytes``
+(the tar's size), so a truncated shard is noticed from its size alone (:func:`complete_samples`).
 
 Readers: :func:`iter_shard` is strict (any damage raises ShardFormatError, for tools and tests);
 :func:`iter_shard_readable` is the fault-tolerant one the training loader uses (damage is reported
@@ -33,7 +39,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -46,6 +52,9 @@ FAILURES_NAME = "failures.jsonl"
 SAMPLE_META_KEYS = ("source", "clip_start", "num_frames", "frame_stride", "fps", "label", "latent_shape")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+
+#: an ``open``-like callable ``(path, mode) -> binary file``; readers take one so a benchmark can count bytes
+Opener = Callable[[Any, str], IO[bytes]]
 
 
 class ShardFormatError(ValueError):
@@ -137,44 +146,76 @@ def write_shard(
     """
     path = Path(path)
     extra = dict(extra or {})
-    if {"num_samples", "keys", "failures"} & set(extra):
-        raise ValueError(f"extra sidecar fields may not override num_samples/keys/failures: {sorted(extra)}")
+    if {"num_samples", "keys", "offsets", "failures"} & set(extra):
+        raise ValueError(f"extra sidecar fields may not override num_samples/keys/offsets/failures: {sorted(extra)}")
     sidecar_path(path).unlink(missing_ok=True)
     keys: list[str] = []
+    seen: set[str] = set()
+    offsets: list[int] = []
     with atomic_output(path, tmp=path.with_name(path.name + ".tmp")) as tmp, open(tmp, "wb") as f:
         with wds.TarWriter(f, encoder=False, mtime=0) as writer:
             for key, tokens, meta in samples:
                 _check_sample(key, tokens, meta)
-                if key in keys:
+                if key in seen:
                     raise ShardFormatError(f"{path}: duplicate sample key {key!r}")
                 buf = io.BytesIO()
                 np.save(buf, tokens, allow_pickle=False)
+                offsets.append(writer.tarstream.offset)  # tarfile's position in the archive: this header
                 writer.write({"__key__": key, "tokens.npy": buf.getvalue(), "json": _json_bytes(meta)})
                 keys.append(key)
+                seen.add(key)
+            offsets.append(writer.tarstream.offset)  # end of the last sample
     failures = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in failures]
-    atomic_write_bytes(sidecar_path(path), _json_bytes({**extra, "num_samples": len(keys), "keys": keys, "failures": failures}))
+    atomic_write_bytes(sidecar_path(path), _json_bytes(
+        {**extra, "num_samples": len(keys), "keys": keys, "offsets": offsets, "failures": failures}))
     return len(keys)
 
 
-def read_sidecar(shard_path: str | os.PathLike) -> dict | None:
+def read_sidecar(shard_path: str | os.PathLike, opener: Opener = open) -> dict | None:
     """Sidecar of a shard, or ``None`` if the shard is not finished (no sidecar).
 
+    Args:
+        opener: ``open``-like callable used to read the file (benchmarks count bytes through it).
     Returns:
-        ``{"num_samples": int, "keys": [str], "failures": [{"path", "reason"}], ...extra fields}``.
+        ``{"num_samples": int, "keys": [str], "failures": [{"path", "reason"}], "offsets": [int] (absent
+        in shards written before it existed), ...extra fields}``.
     Raises:
-        ShardFormatError: the sidecar exists but is not valid JSON of that form.
+        ShardFormatError: the sidecar exists but is not valid JSON of that form (``offsets``, when
+            present, must be ``num_samples + 1`` non-decreasing ints).
     """
     side = sidecar_path(shard_path)
     if not side.is_file():
         return None
     try:
-        data = json.loads(side.read_bytes())
+        with opener(side, "rb") as f:
+            data = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardFormatError(f"{side}: sidecar is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or data.get("num_samples") != len(data["keys"]):
         raise ShardFormatError(f"{side}: sidecar needs 'keys' (list) and a matching 'num_samples'")
+    offsets = data.get("offsets")
+    if offsets is not None and not (isinstance(offsets, list) and len(offsets) == len(data["keys"]) + 1
+                                    and all(isinstance(o, int) for o in offsets)
+                                    and all(a <= b for a, b in zip(offsets, offsets[1:]))):
+        raise ShardFormatError(f"{side}: sidecar 'offsets' must be num_samples + 1 non-decreasing byte offsets")
     data.setdefault("failures", [])
     return data
+
+
+def manifest_entry(shard_path: str | os.PathLike, num_samples: int) -> dict:
+    """The manifest's entry for a finished shard: ``{"name", "num_samples", "bytes"}``, ``bytes`` the
+    tar's size now (readers compare it with the file's size to notice a truncated shard without reading it)."""
+    path = Path(shard_path)
+    return {"name": path.name, "num_samples": int(num_samples), "bytes": path.stat().st_size}
+
+
+def complete_samples(offsets: list[int], size: int) -> int:
+    """How many leading samples of a shard lie wholly within its first ``size`` bytes (a truncated
+    shard keeps those): the largest ``n`` with ``offsets[n] <= size``, ``offsets`` from the sidecar."""
+    n = 0
+    while n + 1 < len(offsets) and offsets[n + 1] <= size:
+        n += 1
+    return n
 
 
 def _decode_sample(shard: Path, sample: dict) -> tuple[str, np.ndarray, dict]:
@@ -241,9 +282,25 @@ def _split_member_name(name: str) -> tuple[str | None, str | None]:
     return (match.group(1), match.group(2)) if match else (None, None)
 
 
-def iter_shard_readable(path: str | os.PathLike, problems: list[str],
-                        verify: bool = True) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """Yield the readable samples of ONE shard in stored order, skipping damage instead of raising.
+class _Window:
+    """Read-only view of ``length`` bytes of a binary file from its current position (a reader past
+    the end sees end-of-file: tarfile takes that as the archive's end)."""
+
+    def __init__(self, f: IO[bytes], length: int) -> None:
+        self._f, self._left = f, max(length, 0)
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._f.read(size)
+        self._left -= len(data)
+        return data
+
+
+def iter_shard_readable(path: str | os.PathLike, problems: list[str], verify: bool = True, start: int = 0,
+                        stop: int | None = None, opener: Opener = open,
+                        sidecar: dict | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield the readable samples of ONE shard (or of its sample positions ``[start, stop)``) in stored
+    order, skipping damage instead of raising.
 
     The fault-tolerant twin of :func:`iter_shard` (same member grouping and sample decoding, no rank
     splitting), used by the training loader so that a damaged shard never stops a run and never costs
@@ -261,31 +318,42 @@ def iter_shard_readable(path: str | os.PathLike, problems: list[str],
     "ends after n of the sidecar's m samples". The result depends only on the file's bytes, so every
     reader of the same file (every data-parallel rank) gets the same samples and messages.
 
+    A sample range is read by seeking to the sidecar's ``offsets[start]`` and reading no further than
+    ``offsets[stop]``, so only its own bytes (plus the sidecar) are read; a shard whose sidecar has no
+    offsets (written before them) is read from its start and the first ``start`` samples are passed
+    over unchecked.
+
     Args:
         path: a ``shard-XXXXXX.tar``.
         problems: list the messages are appended to (left as is when the shard is intact).
-        verify: use the sidecar (if present) to refuse keys it does not list and to notice a tar that
-            ends early at a member boundary; an unreadable sidecar is a problem, not an error.
+        verify: use the sidecar (if present) to refuse keys it does not list (for a range: keys outside
+            the range) and to notice a tar that ends early at a member boundary; an unreadable sidecar
+            is a problem, not an error.
+        start, stop: sample positions to read (``stop`` None: to the end of the shard).
+        opener: ``open``-like callable for the shard and its sidecar (benchmarks count bytes with it).
+        sidecar: the shard's sidecar if the caller has already read it (:func:`read_sidecar`).
     Yields:
-        ``(key, tokens uint16 [T', H', W'], meta dict)`` for each readable, valid sample.
+        ``(key, tokens uint16 [T', H', W'], meta dict)`` for each readable, valid sample in the range.
     Raises:
         Nothing for damaged data (not ShardFormatError, not OSError).
     """
     path = Path(path)
-    expected: list[str] | None = None
-    if verify:
+    side = sidecar
+    if side is None and (verify or start or stop is not None):
         try:
-            side = read_sidecar(path)
+            side = read_sidecar(path, opener)
         except (ShardFormatError, OSError) as exc:
             problems.append(f"{path}: sidecar unreadable, samples not checked against it: {exc}")
-            side = None
-        expected = side["keys"] if side is not None else None
-    allowed = set(expected) if expected is not None else None
+    expected: list[str] | None = side["keys"] if verify and side is not None else None
+    offsets: list[int] | None = side.get("offsets") if side is not None else None
+    if stop is None and expected is not None:
+        stop = len(expected)
+    allowed = set(expected[start:stop]) if expected is not None else None
     seen: set[str] = set()
 
     def check(group: dict, quiet: bool = False) -> tuple[str, np.ndarray, dict] | None:
         """The decoded sample of a group of members, or None (problem recorded unless ``quiet``)."""
-        if group.get("__bad__"):
+        if group.get("__bad__") or group["__pos__"] < start:
             return None
         try:
             key, tokens, meta = _decode_sample(path, group)
@@ -295,7 +363,9 @@ def iter_shard_readable(path: str | os.PathLike, problems: list[str],
                                 f"{path}: sample {group['__key__']!r} cannot be decoded: {type(exc).__name__}: {exc}")
             return None
         if allowed is not None and key not in allowed:
-            problems.append(f"{path}: sample {key!r} is not listed in the sidecar; skipped")
+            problems.append(f"{path}: sample {key!r} is not listed in the sidecar"
+                            + (f" at positions {start}..{stop - 1}" if start or stop != len(expected) else "")
+                            + "; skipped")
             return None
         if key in seen:
             problems.append(f"{path}: duplicate sample key {key!r}; the repeat is skipped")
@@ -304,30 +374,40 @@ def iter_shard_readable(path: str | os.PathLike, problems: list[str],
         return key, tokens, meta
 
     try:
-        fileobj = open(path, "rb")
+        fileobj = opener(path, "rb")
     except OSError as exc:
         problems.append(f"{path}: shard cannot be opened: {exc}")
         return
-    broke, groups = False, 0
+    seek = offsets is not None and (start > 0 or stop is not None)
+    position = start if seek else 0  # sample position of the next new group
+    broke = False
     with fileobj:
         group: dict | None = None
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            source: Any = fileobj
+            if seek:
+                end = offsets[min(stop, len(offsets) - 1)] if stop is not None else offsets[-1]
+                fileobj.seek(offsets[min(start, len(offsets) - 1)])
+                source = _Window(fileobj, end - offsets[min(start, len(offsets) - 1)])
+            with tarfile.open(fileobj=source, mode="r|*") as tar:
                 for info in tar:
                     if not info.isreg() or _SKIP_META_RE.match(info.name):
                         continue
                     prefix, suffix = _split_member_name(info.name)
                     if prefix is None:
                         continue
-                    data = tar.extractfile(info).read()
-                    tar.members = []  # streaming: do not keep every TarInfo
-                    suffix = suffix.lower()
                     if group is None or prefix != group["__key__"]:
                         sample = check(group) if group is not None else None
                         if sample is not None:
                             yield sample
-                        group = {"__key__": prefix}
-                        groups += 1
+                        group = None
+                        if stop is not None and position >= stop:
+                            break
+                        group = {"__key__": prefix, "__pos__": position}
+                        position += 1
+                    data = tar.extractfile(info).read()
+                    tar.members = []  # streaming: do not keep every TarInfo
+                    suffix = suffix.lower()
                     if suffix in group:
                         problems.append(f"{path}: sample {prefix!r} has two {suffix} members; skipped")
                         group["__bad__"] = True
@@ -341,8 +421,8 @@ def iter_shard_readable(path: str | os.PathLike, problems: list[str],
             sample = check(group, quiet=broke)
             if sample is not None:
                 yield sample
-    if expected is not None and not broke and groups < len(expected):
-        problems.append(f"{path}: tar ends after {groups} of the sidecar's {len(expected)} samples "
+    if expected is not None and not broke and position < stop:
+        problems.append(f"{path}: tar ends after {position} of the sidecar's {len(expected)} samples "
                         f"(truncated at a member boundary, or a corrupt tar header)")
 
 
@@ -380,6 +460,8 @@ def validate_manifest(manifest: dict, out_dir: str | os.PathLike, require_shards
     for entry in manifest["shards"]:
         _require(isinstance(entry, dict) and {"name", "num_samples"} <= set(entry), where, f"bad shard entry {entry!r}")
         _require(bool(_SHARD_RE.match(str(entry["name"]))), where, f"bad shard name {entry['name']!r}")
+        _require(isinstance(entry.get("bytes", 0), int) and entry.get("bytes", 0) >= 0, where,
+                 f"shard {entry['name']}: bytes must be a non-negative int, got {entry.get('bytes')!r}")
         if require_shards:
             _require((Path(out_dir) / entry["name"]).is_file(), where, f"listed shard {entry['name']} does not exist")
         total += int(entry["num_samples"])
@@ -430,7 +512,8 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
 
     Manifest: ``{"format": "megatron-nbp-tokens/1", "tokenizer": {"path", "sha256", "levels",
     "codebook_size", "latent_shape"}, "clip": {"num_frames", "frame_stride", "resolution": [H, W], ...},
-    "shards": [{"name", "num_samples"}], "num_samples": int, "failures": [{"path", "reason"}]}``;
+    "shards": [{"name", "num_samples", "bytes"}], "num_samples": int, "failures": [{"path", "reason"}]}``
+    (``bytes``, the shard's size from :func:`manifest_entry`, is optional: older manifests lack it);
     the tokenization job also writes ``"media"`` ("video" or "image"), ``"labels"`` (sorted distinct
     clip labels) and the clip sampling settings (``clip.fps``, ``clip_hop``, ``clip_placement``,
     ``max_clips_per_video``); readers must treat these as optional (older manifests lack them).
@@ -446,12 +529,13 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     return path
 
 
-def read_manifest(out_dir: str | os.PathLike, require_shards: bool = True) -> dict:
+def read_manifest(out_dir: str | os.PathLike, require_shards: bool = True, opener: Opener = open) -> dict:
     """Read and validate ``out_dir/manifest.json``.
 
     Args:
         out_dir: the dataset directory.
         require_shards: refuse the manifest if a listed shard is missing (see :func:`validate_manifest`).
+        opener: ``open``-like callable used to read it (benchmarks count bytes through it).
     Raises:
         FileNotFoundError: no manifest in ``out_dir`` (was the tokenization job finished?).
         ShardFormatError: invalid JSON or content (see :func:`validate_manifest`).
@@ -460,7 +544,8 @@ def read_manifest(out_dir: str | os.PathLike, require_shards: bool = True) -> di
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {out_dir} (tokenization job not finished?)")
     try:
-        manifest = json.loads(path.read_bytes())
+        with opener(path, "rb") as f:
+            manifest = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardFormatError(f"{path}: not valid JSON: {exc}") from exc
     validate_manifest(manifest, out_dir, require_shards)

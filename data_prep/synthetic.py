@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.shards import shard_name, write_manifest, write_shard
+from data_prep.shards import manifest_entry, shard_name, write_manifest, write_shard
 
 
 def synthetic_clips(num_clips: int, latent_shape=(5, 8, 8), vocab: int = 64000, seed: int = 0) -> np.ndarray:
@@ -41,7 +41,7 @@ def write_synthetic_shards(out_dir: str | Path, num_clips: int = 48, clips_per_s
             for i in range(start, min(start + clips_per_shard, num_clips))
         ]
         n = write_shard(out_dir / shard_name(s), samples)
-        shards.append({"name": shard_name(s), "num_samples": n})
+        shards.append(manifest_entry(out_dir / shard_name(s), n))
     write_manifest(out_dir, {
         "format": "megatron-nbp-tokens/1",
         "tokenizer": {"path": "synthetic", "sha256": "0" * 64, "levels": [8, 8, 8, 5, 5, 5],

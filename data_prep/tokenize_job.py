@@ -409,7 +409,7 @@ def build_manifest(
         side = shards.read_sidecar(path) if path.is_file() else None
         if side is None:
             raise RuntimeError(f"shard {path} is not finished; cannot write the manifest")
-        entries.append({"name": path.name, "num_samples": side["num_samples"]})
+        entries.append(shards.manifest_entry(path, side["num_samples"]))
         failures.extend(side["failures"])
         labels.update(side.get("labels", []))
     res = (cfg.resolution, cfg.resolution)

@@ -22,8 +22,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from megatron_nbp.data_path import parse_data_path
 from nbp_common.config import ConfigError, TypedConfig, cli_flags
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "TrainingConfig", "DeepSpeedConfig", "NBPConfig"]
@@ -417,6 +418,10 @@ class NBPConfig(TypedConfig):
     train: TrainingConfig = Field(default_factory=TrainingConfig, description="optimisation and bookkeeping")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="ZeRO settings")
     data: str | None = Field(None, description="directory of token shards with manifest.json")
+    # ---- weighted dataset blending (megatron_nbp/data_blend.py)
+    data_path: list[str] | None = Field(
+        None, description="token-shard folders to blend, Megatron-LM's form: DIR, or weight-folder pairs "
+                          "W1 DIR1 W2 DIR2 ... (weights normalised); instead of --data")
     save: str | None = Field(None, description="checkpoint directory to write")
     load: str | None = Field(None, description="checkpoint directory to resume from")
     tensorboard_dir: str | None = Field(None, description="write TensorBoard scalars here")
@@ -435,6 +440,31 @@ class NBPConfig(TypedConfig):
     wandb_save_dir: str | None = Field(None, description="directory of W&B's local files (with --wandb-project)")
     dry_run: bool = Field(False, description="validate the config, print it and the parameter count, and exit "
                                              "(no weights, no process group)")
+
+    @field_validator("data_path", mode="before")
+    @classmethod
+    def _data_path_as_text(cls, value: Any) -> Any:
+        """YAML weights are numbers: ``[0.7, /a, 0.3, /b]`` -> all text (parsed by :meth:`data_folders`)."""
+        if isinstance(value, (list, tuple)):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    def data_folders(self) -> list[tuple[float, str]]:
+        """The training data as ``[(normalised weight, folder)]``: ``--data DIR`` is ``[(1.0, DIR)]``, else
+        ``data_path`` parsed by :func:`megatron_nbp.data_path.parse_data_path`.
+
+        Raises:
+            ValueError: neither or both of ``data`` and ``data_path`` given, or a malformed ``data_path``.
+        """
+        if self.data is not None and self.data_path is not None:
+            raise ValueError(f"give the training data once: --data {self.data} or --data-path "
+                             f"{' '.join(self.data_path)}, not both")
+        if self.data_path is not None:
+            return parse_data_path(self.data_path)
+        if self.data is None:
+            raise ValueError("--data DIR or --data-path [W1] DIR1 [W2 DIR2 ...] (directories of token shards "
+                             "with manifest.json) is required")
+        return [(1.0, self.data)]
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int | None = None) -> None:
@@ -526,6 +556,11 @@ class NBPConfig(TypedConfig):
             errors.extend(self.deepspeed.problems(m, pp))
         errors.extend(self._performance_problems())
         errors.extend(self._validation_problems())
+        if self.data_path is not None:  # weighted dataset blending: data XOR data_path, well-formed pairs
+            try:
+                self.data_folders()
+            except ValueError as exc:
+                errors.append(str(exc))
         if errors:
             raise ConfigError.from_problems(errors)
 

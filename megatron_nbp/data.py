@@ -1,36 +1,42 @@
 """Training data: a deterministic, resumable stream of tokenised clips for one data-parallel rank.
 
 Reads the WebDataset token shards written by the offline tokenization job (format defined in
-:mod:`data_prep.shards`). Order of one epoch, identical on every rank:
+:mod:`data_prep.shards`). Each data-parallel rank reads only its share of the data:
 
-1. the manifest's shards, permuted with ``seed + epoch``;
-2. their samples streamed in order through a seeded shuffle buffer;
-3. position p of that global stream goes to data-parallel rank ``p % dp_size``; the epoch is cut to
-   a multiple of ``dp_size`` so every rank sees the same number of samples.
+1. epoch ``e``'s global order is the manifest's shards permuted with ``seed + e``, each shard's samples
+   in stored order: ``num_samples`` positions;
+2. rank ``r`` of ``D`` owns the positions ``[r * n, (r + 1) * n)`` of that order, ``n = num_samples // D``
+   (the same ``n`` on every rank whatever the shard sizes; the last ``num_samples % D < D`` positions of
+   the epoch are left out, different samples each epoch);
+3. its pieces (whole shards, and at most two partial ones at the ends of its range) are read in a
+   rank-and-epoch-seeded order, through a seeded shuffle buffer; a partial shard is read by seeking to
+   the sidecar's byte offset of its first sample (:func:`data_prep.shards.iter_shard_readable`), so a
+   rank reads about ``1 / D`` of the dataset's bytes per epoch (plus the sidecars of the shards it touches).
 
 Tensor- and pipeline-parallel partners share a data-parallel rank and so read identical samples
 (webdataset 1.0.2's ``split_by_node`` splits by *global* rank under torchrun, which would give TP / PP
-partners different samples). Every rank
-reads every shard: token shards are small next to the compute they feed, and it keeps the split exact.
-Resuming skips the samples already consumed (stored in the checkpoint), so a resumed run sees exactly
-the samples an uninterrupted run would have.
+partners different samples). The ranks of an epoch are disjoint and together cover it. Resuming skips
+the samples already consumed (stored in the checkpoint), so a resumed run sees exactly the samples an
+uninterrupted run would have.
 
-Damaged shards never stop a run and never cost good data. When the stream is built, every shard the
-manifest lists is read once (:func:`data_prep.shards.iter_shard_readable`; token shards are small):
+Start-up reads the manifest and, for each listed shard, only its size (``stat``); no shard's bytes.
 
-* a missing shard, a truncated one (its complete samples before the cut are kept), a corrupt one
-  (undecodable samples are skipped, the others kept; a corrupt tar header ends the readable part),
-  and samples with the wrong latent shape or ids outside the codebook are REPORTED: one ``logging``
-  warning per shard, the same text on every rank, naming the shard, its readable vs listed sample
-  count and the first error; the records are in ``TokenClipStream.damaged_shards``;
-* the epoch length is the READABLE total (not the manifest's ``num_samples``), so each readable sample
-  is used exactly once per epoch and the rank split and the resume arithmetic above stay exact. Every
-  rank reads the same bytes and so counts the same total.
-* if a shard is damaged after the stream was built (an epoch comes out shorter than counted), it is
-  reported when met and the epoch is filled to its counted length by repeating that epoch's stream
-  from its start, identically on every rank, so the per-rank sample counts and resume stay exact.
+Damaged shards never stop a run, never cost good data, and never change the per-rank sample count:
 
-No readable sample at all is a DataError.
+* at start-up, a missing shard, and a truncated one (smaller than the manifest's ``bytes``; its
+  complete leading samples, known from the sidecar's offsets, are kept) are REPORTED: one ``logging``
+  warning per shard, the same text on every rank, naming the shard, its usable vs listed sample count
+  and the problem; the epoch length counts only their usable samples, so nothing is repeated for them;
+* damage only reading shows (a corrupt sample or tar header, samples with the wrong latent shape or
+  ids outside the codebook, a shard damaged after start-up) is REPORTED by the rank that meets it, in
+  the epoch it meets it (once per shard); the readable samples are used, the lost ones are replaced by
+  repeating that rank's readable samples of the epoch from its start, so every rank still yields
+  exactly ``samples_per_rank`` per epoch and resume stays exact. The records are in
+  ``TokenClipStream.damaged_shards``.
+* a rank whose whole share of an epoch is unreadable fills it from the whole epoch's order (the same
+  on every rank); no readable sample in the whole epoch is a DataError.
+
+No usable sample at all at start-up is a DataError.
 """
 
 from __future__ import annotations
@@ -38,12 +44,13 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
-from data_prep.shards import iter_shard_readable, read_manifest
+from data_prep.shards import (Opener, ShardFormatError, complete_samples, iter_shard_readable,
+                              read_manifest, read_sidecar)
 from megatron_nbp.config import ModelConfig
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.layouts.hybrid import pad_text_ids as _pad_text_ids
@@ -113,12 +120,13 @@ class TokenClipStream:
     the condition is the clip metadata's ``condition_key`` entry (the class label string, or a list of
     text ids written by the user's text tokenizer) or None.
 
-    Damaged data (module docstring, "Damaged shards"): at construction every listed shard is read once
-    with :func:`data_prep.shards.iter_shard_readable`; a missing, truncated or corrupt shard is reported
-    (a ``logging`` warning, once per shard, naming the shard, its readable vs listed sample count and
-    the first error) and recorded in :attr:`damaged_shards`; its readable samples are still used and
-    the epoch length is set from the readable total, so every readable sample is seen exactly once per
-    epoch and the rank split and resume arithmetic stay exact.
+    Reads only this rank's share of each epoch (module docstring); start-up reads the manifest and the
+    shards' sizes, not their bytes. Damaged data (module docstring, "Damaged shards"): a missing or
+    truncated shard is reported at start-up and only its usable samples are counted; damage met while
+    reading is reported then (a ``logging`` warning, once per shard, naming the shard, its readable vs
+    listed sample count and the first error) and recorded in :attr:`damaged_shards`; the lost samples'
+    places are filled by repeating this rank's readable samples of the epoch, so every rank yields the
+    same count per epoch and resume stays exact.
 
     Args:
         data_dir: directory with ``manifest.json`` and the shards.
@@ -131,28 +139,31 @@ class TokenClipStream:
         shuffle_buffer: samples held by the shuffle buffer (1 = no shuffling within shards).
         consumed: samples this rank has already consumed (resume position).
         condition_key: metadata key read as the condition ("label" or "text_ids").
+        opener: ``open``-like callable every shard and sidecar is read through (``bench/data_stream.py``
+            counts bytes with it).
 
     Attributes:
-        shards: the shards with readable samples (paths, manifest order).
-        shard_samples: readable samples per shard (path -> int), counted at construction.
-        num_samples: readable samples in all (one epoch of the global stream is cut to a multiple of
-            ``dp_size`` of it).
+        shards: the shards with usable samples (paths, manifest order).
+        shard_samples: usable samples per shard (path -> int): the manifest's count, or for a shard
+            found truncated at start-up its complete leading samples.
+        num_samples: usable samples in all (one epoch of the global order).
         samples_per_rank: samples each rank gets per epoch (``num_samples // dp_size``).
         damaged_shards: one dict per damaged shard: ``{"shard": file name, "path": str, "readable": int,
-            "expected": int (the manifest's count), "skipped": int, "error": str (the first problem),
-            "errors": [str], "found": "at startup" | "in epoch E"}``.
+            "expected": int (the samples of the shard, or of the part of it this rank read), "skipped": int,
+            "error": str (the first problem), "errors": [str], "found": "at startup" | "in epoch E"}``.
 
     Raises:
-        DataError: manifest latent shape or codebook not compatible with the model, no readable sample
-            in any shard, or fewer readable samples than ``dp_size``.
+        DataError: manifest latent shape or codebook not compatible with the model, no usable sample
+            in any shard, or fewer usable samples than ``dp_size``.
         FileNotFoundError: no manifest. data_prep.shards.ShardFormatError: an invalid manifest.
     """
 
     def __init__(self, data_dir: str | Path, dp_rank: int, dp_size: int, seed: int,
                  latent_shape: tuple[int, int, int], vocab_size: int, shuffle_buffer: int = 256,
-                 consumed: int = 0, condition_key: str = "label") -> None:
+                 consumed: int = 0, condition_key: str = "label", opener: Opener = open) -> None:
         self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir, require_shards=False)  # missing shards: reported below
+        self.opener = opener
+        self.manifest = read_manifest(self.data_dir, require_shards=False, opener=opener)  # missing: reported below
         tok = self.manifest["tokenizer"]
         if tuple(tok["latent_shape"]) != tuple(latent_shape):
             raise DataError(
@@ -177,12 +188,9 @@ class TokenClipStream:
                 continue
             path = self.data_dir / entry["name"]
             self._listed[path] = int(entry["num_samples"])
-            problems: list[str] = []
-            count = sum(1 for _ in self._readable(path, problems))
-            if problems or count != self._listed[path]:
-                self._report(path, count, problems, "at startup")
-            if count:
-                self.shard_samples[path] = count
+            usable = self._startup_check(path, entry)
+            if usable:
+                self.shard_samples[path] = usable
         self.shards = list(self.shard_samples)
         self.num_samples = sum(self.shard_samples.values())
         if self.num_samples == 0:
@@ -198,22 +206,52 @@ class TokenClipStream:
                 f"{self.num_samples} readable samples in {self.data_dir} cannot feed {dp_size} data-parallel ranks"
             )
 
-    def _report(self, path: Path, readable: int, problems: list[str], found: str) -> None:
+    def _startup_check(self, path: Path, entry: dict) -> int:
+        """Usable samples of a listed shard from its size alone (the sidecar only if it is truncated):
+        0 if missing, the complete leading samples if smaller than the manifest's ``bytes``, else the
+        manifest's count. Missing and truncated shards are reported."""
+        listed = self._listed[path]
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            self._report(path, 0, [f"{path}: shard cannot be opened: {exc}"], "at startup", listed)
+            return 0
+        expected_size = entry.get("bytes")
+        if expected_size is None or size >= expected_size:
+            return listed  # damage that leaves the size alone is found when read
+        problems: list[str] = []
+        usable = 0
+        try:
+            side = read_sidecar(path, self.opener)
+            offsets = side.get("offsets") if side else None
+            usable = complete_samples(offsets, size) if offsets else listed
+            if not offsets:
+                problems.append(f"{path}: its sidecar has no sample offsets; the readable samples are found when read")
+        except (ShardFormatError, OSError) as exc:
+            problems.append(f"{path}: sidecar unreadable: {exc}")
+        problems.insert(0, f"{path}: truncated or corrupt tar: {size} of the manifest's {expected_size} bytes, "
+                           f"{usable} whole samples")
+        self._report(path, usable, problems, "at startup", listed)
+        return usable
+
+    def _report(self, path: Path, readable: int, problems: list[str], found: str, expected: int) -> None:
         """Record a damaged shard in :attr:`damaged_shards` and log one warning for it."""
-        expected = self._listed[path]
-        error = problems[0] if problems else f"{readable} readable samples, the manifest lists {expected}"
+        error = problems[0] if problems else f"{readable} readable samples, {expected} expected"
         self.damaged_shards.append({
             "shard": path.name, "path": str(path), "readable": readable, "expected": expected,
             "skipped": max(expected - readable, 0), "error": error, "errors": list(problems), "found": found,
         })
         self._reported.add(path.name)
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        log.warning("damaged token shard %s (found %s): %d of the %d samples the manifest lists are readable "
-                    "and used, the rest is skipped; %s%s", path, found, readable, expected, error, more)
+        part = "" if expected == self._listed[path] else f" (its part read by data-parallel rank {self.dp_rank})"
+        log.warning("damaged token shard %s (found %s): %d of the %d samples the manifest lists%s are readable "
+                    "and used, the rest is skipped; %s%s", path, found, readable, expected, part, error, more)
 
-    def _readable(self, path: Path, problems: list[str]) -> Iterator[tuple[str, np.ndarray, dict]]:
-        """The shard's usable samples ``(key, uint16 [T', H', W'], meta)``; damage goes to ``problems``."""
-        for key, tokens, meta in iter_shard_readable(path, problems):
+    def _readable(self, path: Path, problems: list[str], start: int = 0,
+                  stop: int | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """The usable samples at positions ``[start, stop)`` of a shard: ``(key, uint16 [T', H', W'],
+        meta)``; damage goes to ``problems``."""
+        for key, tokens, meta in iter_shard_readable(path, problems, start=start, stop=stop, opener=self.opener):
             if tokens.shape != self.latent_shape:
                 problems.append(f"{path}: sample {key!r} has latent shape {tokens.shape}, expected "
                                 f"{self.latent_shape}; skipped")
@@ -223,60 +261,81 @@ class TokenClipStream:
             else:
                 yield key, tokens, meta
 
-    def _epoch_stream(self, epoch: int) -> Iterator[tuple[np.ndarray, str | None]]:
-        """The global stream of one epoch: (uint16 [T', H', W'], condition), every readable sample once."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+    def epoch_pieces(self, epoch: int, lo: int, hi: int) -> list[tuple[Path, int, int]]:
+        """The shard pieces ``(shard, start, stop)`` holding positions ``[lo, hi)`` of epoch ``epoch``'s
+        global order (the shards permuted with ``seed`` and ``epoch``, each in stored order)."""
         shards = list(self.shards)
-        rng.shuffle(shards)
-        buffer: list[np.ndarray] = []
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
+        pieces, position = [], 0
         for shard in shards:
+            n = self.shard_samples[shard]
+            start, stop = max(lo, position), min(hi, position + n)
+            if start < stop:
+                pieces.append((shard, start - position, stop - position))
+            position += n
+            if position >= hi:
+                break
+        return pieces
+
+    def _epoch_stream(self, epoch: int, whole: bool = False) -> Iterator[tuple[np.ndarray, str | None]]:
+        """This rank's share of one epoch (``whole``: the whole epoch, in the same order on every rank):
+        (uint16 [T', H', W'], condition), each readable sample of it once."""
+        rank = -1 if whole else self.dp_rank
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 65_537 + rank)
+        n = self.samples_per_rank
+        pieces = self.epoch_pieces(epoch, 0, n * self.dp_size) if whole else \
+            self.epoch_pieces(epoch, self.dp_rank * n, (self.dp_rank + 1) * n)
+        rng.shuffle(pieces)
+        buffer: list[tuple[np.ndarray, str | None]] = []
+        for shard, start, stop in pieces:
             problems: list[str] = []
             count = 0
-            for _key, tokens, meta in self._readable(shard, problems):
+            for _key, tokens, meta in self._readable(shard, problems, start, stop):
                 count += 1
                 buffer.append((tokens, meta.get(self.condition_key)))
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
-            if (problems or count != self.shard_samples[shard]) and shard.name not in self._reported:
-                self._report(shard, count, problems, f"in epoch {epoch}")  # damaged after construction
+            if (problems or count != stop - start) and shard.name not in self._reported:
+                self._report(shard, count, problems, f"in epoch {epoch}", stop - start)
         rng.shuffle(buffer)
         yield from buffer
 
     def _filled_epoch(self, epoch: int, limit: int) -> Iterator[tuple[np.ndarray, str | None]]:
-        """Exactly ``limit`` positions of epoch ``epoch``: its stream, repeated from its start if a shard
-        got damaged after construction and the stream came out short (the same on every rank).
+        """Exactly ``limit`` samples of this rank's share of epoch ``epoch``: its stream, repeated from its
+        start where damage met while reading made it short; a share with no readable sample is filled
+        from the whole epoch's stream instead.
 
         Raises:
-            DataError: the epoch's stream has no readable sample at all.
+            DataError: the whole epoch has no readable sample.
         """
-        produced = 0
+        produced, whole = 0, False
         while produced < limit:
             length = 0
-            for item in self._epoch_stream(epoch):
+            for item in self._epoch_stream(epoch, whole):
                 if produced >= limit:
                     return
                 yield item
                 produced += 1
                 length += 1
             if length == 0:
-                raise DataError(f"no readable token samples left in {self.data_dir} in epoch {epoch} "
-                                f"(damaged since the stream was built: {self.damaged_shards[-1:]})")
-            if produced < limit and not self._refill_reported:
+                if whole:
+                    raise DataError(f"no readable token samples left in {self.data_dir} in epoch {epoch} "
+                                    f"(damaged since the stream was built: {self.damaged_shards[-1:]})")
+                whole = True
+                log.warning("token data in %s: data-parallel rank %d has no readable sample in its share of "
+                            "epoch %d; it is filled from the whole epoch's samples", self.data_dir,
+                            self.dp_rank, epoch)
+            elif produced < limit and not self._refill_reported:
                 self._refill_reported = True
-                log.warning("token data in %s: epoch %d has %d readable samples, fewer than the %d counted at "
-                            "startup; the epoch is filled by repeating its stream from the start", self.data_dir,
-                            epoch, length, limit)
+                log.warning("token data in %s: data-parallel rank %d has %d readable samples in its share of "
+                            "epoch %d, fewer than the %d counted at startup; the share is filled by repeating "
+                            "its stream from the start", self.data_dir, self.dp_rank, length, epoch, limit)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, str | None]]:
         while True:
             epoch, offset = divmod(self.consumed, self.samples_per_rank)
-            limit = self.samples_per_rank * self.dp_size
-            mine = 0
-            for position, (tokens, label) in enumerate(self._filled_epoch(epoch, limit)):
-                if position % self.dp_size != self.dp_rank:
-                    continue
-                mine += 1
-                if mine <= offset:
+            for position, (tokens, label) in enumerate(self._filled_epoch(epoch, self.samples_per_rank)):
+                if position < offset:
                     continue
                 self.consumed += 1
                 yield tokens.reshape(-1).astype(np.int64), label
@@ -318,7 +377,16 @@ def drop_conditions(ids: torch.Tensor, padding: torch.Tensor, drop: torch.Tensor
     return ids, padding
 
 
-def micro_batches(stream: TokenClipStream, micro_batch_size: int, model: ModelConfig,
+class ClipStream(Protocol):
+    """What :func:`micro_batches` reads: yields ``(int64 [N] tokens, condition)`` and counts ``consumed``
+    samples (:class:`TokenClipStream`, :class:`megatron_nbp.data_blend.BlendedStream`)."""
+
+    consumed: int
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, object]]: ...
+
+
+def micro_batches(stream: ClipStream, micro_batch_size: int, model: ModelConfig,
                   p_drop_cond: float = 0.0, seed: int = 0) -> Iterator[LayoutBatch]:
     """Group the stream into micro-batches in the model's layout (LayoutBatch, tensors [mbs, S]).
 

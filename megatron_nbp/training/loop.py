@@ -15,7 +15,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_nbp.config import ConfigError, NBPConfig
-from megatron_nbp.data import TokenClipStream, check_manifest, condition_key, micro_batches
+from megatron_nbp.data import check_manifest, condition_key, micro_batches
+from megatron_nbp.data_blend import build_token_stream
 from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.params import count_parameters, format_count
@@ -63,13 +64,12 @@ def start_job(cfg: NBPConfig) -> tuple[DevicePlan, int, int]:
         (device plan, data-parallel size, micro-batches per iteration).
 
     Raises:
-        ConfigError, DataError, ValueError: a bad config, mismatched data, or no ``--data``.
+        ConfigError, DataError, ValueError: a bad config, mismatched data, or no ``--data`` / ``--data-path``.
     """
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     check_device_support(cfg, device_plan())
-    if cfg.data is None:
-        raise ValueError("--data (directory of token shards with manifest.json) is required")
-    check_manifest(cfg.data, cfg.model, cfg.train.tokenizer_sha256)  # before any model is built
+    for _weight, folder in cfg.data_folders():  # --data or --data-path; each folder before any model is built
+        check_manifest(folder, cfg.model, cfg.train.tokenizer_sha256)
     if cfg.valid_data:
         check_manifest(cfg.valid_data, cfg.model, cfg.train.tokenizer_sha256)
     t = cfg.train
@@ -111,8 +111,8 @@ def build_data_iterator(cfg: NBPConfig, consumed: int) -> Iterator[LayoutBatch]:
     The batches stay on the host; the forward step moves them
     (:func:`megatron_nbp.training.step.make_forward_step`). parallel_state must be initialised."""
     dp_size = parallel_state.get_data_parallel_world_size()
-    stream = TokenClipStream(
-        cfg.data, parallel_state.get_data_parallel_rank(), dp_size, cfg.train.seed, cfg.model.latent_shape,
+    stream = build_token_stream(
+        cfg.data_folders(), parallel_state.get_data_parallel_rank(), dp_size, cfg.train.seed, cfg.model.latent_shape,
         cfg.model.vocab_size, cfg.train.shuffle_buffer, consumed=consumed // dp_size,
         condition_key=condition_key(cfg.model),
     )

@@ -2,6 +2,7 @@
 partners (same DP rank), resumable at any sample, and refusing shards that do not fit the model."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,3 +75,72 @@ def test_mismatched_shards_are_refused(shards):
         TokenClipStream(data, 0, 1, seed=0, latent_shape=LATENT, vocab_size=1000)
     with pytest.raises(DataError, match="cannot feed"):
         TokenClipStream(data, 0, 64, seed=0, latent_shape=LATENT, vocab_size=2048)
+
+
+class CountingOpener:
+    """``open`` that counts the bytes read through it, per file suffix (``.tar`` shards, ``.json`` sidecars
+    and manifest)."""
+
+    def __init__(self):
+        self.read = {".tar": 0, ".json": 0}
+
+    def __call__(self, path, mode="rb"):
+        f = open(path, mode)
+        counter, suffix, inner_read = self, Path(path).suffix, f.read
+
+        def read(size=-1):
+            data = inner_read(size)
+            counter.read[suffix] += len(data)
+            return data
+
+        f.read = read
+        return f
+
+
+def test_each_rank_reads_only_its_share_and_startup_reads_no_shard(shards):
+    from data_prep.shards import read_sidecar
+
+    data, clips = shards
+    offsets = [read_sidecar(p)["offsets"] for p in data.glob("shard-*.tar")]
+    total = sum(o[-1] - o[0] for o in offsets)  # the samples' bytes (the tars' end padding is never read)
+    for size in (2, 4):  # 30 = 4 x 7 + 2: 2 samples left out per epoch, 7 per rank
+        per_rank = 30 // size
+        openers = [CountingOpener() for _ in range(size)]
+        streams = [TokenClipStream(data, r, size, seed=5, latent_shape=LATENT, vocab_size=2048, shuffle_buffer=4,
+                                   opener=o) for r, o in enumerate(openers)]
+        assert all(o.read[".tar"] == 0 for o in openers)  # start-up: the manifest only
+        epochs = [take(s, 2 * per_rank) for s in streams]
+        for e in (0, 1):
+            parts = [got[e * per_rank:(e + 1) * per_rank] for got in epochs]
+            flat = [x for p in parts for x in p]
+            assert len(set(flat)) == len(flat) == size * per_rank  # disjoint, the same count on every rank
+            assert set(flat) <= {c.astype(np.int64).reshape(-1).tobytes() for c in clips}
+        # two epochs read each sample at most twice, and each rank within 10% of its share (data / DP)
+        assert sum(o.read[".tar"] for o in openers) <= 2 * total
+        assert max(o.read[".tar"] for o in openers) <= 2 * total / size * 1.1
+
+
+def test_uneven_shards_give_every_rank_the_same_count_and_resume_exactly(tmp_path):
+    from data_prep.shards import manifest_entry, shard_name, write_manifest, write_shard
+    from data_prep.synthetic import synthetic_clips
+
+    sizes = [1, 9, 3, 12, 2, 5, 7]  # 39 samples; 4 ranks: 9 each, 3 left out per epoch
+    clips = synthetic_clips(sum(sizes), LATENT, vocab=2048, seed=3)
+    entries, start = [], 0
+    for k, n in enumerate(sizes):
+        meta = {"source": "s", "clip_start": 0, "num_frames": 17, "frame_stride": 1, "fps": 8.0, "label": None,
+                "latent_shape": list(LATENT)}
+        write_shard(tmp_path / shard_name(k), [(f"c{i}", clips[i], meta) for i in range(start, start + n)])
+        entries.append(manifest_entry(tmp_path / shard_name(k), n))
+        start += n
+    write_manifest(tmp_path, {"format": "megatron-nbp-tokens/1", "shards": entries, "num_samples": 39, "failures": [],
+                              "tokenizer": {"path": "t", "sha256": "0" * 64, "levels": [8], "codebook_size": 2048,
+                                            "latent_shape": list(LATENT)},
+                              "clip": {"num_frames": 17, "frame_stride": 1, "resolution": [64, 64]}})
+    got = [take(stream(tmp_path, r, 4), 27) for r in range(4)]  # three epochs
+    everything = {c.astype(np.int64).reshape(-1).tobytes() for c in clips}
+    for e in range(3):
+        flat = [x for g in got for x in g[9 * e:9 * (e + 1)]]
+        assert len(set(flat)) == len(flat) == 36 and set(flat) <= everything
+    for consumed in (4, 9, 20):
+        assert take(stream(tmp_path, 2, 4, consumed), 27 - consumed) == got[2][consumed:]

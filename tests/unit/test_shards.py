@@ -198,3 +198,34 @@ def test_failures_file_round_trip(tmp_path):
     assert read_failures(tmp_path) == [] and (tmp_path / FAILURES_NAME).read_bytes() == b""
     with pytest.raises(ShardFormatError):
         write_failures(tmp_path, [{"path": "x"}])
+
+
+def test_a_sample_range_is_read_by_seeking_with_or_without_sidecar_offsets(tmp_path):
+    from data_prep.shards import complete_samples, iter_shard, iter_shard_readable, read_sidecar
+    from data_prep.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path, num_clips=9, clips_per_shard=9, latent_shape=(5, 4, 4), vocab=2048)
+    path = tmp_path / shard_name(0)
+    full = [(k, t.tobytes()) for k, t, _ in iter_shard(path)]
+    side = read_sidecar(path)
+    assert len(side["offsets"]) == 10 and side["offsets"][-1] <= path.stat().st_size
+    assert complete_samples(side["offsets"], side["offsets"][4] + 10) == 4
+    read = []
+
+    def opener(p, mode="rb"):
+        f = open(p, mode)
+        inner = f.read
+        f.read = lambda size=-1: read.append(len(data := inner(size))) or data
+        return f
+
+    problems = []
+    part = [(k, t.tobytes()) for k, t, _ in iter_shard_readable(path, problems, start=3, stop=7, opener=opener,
+                                                               sidecar=side)]
+    assert part == full[3:7] and problems == []
+    assert sum(read) == side["offsets"][7] - side["offsets"][3]  # exactly the range's bytes
+    json_path = shards.sidecar_path(path)  # a sidecar of before the offsets: same samples, read from the start
+    old = json.loads(json_path.read_text())
+    del old["offsets"]
+    json_path.write_text(json.dumps(old))
+    assert [(k, t.tobytes()) for k, t, _ in iter_shard_readable(path, problems, start=3, stop=7)] == full[3:7]
+    assert problems == []
