@@ -229,7 +229,7 @@ class TrainingConfig(TypedConfig):
                            "--save) and exits with status 0 (e.g. #SBATCH --signal=USR1@180 before a time limit)")
     exit_duration_in_mins: float | None = Field(
         None, description="save (with --save) and exit once the job has run this many minutes (checked after "
-                          "every iteration; the slowest rank's clock decides)")
+                          "every iteration; all ranks stop once the first rank's clock passes it)")
     max_skipped_iterations: int = Field(
         10, description="consecutive non-finite iterations tolerated before aborting")
     shuffle_buffer: int = Field(256, description="samples in the shuffle buffer of the token-shard stream")
