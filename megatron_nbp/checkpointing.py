@@ -13,8 +13,10 @@ next save.
 
 Contents: model and optimizer (sharded tensors), the LR scheduler, iteration and consumed samples
 (common state, rank 0), per-rank RNG states (python, numpy, torch, megatron's model-parallel tracker)
-as a ShardedObject indexed by (PP, TP, DP) rank, the model config (checked on load) and the run's
-training precision and optimizer kind (:class:`RunInfo`).
+as a ShardedObject indexed by (PP, TP, DP) rank, the model config (checked on load), the run's
+training precision and optimizer kind (:class:`RunInfo`) and the run record (the whole resolved config
+and the software versions, megatron_nbp.run_record: in the common state as ``run_record`` and as
+``config.yaml`` / ``versions.json`` in the directory, written before it is published).
 
 Precision. Weights are saved in the training precision (bf16 / fp16 weights, and under megatron's
 mixed-precision optimizer their fp32 main copies as ``optimizer.state.fp32_param.*``). A checkpoint
@@ -41,6 +43,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_nbp.run_record import write_run_record
 from megatron_nbp.safe_loading import UnsafeCheckpointError, read_megatron_metadata, verify_megatron_checkpoint
 from nbp_common.files import publish_directory, remove_leftovers, staging_path
 
@@ -146,7 +149,8 @@ def _sharded_state(model, optimizer, is_loading: bool, run: RunInfo) -> dict[str
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, scheduler,
-                    consumed_samples: int, model_config: dict[str, Any], run: RunInfo | None = None) -> Path:
+                    consumed_samples: int, model_config: dict[str, Any], run: RunInfo | None = None,
+                    record: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Writes and publishes ``iter_XXXXXXX`` (see module doc).
 
     Args:
@@ -155,6 +159,8 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
         consumed_samples: global training samples consumed so far (data position).
         model_config: ModelConfig as a dict, stored to check compatibility on load.
         run: precision and optimizer kind of the run (default: fp32, plain optimizer).
+        record: the run record (megatron_nbp.run_record.run_record), stored in the common state and as
+            ``config.yaml`` / ``versions.json`` in the directory; None: no record.
 
     Returns:
         The published iteration directory.
@@ -176,7 +182,11 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, sche
     state["consumed_samples"] = consumed_samples
     state["model_config"] = model_config
     state["run"] = asdict(run)
+    if record is not None:
+        state["run_record"] = record
     dist_checkpointing.save(state, str(tmp))
+    if rank == 0 and record is not None:
+        write_run_record(tmp, record)  # staged with the checkpoint: published together or not at all
     dist.barrier()
     if rank == 0:
         publish_directory(tmp, final, save_dir / LATEST_FILE, str(iteration))

@@ -250,6 +250,13 @@ class TrainingConfig(TypedConfig):
     log_interval: int = Field(10, description="log every N iterations")
     save_interval: int | None = Field(None, description="save a checkpoint every N iterations (with --save)")
     exit_interval: int | None = Field(None, description="save (if --save) and exit after this iteration")
+    # --- leaving early: signals and time limits (Megatron-LM's names; megatron_nbp.training.exit_control) --
+    exit_signal_handler: bool = Field(
+        False, description="on SIGTERM or SIGUSR1 (to any rank) every rank finishes its iteration, saves (with "
+                           "--save) and exits with status 0 (e.g. #SBATCH --signal=USR1@180 before a time limit)")
+    exit_duration_in_mins: float | None = Field(
+        None, description="save (with --save) and exit once the job has run this many minutes (checked after "
+                          "every iteration; all ranks stop once the first rank's clock passes it)")
     max_skipped_iterations: int = Field(
         10, description="consecutive non-finite iterations tolerated before aborting")
     shuffle_buffer: int = Field(256, description="samples in the shuffle buffer of the token-shard stream")
@@ -338,7 +345,8 @@ class DeepSpeedConfig(TypedConfig):
     config_file: str | None = Field(
         None, description="DeepSpeed JSON (configs/deepspeed/*.json) whose zero_optimization entries (bucket sizes, "
                           "overlap_comm, ...) are merged into the engine config; batch sizes, gradient clipping, "
-                          "precision and the optimizer always come from this NBP config",
+                          "precision and the optimizer always come from this NBP config (other keys are refused, "
+                          "logging-only ones warned about, by name: megatron_nbp.deepspeed_json)",
         json_schema_extra=cli_flags(flag="--deepspeed-config"))
 
     def file_zero_optimization(self) -> dict[str, Any]:
@@ -359,6 +367,13 @@ class DeepSpeedConfig(TypedConfig):
             raise ConfigError(f"{self.config_file}: zero_optimization must be a JSON object")
         return section
 
+    def file_warnings(self) -> list[str]:
+        """One line per key of ``config_file`` that is ignored with a warning (logging-only keys such as
+        ``wandb``; megatron_nbp.deepspeed_json); [] without a file."""
+        from megatron_nbp.deepspeed_json import check_deepspeed_json
+
+        return check_deepspeed_json(self.config_file)[1] if self.config_file else []
+
     @property
     def stage(self) -> int:
         """The resolved ZeRO stage (see ``zero_stage``)."""
@@ -378,7 +393,9 @@ class DeepSpeedConfig(TypedConfig):
             stage, offload = self.stage, self.offload
         except (ConfigError, TypeError, ValueError) as exc:
             return [f"deepspeed settings unreadable ({self.config_file}): {exc}"]
-        errors = []
+        from megatron_nbp.deepspeed_json import check_deepspeed_json
+
+        errors = check_deepspeed_json(self.config_file)[0] if self.config_file else []
         if stage not in (1, 2, 3):
             errors.append(f"deepspeed.zero_stage={stage} not in (1, 2, 3)")
         if "stage" in section and section["stage"] != stage:
@@ -552,6 +569,8 @@ class NBPConfig(TypedConfig):
         for name in ("save_interval", "exit_interval"):
             if getattr(t, name) is not None and getattr(t, name) < 1:
                 errors.append(f"{name}={getattr(t, name)} must be >= 1")
+        if t.exit_duration_in_mins is not None and not t.exit_duration_in_mins > 0:
+            errors.append(f"train.exit_duration_in_mins={t.exit_duration_in_mins} must be > 0")
         if t.backend == "deepspeed":
             errors.extend(self.deepspeed.problems(m, pp))
         errors.extend(self._performance_problems())

@@ -6,7 +6,9 @@
                                         zero_pp_rank_D_mp_rank_XX_model_states.pt (ZeRO-3), and
                                         zero_pp_rank_D_mp_rank_XX_optim_states.pt (fp32 master partitions)
         rng_state_RRRRR.pt           <- every global rank's RNG states
-        nbp_checkpoint.json          <- iteration, consumed samples, layout (ZeRO stage, TP, DP), model config
+        nbp_checkpoint.json          <- iteration, consumed samples, layout (ZeRO stage, TP, DP), model config,
+                                        run record (resolved config + versions, megatron_nbp.run_record)
+        config.yaml, versions.json   <- the run record as files (nbp-pretrain --config config.yaml reruns it)
 
 DeepSpeed writes into ``global_stepN.tmp`` (``save_latest=False``); after every rank has finished, rank
 0 publishes it with :func:`nbp_common.files.publish_directory` (files fsync-ed, the directory renamed,
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_nbp.checkpointing import LATEST_FILE, CheckpointError, check_model_config, rng_state, set_rng_state
+from megatron_nbp.run_record import write_run_record
 from megatron_nbp.safe_loading import UnsafeCheckpointError, safe_torch_load, use_weights_only_loading
 from nbp_common.files import atomic_write_bytes, publish_directory, remove_leftovers, staging_path
 
@@ -79,13 +82,16 @@ def _rng_file(ckpt: Path, rank: int) -> Path:
 
 
 def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, scheduler, consumed_samples: int,
-                              model_config: dict[str, Any], zero_stage: int) -> Path:
+                              model_config: dict[str, Any], zero_stage: int,
+                              record: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Writes and publishes ``global_stepN`` (see module doc).
 
     Args:
         engine: the DeepSpeedEngine; scheduler: OptimizerParamScheduler.
         consumed_samples: global training samples consumed so far (data position).
         model_config: ModelConfig as a dict (checked on load, read by the converter).
+        record: the run record (megatron_nbp.run_record.run_record), stored in ``nbp_checkpoint.json`` and
+            as ``config.yaml`` / ``versions.json``; None: no record.
 
     Returns:
         The published checkpoint directory.
@@ -109,6 +115,9 @@ def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, sche
                 "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
                 "data_parallel_size": parallel_state.get_data_parallel_world_size(),
                 "world_size": dist.get_world_size(), "model_config": model_config}
+        if record is not None:
+            meta["run_record"] = record
+            write_run_record(save_dir / tmp_tag, record)  # staged: published with the checkpoint or not at all
         atomic_write_bytes(save_dir / tmp_tag / META_FILE, json.dumps(meta, indent=1).encode())
     dist.barrier()
     if rank == 0:

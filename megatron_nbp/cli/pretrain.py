@@ -82,6 +82,8 @@ def dry_run(cfg) -> None:
           f"({'tied to the word embedding' if m.share_embeddings_and_output_weights else 'untied'}) | "
           f"total {format_count(c.total)} ({c.total:,})")
     if cfg.train.backend == "deepspeed":
+        for line in cfg.deepspeed.file_warnings():
+            print(f"> warning: {line}")
         world = int(os.environ.get("WORLD_SIZE", p.tensor_model_parallel_size))
         dp = world // p.tensor_model_parallel_size
         print(f"> backend: DeepSpeed ZeRO-{cfg.deepspeed.stage} (optimizer offload: {cfg.deepspeed.offload}) | "

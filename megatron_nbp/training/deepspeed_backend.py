@@ -36,6 +36,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_nbp.config import NBPConfig, TrainingConfig
 from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
+from megatron_nbp.run_record import run_record
 from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.builder import build_gpt_model
@@ -340,7 +341,8 @@ class DeepSpeedBackend(TrainingBackend):
     def save(self, iteration: int, consumed: int) -> Path:
         """:func:`megatron_nbp.deepspeed_checkpointing.save_deepspeed_checkpoint` under ``cfg.save``."""
         return save_deepspeed_checkpoint(self.cfg.save, iteration, self.state.engine, self.state.scheduler, consumed,
-                                         self.cfg.to_dict()["model"], self.cfg.deepspeed.stage)
+                                         self.cfg.to_dict()["model"], self.cfg.deepspeed.stage,
+                                         record=run_record(self.cfg))
 
     def evaluate(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> tuple[float, float]:
         """:func:`deepspeed_evaluate` on :attr:`state`."""

@@ -23,6 +23,7 @@ from megatron_nbp.model.params import count_parameters, format_count
 from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_rank_0
 from megatron_nbp.training.backend import TrainingBackend
 from megatron_nbp.training.deepspeed_backend import DeepSpeedBackend
+from megatron_nbp.training.exit_control import ExitControl
 from megatron_nbp.training.megatron_backend import MegatronBackend
 from megatron_nbp.training.samples import TrainingSamples
 from megatron_nbp.training.validation import Validation
@@ -42,6 +43,7 @@ def pretrain(cfg: NBPConfig) -> list[float]:
         CheckpointError: a ``cfg.load`` checkpoint that is damaged or does not fit the run.
         FloatingPointError: see :func:`training_loop`.
     """
+    exit_control = ExitControl.for_run(cfg)  # signals caught and the clock running from here, as in Megatron-LM
     plan, dp_size, num_microbatches = start_job(cfg)  # validates cfg, train.backend included
     backend = BACKENDS[cfg.train.backend](cfg)
     backend.build(plan)
@@ -51,7 +53,7 @@ def pretrain(cfg: NBPConfig) -> list[float]:
         iteration, consumed = backend.load() or (0, 0)
         report_resume(cfg, iteration)
     data_iterator = build_data_iterator(cfg, consumed)
-    return training_loop(cfg, backend, data_iterator, num_microbatches, iteration, consumed)
+    return training_loop(cfg, backend, data_iterator, num_microbatches, iteration, consumed, exit_control)
 
 
 def start_job(cfg: NBPConfig) -> tuple[DevicePlan, int, int]:
@@ -80,6 +82,8 @@ def start_job(cfg: NBPConfig) -> tuple[DevicePlan, int, int]:
     print_rank_0(f"> parameters: transformer {format_count(count.transformer)}, total {format_count(count.total)}")
     print_rank_0(f"> device: {plan.device} ({plan.distributed_backend}) | precision "
                  f"{plan.resolve_precision(t.precision)}")
+    for line in cfg.deepspeed.file_warnings() if cfg.train.backend == "deepspeed" else []:
+        print_rank_0(f"> warning: {line}")
     return plan, dp_size, t.global_batch_size // (t.micro_batch_size * dp_size)
 
 
@@ -120,22 +124,26 @@ def build_data_iterator(cfg: NBPConfig, consumed: int) -> Iterator[LayoutBatch]:
 
 
 def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Iterator[LayoutBatch],
-                  num_microbatches: int, iteration: int = 0, consumed: int = 0) -> list[float]:
+                  num_microbatches: int, iteration: int = 0, consumed: int = 0,
+                  exit_control: ExitControl | None = None) -> list[float]:
     """The iteration loop both backends share: ``backend.train_step``, Megatron-style log line +
     TensorBoard (throughput, TFLOP/s per GPU, MFU and peak memory, see megatron_nbp.training_log),
     checkpoint (``backend.save``, when ``cfg.save`` is set) at ``save_interval`` / the last iteration /
-    ``exit_interval`` (which then stops, as in Megatron-LM), the validation loss
-(megatron_nbp.training.validation) and training-time samples (megatron_nbp.training.samples) at their
-intervals. An iteration whose step applied no update
-    (non-finite loss or gradient, skipped) is logged and counted; ``train.max_skipped_iterations`` of
-    them in a row save a final checkpoint (of the last good weights: skipped steps change nothing) and
-    abort. An fp16 loss-scale overflow (``StepResult.loss_scale_overflow``) is counted as skipped but is
+    ``exit_interval`` (which then stops, as in Megatron-LM), and after an exit signal or past the time
+    limit (``exit_control``, see megatron_nbp.training.exit_control: save, then return); the validation
+    loss (megatron_nbp.training.validation) and training-time samples (megatron_nbp.training.samples) at
+    their intervals. An iteration whose step applied no update (non-finite loss or gradient, skipped) is
+    logged and counted; ``train.max_skipped_iterations`` of them in a row save a final checkpoint (of the
+    last good weights: skipped steps change nothing) and abort. An fp16 loss-scale overflow
+    (``StepResult.loss_scale_overflow``) is counted as skipped but is
     no fault. Collective: every rank runs it with the same arguments.
 
     Args:
         backend: a built backend (its ``plan`` gives the device for the logger's memory figures).
         data_iterator: this rank's host micro-batches (``num_microbatches`` are drawn per iteration).
         iteration, consumed: where training resumes (0, 0 from scratch).
+        exit_control: signal handler and time limit (default: :meth:`ExitControl.for_run` of ``cfg``, its
+            clock starting now); its signal handlers are restored when the loop ends.
 
     Returns:
         per-iteration losses on the logging rank (empty elsewhere).
@@ -150,6 +158,8 @@ intervals. An iteration whose step applied no update
     skipped_in_a_row = 0
     validation = Validation.from_config(cfg, num_microbatches)  # --valid-data / --eval-interval
     samples = TrainingSamples.from_config(cfg)  # --sample-interval
+    exit_control = exit_control or ExitControl.for_run(cfg)
+    exit_control.device = backend.plan.device if backend.plan is not None else exit_control.device
     while iteration < t.train_iters:
         start = time.perf_counter()
         result = backend.train_step(data_iterator, num_microbatches)
@@ -169,6 +179,7 @@ intervals. An iteration whose step applied no update
         if skipped_in_a_row >= t.max_skipped_iterations:
             path = backend.save(iteration, consumed) if cfg.save else None
             logger.close()
+            exit_control.restore()
             raise FloatingPointError(
                 f"{skipped_in_a_row} consecutive iterations with a non-finite loss or gradient (up to iteration "
                 f"{iteration}; train.max_skipped_iterations={t.max_skipped_iterations}); "
@@ -176,12 +187,16 @@ intervals. An iteration whose step applied no update
         for periodic in (validation, samples):  # collective: every rank evaluates / gathers
             if periodic is not None and periodic.due(iteration):
                 periodic.run(backend, iteration, logger)
-        exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
+        stop = exit_control.check()  # collective when enabled: one small all-reduce, same answer on every rank
+        exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0 or stop is not None
         if cfg.save and (exiting or iteration == t.train_iters
                          or (t.save_interval and iteration % t.save_interval == 0)):
             print_rank_0(f"> saved checkpoint {backend.save(iteration, consumed)}")
         if exiting:
-            print_rank_0(f"> exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
+            why = exit_control.describe(stop) if stop else f"--exit-interval {t.exit_interval}"
+            print_rank_0(f"> exiting at iteration {iteration} ({why})" + ("" if cfg.save else "; no --save given, "
+                                                                            "nothing saved"))
             break
     logger.close()
+    exit_control.restore()
     return history if is_logging_rank() else []

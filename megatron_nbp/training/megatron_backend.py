@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_nbp.checkpointing import RunInfo, load_checkpoint, save_checkpoint
+from megatron_nbp.run_record import run_record
 from megatron_nbp.config import NBPConfig, TrainingConfig
 from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
@@ -199,7 +200,7 @@ def save_training_checkpoint(cfg: NBPConfig, state: TrainingState, iteration: in
         state.model.disable_forward_pre_hook(param_sync=True)
     try:
         return save_checkpoint(cfg.save, iteration, state.model, state.optimizer, state.scheduler, consumed,
-                               cfg.to_dict()["model"], run_info(state, cfg))
+                               cfg.to_dict()["model"], run_info(state, cfg), record=run_record(cfg))
     finally:
         if overlap:
             state.model.enable_forward_pre_hook()

@@ -192,6 +192,12 @@ def test_checkpoint_layout_is_published_atomically(runs):
     assert (meta["tensor_model_parallel_size"], meta["data_parallel_size"]) == (2, 2)
     assert len(list((ckpt / "global_step6").glob("rng_state_*.pt"))) == 4
     assert not list(ckpt.glob("*.tmp"))
+    # the run record: the launcher's resolved config reads back from config.yaml and the metadata holds it
+    record = NBPConfig.from_yaml(ckpt / "global_step6" / "config.yaml")
+    assert (record.train.backend, record.deepspeed.config_file, record.load) == (
+        "deepspeed", "configs/deepspeed/zero3.json", str(ckpt))
+    assert meta["run_record"]["config"] == record.to_dict() and meta["run_record"]["versions"]["deepspeed"]
+    assert (ckpt / "global_step3" / "versions.json").is_file()
 
 
 def test_a_checkpoint_of_the_other_backend_is_refused_not_ignored(runs):
