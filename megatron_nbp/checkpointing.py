@@ -307,6 +307,8 @@ def restore_checkpoint(opened: OpenCheckpoint, model, optimizer, scheduler, mode
     check_model_config(common.get("model_config", {}), model_config, ckpt)
     if load_optimizer:
         check_optimizer_compatible(saved, run, ckpt)
+    if load_optimizer and run.use_distributed_optimizer:
+        init_distributed_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True, run=run)
     if not load_optimizer and not run.mixed_precision and saved.mixed_precision:
         read_weights_from_main_params(state["model"], ckpt)
@@ -323,12 +325,46 @@ def restore_checkpoint(opened: OpenCheckpoint, model, optimizer, scheduler, mode
     if load_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        if run.use_distributed_optimizer:
+            restore_step_counts(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])
     elif optimizer is not None and run.mixed_precision:
         optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_rng:
         set_rng_state(loaded["rng_state"])
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def init_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh megatron distributed optimizer (or each one of a ChainedOptimizer) the Adam state
+    entries its ``sharded_state_dict`` reads, before a checkpoint is loaded into them: torch's Adam (the
+    optimizer without TE / Apex) creates its state, the step count included, only at its first step, and
+    megatron's ``DistributedOptimizer.state_dict`` needs one step count. megatron's own
+    ``_init_optimizer_states_with_dummy_values`` (one step on zero gradients); the values are replaced
+    by the loaded ones. A no-op for an optimizer that has stepped."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def restore_step_counts(optimizer) -> None:
+    """Give each parameter's Adam state its own, loaded step count after megatron's distributed optimizer
+    loaded a checkpoint into torch's Adam (the optimizer without TE / Apex). Its ``load_state_dict``
+    carries the saved step count in each parameter group (``step``) but leaves the per-parameter
+    ``step`` of torch's Adam at the value it had before the load (and would share one tensor among all
+    parameters, which torch's Adam increments in place once per parameter): the bias correction of every
+    later step would be wrong."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in (inner.param_groups if inner is not None else ()):
+            if "step" not in group or group["step"] is None:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
 
 
 def check_optimizer_compatible(saved: RunInfo, run: RunInfo, where: Any) -> None:
