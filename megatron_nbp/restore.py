@@ -182,8 +182,11 @@ def what_to_restore(options: LoadOptions, saved: ParallelLayout | None, current:
 def finish_restore(plan: RestorePlan, scheduler, checkpoint_iteration: int, consumed: int, seed: int) -> Restored:
     """After the checkpoint's tensors are in: zero the progress under ``--finetune``, advance a fresh LR
     schedule (megatron's OptimizerParamScheduler) to the loaded iteration, and re-seed the RNGs
-    (:func:`megatron_nbp.parallel.set_seed` with ``seed + iteration``) when they were not restored.
-    Collective only in the sense that every rank must call it alike."""
+    (:func:`megatron_nbp.parallel.set_seed` with ``seed + iteration``, its per-pipeline-stage offset
+    included) when they were not restored. Local; every rank calls it.
+
+    Returns:
+        the :class:`Restored` (``reseeded_with`` None when the RNG states were restored)."""
     iteration, consumed = (checkpoint_iteration, consumed) if plan.progress else (0, 0)
     if not plan.optimizer and iteration:
         scheduler.step(increment=iteration)
