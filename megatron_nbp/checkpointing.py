@@ -31,6 +31,7 @@ data-parallel sizes; TP / PP fixed for the optimizer state, the model reshards f
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -211,46 +212,113 @@ def verify_checkpoint(ckpt: str | Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt} is damaged or does not fit this model: {err}") from err
 
 
-def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_config: dict[str, Any],
-                    load_optimizer: bool = True, load_rng: bool = True,
-                    run: RunInfo | None = None) -> tuple[int, int]:
-    """Collective: restore the latest checkpoint in ``load_dir`` into model / optimizer / scheduler.
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """The latest checkpoint of a ``--load`` directory, verified (:func:`verify_checkpoint`) and its
+    common state read; its tensors not yet loaded (:func:`restore_checkpoint`).
 
-    The checkpoint may have been written with another TP/PP layout (dist_checkpointing reshards);
-    the RNG states then cannot be matched to ranks, so pass ``load_rng=False``. It may have been
-    written in another precision (module doc): weights load in any case; the optimizer state only
-    within the same optimizer family.
+    Attributes:
+        path: the ``iter_XXXXXXX`` directory; iteration: its iteration.
+        common: the common state (iteration, consumed_samples, scheduler, model_config, run).
+        run: precision and optimizer kind it was written with.
+        layout: (TP, PP, DP) sizes of the run that wrote it (from its per-rank RNG states' global
+            shape), or None when it holds no RNG states.
+    """
 
-    Args:
-        run: precision and optimizer kind of the loading run (default: fp32, plain optimizer).
+    path: Path
+    iteration: int
+    common: dict[str, Any]
+    run: RunInfo
+    layout: tuple[int, int, int] | None
+
+
+_RNG_KEY = re.compile(r"^rng_state/shard_[0-9.]+_([0-9]+)\.([0-9]+)\.([0-9]+)$")
+
+
+def saved_layout(ckpt: str | Path) -> tuple[int, int, int] | None:
+    """(TP, PP, DP) sizes of the run that wrote ``ckpt``, read from the index key of its per-rank RNG
+    states (a ShardedObject of global shape (PP, TP, DP)); None if it holds none. ``ckpt`` must have
+    passed :func:`verify_checkpoint`."""
+    for key in read_megatron_metadata(ckpt).state_dict_metadata:
+        match = _RNG_KEY.match(key)
+        if match:
+            pp, tp, dp = (int(g) for g in match.groups())
+            return tp, pp, dp
+    return None
+
+
+def open_checkpoint(load_dir: str | Path) -> OpenCheckpoint | None:
+    """Collective-free: find, verify and read the header of the latest checkpoint in ``load_dir``.
 
     Returns:
-        (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
+        the :class:`OpenCheckpoint`, or None when ``load_dir`` holds no checkpoint.
 
     Raises:
-        CheckpointError: the checkpoint's model settings differ from ``model_config``; its optimizer
-            state cannot be loaded by this run's optimizer (fp32 vs bf16 / fp16, distributed or not);
-            ``load_dir`` holds a DeepSpeed checkpoint; a file is damaged; or a pickled item in it needs
-            more than tensors and plain data (megatron_nbp.safe_loading: refused before anything is
-            unpickled).
+        CheckpointError: ``load_dir`` holds a DeepSpeed checkpoint; the pointer names a missing
+            directory; a file is damaged or a pickled item in it needs more than tensors and plain data.
     """
-    run = run or RunInfo()
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
         if (Path(load_dir) / "latest").is_file():
             raise CheckpointError(f"{load_dir} holds a DeepSpeed checkpoint; resume it with --backend deepspeed "
                                   "(convert_checkpoint.py exports either kind)")
-        return 0, 0
+        return None
     ckpt = iteration_dir(load_dir, iteration)
     verify_checkpoint(ckpt)
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
     except Exception as err:  # missing / truncated common.pt or metadata
         raise CheckpointError(f"checkpoint {ckpt} (named by {LATEST_FILE}) is unreadable: {err}") from err
+    return OpenCheckpoint(ckpt, iteration, common, RunInfo(**common.get("run", {})), saved_layout(ckpt))
+
+
+def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_config: dict[str, Any],
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    run: RunInfo | None = None) -> tuple[int, int]:
+    """Collective: restore the latest checkpoint in ``load_dir`` into model / optimizer / scheduler
+    (:func:`open_checkpoint` + :func:`restore_checkpoint`).
+
+    Returns:
+        (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
+
+    Raises:
+        CheckpointError: see :func:`open_checkpoint` and :func:`restore_checkpoint`.
+    """
+    opened = open_checkpoint(load_dir)
+    if opened is None:
+        return 0, 0
+    return restore_checkpoint(opened, model, optimizer, scheduler, model_config, load_optimizer, load_rng, run)
+
+
+def restore_checkpoint(opened: OpenCheckpoint, model, optimizer, scheduler, model_config: dict[str, Any],
+                       load_optimizer: bool = True, load_rng: bool = True,
+                       run: RunInfo | None = None) -> tuple[int, int]:
+    """Collective: load an :class:`OpenCheckpoint` into model / optimizer / scheduler.
+
+    The checkpoint may have been written with another TP/PP/DP layout (dist_checkpointing reshards);
+    the RNG states then cannot be matched to ranks, so pass ``load_rng=False``
+    (:func:`megatron_nbp.restore.what_to_restore` decides). It may have been written in another
+    precision (module doc): weights load in any case; the optimizer state only within the same
+    optimizer family. The LR scheduler is restored with the optimizer.
+
+    Args:
+        run: precision and optimizer kind of the loading run (default: fp32, plain optimizer).
+
+    Returns:
+        (iteration, consumed_samples) of the checkpoint.
+
+    Raises:
+        CheckpointError: the checkpoint's model settings differ from ``model_config``; its optimizer
+            state cannot be loaded by this run's optimizer (fp32 vs bf16 / fp16, distributed or not);
+            a file is damaged or holds tensors of other shapes.
+    """
+    run = run or RunInfo()
+    ckpt, common, saved = opened.path, opened.common, opened.run
     check_model_config(common.get("model_config", {}), model_config, ckpt)
-    saved = RunInfo(**common.get("run", {}))
     if load_optimizer:
         check_optimizer_compatible(saved, run, ckpt)
+    if load_optimizer and run.use_distributed_optimizer:
+        init_distributed_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True, run=run)
     if not load_optimizer and not run.mixed_precision and saved.mixed_precision:
         read_weights_from_main_params(state["model"], ckpt)
@@ -267,12 +335,46 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, model_con
     if load_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        if run.use_distributed_optimizer:
+            restore_step_counts(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])
     elif optimizer is not None and run.mixed_precision:
         optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_rng:
         set_rng_state(loaded["rng_state"])
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def init_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh megatron distributed optimizer (or each one of a ChainedOptimizer) the Adam state
+    entries its ``sharded_state_dict`` reads, before a checkpoint is loaded into them: torch's Adam (the
+    optimizer without TE / Apex) creates its state, the step count included, only at its first step, and
+    megatron's ``DistributedOptimizer.state_dict`` needs one step count. megatron's own
+    ``_init_optimizer_states_with_dummy_values`` (one step on zero gradients); the values are replaced
+    by the loaded ones. A no-op for an optimizer that has stepped."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def restore_step_counts(optimizer) -> None:
+    """Give each parameter's Adam state its own, loaded step count after megatron's distributed optimizer
+    loaded a checkpoint into torch's Adam (the optimizer without TE / Apex). Its ``load_state_dict``
+    carries the saved step count in each parameter group (``step``) but leaves the per-parameter
+    ``step`` of torch's Adam at the value it had before the load (and would share one tensor among all
+    parameters, which torch's Adam increments in place once per parameter): the bias correction of every
+    later step would be wrong."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in (inner.param_groups if inner is not None else ()):
+            if "step" not in group or group["step"] is None:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
 
 
 def check_optimizer_compatible(saved: RunInfo, run: RunInfo, where: Any) -> None:

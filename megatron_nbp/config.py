@@ -299,13 +299,17 @@ class TrainingConfig(TypedConfig):
                           "recompute_num_layers layers of each pipeline stage)")
     recompute_num_layers: int | None = Field(
         None, description="full recompute: layers per recompute chunk (uniform) or per stage (block)")
-    # --- loading (Megatron-LM's names; megatron backend) ---------------------------------------------
+    # --- loading (Megatron-LM's names; both backends; megatron_nbp.restore) ---------------------------
     no_load_optim: bool = Field(
         False, description="with --load: restore the weights (the fp32 main copy of a bf16/fp16 checkpoint where "
-                           "saved), iteration and data position, not the optimizer and LR schedule (needed to change "
-                           "between fp32 and bf16/fp16)")
+                           "saved), iteration and data position, not the optimizer and LR schedule (a fresh schedule "
+                           "advanced to the iteration; needed to change between fp32 and bf16/fp16)")
     no_load_rng: bool = Field(
-        False, description="with --load: do not restore the RNG states (e.g. after changing the TP / PP layout)")
+        False, description="with --load: do not restore the RNG states, re-seed them from seed + iteration (done "
+                           "anyway on another TP / PP / DP layout)")
+    finetune: bool = Field(
+        False, description="with --load: take the weights only and start at iteration 0 (data position 0, fresh "
+                           "optimizer and LR schedule, RNG from seed)")
     # --- observability ----------------------------------------------------------------------------
     peak_tflops: float | None = Field(
         None, description="dense bf16 peak TFLOP/s of one GPU for MFU; unset = from the GPU's name")
@@ -580,6 +584,7 @@ class NBPConfig(TypedConfig):
                 self.data_folders()
             except ValueError as exc:
                 errors.append(str(exc))
+        errors.extend(self._load_problems())
         if errors:
             raise ConfigError.from_problems(errors)
 
@@ -608,6 +613,15 @@ class NBPConfig(TypedConfig):
                               "pip install 'megatron-nbp[wandb]'")
         return errors
 
+    def _load_problems(self) -> list[str]:
+        """Reasons the loading flags (``--finetune``, ``--no-load-optim``, ``--no-load-rng``) cannot apply."""
+        t = self.train
+        flags = [f for f, on in (("--finetune", t.finetune), ("--no-load-optim", t.no_load_optim),
+                                 ("--no-load-rng", t.no_load_rng)) if on]
+        if flags and not self.load:
+            return [f"{' / '.join(flags)} given without --load (nothing to load)"]
+        return []
+
     def _performance_problems(self) -> list[str]:
         """Reasons the precision / performance options cannot run with this model and backend
         (Megatron-LM's own argument checks, plus what this project's layer specs support)."""
@@ -622,9 +636,6 @@ class NBPConfig(TypedConfig):
         if t.loss_scale_window < 1 or t.hysteresis < 1:
             errors.append(f"train.loss_scale_window={t.loss_scale_window} and train.hysteresis={t.hysteresis} "
                           "must be >= 1")
-        if (t.no_load_optim or t.no_load_rng) and t.backend == "deepspeed":
-            errors.append("--no-load-optim / --no-load-rng are megatron-backend options here (a DeepSpeed checkpoint "
-                          "resumes whole)")
         if t.peak_tflops is not None and t.peak_tflops <= 0:
             errors.append(f"train.peak_tflops={t.peak_tflops} must be > 0")
         deepspeed = t.backend == "deepspeed"

@@ -16,7 +16,8 @@ the parent fsync-ed) and only then names it in ``latest``, so a crash never leav
 the latest; what it left (staging directories, an orphan renamed aside, a temporary of ``latest``) is
 removed by the next save.
 ``client_state`` carries the LR scheduler, iteration and consumed samples (data position).
-Resuming needs the same TP and DP sizes; ``launchers/convert_checkpoint.py`` turns any of these
+Resuming needs the same TP size, and the same DP size unless without the optimizer
+state (ZeRO-1/2; megatron_nbp.restore); ``launchers/convert_checkpoint.py`` turns any of these
 checkpoints into the single-device inference format (megatron_nbp.inference.convert_zero).
 """
 
@@ -126,18 +127,30 @@ def save_deepspeed_checkpoint(save_dir: str | Path, iteration: int, engine, sche
     return final
 
 
-def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_config: dict[str, Any]) -> tuple[int, int]:
+def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_config: dict[str, Any],
+                              load_optimizer: bool = True, load_rng: bool = True, weights_only: bool = False,
+                              same_layout: bool = True) -> tuple[int, int]:
     """Collective: restore the latest checkpoint in ``load_dir`` into the engine (module, ZeRO optimizer
     partitions), the scheduler and this rank's RNG states.
+
+    Args:
+        load_optimizer: restore the ZeRO optimizer state and the LR schedule (False: DeepSpeed's
+            ``load_optimizer_states=False``; the fp32 master weights are then refreshed from the loaded
+            weights, DeepSpeed's ``_restore_from_bit16_weights``).
+        load_rng: restore this rank's RNG states.
+        weights_only: only the module (DeepSpeed's ``load_module_only``: no optimizer, no step counters;
+            ``--finetune``).
+        same_layout: refuse a checkpoint of another TP or DP size (False: the caller has checked the
+            layout change, :func:`megatron_nbp.restore.what_to_restore`).
 
     Returns:
         (iteration, consumed_samples); (0, 0) when ``load_dir`` holds no checkpoint.
 
     Raises:
         CheckpointError: ``load_dir`` holds a megatron-backend checkpoint; the checkpoint's model
-            settings, TP size or DP size differ from this run; DeepSpeed could not load it; this rank's
-            RNG file is missing; or a file would need unpickling more than tensors and plain data
-            (megatron_nbp.safe_loading: refused before anything in it runs).
+            settings differ from this run, or (``same_layout``) its TP size or DP size; DeepSpeed could not
+            load it; this rank's RNG file is missing; or a file would need unpickling more than tensors and
+            plain data (megatron_nbp.safe_loading: refused before anything in it runs).
     """
     tag = read_latest_tag(load_dir)
     if tag is None:
@@ -150,25 +163,29 @@ def load_deepspeed_checkpoint(load_dir: str | Path, engine, scheduler, model_con
     check_model_config(meta.get("model_config", {}), model_config, ckpt)
     layout = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size())
     saved = (meta["tensor_model_parallel_size"], meta["data_parallel_size"])
-    if saved != layout:
+    if same_layout and saved != layout:
         raise CheckpointError(f"{ckpt} was written with TP={saved[0]} DP={saved[1]}; this run has TP={layout[0]} "
                               f"DP={layout[1]}. Resume with the same layout (convert_checkpoint.py exports any layout)")
     use_weights_only_loading(engine)  # DeepSpeed itself would torch.load(weights_only=False)
     try:
-        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
+                                                    load_optimizer_states=load_optimizer and not weights_only,
+                                                    load_lr_scheduler_states=False)
     except UnsafeCheckpointError as err:
         raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-    scheduler.load_state_dict(client_state["scheduler"])
-    try:
-        rng = load_rng_file(_rng_file(ckpt, dist.get_rank()))
-    except UnsafeCheckpointError as err:
-        raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
-    except FileNotFoundError as err:
-        raise CheckpointError(f"checkpoint {ckpt} is damaged: {err}") from err
-    set_rng_state(rng)
-    return int(client_state["iteration"]), int(client_state["consumed_samples"])
+    if load_optimizer and not weights_only:
+        scheduler.load_state_dict(client_state["scheduler"])
+    if load_rng:
+        try:
+            rng = load_rng_file(_rng_file(ckpt, dist.get_rank()))
+        except UnsafeCheckpointError as err:
+            raise CheckpointError(f"checkpoint {ckpt}: {err}") from err
+        except FileNotFoundError as err:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {err}") from err
+        set_rng_state(rng)
+    return int(meta["iteration"]), int(meta["consumed_samples"])
 
 
 def load_rng_file(path) -> dict:

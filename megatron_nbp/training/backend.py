@@ -21,6 +21,7 @@ import torch
 from megatron_nbp.config import NBPConfig
 from megatron_nbp.device import DevicePlan
 from megatron_nbp.layouts import LayoutBatch
+from megatron_nbp.restore import Restored
 from megatron_nbp.training_log import peak_memory_gib
 
 
@@ -85,16 +86,20 @@ class TrainingBackend(ABC):
         shape, precision and backend settings). Local."""
 
     @abstractmethod
-    def load(self) -> tuple[int, int] | None:
-        """Restore the latest checkpoint in ``cfg.load`` (called only when it is set): weights, optimizer
-        state (unless the config says otherwise), LR schedule and RNG states. Collective.
+    def load(self) -> Restored | None:
+        """Restore the latest checkpoint in ``cfg.load`` (called only when it is set): weights, and as
+        :func:`megatron_nbp.restore.what_to_restore` decides from ``--finetune`` / ``--no-load-optim`` /
+        ``--no-load-rng`` and the checkpoint's layout, the optimizer state, LR schedule, iteration, data
+        position and RNG states (re-seeded when not restored). Collective.
 
         Returns:
-            (iteration, consumed global samples) of the checkpoint, or None when ``cfg.load`` holds none
-            (training starts from scratch).
+            the :class:`~megatron_nbp.restore.Restored` (where training continues: iteration and consumed
+            global samples, 0 and 0 under ``--finetune``), or None when ``cfg.load`` holds none (training
+            starts from scratch).
 
         Raises:
-            CheckpointError: a damaged checkpoint, or one written for another model or optimizer.
+            CheckpointError: a damaged checkpoint, one written for another model or optimizer, a layout
+                change that cannot load (named), or ``--finetune`` with no checkpoint.
         """
 
     @abstractmethod

@@ -35,11 +35,14 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_nbp.config import NBPConfig, TrainingConfig
-from megatron_nbp.deepspeed_checkpointing import load_deepspeed_checkpoint, save_deepspeed_checkpoint
+from megatron_nbp.deepspeed_checkpointing import (load_deepspeed_checkpoint, read_latest_tag, read_meta,
+                                                  save_deepspeed_checkpoint)
 from megatron_nbp.run_record import run_record
 from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.builder import build_gpt_model
+from megatron_nbp.restore import (LoadOptions, ParallelLayout, Restored, check_nothing_to_load, finish_restore,
+                                  what_to_restore)
 from megatron_nbp.training.backend import StepResult, TrainingBackend
 from megatron_nbp.training.optim import build_scheduler, weight_decay_groups
 from megatron_nbp.training.gather_weights import gather_full_state_dict
@@ -327,12 +330,26 @@ class DeepSpeedBackend(TrainingBackend):
                 f"seq length {cfg.model.seq_length} | block size {cfg.model.block_size} | "
                 f"padded vocab {cfg.model.padded_vocab_size} | {self.precision}")
 
-    def load(self) -> tuple[int, int] | None:
+    def load(self) -> Restored | None:
         """DeepSpeed checkpoint from ``cfg.load`` (engine, ZeRO partitions, scheduler, every rank's RNG;
-        :func:`megatron_nbp.deepspeed_checkpointing.load_deepspeed_checkpoint`)."""
-        iteration, consumed = load_deepspeed_checkpoint(self.cfg.load, self.state.engine, self.state.scheduler,
-                                                        self.cfg.to_dict()["model"])
-        return (iteration, consumed) if iteration else None
+        :func:`megatron_nbp.deepspeed_checkpointing.load_deepspeed_checkpoint`) as
+        :func:`megatron_nbp.restore.what_to_restore` decides (``--finetune``, ``--no-load-optim``,
+        ``--no-load-rng``, a DP change), then :func:`megatron_nbp.restore.finish_restore`."""
+        cfg, t = self.cfg, self.cfg.train
+        options = LoadOptions.from_config(t)
+        tag = read_latest_tag(cfg.load)
+        if tag is None:
+            load_deepspeed_checkpoint(cfg.load, None, None, {})  # refuses a megatron-backend checkpoint
+            check_nothing_to_load(options, cfg.load)
+            return None
+        meta = read_meta(cfg.load, tag)
+        saved = ParallelLayout(meta["tensor_model_parallel_size"], 1, meta["data_parallel_size"])
+        plan = what_to_restore(options, saved, ParallelLayout.current(), Path(cfg.load) / tag, "deepspeed",
+                               zero_stage=meta.get("zero_stage"))
+        iteration, consumed = load_deepspeed_checkpoint(
+            cfg.load, self.state.engine, self.state.scheduler, cfg.to_dict()["model"], load_optimizer=plan.optimizer,
+            load_rng=plan.rng, weights_only=options.finetune, same_layout=False)
+        return finish_restore(plan, self.state.scheduler, iteration, consumed, t.seed)
 
     def train_step(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> StepResult:
         """:func:`deepspeed_train_step` on :attr:`state`."""

@@ -21,6 +21,7 @@ from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.params import count_parameters, format_count
 from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_rank_0
+from megatron_nbp.restore import Restored
 from megatron_nbp.training.backend import TrainingBackend
 from megatron_nbp.training.deepspeed_backend import DeepSpeedBackend
 from megatron_nbp.training.exit_control import ExitControl
@@ -50,8 +51,10 @@ def pretrain(cfg: NBPConfig) -> list[float]:
     print_rank_0(backend.describe(dp_size, num_microbatches))
     iteration, consumed = 0, 0
     if cfg.load:
-        iteration, consumed = backend.load() or (0, 0)
-        report_resume(cfg, iteration)
+        restored = backend.load()
+        report_resume(cfg, restored)
+        if restored is not None:
+            iteration, consumed = restored.iteration, restored.consumed
     data_iterator = build_data_iterator(cfg, consumed)
     return training_loop(cfg, backend, data_iterator, num_microbatches, iteration, consumed, exit_control)
 
@@ -104,10 +107,14 @@ def check_device_support(cfg: NBPConfig, plan: DevicePlan) -> None:
         raise ConfigError("invalid configuration for " + str(plan.device) + ":\n  - " + "\n  - ".join(errors))
 
 
-def report_resume(cfg: NBPConfig, iteration: int) -> None:
-    """The Megatron-style line saying where ``--load`` resumed (iteration 0: nothing to resume)."""
-    print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {iteration}" if iteration
-                 else f"> no checkpoint in {cfg.load}, starting from scratch")
+def report_resume(cfg: NBPConfig, restored: Restored | None) -> None:
+    """The Megatron-style line saying which checkpoint ``--load`` took (None: nothing to resume), then
+    one line of what it restored and what was re-seeded (:meth:`Restored.summary`)."""
+    if restored is None:
+        print_rank_0(f"> no checkpoint in {cfg.load}, starting from scratch")
+        return
+    print_rank_0(f"> loaded checkpoint from {cfg.load} at iteration {restored.checkpoint_iteration}")
+    print_rank_0(restored.summary())
 
 
 def build_data_iterator(cfg: NBPConfig, consumed: int) -> Iterator[LayoutBatch]:

@@ -27,12 +27,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_nbp.checkpointing import RunInfo, load_checkpoint, save_checkpoint
+from megatron_nbp.checkpointing import RunInfo, open_checkpoint, restore_checkpoint, save_checkpoint
 from megatron_nbp.run_record import run_record
 from megatron_nbp.config import NBPConfig, TrainingConfig
 from megatron_nbp.device import DevicePlan, device_plan
 from megatron_nbp.layouts import LayoutBatch
 from megatron_nbp.model.builder import PARAMS_DTYPES, build_gpt_model
+from megatron_nbp.restore import (LoadOptions, ParallelLayout, Restored, check_nothing_to_load, finish_restore,
+                                  what_to_restore)
 from megatron_nbp.training.backend import StepResult, TrainingBackend
 from megatron_nbp.training.gather_weights import gather_full_state_dict
 from megatron_nbp.training.optim import build_scheduler, megatron_config_overrides
@@ -236,19 +238,24 @@ class MegatronBackend(TrainingBackend):
                 f"distributed optimizer {t.use_distributed_optimizer} | "
                 f"recompute {t.recompute_granularity or 'none'}")
 
-    def load(self) -> tuple[int, int] | None:
-        """megatron dist checkpoint from ``cfg.load`` (:func:`megatron_nbp.checkpointing.load_checkpoint`,
-        honouring ``no_load_optim`` / ``no_load_rng``). With ``no_load_optim`` the fresh optimizer's LR
-        schedule continues at the loaded iteration."""
+    def load(self) -> Restored | None:
+        """megatron dist checkpoint from ``cfg.load``: :func:`megatron_nbp.checkpointing.open_checkpoint`,
+        :func:`megatron_nbp.restore.what_to_restore` (``--finetune``, ``--no-load-optim``,
+        ``--no-load-rng``, a TP / PP / DP change), :func:`megatron_nbp.checkpointing.restore_checkpoint`,
+        :func:`megatron_nbp.restore.finish_restore`."""
         cfg, state, t = self.cfg, self.state, self.cfg.train
-        iteration, consumed = load_checkpoint(cfg.load, state.model, state.optimizer, state.scheduler,
-                                              cfg.to_dict()["model"], load_optimizer=not t.no_load_optim,
-                                              load_rng=not t.no_load_rng, run=run_info(state, cfg))
-        if not iteration:
+        options = LoadOptions.from_config(t)
+        opened = open_checkpoint(cfg.load)
+        if opened is None:
+            check_nothing_to_load(options, cfg.load)
             return None
-        if t.no_load_optim:
-            state.scheduler.step(increment=iteration)
-        return iteration, consumed
+        saved = ParallelLayout(*opened.layout) if opened.layout else None
+        plan = what_to_restore(options, saved, ParallelLayout.current(), opened.path, "megatron",
+                               distributed_optimizer=opened.run.use_distributed_optimizer)
+        iteration, consumed = restore_checkpoint(opened, state.model, state.optimizer, state.scheduler,
+                                                 cfg.to_dict()["model"], load_optimizer=plan.optimizer,
+                                                 load_rng=plan.rng, run=run_info(state, cfg))
+        return finish_restore(plan, state.scheduler, iteration, consumed, t.seed)
 
     def train_step(self, data_iterator: Iterator[LayoutBatch], num_microbatches: int) -> StepResult:
         """:func:`train_step` on :attr:`state`."""

@@ -71,6 +71,15 @@ def runs(tmp_path_factory):
         overrides.update(COMMON, data=str(root / "data"), tensorboard_dir=str(root / f"tb_{name}"))
         if name in ("megatron", "zero1", "zero3"):
             overrides["save"] = str(root / f"ckpt_{name}")
+    # loading flags, each backend from its own checkpoint of the runs above (megatron_nbp.restore):
+    # --finetune (2 iterations from iteration 0) and --no-load-optim (2 more iterations at 7 and 8)
+    for backend, ckpt in (("megatron", "megatron"), ("deepspeed", "zero1")):
+        extra = {"deepspeed.zero_stage": 1} if backend == "deepspeed" else {}
+        for kind, flags in (("finetune", {"train.finetune": True, "train.exit_interval": 2}),
+                            ("no_load_optim", {"train.no_load_optim": True, "train.train_iters": ITERS + 2})):
+            plan[f"{ckpt}_{kind}"] = {"train.backend": backend, **extra, **COMMON, **flags, "data": str(root / "data"),
+                                      "load": str(root / f"ckpt_{ckpt}"),
+                                      "tensorboard_dir": str(root / f"tb_{ckpt}_{kind}")}
     torchrun(4, "tests/workers/backends_worker.py", "--config", CONFIG, "--runs", json.dumps(plan))
     # ZeRO-3 "interrupted" after iteration 3 (--exit-interval saves and exits), then resumed
     launch_zero3(root, "zero3_first", "--save", str(root / "ckpt_resume"), "--exit-interval", "3")
@@ -96,6 +105,24 @@ def test_zero_losses_match_megatron_backend(runs, name):
     gn_ref, gn = scalars(root / "tb_megatron", "grad-norm"), scalars(root / f"tb_{name}", "grad-norm")
     assert all(abs(gn[i] - gn_ref[i]) <= 1e-4 * gn_ref[i] for i in gn_ref), (gn_ref, gn)
     assert min(gn_ref.values()) > 0.5  # clipping (clip_grad 0.5) was active in every iteration
+
+
+@pytest.mark.parametrize("kind", ["finetune", "no_load_optim"])
+def test_zero_loading_flags_match_megatron_backend(runs, kind):
+    """--finetune and --no-load-optim on ZeRO-1 (DeepSpeed's load_module_only / load_optimizer_states=False)
+    against the megatron backend doing the same from its own checkpoint (weights equal to <= 1e-5, see
+    above): losses and lr of the iterations after the load."""
+    root, _ = runs
+    ref, ours = scalars(root / f"tb_megatron_{kind}"), scalars(root / f"tb_zero1_{kind}")
+    steps = [1, 2] if kind == "finetune" else [ITERS + 1, ITERS + 2]
+    assert sorted(ref) == sorted(ours) == steps
+    assert max(abs(ours[i] - ref[i]) for i in steps) <= 1e-5, (kind, ref, ours)
+    lr_ref, lr = scalars(root / f"tb_megatron_{kind}", "learning-rate"), scalars(root / f"tb_zero1_{kind}", "learning-rate")
+    assert all(abs(lr[i] - lr_ref[i]) <= 1e-12 for i in steps), (lr_ref, lr)
+    full = scalars(root / "tb_megatron")
+    if kind == "finetune":  # the trained weights, a fresh LR schedule from iteration 0
+        assert abs(ours[1] - full[1]) > 0.05 and lr == {1: scalars(root / "tb_megatron", "learning-rate")[1],
+                                                        2: scalars(root / "tb_megatron", "learning-rate")[2]}
 
 
 def test_zero3_resume_equals_uninterrupted(runs):
