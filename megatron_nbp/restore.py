@@ -15,7 +15,11 @@ RNG states                  restored*    restored*        re-seeded       re-see
 \\* only on the layout the checkpoint was written with. RNG states are saved per (TP, PP, DP) rank and
 mean nothing on another layout; they are then re-seeded from ``--seed + iteration`` (a run resumed at
 iteration 3 does not repeat the dropout masks of iteration 1). The data position (consumed global
-samples) is global and carries over to any layout.
+samples) is global and carries over to any layout. A TP / PP change keeps the sample order exactly (the
+data stream depends on the DP rank and size only). A DP-size change keeps the count, not the set: each
+rank reads a contiguous share of every epoch (:mod:`megatron_nbp.data`), so the rest of the current epoch
+is re-cut into the new number of shares and some of its clips may come twice and others not at all;
+later epochs are exact.
 
 Layout changes (:func:`what_to_restore` refuses what cannot work, by name):
 
