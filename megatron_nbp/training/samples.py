@@ -97,7 +97,7 @@ class TrainingSamples:
         if self._prompt is None:
             from megatron_nbp.training.validation import validation_stream
 
-            self._prompt = next(iter(validation_stream(self.cfg, 0, 1)))
+            self._prompt = next(iter(validation_stream(self.cfg)))
         return self._prompt
 
     def tokenizer(self, device: torch.device):

@@ -3,9 +3,11 @@ held-out token shards (``--valid-data``, its manifest checked against the model 
 
 Every evaluation reads the same samples: the first ``eval_iters x global_batch_size`` of the validation
 stream (:class:`megatron_nbp.data.TokenClipStream` from its start, its shards in the order the run's seed
-gives, no shuffle buffer), split over data-parallel ranks exactly as training data is (position p of the
-stream goes to rank ``p % DP``), so the union over ranks does not depend on the layout. Each rank reads its
-share once, at the first evaluation, and keeps the clips (not the micro-batches) in memory. No condition is
+gives, no shuffle buffer, read as by a single rank), and position p of those goes to data-parallel rank
+``p % DP``, so the set evaluated does not depend on the layout (validation losses of runs on different
+TP / PP / DP layouts are comparable). Each rank reads those samples once, at the first evaluation (the
+validation set is small: ``eval_iters`` batches), and keeps its share of the clips (not the
+micro-batches) in memory. No condition is
 dropped (``p_drop_cond`` 0) and no input token corrupted (the model is in eval mode).
 
 The loss is the token-weighted mean NBP cross entropy (nats per video token) over all those samples,
@@ -37,15 +39,15 @@ def validation_perplexity(loss: float) -> float:
     return math.exp(min(loss, MAX_LOG_LOSS))
 
 
-def validation_stream(cfg: NBPConfig, dp_rank: int, dp_size: int) -> TokenClipStream:
-    """The validation stream of ``cfg.valid_data`` for one data-parallel rank: from its start, shards in
-    the order of ``cfg.train.seed``, no shuffle buffer (module doc).
+def validation_stream(cfg: NBPConfig) -> TokenClipStream:
+    """The whole validation stream of ``cfg.valid_data`` (as one rank reads it): from its start, shards
+    in the order of ``cfg.train.seed``, no shuffle buffer (module doc).
 
     Raises:
-        DataError: shards that do not fit the model, or fewer readable samples than ``dp_size``.
+        DataError: shards that do not fit the model, or no readable sample.
     """
     m = cfg.model
-    return TokenClipStream(cfg.valid_data, dp_rank, dp_size, cfg.train.seed, m.latent_shape, m.vocab_size,
+    return TokenClipStream(cfg.valid_data, 0, 1, cfg.train.seed, m.latent_shape, m.vocab_size,
                            shuffle_buffer=1, consumed=0, condition_key=condition_key(m))
 
 
@@ -77,10 +79,11 @@ class Validation:
         """This rank's share of the validation samples, (int64 [N] video tokens, condition) each, read at
         the first call (parallel_state must be initialised)."""
         if self._samples is None:
-            stream = validation_stream(self.cfg, parallel_state.get_data_parallel_rank(),
-                                       parallel_state.get_data_parallel_world_size())
-            count = self.num_microbatches * self.cfg.train.micro_batch_size
-            self._samples = list(itertools.islice(iter(stream), count))
+            dp_rank = parallel_state.get_data_parallel_rank()
+            dp_size = parallel_state.get_data_parallel_world_size()
+            count = self.num_microbatches * self.cfg.train.micro_batch_size  # this rank's share
+            first = itertools.islice(iter(validation_stream(self.cfg)), count * dp_size)
+            self._samples = [sample for p, sample in enumerate(first) if p % dp_size == dp_rank]
         return self._samples
 
     def run(self, backend: TrainingBackend, iteration: int, logger) -> float:

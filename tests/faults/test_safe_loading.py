@@ -41,11 +41,15 @@ JSON = "never unpickled: JSON"
 SCRIPT = ("never read: DeepSpeed copies its recovery scripts next to the checkpoints for people to run by "
           "hand; no loader opens them")
 RNG_NOT_EXPORTED = "never read: RNG states are no part of the inference export"
+RECORD = ("never read: the run record (resolved config as YAML, versions as JSON) is written for people and "
+          "for --config; no loader opens it (the record inside the checkpoint is what a loader sees)")
 ZERO = [
     (r"latest", None, {"train": TEXT, "convert": TEXT}),
     (r"zero_to_fp32\.py", None, {"train": SCRIPT, "convert": SCRIPT}),
     (r"zero_to_torch\.py", None, {"train": SCRIPT, "convert": SCRIPT}),
     (r"global_step\d+/nbp_checkpoint\.json", None, {"train": JSON, "convert": JSON}),
+    (r"global_step\d+/config\.yaml", None, {"train": RECORD, "convert": RECORD}),
+    (r"global_step\d+/versions\.json", None, {"train": RECORD, "convert": RECORD}),
     (r"global_step\d+/zero_pp_rank_\d+_mp_rank_\d{2}_optim_states\.pt", "torch", {"train": REFUSE, "convert": REFUSE}),
     (r"global_step\d+/rng_state_\d{5}\.pt", "torch", {"train": REFUSE, "convert": RNG_NOT_EXPORTED}),
 ]
@@ -54,6 +58,8 @@ FILES = {
     "megatron": [
         (r"latest_checkpointed_iteration\.txt", None, {"train": TEXT, "convert": TEXT}),
         (r"iter_\d{7}/metadata\.json", None, {"train": JSON, "convert": JSON}),
+        (r"iter_\d{7}/config\.yaml", None, {"train": RECORD, "convert": RECORD}),
+        (r"iter_\d{7}/versions\.json", None, {"train": RECORD, "convert": RECORD}),
         (r"iter_\d{7}/\.metadata", "pickle", {"train": REFUSE, "convert": REFUSE}),
         (r"iter_\d{7}/common\.pt", "torch", {"train": REFUSE, "convert": REFUSE}),
         (r"iter_\d{7}/__\d+_\d+\.distcp", "distcp", {"train": REFUSE, "convert": REFUSE}),
