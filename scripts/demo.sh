@@ -4,14 +4,14 @@
 #   megatron-core TP2 x PP2 (torchrun, 4 ranks) -> convert to one safetensors file -> generate mp4 + PNG.
 # Usage: bash scripts/demo.sh [RUN_DIR]     (default runs/demo; every stage's output lands there)
 # Knobs (environment): TOKENIZER_STEPS (1400), TOKENIZER_MINUTES (9: a cap; the lr schedule then ends
-# early), TRAIN_ITERS (200), PROMPT (bikes.mp4)
+# early), TRAIN_ITERS (400), PROMPT (bikes.mp4)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 RUN="${1:-runs/demo}"
 TOKENIZER_STEPS="${TOKENIZER_STEPS:-1400}"
 TOKENIZER_MINUTES="${TOKENIZER_MINUTES:-9}"
-TRAIN_ITERS="${TRAIN_ITERS:-200}"
+TRAIN_ITERS="${TRAIN_ITERS:-400}"
 PROMPT="${PROMPT:-bikes.mp4}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # torchrun sets OMP_NUM_THREADS=1 per rank itself
 # shellcheck disable=SC1091
@@ -47,6 +47,6 @@ python launchers/convert_checkpoint.py --load "$RUN/ckpt" --output "$RUN/nbp_inf
 
 stage "6/6 generate: condition on the first 2 latent frames (5 frames) of a real clip, KV-cache block decoding"
 python launchers/generate.py --checkpoint "$RUN/nbp_inference" --tokenizer "$RUN/tokenizer.safetensors" \
-  --prompt-video "$RUN/media/$PROMPT" --output "$RUN/generated.mp4" --num-samples 2 --top-k 100 --seed 0
+  --prompt-video "$RUN/media/$PROMPT" --output "$RUN/generated.mp4" --top-k 1  # greedy: the most likely frames
 
-stage "done in $(( SECONDS - T0 ))s: $RUN/generated_0.mp4, $RUN/generated_1.mp4, $RUN/generated.png"
+stage "done in $(( SECONDS - T0 ))s: $RUN/generated.mp4, $RUN/generated.png"
