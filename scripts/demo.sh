@@ -3,14 +3,14 @@
 #   fetch real footage -> train a small tokenizer -> tokenize (torchrun, 2 ranks) -> pretrain NBP with
 #   megatron-core TP2 x PP2 (torchrun, 4 ranks) -> convert to one safetensors file -> generate mp4 + PNG.
 # Usage: bash scripts/demo.sh [RUN_DIR]     (default runs/demo; every stage's output lands there)
-# Knobs (environment): TOKENIZER_STEPS (1400), TOKENIZER_MINUTES (9: a cap; the lr schedule then ends
+# Knobs (environment): TOKENIZER_STEPS (1000), TOKENIZER_MINUTES (8: a cap; the lr schedule then ends
 # early), TRAIN_ITERS (400), PROMPT (bikes.mp4)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 RUN="${1:-runs/demo}"
-TOKENIZER_STEPS="${TOKENIZER_STEPS:-1400}"
-TOKENIZER_MINUTES="${TOKENIZER_MINUTES:-9}"
+TOKENIZER_STEPS="${TOKENIZER_STEPS:-1000}"
+TOKENIZER_MINUTES="${TOKENIZER_MINUTES:-8}"
 TRAIN_ITERS="${TRAIN_ITERS:-400}"
 PROMPT="${PROMPT:-bikes.mp4}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # torchrun sets OMP_NUM_THREADS=1 per rank itself
