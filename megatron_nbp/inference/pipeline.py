@@ -40,7 +40,8 @@ __all__ = ["NBPPipeline", "PipelineOutput", "ClipGeometry", "class_text_ids", "c
 
 @dataclass
 class ClipGeometry:
-    """Pixel clip that the model's latent shape corresponds to (T = 1 + 4(T'-1), H = 8H', W = 8W')."""
+    """Pixel clip that the model's latent shape corresponds to (T = 1 + 4(T'-1), H = sH', W = sW', s the
+    tokenizer's spatial stride: 8 for MAGVITv2's layout, 4 for the CPU demo's)."""
 
     num_frames: int
     height: int
@@ -48,14 +49,16 @@ class ClipGeometry:
 
 
 def clip_geometry(model, tokenizer) -> ClipGeometry:
-    """Pixel geometry implied by the model's latent shape, checked against the tokenizer.
+    """Pixel geometry implied by the model's latent shape and the tokenizer's spatial stride
+    (``tokenizer.config.spatial_stride``), checked against the tokenizer.
 
     Raises:
         ValueError: the tokenizer maps that geometry to another latent shape, or its codebook is
             larger than the model's vocabulary.
     """
     t, h, w = model.config.latent_shape
-    geometry = ClipGeometry(1 + 4 * (t - 1), 8 * h, 8 * w)
+    stride = tokenizer.config.spatial_stride
+    geometry = ClipGeometry(1 + 4 * (t - 1), stride * h, stride * w)
     latent = tuple(tokenizer.latent_shape(geometry.num_frames, geometry.height, geometry.width))
     if latent != (t, h, w):
         raise ValueError(f"tokenizer gives latent {latent} for {geometry}, the model was trained on {(t, h, w)}")

@@ -7,6 +7,8 @@ on how rows draw random numbers; the per-row RNG equality is tested with the sam
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -18,7 +20,7 @@ from megatron_nbp.config import ModelConfig
 from megatron_nbp.inference import generate as gen
 from megatron_nbp.inference.convert_common import write_inference_checkpoint
 from megatron_nbp.inference.model import NBPDecoder, load_inference_model
-from megatron_nbp.inference.pipeline import NBPPipeline, condition_batch, row_seeds
+from megatron_nbp.inference.pipeline import ClipGeometry, NBPPipeline, clip_geometry, condition_batch, row_seeds
 from megatron_nbp.inference.sampling import SamplingConfig
 from megatron_nbp.layouts import frame_prediction_batch, pad_text_ids
 from megatron_nbp.masks import block_causal_allowed
@@ -168,6 +170,18 @@ def test_a_tokenizer_that_does_not_fit_is_refused(files, tmp_path):
     path = convert(random_model(cfg), tmp_path / "small_vocab")
     with pytest.raises(ValueError, match="codebook 8 > model vocab 4"):
         NBPPipeline.from_pretrained(path, tokenizer=tiny_tokenizer(), device="cpu")
+
+
+def test_geometry_follows_the_tokenizer_spatial_stride():
+    """A stride-4 tokenizer (the CPU demo's layout) maps the model's 3x2x2 latents to 9x8x8 pixels, a
+    stride-8 one to 9x16x16; each geometry encodes back to the model's latent shape."""
+    model = random_model(model_config())
+    stride8 = tiny_tokenizer()
+    stride4 = VideoTokenizer(dataclasses.replace(stride8.config, spatial_downsample=[True, True, False]))
+    assert clip_geometry(model, stride8) == ClipGeometry(9, 16, 16)
+    assert clip_geometry(model, stride4) == ClipGeometry(9, 8, 8)
+    with torch.no_grad():
+        assert tuple(stride4.encode(torch.zeros(1, 3, 9, 8, 8)).shape) == (1, *LATENT)
 
 
 # ----------------------------------------------------------------------------- dtype and shards
