@@ -30,6 +30,15 @@ from megatron_nbp.inference.convert_common import DEFAULT_MAX_SHARD_SIZE, read_m
 from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_torch_files
 
 
+def join_tensor_parallel(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """The TP1 tensor of one tensor-parallel parameter from its shards of TP rank 0, 1, ...: concatenated
+    along ``dim``, each shard cut into ``stride`` chunks and the chunks interleaved as megatron's
+    ``_initialize_affine_weight_cpu`` splits them (stride 2: SwiGLU fc1, each rank [gate; up] -> all
+    gates, then all ups). Shapes: TP-local in, TP1 out (``dim`` grows TP-fold); dtype and device kept."""
+    chunks = [part.chunk(stride, dim) for part in parts]
+    return torch.cat([c[j] for j in range(stride) for c in chunks], dim)
+
+
 def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]],
                                  reference: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Join per-TP-rank state dicts into TP1 tensors.
@@ -58,9 +67,7 @@ def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]],
     for name, ref in expected.items():
         parts = [shard[name] for shard in shards]
         if len(parts) > 1 and getattr(ref, "tensor_model_parallel", False):
-            dim, stride = ref.partition_dim, getattr(ref, "partition_stride", 1)
-            chunks = [part.chunk(stride, dim) for part in parts]
-            tensor = torch.cat([c[j] for j in range(stride) for c in chunks], dim)
+            tensor = join_tensor_parallel(parts, ref.partition_dim, getattr(ref, "partition_stride", 1))
         else:
             tensor = parts[0]
         if tuple(tensor.shape) != tuple(ref.shape):

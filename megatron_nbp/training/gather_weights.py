@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_nbp.config import ModelConfig
+from megatron_nbp.inference.convert_zero import join_tensor_parallel
 
 __all__ = ["gather_full_state_dict", "unwrap_module"]
 
@@ -64,10 +65,8 @@ def _gather_tensor_parallel(name: str, param: torch.Tensor, model_cfg: ModelConf
     dim = int(getattr(param, "partition_dim", 0))
     shards = [torch.empty_like(param) for _ in range(tp)]
     dist.all_gather(shards, param.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    if model_cfg.activation == "swiglu" and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
-        halves = [s.chunk(2, dim=dim) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(shards, dim=dim)
+    swiglu_fc1 = model_cfg.activation == "swiglu" and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"))
+    return join_tensor_parallel(shards, dim, 2 if swiglu_fc1 else 1)
 
 
 def gather_full_state_dict(model: torch.nn.Module, model_cfg: ModelConfig, dst: int) -> dict[str, torch.Tensor] | None:
