@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU-only check of the project in one run (target: under 8 minutes on one H100 / H200, no network):
-#   1. the tests marked gpu (compiled FlexAttention, the project's attention module, TE spec if installed, CUDA-graph
-#      decoding, the tokenizer on CUDA);
-#   2. training throughput at nbp-xl, K600 layout (seq 1264): megatron bf16 at micro-batch 4, 8 and 16
-#      (the largest that fits shows as the last "ok" row), megatron fp32 and DeepSpeed ZeRO-1 / ZeRO-2
-#      bf16 at micro-batch 4;
-#   3. nbp-3b under DeepSpeed ZeRO-3 bf16, 5 iterations, with the memory planner's prediction beside it;
-#   4. block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
-#   5. generation, NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time in the eager and the CUDA-graph
-#      decode modes (graph vs eager speed-up) and the sampler's share of a step;
-#   6. tokenizer throughput at the 370M layout (configs/tokenizer/magvit2.yaml), 17x128x128: decode alone (0 / 8
-#      DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job (bf16, 8 workers) and
-#      training steps (bf16, batch 2), bench/tokenize_throughput.py (cut at 90 s; rows print as they finish).
+# Every GPU-only check of the project in one run, most important first, within a time budget (no network):
+#   tests      the tests marked gpu (compiled FlexAttention, the project's attention module, training on the GPU
+#              in bf16 vs fp32, TE spec if installed, CUDA-graph decoding, the tokenizer on CUDA);
+#   train      training throughput at nbp-xl, K600 layout (seq 1264), micro-batch 4: megatron bf16 and DeepSpeed
+#              ZeRO-1 bf16 (the first step of both backends on the GPU);
+#   tokenizer  tokenizer throughput at the 370M layout (configs/tokenizer/magvit2.yaml), 17x128x128: decode
+#              alone (0 / 8 DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job
+#              (bf16, 8 workers) and training steps (bf16, batch 2), bench/tokenize_throughput.py;
+#   real       with REAL_VIDEOS=DIR and REAL_TOKENIZER=FILE: bf16 vs fp32 token agreement of a trained tokenizer
+#              on real footage, its encode rate, and eval_tokenizer.py's PSNR (skipped without them);
+#   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row);
+#   generation NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time, eager and CUDA-graph decoding;
+#   attention  block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
+#   train_more megatron fp32 and DeepSpeed ZeRO-2 bf16 at micro-batch 4;
+#   zero3      nbp-3b under DeepSpeed ZeRO-3 bf16 with the memory planner's prediction beside it.
+# DEADLINE_S (default 480) bounds the whole run: each step gets at most what is left, and steps that would
+# start with under 20 s left are listed as skipped. STEPS="train tokenizer" runs only those steps.
 # Without CUDA it runs the same steps at tiny sizes (a smoke test of the script itself, ~5 min on 2 cores).
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]      (default OUT_DIR: runs/gpu_check; the log is OUT_DIR/gpu_check.log)
-# The Python packages it needs beyond torch: requirements.txt (megatron-core, deepspeed, webdataset, ...).
+# The Python packages it needs beyond torch: requirements.txt (megatron-core, deepspeed, webdataset, PyAV, ...).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-runs/gpu_check}
@@ -24,22 +28,33 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-# a checkout where `pip install -e .` has not run (a GPU box without the project installed): the packages
-# are importable from the repository root, for the launchers and the torchrun workers alike
-if ! $PY -c "import megatron_nbp, data_prep, nbp_common" 2>/dev/null; then
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# the packages from this checkout, for the launchers, the benchmarks and the torchrun workers alike (also
+# on a GPU box where `pip install -e .` has not run; `python -c` alone would find them from the cwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 FAILED=0
 
-step() {  # step NAME TIMEOUT_S COMMAND...
+DEADLINE_S=${DEADLINE_S:-480}
+STEPS=${STEPS:-tests train tokenizer real train_mb generation attention train_more zero3}
+SKIPPED=()
+
+wanted() { [[ " ${STEPS//,/ } " == *" $1 "* ]]; }
+
+step() {  # step NAME TIMEOUT_S COMMAND...   (the timeout is cut to what is left of DEADLINE_S)
   local name=$1 limit=$2
   shift 2
+  local left=$(( DEADLINE_S - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then
+    SKIPPED+=("$name")
+    echo "" | tee -a "$LOG"; echo "## $name: skipped, ${left} s left of DEADLINE_S=$DEADLINE_S" | tee -a "$LOG"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$(date +%s)
   echo "" | tee -a "$LOG"
-  echo "## $name" | tee -a "$LOG"
+  echo "## $name (limit $limit s)" | tee -a "$LOG"
   echo "\$ $*" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warnings.warn|^\s*$" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v -E "Warning|warnings.warn|^\s*$" | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && FAILED=$((FAILED + 1))
   echo "(exit $rc, $(( $(date +%s) - t0 )) s)" | tee -a "$LOG"
@@ -75,31 +90,52 @@ for name in ("megatron.core", "deepspeed", "webdataset", "transformer_engine"):
 PY
 } 2>&1 | tee -a "$LOG"
 
-step "tests marked gpu" 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+wanted tests && step "tests marked gpu" 200 $PY -m pytest -v --tb=short -p no:cacheprovider -m gpu -rs tests
 
-step "training throughput, megatron bf16 (fused flex attention), largest micro-batch that fits" 240 \
-  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[@]}" "${ITERS[@]}"
+wanted train && step "training throughput at micro-batch ${SIZES[0]}: megatron bf16 (fused flex attention), DeepSpeed ZeRO-1 bf16" \
+  150 $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 zero1-bf16 --micro-batch-sizes "${SIZES[0]}" \
+  "${ITERS[@]}"
 
-step "training throughput, megatron fp32 and DeepSpeed ZeRO-1 / ZeRO-2 bf16, micro-batch ${SIZES[0]}" 240 \
-  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-fp32 zero1-bf16 zero2-bf16 \
-  --micro-batch-sizes "${SIZES[0]}" "${ITERS[@]}"
+wanted tokenizer && step "tokenizer throughput: decode, encode, tokenization job, training steps (370M layout, 17x128x128)" \
+  100 $PY bench/tokenize_throughput.py "${TOK[@]}"
 
-step "nbp-3b, DeepSpeed ZeRO-3 bf16, 5 iterations" 240 \
-  $PY bench/train_throughput.py "${B3[@]}" --modes zero3-bf16 --micro-batch-sizes 1 --iters 3 --warmup 2
-step "memory plan of that parallel plan (ZeRO-3, DP 1, micro-batch 1, bf16 gradients as DeepSpeed keeps them)" 60 \
-  $PY launchers/plan_memory.py "${B3[@]}" --zero-stage 3 --dp 1 --micro-batch-size 1 --global-batch-size 1 \
-  --grad-dtype bf16 --gpu-memory-gib 139
+if wanted real && [ -n "${REAL_VIDEOS:-}" ] && [ -n "${REAL_TOKENIZER:-}" ]; then
+  step "a trained tokenizer on real footage: bf16 vs fp32 token agreement, encode rate" 60 \
+    $PY bench/tokenize_throughput.py --input "$REAL_VIDEOS" --tokenizer "$REAL_TOKENIZER" --parts encode,decode \
+    --precisions fp32,bf16 --resolution "${REAL_RESOLUTION:-64}" --batch-sizes 32 --encode-batches 3 \
+    --agreement-clips 64
+  step "the same tokenizer's reconstructions (launchers/eval_tokenizer.py, fp32, --device auto)" 40 \
+    $PY launchers/eval_tokenizer.py --tokenizer "$REAL_TOKENIZER" --data "$REAL_VIDEOS" \
+    --resolution "${REAL_RESOLUTION:-64}" --num-frames 17 --holdout-fraction 0 --max-clips 48 --device auto \
+    --json "$OUT/eval_tokenizer.json"
+fi
 
-step "block-causal attention kernels" 120 $PY bench/attention.py "${ATTN[@]}" --repeats 20
+wanted train_mb && step "training throughput, megatron bf16, larger micro-batches" 150 \
+  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[@]:1}" "${ITERS[@]}"
 
-for batch in 1 8; do
-  step "generation, NBP vs NTP, batch $batch (eager and CUDA-graph decoding)" 240 \
-    $PY bench/nbp_vs_ntp.py "${GEN[@]}" --batch-size "$batch" --repeats 1
-done
+if wanted generation; then
+  for batch in 1 8; do
+    step "generation, NBP vs NTP, batch $batch (eager and CUDA-graph decoding)" 150 \
+      $PY bench/nbp_vs_ntp.py "${GEN[@]}" --batch-size "$batch" --repeats 1
+  done
+fi
 
-step "tokenizer throughput: decode, encode, tokenization job, training steps (370M layout, 17x128x128)" 90 \
-  $PY bench/tokenize_throughput.py "${TOK[@]}"
+wanted attention && step "block-causal attention kernels" 100 $PY bench/attention.py "${ATTN[@]}" --repeats 20
+
+wanted train_more && step "training throughput, megatron fp32 and DeepSpeed ZeRO-2 bf16, micro-batch ${SIZES[0]}" 150 \
+  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-fp32 zero2-bf16 --micro-batch-sizes "${SIZES[0]}" \
+  "${ITERS[@]}"
+
+if wanted zero3; then
+  step "nbp-3b, DeepSpeed ZeRO-3 bf16" 150 \
+    $PY bench/train_throughput.py "${B3[@]}" --modes zero3-bf16 --micro-batch-sizes 1 --iters 3 --warmup 2
+  step "memory plan of that parallel plan (ZeRO-3, DP 1, micro-batch 1, bf16 gradients as DeepSpeed keeps them)" 60 \
+    $PY launchers/plan_memory.py "${B3[@]}" --zero-stage 3 --dp 1 --micro-batch-size 1 --global-batch-size 1 \
+    --grad-dtype bf16 --gpu-memory-gib 139
+fi
 
 echo "" | tee -a "$LOG"
-echo "# done in $(( $(date +%s) - START )) s, $FAILED step(s) failed (GPU: $GPU); log: $LOG" | tee -a "$LOG"
+echo "# done in $(( $(date +%s) - START )) s, $FAILED step(s) failed, ${#SKIPPED[@]} skipped for time" \
+  "(GPU: $GPU); log: $LOG" | tee -a "$LOG"
+for name in "${SKIPPED[@]}"; do echo "#   skipped: $name" | tee -a "$LOG"; done
 exit "$FAILED"

@@ -96,15 +96,34 @@ def bench_encode(args: argparse.Namespace, tokenizer, device: torch.device, batc
     return batch * args.encode_batches, time.perf_counter() - start
 
 
-def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device) -> float:
-    """Share of equal token ids, bf16 vs fp32, on 4 random clips (noise: a rough figure, not real footage)."""
-    from data_prep.tokenize_job import frames_batch_to_tensor
+def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device, videos: Path,
+                   ckpt: Path) -> tuple[float, str]:
+    """(share of equal token ids bf16 vs fp32, what it was measured on).
+
+    With ``--input``: the first ``--agreement-clips`` clips of the given videos, decoded as the job decodes
+    them (real footage). Without: 4 uniform-noise clips (a rough figure, noise is the hardest input)."""
+    from data_prep.tokenize_job import TokenizeConfig, decoded_media, frames_batch_to_tensor
     from data_prep.tokenizer.precision import bf16_token_agreement
 
-    g = torch.Generator().manual_seed(1)
-    clips = torch.randint(0, 256, (4, args.num_frames, args.resolution, args.resolution, 3), generator=g,
-                          dtype=torch.uint8)
-    return bf16_token_agreement(tokenizer, frames_batch_to_tensor(clips, device), batch_size=2)
+    if args.input is not None:
+        cfg = TokenizeConfig(input_dir=videos, output_dir=videos.parent / "unused", tokenizer=ckpt,
+                             num_frames=args.num_frames, resolution=args.resolution, num_workers=0)
+        found = []
+        for item in decoded_media(cfg, cfg.list_inputs()[0]):
+            if item.clips is not None:
+                found.extend(item.clips)
+            if len(found) >= args.agreement_clips:
+                break
+        if not found:
+            raise SystemExit(f"--input {videos}: no clip of {args.num_frames} frames could be decoded")
+        clips = torch.stack(found[: args.agreement_clips])
+        what = f"{len(clips)} real clips"
+    else:
+        g = torch.Generator().manual_seed(1)
+        clips = torch.randint(0, 256, (4, args.num_frames, args.resolution, args.resolution, 3), generator=g,
+                              dtype=torch.uint8)
+        what = "4 noise clips"
+    return bf16_token_agreement(tokenizer, frames_batch_to_tensor(clips, device), batch_size=2), what
 
 
 def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, workers: int,
@@ -187,6 +206,8 @@ def main() -> None:
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--train-precisions", help="precisions of the train rows (default: --precisions)")
     p.add_argument("--train-steps", type=int, default=3 if cuda else 2, help="timed steps per train row")
+    p.add_argument("--agreement-clips", type=int, default=32,
+                   help="real clips (from --input) of the bf16 vs fp32 token agreement")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     unknown = parts - {"decode", "encode", "job", "train"}
@@ -228,8 +249,8 @@ def main() -> None:
             for precision in precisions:
                 note = ""
                 if precision == "bf16":
-                    rate = bf16_agreement(args, tokenizer, choice.device)
-                    note = f"token ids equal to fp32: {rate:.4f} (noise clips)"
+                    rate, what = bf16_agreement(args, tokenizer, choice.device, videos, ckpt)
+                    note = f"token ids equal to fp32: {rate:.4f} ({what})"
                 for batch in _ints(args.batch_sizes):
                     clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
                     print(f"| encode | {precision}, batch {batch} | {clips} | {seconds:.2f} | {clips / seconds:.1f} "

@@ -68,11 +68,12 @@ def hybrid_block_ids(num_condition: int, num_video: int, block_size: int) -> tor
 
 def sequence_padding(condition_padding: torch.Tensor | None, num_video: int) -> torch.Tensor | None:
     """Key padding of whole hybrid sequences: bool [B, P] condition padding -> bool [B, P + N] (video
-    positions never padded), or None when nothing is padded."""
+    positions never padded) on the condition padding's device, or None when nothing is padded."""
     if condition_padding is None or not bool(condition_padding.any()):
         return None
     batch = condition_padding.shape[0]
-    return torch.cat([condition_padding.bool(), torch.zeros(batch, num_video, dtype=torch.bool)], dim=1)
+    video = torch.zeros(batch, num_video, dtype=torch.bool, device=condition_padding.device)
+    return torch.cat([condition_padding.bool(), video], dim=1)
 
 
 def hybrid_batch(video_tokens: torch.Tensor, condition: torch.Tensor, block_size: int,

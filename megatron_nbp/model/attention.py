@@ -98,22 +98,24 @@ _compiled_flex = None
 def flex_kernel_options(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """FlexAttention kernel options for the block-causal mask at this head dimension.
 
-    Always: ``ROWS_GUARANTEED_SAFE`` (every query attends at least to itself under the block-causal rule,
-    padded queries included, see megatron_nbp.masks) and ``BLOCKS_ARE_CONTIGUOUS`` (the visible key
-    tiles of a query tile are one run from the first tile to the diagonal), which let the kernel skip
-    its empty-row guards and walk the tiles as a range.
+    torch's correctness flags stay at their defaults (False). ``BLOCKS_ARE_CONTIGUOUS`` does not hold for
+    this mask: the query tiles that read a key tile are not one run (a sequence that is not a multiple
+    of 128, e.g. 1264, ends in a partial query tile that reads every key tile, so key tile 0 is read by
+    query tiles [0, 9]), and the backward kernel would walk the wrong tiles. With it and
+    ``ROWS_GUARANTEED_SAFE`` set, the compiled kernel on an H200 gave outputs 15-19% (relative L2) away
+    from the dense mask at the nbp-xl shape (tests/gpu/test_gpu.py, 2026-11-30).
 
     Hopper (compute capability 9.0), bf16 / fp16: torch's default forward tiles are tuned for head dims
     64 / 128 / 256 only and fall back to 64 x 64 with 4 warps for any other; Triton rounds a head dim of
     96 up to 128 inside the kernel, so heads of 96 (nbp-xl) and 128 (nbp-xxl, nbp-3b) get the H100
-    head-dim-128 forward tiling: BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps. The backward keeps torch's
-    sm90 default (64 / 128 / 128 / 64, 3 stages, 8 warps), already chosen for head dims up to 128.
-    Elsewhere (other GPUs, fp32, CPU) torch's own heuristics are kept.
+    head-dim-128 forward tiling: BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps (a tiling choice only). The
+    backward keeps torch's sm90 default (64 / 128 / 128 / 64, 3 stages, 8 warps), already chosen for head
+    dims up to 128. Elsewhere (other GPUs, fp32, CPU) torch's own heuristics are kept.
 
     Returns:
-        dict for ``flex_attention(..., kernel_options=...)``.
+        dict for ``flex_attention(..., kernel_options=...)`` (empty where torch's defaults are kept).
     """
-    options = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+    options: dict = {}
     if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and 64 < head_dim <= 128
             and torch.cuda.get_device_capability(device) == (9, 0)):
         options.update(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=8)
