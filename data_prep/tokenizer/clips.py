@@ -65,27 +65,38 @@ class ClipBank:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         return range(self.rank * batch_size, (self.rank + 1) * batch_size)
 
-    def sample_clips(self, batch_size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    def sample_clips(self, batch_size: int, generator: torch.Generator, flip: bool = True,
+                     crop: int | None = None) -> torch.Tensor:
         """This rank's ``batch_size`` rows of a random global batch of clips (windows drawn with
-        replacement, each clip flipped horizontally with probability 1/2 if ``flip``).
+        replacement, each clip flipped horizontally with probability 1/2 if ``flip``, and cut to a random
+        ``crop x crop`` square if ``crop`` is given).
 
         The global batch of ``G = batch_size * world_size`` is drawn from ``generator`` in one fixed order
-        (G window picks, then G flips), so every rank advances ``generator`` identically and a 1-rank call
-        with ``batch_size`` G returns the concatenation of the ranks' batches. Only this rank's rows are
-        decoded.
+        (G window picks, then G flips, then, with ``crop``, G (top, left) offsets), so every rank advances
+        ``generator`` identically and a 1-rank call with ``batch_size`` G returns the concatenation of the
+        ranks' batches. Only this rank's rows are decoded. Without ``crop`` the draws are those of earlier
+        versions (same clips for the same seed).
 
         Returns:
-            float32 ``[batch_size, 3, num_frames, S, S]`` in [-1, 1].
+            float32 ``[batch_size, 3, num_frames, C, C]`` in [-1, 1], C = ``crop`` or S.
 
         Raises:
-            ValueError: ``batch_size`` < 1.
+            ValueError: ``batch_size`` < 1, or ``crop`` not in [1, S].
         """
         rows = self._rows(batch_size)
         total = batch_size * self.world_size
+        size = self.videos[0].shape[1]
+        if crop is not None and not 1 <= crop <= size:
+            raise ValueError(f"crop must be in [1, {size}] (the frames' size), got {crop}")
         picks = torch.randint(len(self.windows), (total,), generator=generator).tolist()
         flips = torch.rand(total, generator=generator) < 0.5 if flip else None
+        corners = torch.randint(size - crop + 1, (total, 2), generator=generator).tolist() if crop else None
         batch = torch.stack([self.clip(*self.windows[picks[i]]) for i in rows])
-        return _flip_rows(batch, flips[rows.start:rows.stop]) if flip else batch
+        if flip:
+            batch = _flip_rows(batch, flips[rows.start:rows.stop])
+        if crop:
+            batch = torch.stack([clip[..., y:y + crop, x:x + crop] for clip, (y, x) in zip(batch, corners[rows.start:rows.stop])])
+        return batch
 
     def sample_images(self, batch_size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
         """This rank's ``batch_size`` rows of a random global batch of single frames (1-frame videos): a

@@ -206,6 +206,10 @@ class TrainOptions(TypedConfig):
     data: str = Field(description="directory of videos (searched recursively)")
     output: str = Field(description="checkpoint to write (.safetensors)")
     resolution: int = Field(64, description="square crop size in pixels (multiple of 8)")
+    crop_size: int | None = Field(None, description="train on random crop_size x crop_size squares of the "
+                                                    "resolution x resolution frames (4x the clips per step at "
+                                                    "half the side; the evaluation uses whole frames); unset = "
+                                                    "whole frames")
     num_frames: int = Field(17, description="frames per clip, 1 + 4n (e.g. 17)")
     frame_stride: int = Field(1, description="step between sampled frames")
     train_steps: int = Field(1000, description="optimizer steps", json_schema_extra=cli_flags("--train-iters"))

@@ -288,10 +288,18 @@ def _checked_config(opts: TrainOptions) -> TokenizerConfig:
     Raises:
         FileNotFoundError / ValueError: missing or bad config; T not 1 + 4n or resolution not a multiple
             of the spatial stride (:meth:`TokenizerConfig.latent_shape`); unknown ``gan_loss``; ``perceptual_weight`` > 0
-            without ``perceptual_network``; ``warmup_ratio`` outside [0, 1).
+            without ``perceptual_network``; ``warmup_ratio`` outside [0, 1); ``crop_size`` larger than the
+            resolution or not a multiple of the spatial stride.
     """
     config = TokenizerConfig.from_yaml(opts.config)
     config.latent_shape(opts.num_frames, opts.resolution, opts.resolution)
+    if opts.crop_size is not None:
+        if opts.crop_size > opts.resolution:
+            raise ValueError(f"--crop-size {opts.crop_size} is larger than --resolution {opts.resolution}")
+        try:
+            config.latent_shape(opts.num_frames, opts.crop_size, opts.crop_size)
+        except ValueError as exc:
+            raise ValueError(f"--crop-size {opts.crop_size}: {exc}") from None
     if opts.gan_loss not in ("hinge", "non_saturating"):
         raise ValueError(f"gan_loss must be 'hinge' or 'non_saturating', got {opts.gan_loss!r}")
     if opts.perceptual_weight > 0 and not opts.perceptual_network:
@@ -519,7 +527,8 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
     if is_image:
         batch = bank.sample_images(opts.image_batch_size, generator)
     else:
-        batch = bank.sample_clips(opts.batch_size if batch_size is None else batch_size, generator)
+        batch = bank.sample_clips(opts.batch_size if batch_size is None else batch_size, generator,
+                                  crop=opts.crop_size)
     batch = to_device(batch, t.device)
     gan_on = t.disc is not None and step >= opts.disc_start
 

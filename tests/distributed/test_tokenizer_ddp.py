@@ -146,13 +146,13 @@ def test_ranks_draw_their_rows_of_one_global_batch(data):
     from data_prep.tokenizer.clips import load_clip_bank
 
     videos = data / "videos"
-    for method, b in (("sample_clips", 2), ("sample_images", 3)):
+    for method, b, extra in (("sample_clips", 2, {}), ("sample_images", 3, {}), ("sample_clips", 2, {"crop": 8})):
         whole_gen = torch.Generator().manual_seed(5)
-        whole = getattr(load_clip_bank(videos, 16, 5, holdout_fraction=0.25), method)(2 * b, whole_gen)
+        whole = getattr(load_clip_bank(videos, 16, 5, holdout_fraction=0.25), method)(2 * b, whole_gen, **extra)
         for rank in (0, 1):
             bank = load_clip_bank(videos, 16, 5, rank=rank, world_size=2, holdout_fraction=0.25)
             gen = torch.Generator().manual_seed(5)
-            part = getattr(bank, method)(b, gen)
+            part = getattr(bank, method)(b, gen, **extra)
             assert torch.equal(part, whole[rank * b:(rank + 1) * b]), (method, rank)
             assert torch.equal(gen.get_state(), whole_gen.get_state()), (method, rank)
     one = load_clip_bank(videos, 16, 5, holdout_fraction=0.25)
@@ -164,3 +164,37 @@ def test_ranks_draw_their_rows_of_one_global_batch(data):
         load_clip_bank(videos, 16, 5, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         one.sample_clips(0, torch.Generator())
+
+
+def test_training_crops_are_squares_of_the_clips_drawn_without_them(data, tmp_path):
+    """``crop``: the same window picks and flips as a draw without it, then a random square per clip from
+    the next draws of the generator; whole frames when unset; bad sizes refused in one line, before any
+    training (``--crop-size`` must fit the resolution and the tokenizer's spatial stride)."""
+    from data_prep.tokenizer.clips import load_clip_bank
+    from data_prep.tokenizer.config import TrainOptions
+    from data_prep.tokenizer.train import _checked_config
+
+    bank = load_clip_bank(data / "videos", 16, 5, holdout_fraction=0.25)
+    plain_gen, crop_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    whole = bank.sample_clips(4, plain_gen)
+    cropped = bank.sample_clips(4, crop_gen, crop=8)
+    corners = torch.randint(16 - 8 + 1, (4, 2), generator=plain_gen).tolist()
+    assert cropped.shape == (4, 3, 5, 8, 8) and len({tuple(c) for c in corners}) > 1
+    for row, (y, x) in enumerate(corners):
+        assert torch.equal(cropped[row], whole[row, ..., y:y + 8, x:x + 8]), row
+    assert torch.equal(plain_gen.get_state(), crop_gen.get_state())
+    assert torch.equal(bank.sample_clips(2, torch.Generator().manual_seed(1), crop=16),
+                       bank.sample_clips(2, torch.Generator().manual_seed(1)))  # a full-size crop is the frame
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match=rf"crop must be in \[1, 16\] \(the frames' size\), got {bad}"):
+            bank.sample_clips(2, torch.Generator(), crop=bad)
+
+    def options(crop):
+        return TrainOptions(config=str(data / "small.yaml"), data=str(data / "videos"), output=str(tmp_path / "t"),
+                            resolution=32, num_frames=5, crop_size=crop)
+
+    assert _checked_config(options(16)) is not None
+    with pytest.raises(ValueError, match="--crop-size 48 is larger than --resolution 32"):
+        _checked_config(options(48))
+    with pytest.raises(ValueError, match="--crop-size 12: .*multiple of the spatial stride 8"):
+        _checked_config(options(12))
