@@ -7,6 +7,8 @@
 #   tokenizer  tokenizer throughput at the 370M layout (configs/tokenizer/magvit2.yaml), 17x128x128: decode
 #              alone (0 / 8 DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job
 #              (bf16, 8 workers) and training steps (bf16, batch 2), bench/tokenize_throughput.py;
+#   tokenizer_variants  bf16 encoding at the 370M layout with settings the job does not use yet (cuDNN
+#              benchmark mode, channels-last 3D, torch.compile), each with its token agreement;
 #   real       with REAL_VIDEOS=DIR and REAL_TOKENIZER=FILE: bf16 vs fp32 token agreement of a trained tokenizer
 #              on real footage, its encode rate, and eval_tokenizer.py's PSNR (skipped without them);
 #   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row);
@@ -35,7 +37,7 @@ START=$(date +%s)
 FAILED=0
 
 DEADLINE_S=${DEADLINE_S:-480}
-STEPS=${STEPS:-tests train tokenizer real train_mb generation attention train_more zero3}
+STEPS=${STEPS:-tests train tokenizer tokenizer_variants real train_mb generation attention train_more zero3}
 SKIPPED=()
 
 wanted() { [[ " ${STEPS//,/ } " == *" $1 "* ]]; }
@@ -66,6 +68,7 @@ if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   B3=(--config configs/model/nbp_3b.yaml --config configs/data/k600.yaml)
   SIZES=(4 8 16); ITERS=(--iters 5 --warmup 2); ATTN=(--paper-shape); GEN=(--config configs/model/nbp_xl.yaml --dtype bf16)
   TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16)
+  TOKV=(--batch-sizes 32 --encode-batches 3)
 else
   GPU=0
   XL=(--config configs/tiny_frame_prediction.yaml)
@@ -73,6 +76,7 @@ else
   SIZES=(2 4); ITERS=(--iters 2 --warmup 1); ATTN=(); GEN=(--dtype fp32)
   TOK=(--num-videos 4 --video-frames 40 --resolution 32 --batch-sizes 8 --encode-batches 1 --job-workers 2
        --train-steps 1)
+  TOKV=(--resolution 32 --batch-sizes 8 --encode-batches 1)
 fi
 
 {
@@ -98,6 +102,10 @@ wanted train && step "training throughput at micro-batch ${SIZES[0]}: megatron b
 
 wanted tokenizer && step "tokenizer throughput: decode, encode, tokenization job, training steps (370M layout, 17x128x128)" \
   100 $PY bench/tokenize_throughput.py "${TOK[@]}"
+
+wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layout, 17x128x128)" 150 \
+  $PY bench/tokenize_throughput.py "${TOKV[@]}" --parts encode --precisions bf16 \
+  --encode-variants plain,cudnn_benchmark,channels_last+cudnn_benchmark,compile+channels_last+cudnn_benchmark
 
 if wanted real && [ -n "${REAL_VIDEOS:-}" ] && [ -n "${REAL_TOKENIZER:-}" ]; then
   step "a trained tokenizer on real footage: bf16 vs fp32 token agreement, encode rate" 60 \

@@ -10,6 +10,10 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
   precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``encode_tokens`` of
   :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of ``--batch-sizes``, after one warm-up batch (cuDNN
   autotuning); the bf16 rows also give the share of token ids equal to fp32's on the first clips;
+  ``--encode-variants`` adds rows with encoder settings the job does not use yet (``channels_last``:
+  channels-last 3D weights; ``cudnn_benchmark``: cuDNN picks its fastest algorithms for the shape;
+  ``compile``: ``torch.compile`` of the encoder; joined with ``+``), each with the share of its token
+  ids equal to the plain encoder's at the same precision;
 * ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
   of ``--job-workers`` at each of ``--job-precisions``; the rate is the rank's own summary line (imports,
   tokenizer loading and the manifest excluded);
@@ -30,6 +34,7 @@ of ``--tokenizer-config`` is used (speed does not depend on the weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -94,6 +99,50 @@ def bench_encode(args: argparse.Namespace, tokenizer, device: torch.device, batc
         one()
     _sync(device)
     return batch * args.encode_batches, time.perf_counter() - start
+
+
+ENCODE_VARIANTS = ("plain", "channels_last", "cudnn_benchmark", "compile")
+
+
+@contextlib.contextmanager
+def encoder_variant(tokenizer, variant: str):
+    """Apply the settings of ``variant`` (names of :data:`ENCODE_VARIANTS` joined by ``+``) to ``tokenizer``
+    and torch for the duration of the block, then restore them."""
+    parts = set(variant.split("+"))
+    unknown = parts - set(ENCODE_VARIANTS)
+    if unknown:
+        raise SystemExit(f"--encode-variants: unknown {sorted(unknown)}; known: {', '.join(ENCODE_VARIANTS)}")
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        if "cudnn_benchmark" in parts:
+            torch.backends.cudnn.benchmark = True
+        if "channels_last" in parts:
+            tokenizer.to(memory_format=torch.channels_last_3d)
+        if "compile" in parts:
+            tokenizer.encode = torch.compile(tokenizer.encode, dynamic=False)
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        if "channels_last" in parts:
+            tokenizer.to(memory_format=torch.contiguous_format)
+        if "compile" in parts:
+            del tokenizer.encode  # the class's method again
+
+
+def variant_agreement(args: argparse.Namespace, tokenizer, device: torch.device, variant: str,
+                      precision: str) -> float:
+    """Share of token ids equal between the plain encoder and ``variant`` at ``precision`` (2 noise clips)."""
+    from data_prep.tokenize_job import frames_batch_to_tensor
+    from data_prep.tokenizer.precision import encode_tokens
+
+    g = torch.Generator().manual_seed(2)
+    clips = torch.randint(0, 256, (2, args.num_frames, args.resolution, args.resolution, 3), generator=g,
+                          dtype=torch.uint8)
+    video = frames_batch_to_tensor(clips, device)
+    plain = encode_tokens(tokenizer, video, precision)
+    with encoder_variant(tokenizer, variant):
+        other = encode_tokens(tokenizer, video, precision)
+    return float((plain == other).float().mean())
 
 
 def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device, videos: Path,
@@ -206,6 +255,9 @@ def main() -> None:
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--train-precisions", help="precisions of the train rows (default: --precisions)")
     p.add_argument("--train-steps", type=int, default=3 if cuda else 2, help="timed steps per train row")
+    p.add_argument("--encode-variants", default="plain",
+                   help="comma-separated encoder settings for the encode rows: plain, or names of "
+                        f"{', '.join(ENCODE_VARIANTS[1:])} joined by '+' (e.g. plain,channels_last+cudnn_benchmark)")
     p.add_argument("--agreement-clips", type=int, default=32,
                    help="real clips (from --input) of the bf16 vs fp32 token agreement")
     args = p.parse_args()
@@ -251,10 +303,16 @@ def main() -> None:
                 if precision == "bf16":
                     rate, what = bf16_agreement(args, tokenizer, choice.device, videos, ckpt)
                     note = f"token ids equal to fp32: {rate:.4f} ({what})"
-                for batch in _ints(args.batch_sizes):
-                    clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
-                    print(f"| encode | {precision}, batch {batch} | {clips} | {seconds:.2f} | {clips / seconds:.1f} "
-                          f"| {note} |", flush=True)
+                for variant in args.encode_variants.split(","):
+                    label, vnote = "", note
+                    if variant != "plain":
+                        rate = variant_agreement(args, tokenizer, choice.device, variant, precision)
+                        label, vnote = f", {variant}", f"token ids equal to plain {precision}: {rate:.4f} (noise clips)"
+                    for batch in _ints(args.batch_sizes):
+                        with encoder_variant(tokenizer, variant):
+                            clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
+                        print(f"| encode | {precision}, batch {batch}{label} | {clips} | {seconds:.2f} | "
+                              f"{clips / seconds:.1f} | {vnote} |", flush=True)
         del tokenizer
         if choice.is_cuda:
             torch.cuda.empty_cache()
