@@ -95,7 +95,8 @@ class ClipBank:
         if flip:
             batch = _flip_rows(batch, flips[rows.start:rows.stop])
         if crop:
-            batch = torch.stack([clip[..., y:y + crop, x:x + crop] for clip, (y, x) in zip(batch, corners[rows.start:rows.stop])])
+            mine = corners[rows.start:rows.stop]
+            batch = torch.stack([clip[..., y:y + crop, x:x + crop] for clip, (y, x) in zip(batch, mine)])
         return batch
 
     def sample_images(self, batch_size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
