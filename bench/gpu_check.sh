@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # Every GPU-only check of the project in one run, most important first, within a time budget (no network):
 #   tests      the tests marked gpu (compiled FlexAttention, the project's attention module, training on the GPU
-#              in bf16 vs fp32, TE spec if installed, CUDA-graph decoding, the tokenizer on CUDA);
+#              in bf16 vs fp32, profiling a training window, TE spec if installed, CUDA-graph decoding, the
+#              tokenizer on CUDA);
+#   tokenizer_variants  bf16 encoding at the 370M layout with settings the job does not use yet (cuDNN
+#              benchmark mode, channels-last 3D, torch.compile), each with its token agreement, TFLOP/s and a
+#              torch.profiler summary of one batch (GPU busy fraction, top kernels);
+#   tokenizer_job  the tokenization job (bf16, 8 decode workers, 192 clips) plain, with --channels-last, and
+#              with --channels-last --compile (compilation included in its rate);
+#   profile    where the time of a training iteration goes: megatron bf16 at nbp-xl, micro-batch 4, two
+#              iterations under torch.profiler (the trainer's --profile --use-pytorch-profiler; traces in
+#              OUT_DIR/profile);
+#   generation NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time, eager and CUDA-graph decoding;
+#   attention  block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
+#   train_more megatron fp32 and DeepSpeed ZeRO-2 bf16 at micro-batch 4;
+#   zero3      nbp-3b under DeepSpeed ZeRO-3 bf16 with the memory planner's prediction beside it;
 #   train      training throughput at nbp-xl, K600 layout (seq 1264), micro-batch 4: megatron bf16 and DeepSpeed
 #              ZeRO-1 bf16 (the first step of both backends on the GPU);
 #   tokenizer  tokenizer throughput at the 370M layout (configs/tokenizer/magvit2.yaml), 17x128x128: decode
 #              alone (0 / 8 DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job
 #              (bf16, 8 workers) and training steps (bf16, batch 2), bench/tokenize_throughput.py;
-#   tokenizer_variants  bf16 encoding at the 370M layout with settings the job does not use yet (cuDNN
-#              benchmark mode, channels-last 3D, torch.compile), each with its token agreement;
 #   real       with REAL_VIDEOS=DIR and REAL_TOKENIZER=FILE: bf16 vs fp32 token agreement of a trained tokenizer
 #              on real footage, its encode rate, and eval_tokenizer.py's PSNR (skipped without them);
-#   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row);
-#   generation NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time, eager and CUDA-graph decoding;
-#   attention  block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
-#   train_more megatron fp32 and DeepSpeed ZeRO-2 bf16 at micro-batch 4;
-#   zero3      nbp-3b under DeepSpeed ZeRO-3 bf16 with the memory planner's prediction beside it.
+#   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row).
+# The order is the priority: what has never been measured on a GPU first, after the tests (train, tokenizer,
+# real and train_mb were measured on an H200 on 2026-11-30, docs/benchmarks.md).
 # DEADLINE_S (default 480) bounds the whole run: each step gets at most what is left, and steps that would
 # start with under 20 s left are listed as skipped. STEPS="train tokenizer" runs only those steps.
 # Without CUDA it runs the same steps at tiny sizes (a smoke test of the script itself, ~5 min on 2 cores).
@@ -37,7 +46,7 @@ START=$(date +%s)
 FAILED=0
 
 DEADLINE_S=${DEADLINE_S:-480}
-STEPS=${STEPS:-tests train tokenizer tokenizer_variants real train_mb generation attention train_more zero3}
+STEPS=${STEPS:-tests tokenizer_variants tokenizer_job profile generation attention train_more zero3 train tokenizer real train_mb}
 SKIPPED=()
 
 wanted() { [[ " ${STEPS//,/ } " == *" $1 "* ]]; }
@@ -69,6 +78,7 @@ if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   SIZES=(4 8 16); ITERS=(--iters 5 --warmup 2); ATTN=(--paper-shape); GEN=(--config configs/model/nbp_xl.yaml --dtype bf16)
   TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16)
   TOKV=(--batch-sizes 32 --encode-batches 3)
+  TOKJ=(--num-videos 48 --job-workers 8 --job-batch-size 32 --job-precisions bf16)
 else
   GPU=0
   XL=(--config configs/tiny_frame_prediction.yaml)
@@ -77,6 +87,7 @@ else
   TOK=(--num-videos 4 --video-frames 40 --resolution 32 --batch-sizes 8 --encode-batches 1 --job-workers 2
        --train-steps 1)
   TOKV=(--resolution 32 --batch-sizes 8 --encode-batches 1)
+  TOKJ=(--num-videos 4 --video-frames 40 --resolution 32 --job-workers 2 --job-batch-size 8 --job-precisions fp32)
 fi
 
 {
@@ -96,30 +107,17 @@ PY
 
 wanted tests && step "tests marked gpu" 200 $PY -m pytest -v --tb=short -p no:cacheprovider -m gpu -rs tests
 
-wanted train && step "training throughput at micro-batch ${SIZES[0]}: megatron bf16 (fused flex attention), DeepSpeed ZeRO-1 bf16" \
-  150 $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 zero1-bf16 --micro-batch-sizes "${SIZES[0]}" \
-  "${ITERS[@]}"
-
-wanted tokenizer && step "tokenizer throughput: decode, encode, tokenization job, training steps (370M layout, 17x128x128)" \
-  100 $PY bench/tokenize_throughput.py "${TOK[@]}"
-
 wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layout, 17x128x128)" 150 \
   $PY bench/tokenize_throughput.py "${TOKV[@]}" --parts encode --precisions bf16 \
-  --encode-variants plain,cudnn_benchmark,channels_last+cudnn_benchmark,compile+channels_last+cudnn_benchmark
+  --encode-variants plain,cudnn_benchmark,channels_last+cudnn_benchmark,compile+channels_last+cudnn_benchmark \
+  --profile-encode
 
-if wanted real && [ -n "${REAL_VIDEOS:-}" ] && [ -n "${REAL_TOKENIZER:-}" ]; then
-  step "a trained tokenizer on real footage: bf16 vs fp32 token agreement, encode rate" 60 \
-    $PY bench/tokenize_throughput.py --input "$REAL_VIDEOS" --tokenizer "$REAL_TOKENIZER" --parts encode,decode \
-    --precisions fp32,bf16 --resolution "${REAL_RESOLUTION:-64}" --batch-sizes 32 --encode-batches 3 \
-    --agreement-clips 64
-  step "the same tokenizer's reconstructions (launchers/eval_tokenizer.py, fp32, --device auto)" 40 \
-    $PY launchers/eval_tokenizer.py --tokenizer "$REAL_TOKENIZER" --data "$REAL_VIDEOS" \
-    --resolution "${REAL_RESOLUTION:-64}" --num-frames 17 --holdout-fraction 0 --max-clips 48 --device auto \
-    --json "$OUT/eval_tokenizer.json"
-fi
+wanted tokenizer_job && step "tokenization job with the encoding settings (370M layout, 17x128x128)" 200 \
+  $PY bench/tokenize_throughput.py "${TOKJ[@]}" --parts job --job-settings plain,channels_last,channels_last+compile
 
-wanted train_mb && step "training throughput, megatron bf16, larger micro-batches" 150 \
-  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[@]:1}" "${ITERS[@]}"
+wanted profile && step "where a training iteration's time goes: megatron bf16, micro-batch ${SIZES[0]}, torch.profiler" 150 \
+  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[0]}" --iters 3 \
+  --warmup 2 --profile --workdir "$OUT/profile"
 
 if wanted generation; then
   for batch in 1 8; do
@@ -141,6 +139,27 @@ if wanted zero3; then
     $PY launchers/plan_memory.py "${B3[@]}" --zero-stage 3 --dp 1 --micro-batch-size 1 --global-batch-size 1 \
     --grad-dtype bf16 --gpu-memory-gib 139
 fi
+
+wanted train && step "training throughput at micro-batch ${SIZES[0]}: megatron bf16 (fused flex attention), DeepSpeed ZeRO-1 bf16" \
+  150 $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 zero1-bf16 --micro-batch-sizes "${SIZES[0]}" \
+  "${ITERS[@]}"
+
+wanted tokenizer && step "tokenizer throughput: decode, encode, tokenization job, training steps (370M layout, 17x128x128)" \
+  100 $PY bench/tokenize_throughput.py "${TOK[@]}"
+
+if wanted real && [ -n "${REAL_VIDEOS:-}" ] && [ -n "${REAL_TOKENIZER:-}" ]; then
+  step "a trained tokenizer on real footage: bf16 vs fp32 token agreement, encode rate" 60 \
+    $PY bench/tokenize_throughput.py --input "$REAL_VIDEOS" --tokenizer "$REAL_TOKENIZER" --parts encode,decode \
+    --precisions fp32,bf16 --resolution "${REAL_RESOLUTION:-64}" --batch-sizes 32 --encode-batches 3 \
+    --agreement-clips 64
+  step "the same tokenizer's reconstructions (launchers/eval_tokenizer.py, fp32, --device auto)" 40 \
+    $PY launchers/eval_tokenizer.py --tokenizer "$REAL_TOKENIZER" --data "$REAL_VIDEOS" \
+    --resolution "${REAL_RESOLUTION:-64}" --num-frames 17 --holdout-fraction 0 --max-clips 48 --device auto \
+    --json "$OUT/eval_tokenizer.json"
+fi
+
+wanted train_mb && step "training throughput, megatron bf16, larger micro-batches" 150 \
+  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[@]:1}" "${ITERS[@]}"
 
 echo "" | tee -a "$LOG"
 echo "# done in $(( $(date +%s) - START )) s, $FAILED step(s) failed, ${#SKIPPED[@]} skipped for time" \

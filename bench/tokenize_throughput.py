@@ -13,10 +13,14 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
   ``--encode-variants`` adds rows with encoder settings the job does not use yet (``channels_last``:
   channels-last 3D weights; ``cudnn_benchmark``: cuDNN picks its fastest algorithms for the shape;
   ``compile``: ``torch.compile`` of the encoder; joined with ``+``), each with the share of its token
-  ids equal to the plain encoder's at the same precision;
+  ids equal to the plain encoder's at the same precision; every encode row gives the encoder's model
+  TFLOP/s (its FLOPs per clip counted once by ``torch.utils.flop_counter`` on the meta device), and
+  ``--profile-encode`` records one more batch of each row's setting with torch.profiler and prints, after
+  the table, the fraction of it the GPU was busy and the kernels taking the most time;
 * ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
-  of ``--job-workers`` at each of ``--job-precisions``; the rate is the rank's own summary line (imports,
-  tokenizer loading and the manifest excluded);
+  of ``--job-workers`` at each of ``--job-precisions`` and ``--job-settings`` (the job's ``--channels-last``
+  / ``--compile``); the rate is the rank's own summary line (imports, tokenizer loading and the manifest
+  excluded; compilation included);
 * ``train``: tokenizer training steps of the trainer's own functions (discriminator on, EMA on), after
   one warm-up step, at each of ``--train-precisions`` with ``--train-batch-size`` clips.
 
@@ -129,55 +133,110 @@ def encoder_variant(tokenizer, variant: str):
             del tokenizer.encode  # the class's method again
 
 
-def variant_agreement(args: argparse.Namespace, tokenizer, device: torch.device, variant: str,
-                      precision: str) -> float:
-    """Share of token ids equal between the plain encoder and ``variant`` at ``precision`` (2 noise clips)."""
+def encoder_flops_per_clip(config, frames: int, resolution: int) -> float:
+    """FLOPs of one clip through the encoder of a tokenizer of ``config`` (counted on the meta device:
+    nothing is allocated or run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from data_prep.tokenizer import VideoTokenizer
+
+    with torch.device("meta"):
+        encoder = VideoTokenizer(config).encoder
+        video = torch.empty(1, config.in_channels, frames, resolution, resolution)
+    with FlopCounterMode(display=False) as counter:
+        encoder(video)
+    return float(counter.get_total_flops())
+
+
+def profile_encode(args: argparse.Namespace, tokenizer, device: torch.device, batch: int, precision: str) -> str:
+    """torch.profiler summary (megatron_nbp.training.profiling.profile_summary) of one more encode batch."""
+    from data_prep.tokenize_job import frames_batch_to_tensor
+    from data_prep.tokenizer.precision import encode_tokens
+    from megatron_nbp.training.profiling import profile_summary
+
+    clips = torch.randint(0, 256, (batch, args.num_frames, args.resolution, args.resolution, 3), dtype=torch.uint8)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        with torch.profiler.record_function("encode batch 1"):
+            encode_tokens(tokenizer, frames_batch_to_tensor(clips, device), precision).cpu()
+    return profile_summary(prof.events(), label_prefix="encode batch ", unit="batch")
+
+
+def agreement_clips(args: argparse.Namespace, videos: Path, ckpt: Path, noise_clips: int,
+                    seed: int) -> tuple[torch.Tensor, str]:
+    """(uint8 clips ``[N, T, H, W, 3]``, what they are) for the token agreement figures.
+
+    With ``--input``: the first ``--agreement-clips`` clips of the given videos, decoded as the job decodes
+    them (real footage). Without: ``noise_clips`` uniform-noise clips (a rough figure, noise is the hardest
+    input)."""
+    from data_prep.tokenize_job import TokenizeConfig, decoded_media
+
+    if args.input is None:
+        g = torch.Generator().manual_seed(seed)
+        clips = torch.randint(0, 256, (noise_clips, args.num_frames, args.resolution, args.resolution, 3),
+                              generator=g, dtype=torch.uint8)
+        return clips, f"{noise_clips} noise clips"
+    cfg = TokenizeConfig(input_dir=videos, output_dir=videos.parent / "unused", tokenizer=ckpt,
+                         num_frames=args.num_frames, resolution=args.resolution, num_workers=0)
+    found = []
+    for item in decoded_media(cfg, cfg.list_inputs()[0]):
+        if item.clips is not None:
+            found.extend(item.clips)
+        if len(found) >= args.agreement_clips:
+            break
+    if not found:
+        raise SystemExit(f"--input {videos}: no clip of {args.num_frames} frames could be decoded")
+    clips = torch.stack(found[: args.agreement_clips])
+    return clips, f"{len(clips)} real clips"
+
+
+def variant_agreement(args: argparse.Namespace, tokenizer, device: torch.device, variant: str, precision: str,
+                      videos: Path, ckpt: Path) -> tuple[float, str]:
+    """(share of token ids equal between the plain encoder and ``variant`` at ``precision``, what it was
+    measured on: :func:`agreement_clips`, 2 noise clips without ``--input``), in batches of 8."""
     from data_prep.tokenize_job import frames_batch_to_tensor
     from data_prep.tokenizer.precision import encode_tokens
 
-    g = torch.Generator().manual_seed(2)
-    clips = torch.randint(0, 256, (2, args.num_frames, args.resolution, args.resolution, 3), generator=g,
-                          dtype=torch.uint8)
-    video = frames_batch_to_tensor(clips, device)
-    plain = encode_tokens(tokenizer, video, precision)
-    with encoder_variant(tokenizer, variant):
-        other = encode_tokens(tokenizer, video, precision)
-    return float((plain == other).float().mean())
+    clips, what = agreement_clips(args, videos, ckpt, noise_clips=2, seed=2)
+    equal = total = 0
+    for i in range(0, len(clips), 8):
+        video = frames_batch_to_tensor(clips[i:i + 8], device)
+        plain = encode_tokens(tokenizer, video, precision)
+        with encoder_variant(tokenizer, variant):
+            other = encode_tokens(tokenizer, video, precision)
+        equal, total = equal + int((plain == other).sum()), total + plain.numel()
+    return equal / total, what
 
 
 def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device, videos: Path,
                    ckpt: Path) -> tuple[float, str]:
-    """(share of equal token ids bf16 vs fp32, what it was measured on).
-
-    With ``--input``: the first ``--agreement-clips`` clips of the given videos, decoded as the job decodes
-    them (real footage). Without: 4 uniform-noise clips (a rough figure, noise is the hardest input)."""
-    from data_prep.tokenize_job import TokenizeConfig, decoded_media, frames_batch_to_tensor
+    """(share of equal token ids bf16 vs fp32, what it was measured on: :func:`agreement_clips`, 4 noise
+    clips without ``--input``)."""
+    from data_prep.tokenize_job import frames_batch_to_tensor
     from data_prep.tokenizer.precision import bf16_token_agreement
 
-    if args.input is not None:
-        cfg = TokenizeConfig(input_dir=videos, output_dir=videos.parent / "unused", tokenizer=ckpt,
-                             num_frames=args.num_frames, resolution=args.resolution, num_workers=0)
-        found = []
-        for item in decoded_media(cfg, cfg.list_inputs()[0]):
-            if item.clips is not None:
-                found.extend(item.clips)
-            if len(found) >= args.agreement_clips:
-                break
-        if not found:
-            raise SystemExit(f"--input {videos}: no clip of {args.num_frames} frames could be decoded")
-        clips = torch.stack(found[: args.agreement_clips])
-        what = f"{len(clips)} real clips"
-    else:
-        g = torch.Generator().manual_seed(1)
-        clips = torch.randint(0, 256, (4, args.num_frames, args.resolution, args.resolution, 3), generator=g,
-                              dtype=torch.uint8)
-        what = "4 noise clips"
+    clips, what = agreement_clips(args, videos, ckpt, noise_clips=4, seed=1)
     return bf16_token_agreement(tokenizer, frames_batch_to_tensor(clips, device), batch_size=2), what
 
 
+JOB_SETTINGS = {"plain": [], "channels_last": ["--channels-last"], "compile": ["--compile"]}
+
+
+def job_flags(setting: str) -> list[str]:
+    """The tokenization job's flags of a ``--job-settings`` entry (names of :data:`JOB_SETTINGS` joined by +)."""
+    parts = setting.split("+")
+    unknown = set(parts) - set(JOB_SETTINGS)
+    if unknown:
+        raise SystemExit(f"--job-settings: unknown {sorted(unknown)}; known: {', '.join(JOB_SETTINGS)}")
+    return [flag for part in parts for flag in JOB_SETTINGS[part]]
+
+
 def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, workers: int,
-              precision: str) -> tuple[int, float, float]:
-    """(clips, seconds, clips/s) from rank 0's summary line of one torchrun job with ``workers`` workers.
+              precision: str, flags: list[str] = ()) -> tuple[int, float, float]:
+    """(clips, seconds, clips/s) from rank 0's summary line of one torchrun job with ``workers`` workers
+    and the extra job ``flags``.
 
     Raises:
         RuntimeError: the job failed (its stderr tail is in the message).
@@ -187,7 +246,7 @@ def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, wor
            "--tokenizer", str(ckpt), "--num-frames", str(args.num_frames), "--resolution", str(args.resolution),
            "--batch-size", str(args.job_batch_size), "--videos-per-shard", str(args.videos_per_shard),
            "--num-workers", str(workers), "--prefetch-factor", str(args.prefetch_factor), "--device", args.device,
-           "--precision", precision, "--no-progress"]
+           "--precision", precision, "--no-progress", *flags]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # torchrun would set 1: same threads as encode
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -251,6 +310,9 @@ def main() -> None:
     p.add_argument("--job-workers", default="8" if cuda else "0,2")
     p.add_argument("--job-precisions", default="bf16" if cuda else "fp32", help="precisions of the job rows")
     p.add_argument("--job-batch-size", type=int, default=32 if cuda else 8)
+    p.add_argument("--job-settings", default="plain",
+                   help="comma-separated encoding settings of the job rows: plain, or names of "
+                        f"{', '.join(list(JOB_SETTINGS)[1:])} joined by '+' (the job's --channels-last / --compile)")
     p.add_argument("--videos-per-shard", type=int, default=8 if cuda else 2)
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--train-precisions", help="precisions of the train rows (default: --precisions)")
@@ -258,6 +320,8 @@ def main() -> None:
     p.add_argument("--encode-variants", default="plain",
                    help="comma-separated encoder settings for the encode rows: plain, or names of "
                         f"{', '.join(ENCODE_VARIANTS[1:])} joined by '+' (e.g. plain,channels_last+cudnn_benchmark)")
+    p.add_argument("--profile-encode", action="store_true",
+                   help="record one more batch of each encode setting with torch.profiler and print its summary")
     p.add_argument("--agreement-clips", type=int, default=32,
                    help="real clips (from --input) of the bf16 vs fp32 token agreement")
     args = p.parse_args()
@@ -297,7 +361,9 @@ def main() -> None:
                 clips, seconds = bench_decode(args, videos, ckpt, workers)
                 print(f"| decode | {workers} workers | {clips} | {seconds:.2f} | {clips / seconds:.1f} | PyAV + "
                       f"resize/crop + clips, {args.video_size if not args.input else 'given'} videos |", flush=True)
+        profiles = []
         if "encode" in parts:
+            flops = encoder_flops_per_clip(tokenizer.config, args.num_frames, args.resolution)
             for precision in precisions:
                 note = ""
                 if precision == "bf16":
@@ -306,23 +372,35 @@ def main() -> None:
                 for variant in args.encode_variants.split(","):
                     label, vnote = "", note
                     if variant != "plain":
-                        rate = variant_agreement(args, tokenizer, choice.device, variant, precision)
-                        label, vnote = f", {variant}", f"token ids equal to plain {precision}: {rate:.4f} (noise clips)"
+                        rate, what = variant_agreement(args, tokenizer, choice.device, variant, precision, videos,
+                                                       ckpt)
+                        label, vnote = f", {variant}", f"token ids equal to plain {precision}: {rate:.4f} ({what})"
                     for batch in _ints(args.batch_sizes):
                         with encoder_variant(tokenizer, variant):
                             clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
+                            if args.profile_encode and batch == _ints(args.batch_sizes)[0]:
+                                profiles.append((f"{precision}, batch {batch}{label}", profile_encode(
+                                    args, tokenizer, choice.device, batch, precision)))
+                        tflops = flops * clips / seconds / 1e12
                         print(f"| encode | {precision}, batch {batch}{label} | {clips} | {seconds:.2f} | "
-                              f"{clips / seconds:.1f} | {vnote} |", flush=True)
+                              f"{clips / seconds:.1f} | {tflops:.3g} TFLOP/s ({flops / 1e12:.3g} TFLOP per clip)"
+                              f"{'; ' + vnote if vnote else ''} |", flush=True)
+        for setting, text in profiles:
+            print(f"\n### profile: encode {setting} (torch.profiler, one batch)\n```\n{text.rstrip()}\n```",
+                  flush=True)
         del tokenizer
         if choice.is_cuda:
             torch.cuda.empty_cache()
         if "job" in parts:
-            for precision in args.job_precisions.split(","):
-                for workers in _ints(args.job_workers):
-                    clips, seconds, rate = bench_job(args, videos, ckpt, tmp / f"out_{precision}_{workers}",
-                                                     workers, precision)
-                    print(f"| job | {precision}, {workers} workers, batch {args.job_batch_size} | {clips} | "
-                          f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written |", flush=True)
+            for setting in args.job_settings.split(","):
+                flags = job_flags(setting)
+                label = "" if setting == "plain" else f", {setting}"
+                for precision in args.job_precisions.split(","):
+                    for workers in _ints(args.job_workers):
+                        clips, seconds, rate = bench_job(args, videos, ckpt, tmp / f"out_{setting}_{precision}_"
+                                                         f"{workers}", workers, precision, flags)
+                        print(f"| job | {precision}, {workers} workers, batch {args.job_batch_size}{label} | {clips} | "
+                              f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written |", flush=True)
         if "train" in parts:
             for precision in (args.train_precisions or args.precisions).split(","):
                 steps, seconds = bench_train(args, videos, choice, precision)

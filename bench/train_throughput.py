@@ -15,6 +15,11 @@ trainer writes every iteration: the median of ``iteration-time`` over the ``--it
 ``--warmup``, ``tflops-per-gpu`` / ``mfu`` (megatron_nbp.flops) and ``mem-max-allocated-gib`` /
 ``mem-max-reserved-gib`` (CUDA only). A run that fails (e.g. out of memory) is a row with its reason.
 
+``--profile`` adds two iterations after the timed ones, recorded by torch.profiler (the trainer's
+``--profile --use-pytorch-profiler``, megatron_nbp.training.profiling), and prints each run's summary after
+the table: wall time per iteration, the fraction of it the GPU was busy, the operators and kernels taking
+the most time; the traces stay in ``--workdir``.
+
 Modes: ``megatron-bf16``, ``megatron-fp16``, ``megatron-fp32`` (megatron DDP + megatron optimizer),
 ``zero1-bf16`` .. ``zero3-bf16`` and ``zero1-fp32`` .. (DeepSpeed ZeRO, ``--backend deepspeed``). Extra
 trainer flags go after ``--`` (e.g. ``-- --recompute-granularity full --recompute-method uniform
@@ -35,6 +40,7 @@ from megatron_nbp.process_utils import free_port
 from megatron_nbp.training_log import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
+PROFILED = 2  # iterations recorded by --profile, after the timed ones
 CPU_CONFIG = ["configs/tiny_frame_prediction.yaml"]
 
 
@@ -76,15 +82,18 @@ def failure_reason(output: str) -> str:
 
 def run_one(args, mode: str, mbs: int, data: Path, root: Path) -> dict:
     """One trainer run; returns its row."""
-    iters = args.warmup + args.iters
+    timed_end = args.warmup + args.iters
+    iters = timed_end + (PROFILED if args.profile else 0)
     tb = root / f"tb_{mode}_{mbs}"
+    profile = (["--profile", "--use-pytorch-profiler", "--profile-step-start", str(timed_end),
+                "--profile-step-end", str(iters)] if args.profile else [])
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", f"--master-port={port}",
            "launchers/pretrain_nbp.py", *sum((["--config", c] for c in args.config), []), "--data", str(data),
            "--micro-batch-size", str(mbs), "--global-batch-size", str(args.global_batch_size or mbs * args.dp),
            "--train-iters", str(iters), "--lr-warmup-iters", "0", "--log-interval", str(iters),
            "--tensorboard-dir", str(tb), "--tp", str(args.tp), "--pp", str(args.pp),
-           *mode_flags(mode), *args.extra]
+           *mode_flags(mode), *profile, *args.extra]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     row = {"mode": mode, "mbs": mbs}
@@ -93,16 +102,19 @@ def run_one(args, mode: str, mbs: int, data: Path, root: Path) -> dict:
     scalars = {tag: read_scalars(tb, tag) for tag in ("iteration-time", "tokens-per-second", "tflops-per-gpu",
                                                       "mfu", "mem-max-allocated-gib", "mem-max-reserved-gib")}
     times = scalars.get("iteration-time", {})
-    timed = [times[i] for i in sorted(times) if i > args.warmup]
+    timed = [times[i] for i in sorted(times) if args.warmup < i <= timed_end]
     if not timed:
         return {**row, "status": "no timed iterations in TensorBoard"}
     median = statistics.median(timed)
-    pick = {i: v for i, v in times.items() if i > args.warmup}
+    pick = {i: v for i, v in times.items() if args.warmup < i <= timed_end}
     at_median = min(pick, key=lambda i: abs(pick[i] - median))
     row.update(status="ok", first_s=times.get(1, float("nan")), ms=1000 * median,
                tokens_per_s=scalars["tokens-per-second"][at_median], tflops=scalars["tflops-per-gpu"][at_median],
                mfu=scalars.get("mfu", {}).get(at_median), mem=scalars.get("mem-max-allocated-gib", {}).get(iters),
                reserved=scalars.get("mem-max-reserved-gib", {}).get(iters))
+    if args.profile:
+        summary = tb / f"profile_rank0_iters{timed_end + 1}-{iters}.txt"
+        row["profile"] = summary.read_text() if summary.is_file() else f"no summary written ({summary})"
     return row
 
 
@@ -127,6 +139,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (compilation, allocator)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--workdir", type=Path, help="where shards and TensorBoard logs go (default: a temp folder)")
+    p.add_argument("--profile", action="store_true",
+                   help=f"record {PROFILED} more iterations with torch.profiler and print each run's summary")
     args = p.parse_args(argv)
     args.extra = extra
     args.config = args.config or CPU_CONFIG
@@ -147,9 +161,12 @@ def main(argv=None) -> None:
         print("| mode | micro-batch | first iteration s | ms/iteration | tokens/s | TFLOP/s/GPU | MFU | "
               "peak allocated GiB | peak reserved GiB | status |")
         print("|---|---|---|---|---|---|---|---|---|---|")
+        profiles = []
         for mode in args.modes:
             for mbs in args.micro_batch_sizes:
                 r = run_one(args, mode, mbs, data, root)
+                if "profile" in r:
+                    profiles.append((mode, mbs, r["profile"]))
                 if r["status"] != "ok":
                     print(f"| {mode} | {mbs} | | | | | | | | {r['status']} |", flush=True)
                     continue
@@ -157,6 +174,10 @@ def main(argv=None) -> None:
                 print(f"| {mode} | {mbs} | {r['first_s']:.1f} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
                       f"{r['tflops']:.3g} | {fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {fmt(r['mem'], '.2f')} | "
                       f"{fmt(r['reserved'], '.2f')} | ok |", flush=True)
+        for mode, mbs, text in profiles:
+            first = args.warmup + args.iters + 1
+            print(f"\n### profile: {mode}, micro-batch {mbs}, iterations {first}-{first + PROFILED - 1} "
+                  f"(torch.profiler; traces in --workdir)\n```\n{text.rstrip()}\n```")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,13 @@ class TokenizeConfig(TypedConfig):
         "fp32", description="encoding precision: fp32, or bf16 autocast of the encoder's convolutions (FSQ stays "
                             "fp32; token ids can differ, measure with data_prep.tokenizer.precision."
                             "bf16_token_agreement)")
+    channels_last: bool = Field(
+        False, description="encode in channels-last 3D memory format (weights and clips): faster convolutions on "
+                           "oneDNN CPUs and tensor-core GPUs; a rare token id can differ from the default layout's "
+                           "(rounding; not a shard setting, like the device)")
+    compile: bool = Field(
+        False, description="torch.compile the encoder (compiled on the first batch, partial batches padded to "
+                           "batch_size); a rare token id can differ from eager's (rounding; not a shard setting)")
     num_workers: int = Field(0, description="DataLoader worker processes that decode videos and cut clips (0: in "
                                             "this process)")
     prefetch_factor: int = Field(2, description="media files each worker decodes ahead (with num_workers > 0)")
@@ -155,10 +162,10 @@ class TokenizeConfig(TypedConfig):
 
         ``precision`` appears only for bf16 encoding, so fp32 shards keep the settings of earlier versions
         (a rerun completes an output folder they started). The loader options change nothing in a shard;
-        ``device`` and ``batch_size`` change only floating-point rounding (e.g. cuDNN's TF32 convolutions
-        on GPUs), which can flip a rare token, and are left out so that a job may finish on other
-        machines than it started on. ``text_tokenizer_sha256`` (the text tokenizer file's hash) appears
-        only with ``text_tokenizer``."""
+        ``device``, ``batch_size``, ``channels_last`` and ``compile`` change only floating-point rounding
+        (e.g. cuDNN's TF32 convolutions on GPUs), which can flip a rare token, and are left out so that a
+        job may finish on other machines than it started on. ``text_tokenizer_sha256`` (the text
+        tokenizer file's hash) appears only with ``text_tokenizer``."""
         settings = {
             "num_frames": self.num_frames,
             "frame_stride": self.frame_stride,
@@ -298,12 +305,16 @@ def frames_batch_to_tensor(clips: torch.Tensor, device: torch.device) -> torch.T
 
 class _ShardBuilder:
     """Produces the samples of one shard from decoded media: batch the clips, encode them on the
-    tokenizer's device at ``cfg.precision``."""
+    tokenizer's device at ``cfg.precision`` (with ``cfg.channels_last`` / ``cfg.compile``:
+    :func:`data_prep.tokenizer.precision.make_token_encoder`)."""
 
     def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int],
                  text: TextTokenizer | None = None):
+        from data_prep.tokenizer.precision import make_token_encoder  # heavy; import when needed
+
         self.tok, self.cfg, self.latent_shape, self.text = tokenizer, cfg, tuple(latent_shape), text
         self.device = next(tokenizer.parameters()).device
+        self.encode = make_token_encoder(tokenizer, cfg.precision, cfg.channels_last, cfg.compile, cfg.batch_size)
         self.failures: list[dict] = []
         self.labels: set[str] = set()
         self.videos_done = 0
@@ -338,10 +349,8 @@ class _ShardBuilder:
 
     def _encode(self, batch: list[tuple[str, torch.Tensor, dict]]) -> list[tuple[str, np.ndarray, dict]]:
         """Encode a batch of clips; returns ``(key, tokens uint16 [T', H', W'], meta)``."""
-        from data_prep.tokenizer.precision import encode_tokens  # heavy; import when needed
-
         video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), self.device)
-        indices = encode_tokens(self.tok, video, self.cfg.precision)
+        indices = self.encode(video)
         if tuple(indices.shape) != (len(batch), *self.latent_shape):
             raise RuntimeError(f"tokenizer returned shape {tuple(indices.shape)}, expected {(len(batch), *self.latent_shape)}")
         indices = indices.cpu()
@@ -565,7 +574,8 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
         print(
             f"tokenize: rank {rank}/{world}: {builder.clips_done} clips from {builder.videos_done} files in "
             f"{seconds:.2f} s ({builder.clips_done / max(seconds, 1e-9):.2f} clips/s) on {choice.device}, "
-            f"{cfg.precision}, {cfg.num_workers} decode workers",
+            f"{cfg.precision}{', channels-last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}, "
+            f"{cfg.num_workers} decode workers",
             flush=True,
         )
         if world > 1:

@@ -313,6 +313,17 @@ class TrainingConfig(TypedConfig):
     # --- observability ----------------------------------------------------------------------------
     peak_tflops: float | None = Field(
         None, description="dense bf16 peak TFLOP/s of one GPU for MFU; unset = from the GPU's name")
+    profile: bool = Field(
+        False, description="profile the iterations profile_step_start+1 .. profile_step_end on profile_ranks "
+                           "(megatron_nbp.training.profiling): with --use-pytorch-profiler a torch.profiler trace "
+                           "in --tensorboard-dir and a printed summary; without it a CUDA profiler capture range "
+                           "for nsys (--capture-range=cudaProfilerApi)")
+    use_pytorch_profiler: bool = Field(
+        False, description="with --profile: torch.profiler (CPU operators, GPU kernels, shapes) instead of an nsys "
+                           "capture range")
+    profile_step_start: int = Field(10, description="with --profile: the window opens after this many iterations")
+    profile_step_end: int = Field(12, description="with --profile: the window closes after this many iterations")
+    profile_ranks: list[int] = Field([0], description="with --profile: the global ranks that profile")
     # --- validation and training-time samples (Megatron-LM's names; megatron_nbp.training.validation,
     # megatron_nbp.training.samples) ------------------------------------------------------------------
     eval_interval: int | None = Field(
@@ -585,6 +596,7 @@ class NBPConfig(TypedConfig):
             except ValueError as exc:
                 errors.append(str(exc))
         errors.extend(self._load_problems())
+        errors.extend(self._profile_problems(world_size))
         if errors:
             raise ConfigError.from_problems(errors)
 
@@ -611,6 +623,32 @@ class NBPConfig(TypedConfig):
             if importlib.util.find_spec("wandb") is None:
                 errors.append(f"--wandb-project {self.wandb_project} needs the wandb package: "
                               "pip install 'megatron-nbp[wandb]'")
+        return errors
+
+    def _profile_problems(self, world_size: int | None) -> list[str]:
+        """Reasons the ``--profile`` settings cannot run (checks needing no device; the CUDA-only nsys capture
+        range is refused by the trainer's device check)."""
+        t = self.train
+        flags = [f for f, changed in (("--use-pytorch-profiler", t.use_pytorch_profiler),
+                                      ("--profile-step-start", t.profile_step_start != 10),
+                                      ("--profile-step-end", t.profile_step_end != 12),
+                                      ("--profile-ranks", list(t.profile_ranks) != [0])) if changed]
+        if not t.profile:
+            return [f"{' / '.join(flags)} given without --profile"] if flags else []
+        errors = []
+        if not 0 <= t.profile_step_start < t.profile_step_end:
+            errors.append(f"--profile-step-start {t.profile_step_start} / --profile-step-end {t.profile_step_end}: "
+                          "need 0 <= start < end (the window holds iterations start+1 .. end)")
+        elif t.profile_step_end > t.train_iters:
+            errors.append(f"--profile-step-end {t.profile_step_end} is past --train-iters {t.train_iters}: the "
+                          "window would never close")
+        if not t.profile_ranks:
+            errors.append("--profile-ranks is empty")
+        bad = [r for r in t.profile_ranks if r < 0 or (world_size is not None and r >= world_size)]
+        if bad:
+            errors.append(f"--profile-ranks {bad}: not ranks of this run (world size {world_size})")
+        if t.use_pytorch_profiler and not self.tensorboard_dir:
+            errors.append("--use-pytorch-profiler writes its trace and summary to --tensorboard-dir: give one")
         return errors
 
     def _load_problems(self) -> list[str]:

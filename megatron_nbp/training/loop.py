@@ -26,6 +26,7 @@ from megatron_nbp.training.backend import TrainingBackend
 from megatron_nbp.training.deepspeed_backend import DeepSpeedBackend
 from megatron_nbp.training.exit_control import ExitControl
 from megatron_nbp.training.megatron_backend import MegatronBackend
+from megatron_nbp.training.profiling import IterationProfiler, ProfileWindow
 from megatron_nbp.training.samples import TrainingSamples
 from megatron_nbp.training.validation import Validation
 from megatron_nbp.training_log import TrainingLogger
@@ -94,8 +95,9 @@ def check_device_support(cfg: NBPConfig, plan: DevicePlan) -> None:
     """Refuse settings this device cannot train with (the config itself is valid).
 
     Raises:
-        ConfigError: FlexAttention training on a CPU (torch has no CPU backward for it), or the
-            Transformer Engine spec without CUDA.
+        ConfigError: FlexAttention training on a CPU (torch has no CPU backward for it), the
+            Transformer Engine spec without CUDA, or an nsys capture range (``--profile`` without
+            ``--use-pytorch-profiler``) without CUDA.
     """
     errors = []
     if not plan.is_cuda and cfg.model.attention_backend == "flex":
@@ -103,6 +105,9 @@ def check_device_support(cfg: NBPConfig, plan: DevicePlan) -> None:
                       "use --attention-backend dense on this machine")
     if not plan.is_cuda and cfg.model.transformer_impl == "transformer_engine":
         errors.append("--transformer-impl transformer_engine needs a CUDA GPU; use --transformer-impl local")
+    if not plan.is_cuda and cfg.train.profile and not cfg.train.use_pytorch_profiler:
+        errors.append("--profile without --use-pytorch-profiler opens a CUDA profiler capture range (nsys) and "
+                      "needs a CUDA GPU; add --use-pytorch-profiler on this machine")
     if errors:
         raise ConfigError("invalid configuration for " + str(plan.device) + ":\n  - " + "\n  - ".join(errors))
 
@@ -130,6 +135,15 @@ def build_data_iterator(cfg: NBPConfig, consumed: int) -> Iterator[LayoutBatch]:
     return micro_batches(stream, cfg.train.micro_batch_size, cfg.model, cfg.train.p_drop_cond, cfg.train.seed)
 
 
+def make_profiler(cfg: NBPConfig, backend: TrainingBackend) -> IterationProfiler:
+    """This rank's :class:`IterationProfiler` of ``--profile`` (one that records nothing without it or on a
+    rank not in ``--profile-ranks``)."""
+    window = ProfileWindow.from_config(cfg) or ProfileWindow(0, 1, ranks=())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = backend.plan.device if backend.plan is not None else "cpu"
+    return IterationProfiler(window, rank, device)
+
+
 def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Iterator[LayoutBatch],
                   num_microbatches: int, iteration: int = 0, consumed: int = 0,
                   exit_control: ExitControl | None = None) -> list[float]:
@@ -139,11 +153,11 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
     ``exit_interval`` (which then stops, as in Megatron-LM), and after an exit signal or past the time
     limit (``exit_control``, see megatron_nbp.training.exit_control: save, then return); the validation
     loss (megatron_nbp.training.validation) and training-time samples (megatron_nbp.training.samples) at
-    their intervals. An iteration whose step applied no update (non-finite loss or gradient, skipped) is
-    logged and counted; ``train.max_skipped_iterations`` of them in a row save a final checkpoint (of the
-    last good weights: skipped steps change nothing) and abort. An fp16 loss-scale overflow
-    (``StepResult.loss_scale_overflow``) is counted as skipped but is
-    no fault. Collective: every rank runs it with the same arguments.
+    their intervals; ``--profile`` records its window of iterations (megatron_nbp.training.profiling). An
+    iteration whose step applied no update (non-finite loss or gradient, skipped) is logged and counted;
+    ``train.max_skipped_iterations`` of them in a row save a final checkpoint (of the last good weights:
+    skipped steps change nothing) and abort. An fp16 loss-scale overflow (``StepResult.loss_scale_overflow``)
+    is counted as skipped but is no fault. Collective: every rank runs it with the same arguments.
 
     Args:
         backend: a built backend (its ``plan`` gives the device for the logger's memory figures).
@@ -167,9 +181,12 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
     samples = TrainingSamples.from_config(cfg)  # --sample-interval
     exit_control = exit_control or ExitControl.for_run(cfg)
     exit_control.device = backend.plan.device if backend.plan is not None else exit_control.device
+    profiler = make_profiler(cfg, backend)
     while iteration < t.train_iters:
+        profiler.before(iteration)
         start = time.perf_counter()
-        result = backend.train_step(data_iterator, num_microbatches)
+        with profiler.iteration(iteration + 1):
+            result = backend.train_step(data_iterator, num_microbatches)
         iteration += 1
         consumed += t.global_batch_size
         history.append(result.loss)
@@ -177,6 +194,7 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
         memory = backend.peak_memory_gib() if log_now else None  # collective on CUDA: every rank calls it
         logger.log(iteration, result.loss, backend.learning_rate(), result.grad_norm, result.applied,
                    time.perf_counter() - start, consumed, memory)
+        profiler.after(iteration)
         overflow = not result.applied and result.loss_scale_overflow
         skipped_in_a_row = 0 if result.applied or overflow else skipped_in_a_row + 1
         if not result.applied:
@@ -184,6 +202,7 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
                          f"> iteration {iteration}: non-finite loss or gradient, update skipped "
                          f"({skipped_in_a_row} in a row, limit {t.max_skipped_iterations})")
         if skipped_in_a_row >= t.max_skipped_iterations:
+            profiler.close()
             path = backend.save(iteration, consumed) if cfg.save else None
             logger.close()
             exit_control.restore()
@@ -204,6 +223,7 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
             print_rank_0(f"> exiting at iteration {iteration} ({why})" + ("" if cfg.save else "; no --save given, "
                                                                             "nothing saved"))
             break
+    profiler.close()
     logger.close()
     exit_control.restore()
     return history if is_logging_rank() else []

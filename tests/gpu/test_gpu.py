@@ -3,6 +3,8 @@ attention against the dense one in fp32 and bf16, a bf16 and an fp32 training st
 Transformer Engine layer spec against the local spec, and CUDA-graph block decoding against the full
 forward pass and eager decoding. Run by bench/gpu_check.sh."""
 
+import re
+
 import pytest
 import torch
 
@@ -224,3 +226,27 @@ def test_cuda_graph_decoding_in_bf16_matches_eager_bf16():
         generate_frame_prediction(model, video[:, :24], SamplingConfig(), sampler=teacher, decode_mode=mode)
         logits[mode] = teacher.logits().float()
     assert rel(logits["cuda_graph"], logits["eager"]) <= 2e-2
+
+
+def test_profiling_a_training_window_on_the_gpu(tmp_path):
+    """``--profile --use-pytorch-profiler`` records GPU kernels (the summary's device-busy figure is a
+    percentage and its table is sorted by device time); ``--profile`` alone opens and closes a CUDA profiler
+    capture range (a no-op without nsys) and training goes on."""
+    from data_prep.synthetic import write_synthetic_shards
+    from tests.dist_utils import torchrun
+
+    write_synthetic_shards(tmp_path / "data", num_clips=16, clips_per_shard=8, latent_shape=(5, 4, 4), seed=0,
+                           vocab=64)
+    common = ["--config", "tests/configs/tiny_test.yaml", "--data", str(tmp_path / "data"), "--vocab-size", "64",
+              "--train-iters", "4", "--attention-backend", "dense", "--bf16", "--profile",
+              "--profile-step-start", "1", "--profile-step-end", "3"]
+    out = torchrun(1, "launchers/pretrain_nbp.py", *common, "--use-pytorch-profiler",
+                   "--tensorboard-dir", str(tmp_path / "tb")).stdout
+    summary = (tmp_path / "tb" / "profile_rank0_iters2-3.txt").read_text()
+    head = summary.splitlines()[0]
+    print(head)
+    assert re.match(r"2 iteration\(s\), [\d.]+ ms each \(wall, profiler on\), device busy [\d.]+%$", head), head
+    assert "Self CUDA" in summary and "iteration        4/" in out
+    nsys = torchrun(1, "launchers/pretrain_nbp.py", *common).stdout
+    assert "> profile: rank 0, iterations 2-3 in the CUDA profiler capture range (nsys)" in nsys
+    assert "iteration        4/" in nsys

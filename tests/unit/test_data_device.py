@@ -273,3 +273,57 @@ def test_frames_batch_to_tensor_matches_frames_to_tensor():
     batch = frames_batch_to_tensor(torch.from_numpy(clips), CPU)
     assert batch.shape == (2, 3, 5, 8, 8) and batch.dtype == torch.float32
     assert torch.equal(batch, torch.stack([frames_to_tensor(c) for c in clips]))
+
+
+# ------------------------------------------------------------------------- the job's encoding speed settings
+
+
+def _clips(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, 5, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_channels_last_encoding_converts_the_encoder_and_keeps_the_ids():
+    """make_token_encoder(channels_last=True): the encoder's 5-D weights become channels-last 3D, and the
+    ids agree with the default layout's (oneDNN rounds differently: on the reference CPU every id was equal;
+    allowed: 1 in 100)."""
+    from data_prep.tokenizer.precision import encode_tokens, make_token_encoder
+
+    tok = _tiny()
+    clips = _clips(6, 3)
+    plain = encode_tokens(tok, clips)
+    encode = make_token_encoder(tok, "fp32", channels_last=True)
+    weights = [p for p in tok.encoder.parameters() if p.ndim == 5]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+    assert not all(p.is_contiguous() for p in weights)
+    ids = encode(clips)
+    rate = float((ids == plain).double().mean())
+    print(f"channels-last vs default layout, fp32, CPU: {rate:.4f} of {plain.numel()} ids equal")
+    assert ids.shape == plain.shape and rate >= 0.99
+
+
+@pytest.mark.slow
+def test_compiled_encoding_compiles_once_and_pads_partial_batches():
+    """make_token_encoder(compile=True, batch_size=4): batches of 4, 3 and 1 clips run one compiled graph
+    (partial batches padded); a clip's ids do not depend on the batch it came in; the ids agree with eager
+    encoding (fused kernels round differently; allowed: 2 in 100); a batch over the size is refused."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from data_prep.tokenizer.precision import encode_tokens, make_token_encoder
+
+    torch._dynamo.reset()
+    counters.clear()
+    tok = _tiny()
+    clips = _clips(4, 4)
+    encode = make_token_encoder(tok, "fp32", compile=True, batch_size=4)
+    full = encode(clips)
+    assert torch.equal(encode(clips[:3]), full[:3]) and torch.equal(encode(clips[1:2]), full[1:2])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    rate = float((full == encode_tokens(tok, clips)).double().mean())
+    print(f"compiled vs eager encoding, fp32, CPU: {rate:.4f} of {full.numel()} ids equal")
+    assert rate >= 0.98
+    with pytest.raises(ValueError, match="a batch of 5 clips is larger than the compiled batch size 4"):
+        encode(_clips(5, 5))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        make_token_encoder(tok, compile=True, batch_size=0)
+    torch._dynamo.reset()
