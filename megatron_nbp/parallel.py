@@ -15,13 +15,15 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_nbp.cpu_adapter import apply_cpu_adapter
 from megatron_nbp.device import DevicePlan, activate, device_plan
 from megatron_nbp.process_utils import free_port
+from megatron_nbp.sync_free_grad_norm import use_sync_free_grad_norm
 
 
 def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                         seed: int = 1234, timeout_minutes: int = 30) -> DevicePlan:
     """Choose this process's device (:func:`megatron_nbp.device.device_plan`: ``cuda:LOCAL_RANK`` and
     nccl on GPU, the CPU and gloo elsewhere), start torch.distributed and megatron's TP/PP/DP groups;
-    seed RNGs.
+    seed RNGs. megatron-core's gradient norm becomes sync-free where it would use its local fallback
+    (:mod:`megatron_nbp.sync_free_grad_norm`).
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as set by torchrun; a plain
     ``python`` run becomes a world of one (a free local port is used).
@@ -33,6 +35,7 @@ def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: i
         ValueError: if WORLD_SIZE is not divisible by TP x PP.
     """
     apply_cpu_adapter()
+    use_sync_free_grad_norm()  # without Transformer Engine / apex: no host read per parameter tensor
     plan = device_plan()
     activate(plan)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -119,7 +119,7 @@ def loss_contribution(losses: list[dict[str, torch.Tensor]], device: torch.devic
 def check_and_reduce(model: DistributedDataParallel, losses: list[dict[str, torch.Tensor]],
                      check_grads: bool = True) -> tuple[bool, float]:
     """The non-finite check and the loss reduction of one iteration, fused: every gradient buffer of
-    megatron DDP (one ``isfinite().all()`` over each contiguous buffer, not one per parameter) and
+    megatron DDP (one sum over each contiguous buffer, finite or not, not one check per parameter) and
     every micro-batch loss of this rank make one flag; flag and loss contribution go into one SUM
     all-reduce over the world and are read back to the host once.
 
@@ -133,7 +133,9 @@ def check_and_reduce(model: DistributedDataParallel, losses: list[dict[str, torc
         they skip together), token-weighted mean loss over micro-batches and data-parallel ranks).
     """
     device = next(iter(model.buffers)).grad_data.device if model.buffers else torch.device("cpu")
-    flags = [torch.isfinite(b.grad_data).all() for b in model.buffers + model.expert_parallel_buffers] \
+    # One reduction pass per buffer: its sum is finite only if every element is (NaN and +-inf propagate,
+    # +inf + -inf is NaN); finite gradients summing past fp32's 3.4e38 also count as non-finite.
+    flags = [torch.isfinite(b.grad_data.sum()) for b in model.buffers + model.expert_parallel_buffers] \
         if check_grads else []
     if losses:
         flags.append(torch.isfinite(torch.stack([x["lm loss"] for x in losses])).all())

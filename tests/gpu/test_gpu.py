@@ -1,7 +1,8 @@
 """GPU-only checks (skipped without CUDA; CI has no GPU): the project's compiled FlexAttention core
 attention against the dense one in fp32 and bf16, a bf16 and an fp32 training step on the GPU, the
 Transformer Engine layer spec against the local spec, and CUDA-graph block decoding against the full
-forward pass and eager decoding. Run by bench/gpu_check.sh."""
+forward pass and eager decoding, profiling a training window, the sync-free gradient norm. Run by
+bench/gpu_check.sh."""
 
 import re
 
@@ -250,3 +251,24 @@ def test_profiling_a_training_window_on_the_gpu(tmp_path):
     nsys = torchrun(1, "launchers/pretrain_nbp.py", *common).stdout
     assert "> profile: rank 0, iterations 2-3 in the CUDA profiler capture range (nsys)" in nsys
     assert "iteration        4/" in nsys
+
+
+def test_gradient_norm_reads_nothing_back_on_the_gpu():
+    """megatron_nbp.sync_free_grad_norm on CUDA: no host synchronisation (torch's sync debug mode raises on
+    one), the float64 norm; megatron-core's local fallback, which it replaces, does synchronise."""
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from megatron_nbp.sync_free_grad_norm import sync_free_l2_norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(s, device="cuda", generator=g) for s in [(1536, 6144), (6144,), (64000, 1536)]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm, _ = sync_free_l2_norm(0, None, [grads], False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            local_multi_tensor_l2_norm(0, None, [grads], False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    reference = torch.cat([t.double().ravel() for t in grads]).norm()
+    assert norm.shape == (1,) and norm.is_cuda and rel(norm[0], reference) < 1e-6
