@@ -94,7 +94,8 @@ def _is_device_event(event) -> bool:
     return event.device_type != torch.autograd.DeviceType.CPU
 
 
-def profile_summary(events, label_prefix: str = "iteration ", rows: int = TABLE_ROWS, unit: str = "iteration") -> str:
+def profile_summary(events, label_prefix: str = "iteration ", rows: int = TABLE_ROWS,
+                    unit: str = "iteration") -> str:
     """The text summary of a profiled window (see the module docstring).
 
     Args:
@@ -166,9 +167,9 @@ class IterationProfiler:
 
     @contextlib.contextmanager
     def iteration(self, number: int) -> Iterator[None]:
-        """Labels iteration ``number`` (1-based, as logged) while a profiler runs."""
-        if self._profiler is None and self._nvtx is None:  # (the profiler's warm-up iteration is labelled too:
-            # it records nothing, so a trace holding it would show a wrong schedule)
+        """Labels iteration ``number`` (1-based, as logged) while a profiler runs, its warm-up iteration
+        included (nothing of it reaches the trace: a label there would show a wrong schedule)."""
+        if self._profiler is None and self._nvtx is None:
             yield
             return
         if self.window.pytorch_profiler:
