@@ -134,26 +134,29 @@ def _raise(name):
     return refuse
 
 
-def _no_mask_indexing(original):
-    def index(self, key, *rest):
-        keys = key if isinstance(key, tuple) else (key,)
-        if any(isinstance(k, torch.Tensor) and k.dtype in (torch.bool, torch.uint8) for k in keys):
-            raise AssertionError("sample_tokens indexed with a boolean mask (a data-dependent shape)")
-        return original(self, key, *rest)
-    return index
+class _NoMaskIndexing(torch.overrides.TorchFunctionMode):
+    """Refuses indexing a tensor with a boolean mask (a data-dependent shape). A function mode rather than
+    a patched ``torch.Tensor.__getitem__``: once a Python ``__getitem__`` has been set on the class,
+    deleting it leaves CPython's sequence slot behind, and ``torch.tensor([0-d tensors])`` fails for the
+    rest of the process."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            keys = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(k, torch.Tensor) and k.dtype in (torch.bool, torch.uint8) for k in keys):
+                raise AssertionError("sample_tokens indexed with a boolean mask (a data-dependent shape)")
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def host_reads_refused():
     """Inside the block, reading a tensor's value on the host (.item, bool, int, float, index, .tolist,
     .nonzero, ...) or indexing with a boolean mask (a data-dependent shape) raises AssertionError."""
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, _NoMaskIndexing():
         for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select"):
             patch.setattr(torch.Tensor, name, _raise(name))
         for name in ("nonzero", "masked_select", "unique", "argwhere"):
             patch.setattr(torch, name, _raise(name))
-        patch.setattr(torch.Tensor, "__getitem__", _no_mask_indexing(torch.Tensor.__getitem__))
-        patch.setattr(torch.Tensor, "__setitem__", _no_mask_indexing(torch.Tensor.__setitem__))
         yield
 
 
@@ -165,6 +168,7 @@ def test_the_guard_catches_host_reads():
             with pytest.raises(AssertionError):
                 read()
     assert x.tolist() == [1.0, 1.0, 1.0]                                       # restored after the block
+    assert torch.tensor([x[0], x[1]]).tolist() == [1.0, 1.0]                  # tensors are no sequences again
 
 
 @pytest.mark.parametrize("top_k,top_p", [(16, 0.9), (None, 0.9), (16, None), (200, 0.5)])
