@@ -8,9 +8,9 @@
 #              torch.profiler summary of one batch (GPU busy fraction, top kernels);
 #   tokenizer_job  the tokenization job (bf16, 8 decode workers, 192 clips) plain, with --channels-last, and
 #              with --channels-last --compile (compilation included in its rate);
-#   profile    where the time of a training iteration goes: megatron bf16 at nbp-xl, micro-batch 4, two
-#              iterations under torch.profiler (the trainer's --profile --use-pytorch-profiler; traces in
-#              OUT_DIR/profile);
+#   profile    where the time of a training iteration goes: megatron bf16 and DeepSpeed ZeRO-1 bf16 at nbp-xl,
+#              micro-batch 4, two iterations each under torch.profiler (the trainer's --profile
+#              --use-pytorch-profiler; traces in OUT_DIR/profile);
 #   generation NBP vs NTP at nbp-xl bf16, batch 1 and 8: per-step time, eager and CUDA-graph decoding;
 #   attention  block-causal attention kernels at the nbp-xl shape (CUDA events, after one compile);
 #   train_more megatron fp32 and DeepSpeed ZeRO-2 bf16 at micro-batch 4;
@@ -115,8 +115,8 @@ wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layou
 wanted tokenizer_job && step "tokenization job with the encoding settings (370M layout, 17x128x128)" 200 \
   $PY bench/tokenize_throughput.py "${TOKJ[@]}" --parts job --job-settings plain,channels_last,channels_last+compile
 
-wanted profile && step "where a training iteration's time goes: megatron bf16, micro-batch ${SIZES[0]}, torch.profiler" 150 \
-  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 --micro-batch-sizes "${SIZES[0]}" --iters 3 \
+wanted profile && step "where a training iteration's time goes: megatron and ZeRO-1 bf16, micro-batch ${SIZES[0]}, torch.profiler" 200 \
+  $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 zero1-bf16 --micro-batch-sizes "${SIZES[0]}" --iters 3 \
   --warmup 2 --profile --workdir "$OUT/profile"
 
 if wanted generation; then
