@@ -7,9 +7,9 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
   (:func:`data_prep.tokenize_job.decoded_media`) with each of ``--decode-workers`` DataLoader workers
   (0 = in-process), no tokenizer (worker start-up included);
 * ``encode``: the job's encoding step (uint8 clips copied to the device, converted, encoded at each
-  precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``encode_tokens`` of
-  :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of ``--batch-sizes``, after one warm-up batch (cuDNN
-  autotuning); the bf16 rows also give the share of token ids equal to fp32's on the first clips;
+  precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``make_token_encoder`` of
+  :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of
+  ``--batch-sizes``, after one warm-up batch (cuDNN autotuning); the bf16 rows also give the share of token ids equal to fp32's on the first clips;
   ``--encode-variants`` adds rows with encoder settings the job does not use yet (``channels_last``:
   channels-last 3D weights; ``cudnn_benchmark``: cuDNN picks its fastest algorithms for the shape;
   ``compile``: ``torch.compile`` of the encoder; joined with ``+``), each with the share of its token
@@ -83,18 +83,17 @@ def bench_decode(args: argparse.Namespace, videos: Path, ckpt: Path, workers: in
     return clips, time.perf_counter() - start
 
 
-def bench_encode(args: argparse.Namespace, tokenizer, device: torch.device, batch: int,
-                 precision: str) -> tuple[int, float]:
-    """(clips, seconds) of ``args.encode_batches`` batches of ``batch`` random uint8 clips, host to tokens."""
+def bench_encode(args: argparse.Namespace, encode, device: torch.device, batch: int) -> tuple[int, float]:
+    """(clips, seconds) of ``args.encode_batches`` batches of ``batch`` random uint8 clips, host to tokens
+    through ``encode`` (a :func:`data_prep.tokenizer.precision.make_token_encoder` function)."""
     from data_prep.tokenize_job import frames_batch_to_tensor
-    from data_prep.tokenizer.precision import encode_tokens
 
     g = torch.Generator().manual_seed(0)
     clips = torch.randint(0, 256, (batch, args.num_frames, args.resolution, args.resolution, 3), generator=g,
                           dtype=torch.uint8)
 
     def one() -> None:
-        encode_tokens(tokenizer, frames_batch_to_tensor(clips, device), precision).cpu()
+        encode(frames_batch_to_tensor(clips, device)).cpu()
 
     one()  # warm-up (cuDNN autotuning for this shape)
     _sync(device)
@@ -109,28 +108,25 @@ ENCODE_VARIANTS = ("plain", "channels_last", "cudnn_benchmark", "compile")
 
 
 @contextlib.contextmanager
-def encoder_variant(tokenizer, variant: str):
-    """Apply the settings of ``variant`` (names of :data:`ENCODE_VARIANTS` joined by ``+``) to ``tokenizer``
-    and torch for the duration of the block, then restore them."""
+def encoder_variant(tokenizer, variant: str, precision: str):
+    """The encoding function of ``variant`` (names of :data:`ENCODE_VARIANTS` joined by ``+``) at
+    ``precision``: the job's own :func:`data_prep.tokenizer.precision.make_token_encoder` with its
+    ``channels_last`` / ``compile``, plus cuDNN's benchmark mode for the block; the tokenizer's layout and
+    torch's setting are restored after it."""
+    from data_prep.tokenizer.precision import make_token_encoder
+
     parts = set(variant.split("+"))
     unknown = parts - set(ENCODE_VARIANTS)
     if unknown:
         raise SystemExit(f"--encode-variants: unknown {sorted(unknown)}; known: {', '.join(ENCODE_VARIANTS)}")
     benchmark = torch.backends.cudnn.benchmark
     try:
-        if "cudnn_benchmark" in parts:
-            torch.backends.cudnn.benchmark = True
-        if "channels_last" in parts:
-            tokenizer.to(memory_format=torch.channels_last_3d)
-        if "compile" in parts:
-            tokenizer.encode = torch.compile(tokenizer.encode, dynamic=False)
-        yield
+        torch.backends.cudnn.benchmark = benchmark or "cudnn_benchmark" in parts
+        yield make_token_encoder(tokenizer, precision, channels_last="channels_last" in parts,
+                                 compile="compile" in parts)
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        if "channels_last" in parts:
-            tokenizer.to(memory_format=torch.contiguous_format)
-        if "compile" in parts:
-            del tokenizer.encode  # the class's method again
+        tokenizer.encoder.to(memory_format=torch.contiguous_format)
 
 
 def encoder_flops_per_clip(config, frames: int, resolution: int) -> float:
@@ -148,19 +144,16 @@ def encoder_flops_per_clip(config, frames: int, resolution: int) -> float:
     return float(counter.get_total_flops())
 
 
-def profile_encode(args: argparse.Namespace, tokenizer, device: torch.device, batch: int, precision: str) -> str:
-    """torch.profiler summary (megatron_nbp.training.profiling.profile_summary) of one more encode batch."""
+def profile_encode(args: argparse.Namespace, encode, device: torch.device, batch: int) -> str:
+    """torch.profiler summary (megatron_nbp.training.profiling.profile_summary) of one more batch through
+    ``encode``."""
     from data_prep.tokenize_job import frames_batch_to_tensor
-    from data_prep.tokenizer.precision import encode_tokens
-    from megatron_nbp.training.profiling import profile_summary
+    from megatron_nbp.training.profiling import profile_summary, profiler_activities
 
     clips = torch.randint(0, 256, (batch, args.num_frames, args.resolution, args.resolution, 3), dtype=torch.uint8)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    with torch.profiler.profile(activities=profiler_activities(device), record_shapes=True) as prof:
         with torch.profiler.record_function("encode batch 1"):
-            encode_tokens(tokenizer, frames_batch_to_tensor(clips, device), precision).cpu()
+            encode(frames_batch_to_tensor(clips, device)).cpu()
     return profile_summary(prof.events(), label_prefix="encode batch ", unit="batch")
 
 
@@ -204,8 +197,8 @@ def variant_agreement(args: argparse.Namespace, tokenizer, device: torch.device,
     for i in range(0, len(clips), 8):
         video = frames_batch_to_tensor(clips[i:i + 8], device)
         plain = encode_tokens(tokenizer, video, precision)
-        with encoder_variant(tokenizer, variant):
-            other = encode_tokens(tokenizer, video, precision)
+        with encoder_variant(tokenizer, variant, precision) as encode:
+            other = encode(video)
         equal, total = equal + int((plain == other).sum()), total + plain.numel()
     return equal / total, what
 
@@ -376,11 +369,11 @@ def main() -> None:
                                                        ckpt)
                         label, vnote = f", {variant}", f"token ids equal to plain {precision}: {rate:.4f} ({what})"
                     for batch in _ints(args.batch_sizes):
-                        with encoder_variant(tokenizer, variant):
-                            clips, seconds = bench_encode(args, tokenizer, choice.device, batch, precision)
+                        with encoder_variant(tokenizer, variant, precision) as encode:
+                            clips, seconds = bench_encode(args, encode, choice.device, batch)
                             if args.profile_encode and batch == _ints(args.batch_sizes)[0]:
                                 profiles.append((f"{precision}, batch {batch}{label}", profile_encode(
-                                    args, tokenizer, choice.device, batch, precision)))
+                                    args, encode, choice.device, batch)))
                         tflops = flops * clips / seconds / 1e12
                         print(f"| encode | {precision}, batch {batch}{label} | {clips} | {seconds:.2f} | "
                               f"{clips / seconds:.1f} | {tflops:.3g} TFLOP/s ({flops / 1e12:.3g} TFLOP per clip)"

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-__all__ = ["IterationProfiler", "ProfileWindow", "busy_fraction", "profile_summary"]
+__all__ = ["IterationProfiler", "ProfileWindow", "busy_fraction", "profile_summary", "profiler_activities"]
 
 #: rows of the operator table in the printed summary
 TABLE_ROWS = 25
@@ -88,6 +88,14 @@ def busy_fraction(intervals: Iterable[tuple[float, float]], start: float, end: f
         covered += finish - max(begin, reach)
         reach = finish
     return covered / (end - start)
+
+
+def profiler_activities(device: torch.device | str) -> list[torch.profiler.ProfilerActivity]:
+    """torch.profiler activities for work on ``device``: the CPU, plus CUDA kernels on a CUDA device."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
 
 
 def _is_device_event(event) -> bool:
@@ -204,11 +212,8 @@ class IterationProfiler:
 
     # ------------------------------------------------------------------ torch.profiler
     def _start_torch_profiler(self, warmup: int, active: int) -> None:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
         self._profiler = torch.profiler.profile(
-            activities=activities, record_shapes=True, with_stack=False,
+            activities=profiler_activities(self.device), record_shapes=True, with_stack=False,
             schedule=torch.profiler.schedule(wait=0, warmup=warmup, active=max(active, 1), repeat=1),
             on_trace_ready=self._write)
         self._profiler.start()
