@@ -9,11 +9,12 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
 * ``encode``: the job's encoding step (uint8 clips copied to the device, converted, encoded at each
   precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``make_token_encoder`` of
   :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of
-  ``--batch-sizes``, after one warm-up batch (cuDNN autotuning); the bf16 rows also give the share of token ids equal to fp32's on the first clips;
+  ``--batch-sizes``, after one warm-up batch (cuDNN autotuning); the bf16 rows also compare their token ids
+  with fp32's on the first clips (the share equal, and equal or one FSQ rounding step apart);
   ``--encode-variants`` adds rows with encoder settings the job does not use yet (``channels_last``:
   channels-last 3D weights; ``cudnn_benchmark``: cuDNN picks its fastest algorithms for the shape;
   ``compile``: ``torch.compile`` of the encoder; joined with ``+``), each with the share of its token
-  ids equal to the plain encoder's at the same precision; every encode row gives the encoder's model
+  ids against the plain encoder's at the same precision; every encode row gives the encoder's model
   TFLOP/s (its FLOPs per clip counted once by ``torch.utils.flop_counter`` on the meta device), and
   ``--profile-encode`` records one more batch of each row's setting with torch.profiler and prints, after
   the table, the fraction of it the GPU was busy and the kernels taking the most time;
@@ -186,32 +187,32 @@ def agreement_clips(args: argparse.Namespace, videos: Path, ckpt: Path, noise_cl
 
 
 def variant_agreement(args: argparse.Namespace, tokenizer, device: torch.device, variant: str, precision: str,
-                      videos: Path, ckpt: Path) -> tuple[float, str]:
-    """(share of token ids equal between the plain encoder and ``variant`` at ``precision``, what it was
-    measured on: :func:`agreement_clips`, 2 noise clips without ``--input``), in batches of 8."""
+                      videos: Path, ckpt: Path) -> tuple[str, str]:
+    """(token ids of ``variant`` at ``precision`` against the plain encoder's, as
+    :meth:`TokenAgreement.describe`; what it was measured on: :func:`agreement_clips`, 2 noise clips without
+    ``--input``), in batches of 8."""
     from data_prep.tokenize_job import frames_batch_to_tensor
-    from data_prep.tokenizer.precision import encode_tokens
+    from data_prep.tokenizer.precision import TokenAgreement, compare_token_ids, encode_tokens
 
     clips, what = agreement_clips(args, videos, ckpt, noise_clips=2, seed=2)
-    equal = total = 0
+    agreement = TokenAgreement()
     for i in range(0, len(clips), 8):
         video = frames_batch_to_tensor(clips[i:i + 8], device)
         plain = encode_tokens(tokenizer, video, precision)
         with encoder_variant(tokenizer, variant, precision) as encode:
-            other = encode(video)
-        equal, total = equal + int((plain == other).sum()), total + plain.numel()
-    return equal / total, what
+            agreement += compare_token_ids(tokenizer.quantizer, plain, encode(video))
+    return agreement.describe(), what
 
 
 def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device, videos: Path,
-                   ckpt: Path) -> tuple[float, str]:
-    """(share of equal token ids bf16 vs fp32, what it was measured on: :func:`agreement_clips`, 4 noise
-    clips without ``--input``)."""
+                   ckpt: Path) -> tuple[str, str]:
+    """(bf16 token ids against fp32's, as :meth:`TokenAgreement.describe`; what it was measured on:
+    :func:`agreement_clips`, 4 noise clips without ``--input``), in batches of 2."""
     from data_prep.tokenize_job import frames_batch_to_tensor
-    from data_prep.tokenizer.precision import bf16_token_agreement
+    from data_prep.tokenizer.precision import token_agreement
 
     clips, what = agreement_clips(args, videos, ckpt, noise_clips=4, seed=1)
-    return bf16_token_agreement(tokenizer, frames_batch_to_tensor(clips, device), batch_size=2), what
+    return token_agreement(tokenizer, frames_batch_to_tensor(clips, device), batch_size=2).describe(), what
 
 
 JOB_SETTINGS = {"plain": [], "channels_last": ["--channels-last"], "compile": ["--compile"]}
@@ -361,13 +362,13 @@ def main() -> None:
                 note = ""
                 if precision == "bf16":
                     rate, what = bf16_agreement(args, tokenizer, choice.device, videos, ckpt)
-                    note = f"token ids equal to fp32: {rate:.4f} ({what})"
+                    note = f"token ids vs fp32: {rate} ({what})"
                 for variant in args.encode_variants.split(","):
                     label, vnote = "", note
                     if variant != "plain":
                         rate, what = variant_agreement(args, tokenizer, choice.device, variant, precision, videos,
                                                        ckpt)
-                        label, vnote = f", {variant}", f"token ids equal to plain {precision}: {rate:.4f} ({what})"
+                        label, vnote = f", {variant}", f"token ids vs plain {precision}: {rate} ({what})"
                     for batch in _ints(args.batch_sizes):
                         with encoder_variant(tokenizer, variant, precision) as encode:
                             clips, seconds = bench_encode(args, encode, choice.device, batch)

@@ -108,8 +108,8 @@ class TokenizeConfig(TypedConfig):
                                             "cpu), cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="encoding precision: fp32, or bf16 autocast of the encoder's convolutions (FSQ stays "
-                            "fp32; token ids can differ, measure with data_prep.tokenizer.precision."
-                            "bf16_token_agreement)")
+                            "fp32; token ids can differ: launchers/eval_tokenizer.py --encode-precision bf16 "
+                            "measures how many and what it does to reconstructions)")
     channels_last: bool = Field(
         False, description="encode in channels-last 3D memory format (weights and clips): faster convolutions on "
                            "oneDNN CPUs and tensor-core GPUs; a rare token id can differ from the default layout's "

@@ -125,8 +125,10 @@ class FSQ(nn.Module):
         basis = self._basis.view(1, -1, *([1] * (codes.ndim - 2)))
         return (digits * basis).sum(dim=1)
 
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Map int64 indices ``[B, ...]`` in [0, codebook_size) to float32 codes ``[B, D, ...]`` in [-1, 1].
+    def indices_to_digits(self, indices: torch.Tensor) -> torch.Tensor:
+        """Map int64 indices ``[B, ...]`` in [0, codebook_size) to their per-channel level numbers: int64
+        ``[B, D, ...]``, channel d in [0, levels[d]) (the mixed-radix digits; two ids one rounding step apart
+        differ by 1 in exactly one channel).
 
         Raises:
             TypeError: indices are not an integer tensor.
@@ -140,10 +142,19 @@ class FSQ(nn.Module):
                 f"FSQ indices must lie in [0, {self.codebook_size}), got range "
                 f"[{int(indices.min())}, {int(indices.max())}]"
             )
-        expanded = indices.unsqueeze(1)
         basis = self._basis.view(1, -1, *([1] * (indices.ndim - 1)))
         levels = self._levels.to(torch.int64).view_as(basis)
-        digits = torch.div(expanded, basis, rounding_mode="floor") % levels
+        return torch.div(indices.unsqueeze(1), basis, rounding_mode="floor") % levels
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Map int64 indices ``[B, ...]`` in [0, codebook_size) to float32 codes ``[B, D, ...]`` in [-1, 1].
+
+        Raises:
+            TypeError: indices are not an integer tensor.
+            ValueError: an index lies outside [0, codebook_size).
+        """
+        digits = self.indices_to_digits(indices)
+        levels = self._levels.to(torch.int64).view(1, -1, *([1] * (digits.ndim - 2)))
         half_width = torch.div(levels, 2, rounding_mode="floor")
         return ((digits - half_width).to(torch.float32)) / half_width.to(torch.float32)
 

@@ -5,21 +5,25 @@ bf16 autocast (:func:`data_prep.device.autocast`) runs the encoder's convolution
 FSQ quantizer stays fp32 (:meth:`VideoTokenizer.encode_codes`). Rounding in the convolutions can still
 move a latent across an FSQ rounding boundary, which changes that position's token id; the tokenization
 job therefore encodes in fp32 unless asked, and :func:`bf16_token_agreement` measures the effect on
-given clips. :func:`make_token_encoder` adds the two speed settings of the tokenization job: channels-last
+given clips (:func:`compare_token_ids` also says how far the changed ids moved on the FSQ grid).
+:func:`make_token_encoder` adds the two speed settings of the tokenization job: channels-last
 3D memory format (``torch.channels_last_3d``) for the encoder's weights and clips, and ``torch.compile`` of
 the encoder (partial batches padded to one shape, so it compiles once).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..device import autocast, to_device
+from .fsq import FSQ
 from .model import VideoTokenizer
 
-__all__ = ["ENCODE_PRECISIONS", "encode_tokens", "make_token_encoder", "bf16_token_agreement"]
+__all__ = ["ENCODE_PRECISIONS", "encode_tokens", "make_token_encoder", "bf16_token_agreement", "token_agreement",
+           "TokenAgreement", "compare_token_ids"]
 
 ENCODE_PRECISIONS = ("fp32", "bf16")
 
@@ -95,7 +99,8 @@ def make_token_encoder(tokenizer: VideoTokenizer, precision: str = "fp32", chann
 
 
 def bf16_token_agreement(tokenizer: VideoTokenizer, clips: torch.Tensor, batch_size: int = 8) -> float:
-    """Fraction of token positions whose id is the same when ``clips`` are encoded in bf16 and in fp32.
+    """Fraction of token positions whose id is the same when ``clips`` are encoded in bf16 and in fp32
+    (:func:`token_agreement`'s ``equal_rate``).
 
     Args:
         tokenizer: the tokenizer, on the device to measure (CPU autocast runs bf16 as well).
@@ -109,15 +114,92 @@ def bf16_token_agreement(tokenizer: VideoTokenizer, clips: torch.Tensor, batch_s
     Raises:
         ValueError: no clips, ``batch_size`` < 1, or a badly shaped ``clips`` tensor.
     """
+    return token_agreement(tokenizer, clips, batch_size).equal_rate
+
+
+def token_agreement(tokenizer: VideoTokenizer, clips: torch.Tensor, batch_size: int = 8) -> "TokenAgreement":
+    """bf16 against fp32 token ids of ``clips``, position by position (:func:`compare_token_ids`).
+
+    Args: as :func:`bf16_token_agreement`.
+
+    Returns:
+        :class:`TokenAgreement` over all ``N * T' * H' * W'`` positions.
+
+    Raises:
+        ValueError: no clips, ``batch_size`` < 1, or a badly shaped ``clips`` tensor.
+    """
     if clips.ndim != 5 or clips.shape[0] < 1:
         raise ValueError(f"clips must be a non-empty [N, 3, T, H, W] tensor, got shape {tuple(clips.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    equal, total = 0, 0
+    agreement = TokenAgreement()
     for i in range(0, clips.shape[0], batch_size):
         chunk = clips[i : i + batch_size]
-        reference = encode_tokens(tokenizer, chunk, "fp32")
-        reduced = encode_tokens(tokenizer, chunk, "bf16")
-        equal += int((reference == reduced).sum())
-        total += reference.numel()
-    return equal / total
+        agreement += compare_token_ids(tokenizer.quantizer, encode_tokens(tokenizer, chunk, "fp32"),
+                                       encode_tokens(tokenizer, chunk, "bf16"))
+    return agreement
+
+
+@dataclass(frozen=True)
+class TokenAgreement:
+    """Position-by-position comparison of two encodings of the same clips (counts; add them across batches).
+
+    Attributes:
+        positions: token positions compared.
+        equal: positions with the same id.
+        one_step: positions whose ids differ by one FSQ rounding step: level numbers
+            (:meth:`FSQ.indices_to_digits`) equal in every channel but one, and 1 apart there.
+    """
+
+    positions: int = 0
+    equal: int = 0
+    one_step: int = 0
+
+    def __add__(self, other: "TokenAgreement") -> "TokenAgreement":
+        return TokenAgreement(self.positions + other.positions, self.equal + other.equal,
+                              self.one_step + other.one_step)
+
+    @property
+    def equal_rate(self) -> float:
+        """Share of positions with the same id (0.0 when nothing was compared)."""
+        return self.equal / self.positions if self.positions else 0.0
+
+    @property
+    def within_one_step_rate(self) -> float:
+        """Share of positions equal or one FSQ rounding step apart (0.0 when nothing was compared)."""
+        return (self.equal + self.one_step) / self.positions if self.positions else 0.0
+
+    def describe(self) -> str:
+        """``"0.9794 equal, 0.9999 within one FSQ step, of 47360 ids"``."""
+        return (f"{self.equal_rate:.4f} equal, {self.within_one_step_rate:.4f} within one FSQ step, "
+                f"of {self.positions} ids")
+
+
+def compare_token_ids(quantizer: FSQ, reference: torch.Tensor, other: torch.Tensor) -> TokenAgreement:
+    """Compare two id tensors of the same clips (e.g. fp32 vs bf16 encoding) on the FSQ grid.
+
+    A bf16 (or fused-kernel) encoding that changes an id usually moves one latent channel across one
+    rounding boundary: the decoder then sees a code one level (2 / (L - 1) in [-1, 1]) away in one channel.
+    ``one_step`` counts exactly those; anything else differs by more.
+
+    Args:
+        quantizer: the tokenizer's :class:`FSQ` (its levels give the digits).
+        reference, other: integer ``[B, ...]`` ids of the same shape, any device (compared on the
+            quantizer's).
+
+    Returns:
+        :class:`TokenAgreement` with the counts.
+
+    Raises:
+        ValueError: shapes differ, or an id lies outside the codebook. TypeError: non-integer ids.
+    """
+    if reference.shape != other.shape:
+        raise ValueError(f"token id shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}")
+    if reference.numel() == 0:
+        return TokenAgreement()
+    device = next(quantizer.buffers()).device
+    reference, other = reference.to(device), other.to(device)
+    # |level difference| summed over channels is 1 exactly when one channel moved by one level.
+    one_step = (quantizer.indices_to_digits(reference) - quantizer.indices_to_digits(other)).abs().sum(dim=1) == 1
+    return TokenAgreement(positions=reference.numel(), equal=int((reference == other).sum()),
+                          one_step=int(one_step.sum()))

@@ -7,6 +7,10 @@ Example (the benchmark in docs/benchmarks.md: clips from the held-back last 25% 
 
 ``--device`` (auto: the GPU of LOCAL_RANK when CUDA is available, else the CPU; megatron_nbp.device) places
 the tokenizer, the clips and the metrics; reconstructions run in fp32 on either.
+``--encode-precision bf16`` encodes as ``launchers/tokenize_videos.py --precision bf16`` does (bf16 autocast of
+the encoder, FSQ in fp32) and decodes those ids in fp32; the result then also holds the metrics of the fp32
+ids and how many ids bf16 changed (``ids_vs_fp32``: equal, or one FSQ rounding step apart), which is what
+decides whether bf16 tokenization is acceptable for a tokenizer and footage.
 ``--official`` reads a checkpoint of the official NBP release (see data_prep/tokenizer/official_import.py).
 ``--fvd`` computes reconstruction FVD (I3D features of originals vs reconstructions, megatron_nbp.eval.fvd)
 only if that module exists and the I3D weights are already in the local cache (nothing is downloaded here;
@@ -22,6 +26,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 
 import numpy as np
@@ -32,6 +37,7 @@ from data_prep import video_io
 from data_prep.tokenizer import load_tokenizer
 from data_prep.tokenizer.clips import load_clip_bank
 from data_prep.tokenizer.metrics import psnr, ssim
+from data_prep.tokenizer.precision import TokenAgreement, compare_token_ids, encode_tokens
 from megatron_nbp.device import activate, device_plan, to_device
 from nbp_common.config import ConfigError, TypedConfig, add_config_arguments, cli_flags, config_overrides
 
@@ -70,6 +76,9 @@ class EvalOptions(TypedConfig):
         0.25, description="evaluate on non-overlapping clips of the last fraction of every video (0: whole videos)")
     max_clips: int = Field(256, description="evaluate at most this many clips")
     batch_size: int = Field(4, description="clips per forward pass")
+    encode_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="encode in fp32, or in bf16 as the tokenization job's --precision bf16 (then also "
+                            "reports the fp32 ids' metrics and the share of ids bf16 changed)")
     device: str = Field("auto", description="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda or "
                                             "cuda:N")
     fvd: bool = Field(False, description="also compute reconstruction FVD (slow on CPU)")
@@ -117,13 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no evaluation clip (videos too short for --holdout-fraction {args.holdout_fraction})")
     start = time.time()
     psnrs, ssims, originals, recons, labels = [], [], [], [], []
+    fp32_psnrs, fp32_ssims, agreement = [], [], TokenAgreement()
     with torch.no_grad():
         for i in range(0, len(windows), args.batch_size):
             chunk = windows[i : i + args.batch_size]
             clips = to_device(torch.stack([bank.clip(*w) for w in chunk]), plan)
-            recon = model.decode(model.encode(clips)).clamp(-1, 1)
+            ids = encode_tokens(model, clips, args.encode_precision)
+            recon = model.decode(ids).clamp(-1, 1)
             psnrs += psnr(clips, recon).tolist()
             ssims += ssim(clips, recon).tolist()
+            if args.encode_precision != "fp32":
+                fp32_ids = encode_tokens(model, clips, "fp32")
+                agreement += compare_token_ids(model.quantizer, fp32_ids, ids)
+                fp32_recon = model.decode(fp32_ids).clamp(-1, 1)
+                fp32_psnrs += psnr(clips, fp32_recon).tolist()
+                fp32_ssims += ssim(clips, fp32_recon).tolist()
             clips, recon = clips.cpu(), recon.cpu()
             for clip, rec, (v, s) in zip(clips, recon, chunk):
                 originals.append(video_io.tensor_to_frames(clip))
@@ -132,11 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "tokenizer": str(args.tokenizer), "clips": len(windows), "resolution": args.resolution,
         "num_frames": args.num_frames, "holdout_fraction": args.holdout_fraction, "device": str(plan.device),
+        "encode_precision": args.encode_precision,
         "psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
         "per_video_psnr_db": {name: float(np.mean([p for p, l in zip(psnrs, labels) if l.startswith(name + "@")]))
                               for name in sorted({l.rsplit("@", 1)[0] for l in labels})},
         "seconds": round(time.time() - start, 1),
     }
+    if args.encode_precision != "fp32":
+        result["fp32_ids"] = {"psnr_db": float(np.mean(fp32_psnrs)), "ssim": float(np.mean(fp32_ssims))}
+        result["ids_vs_fp32"] = {"positions": agreement.positions, "equal": round(agreement.equal_rate, 6),
+                                 "within_one_fsq_step": round(agreement.within_one_step_rate, 6)}
     if args.fvd:
         value, note = _fvd(originals, recons)
         result["fvd"], result["fvd_note"] = value, note

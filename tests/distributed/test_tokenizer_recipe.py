@@ -219,7 +219,7 @@ def _assert_same(a, b, path="state"):
         assert a == b, path
 
 
-def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recipe_setup):
+def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recipe_setup, monkeypatch):
     from data_prep.tokenizer import load_tokenizer
     from data_prep.tokenizer.train import latest_iteration, train_tokenizer
 
@@ -265,7 +265,33 @@ def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recip
                                 "--png", str(png), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["psnr_db"] == pytest.approx(result["psnr"], abs=1e-4) and 0 < report["ssim"] <= 1
-    assert png.stat().st_size > 0 and report["fvd"] is None
+    assert png.stat().st_size > 0 and report["fvd"] is None and report["encode_precision"] == "fp32"
+    # --encode-precision bf16: the metrics of bf16-encoded ids, the fp32 ids' metrics beside them and how many
+    # ids bf16 changed, each against a direct computation on the same held-back clip
+    from data_prep.tokenizer.clips import load_clip_bank
+    from data_prep.tokenizer.metrics import psnr
+    from data_prep.tokenizer.precision import bf16_token_agreement, encode_tokens
+
+    out_bf16 = root / "full" / "eval_bf16.json"
+    used = []  # the precisions the launcher encodes at (on this tiny clip bf16 may change no id at all)
+    monkeypatch.setattr(eval_tokenizer, "encode_tokens",
+                        lambda model, clips, dtype: used.append(dtype) or encode_tokens(model, clips, dtype))
+    assert eval_tokenizer.main(["--tokenizer", full.output, "--data", full.data, "--resolution", "16",
+                                "--num-frames", "5", "--holdout-fraction", "0.25", "--max-clips", "1",
+                                "--encode-precision", "bf16", "--json", str(out_bf16)]) == 0
+    bf16 = json.loads(out_bf16.read_text())
+    assert used == ["bf16", "fp32"], used
+    assert bf16["encode_precision"] == "bf16" and bf16["ids_vs_fp32"]["positions"] == 1 * 2 * 2 * 2
+    assert bf16["fp32_ids"]["psnr_db"] == pytest.approx(report["psnr_db"], abs=1e-9)
+    bank = load_clip_bank(full.data, 16, 5, holdout_fraction=0.25)
+    clips = torch.stack([bank.clip(*w) for w in bank.eval_windows[:1]])
+    with torch.no_grad():
+        direct = float(psnr(clips, full_tok.decode(encode_tokens(full_tok, clips, "bf16")).clamp(-1, 1)).mean())
+    assert bf16["psnr_db"] == pytest.approx(direct, abs=1e-6)
+    assert bf16["ids_vs_fp32"]["equal"] == pytest.approx(bf16_token_agreement(full_tok, clips), abs=1e-6)
+    assert bf16["ids_vs_fp32"]["equal"] <= bf16["ids_vs_fp32"]["within_one_fsq_step"] <= 1
+    print(f"eval --encode-precision bf16: {bf16['ids_vs_fp32']}, PSNR {bf16['psnr_db']:.4f} dB vs fp32 ids "
+          f"{report['psnr_db']:.4f} dB")
 
 
 def test_holdout_split_keeps_evaluation_clips_out_of_training(recipe_setup):

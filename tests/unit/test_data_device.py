@@ -121,8 +121,57 @@ def test_fsq_stays_fp32_under_bf16_autocast():
         assert tok.encode_codes(video)[0].dtype == torch.float32
 
 
+def test_fsq_digits_are_the_mixed_radix_level_numbers():
+    from data_prep.tokenizer.fsq import FSQ
+
+    fsq = FSQ([8, 8, 8, 5, 5, 5])
+    digits = torch.stack([torch.randint(0, level, (4, 3), generator=torch.Generator().manual_seed(d))
+                          for d, level in enumerate(fsq.levels)], dim=1)  # [4, 6, 3]
+    radix = torch.tensor([1, 8, 64, 512, 2560, 12800]).view(1, 6, 1)  # channel 0 varies fastest
+    ids = (digits * radix).sum(dim=1)
+    assert torch.equal(fsq.indices_to_digits(ids), digits)
+    # level numbers as codes: digit k of an L-level channel is the code (k - L//2) / (L//2)
+    half = torch.tensor(fsq.levels).view(1, 6, 1) // 2
+    assert torch.equal(fsq.indices_to_codes(ids), (digits - half).float() / half.float())
+    with pytest.raises(ValueError, match="64000"):
+        fsq.indices_to_digits(torch.tensor([64000]))
+    with pytest.raises(TypeError, match="integer"):
+        fsq.indices_to_digits(torch.tensor([1.0]))
+
+
+def test_compare_token_ids_counts_equal_and_one_step_ids():
+    from data_prep.tokenizer.fsq import FSQ
+    from data_prep.tokenizer.precision import TokenAgreement, compare_token_ids
+
+    fsq = FSQ([8, 8, 8, 5, 5, 5])
+    radix = torch.tensor([1, 8, 64, 512, 2560, 12800])
+
+    def ids(*digits):
+        return int((torch.tensor(digits) * radix).sum())
+
+    base = (3, 4, 0, 2, 4, 1)
+    moved = [
+        base,                    # equal
+        (4, 4, 0, 2, 4, 1),      # one step up in channel 0
+        (3, 4, 0, 2, 3, 1),      # one step down in channel 4
+        (3, 4, 2, 2, 4, 1),      # two steps in channel 2
+        (3, 5, 0, 3, 4, 1),      # one step in each of two channels
+        (0, 0, 0, 0, 0, 0),      # far away
+    ]
+    reference = torch.tensor([[ids(*base)] * len(moved)])
+    other = torch.tensor([[ids(*m) for m in moved]])
+    agreement = compare_token_ids(fsq, reference, other)
+    assert agreement == TokenAgreement(positions=6, equal=1, one_step=2)
+    assert agreement.equal_rate == pytest.approx(1 / 6) and agreement.within_one_step_rate == pytest.approx(3 / 6)
+    assert agreement + agreement == TokenAgreement(12, 2, 4)
+    assert "0.1667 equal, 0.5000 within one FSQ step, of 6 ids" == agreement.describe()
+    assert compare_token_ids(fsq, reference[:, :0], other[:, :0]).equal_rate == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_token_ids(fsq, reference, other[:, :2])
+
+
 def test_bf16_token_agreement_is_the_share_of_equal_ids():
-    from data_prep.tokenizer.precision import bf16_token_agreement, encode_tokens
+    from data_prep.tokenizer.precision import bf16_token_agreement, encode_tokens, token_agreement
 
     tok = _tiny()
     clips = torch.rand(3, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -134,6 +183,9 @@ def test_bf16_token_agreement_is_the_share_of_equal_ids():
     expected = float((fp32 == bf16).double().mean())
     rate = bf16_token_agreement(tok, clips, batch_size=2)
     assert rate == pytest.approx(expected, abs=1e-12)
+    detail = token_agreement(tok, clips, batch_size=2)
+    assert detail.positions == fp32.numel() and detail.equal_rate == rate
+    assert rate <= detail.within_one_step_rate <= 1.0
     assert 0.5 < rate <= 1.0, rate  # a random tiny tokenizer on noise: most ids survive bf16
     print(f"bf16 vs fp32 token agreement (random tiny tokenizer, 3 noise clips, CPU): {rate:.4f}")
     with pytest.raises(ValueError, match="batch_size"):
