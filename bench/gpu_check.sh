@@ -21,7 +21,8 @@
 #              alone (0 / 8 DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job
 #              (bf16, 8 workers) and training steps (bf16, batch 2), bench/tokenize_throughput.py;
 #   real       with REAL_VIDEOS=DIR and REAL_TOKENIZER=FILE: bf16 vs fp32 token agreement of a trained tokenizer
-#              on real footage, its encode rate, and eval_tokenizer.py's PSNR (skipped without them);
+#              on real footage, its encode rate, and eval_tokenizer.py's PSNR from bf16 and fp32 ids
+#              (skipped without them);
 #   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row).
 # The order is the priority: what has never been measured on a GPU first, after the tests (train, tokenizer,
 # real and train_mb were measured on an H200 on 2026-11-30, docs/benchmarks.md).
@@ -152,10 +153,10 @@ if wanted real && [ -n "${REAL_VIDEOS:-}" ] && [ -n "${REAL_TOKENIZER:-}" ]; the
     $PY bench/tokenize_throughput.py --input "$REAL_VIDEOS" --tokenizer "$REAL_TOKENIZER" --parts encode,decode \
     --precisions fp32,bf16 --resolution "${REAL_RESOLUTION:-64}" --batch-sizes 32 --encode-batches 3 \
     --agreement-clips 64
-  step "the same tokenizer's reconstructions (launchers/eval_tokenizer.py, fp32, --device auto)" 40 \
+  step "the same tokenizer's reconstructions from bf16- and fp32-encoded ids (launchers/eval_tokenizer.py)" 40 \
     $PY launchers/eval_tokenizer.py --tokenizer "$REAL_TOKENIZER" --data "$REAL_VIDEOS" \
     --resolution "${REAL_RESOLUTION:-64}" --num-frames 17 --holdout-fraction 0 --max-clips 48 --device auto \
-    --json "$OUT/eval_tokenizer.json"
+    --encode-precision bf16 --json "$OUT/eval_tokenizer.json"
 fi
 
 wanted train_mb && step "training throughput, megatron bf16, larger micro-batches" 150 \
