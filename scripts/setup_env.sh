@@ -17,8 +17,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # DeepSpeed: build the pure-Python package (no CUDA/C++ ops at install time; see requirements.txt)
 export DS_BUILD_OPS=0
 if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-  echo "== installing torch==2.13.0 (CPU)"
-  pip install -q torch==2.13.0
+  # PyPI's Linux torch wheels are the CUDA builds (GBs of nvidia-* packages); the CPU build (2.13.0+cpu, which
+  # pip prefers to 2.13.0) is on PyTorch's own index: add it when it answers, else pip's configured sources.
+  TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  if python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+      "$TORCH_CPU_INDEX/torch/" 2>/dev/null; then
+    echo "== installing torch==2.13.0 (CPU build, from $TORCH_CPU_INDEX)"
+    pip install -q torch==2.13.0 --extra-index-url "$TORCH_CPU_INDEX"
+  else
+    echo "== installing torch==2.13.0 ($TORCH_CPU_INDEX unreachable: from pip's configured sources)"
+    pip install -q torch==2.13.0
+  fi
 fi
 if ! python - "$REPO/requirements.txt" <<'PY' 2>/dev/null
 import sys
@@ -59,4 +68,6 @@ if [ -n "${INSTALL_PROJECT:-}" ]; then
   pip install -q --no-deps --no-build-isolation -e "$REPO"
   sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1 > "$STAMP"
 fi
-python -c "import torch, megatron.core, megatron_nbp; print(f'== environment ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, megatron-nbp {megatron_nbp.__version__}')" 2>/dev/null
+# (megatron-core warns at import that Transformer Engine / apex are missing: expected on CPU, silenced here;
+# an import error still prints its traceback)
+python -W ignore -c "import torch, megatron.core, megatron_nbp; print(f'== environment ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, megatron-nbp {megatron_nbp.__version__}')"
