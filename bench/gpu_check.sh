@@ -3,8 +3,8 @@
 #   tests      the tests marked gpu (compiled FlexAttention, the project's attention module, training on the GPU
 #              in bf16 vs fp32, profiling a training window, TE spec if installed, CUDA-graph decoding, the
 #              tokenizer on CUDA);
-#   tokenizer_variants  bf16 encoding at the 370M layout with settings the job does not use yet (cuDNN
-#              benchmark mode, channels-last 3D, torch.compile), each with its token agreement, TFLOP/s and a
+#   tokenizer_variants  bf16 encoding at the 370M layout plain and with the job's opt-in settings
+#              (channels-last 3D, torch.compile, both), each with its token agreement, TFLOP/s and a
 #              torch.profiler summary of one batch (GPU busy fraction, top kernels);
 #   tokenizer_job  the tokenization job (bf16, 8 decode workers, 192 clips) plain, with --channels-last, and
 #              with --channels-last --compile (compilation included in its rate);
@@ -110,7 +110,7 @@ wanted tests && step "tests marked gpu" 200 $PY -m pytest -v --tb=short -p no:ca
 
 wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layout, 17x128x128)" 150 \
   $PY bench/tokenize_throughput.py "${TOKV[@]}" --parts encode --precisions bf16 \
-  --encode-variants plain,cudnn_benchmark,channels_last+cudnn_benchmark,compile+channels_last+cudnn_benchmark \
+  --encode-variants plain,channels_last,compile,compile+channels_last \
   --profile-encode
 
 wanted tokenizer_job && step "tokenization job with the encoding settings (370M layout, 17x128x128)" 200 \

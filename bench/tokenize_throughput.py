@@ -9,15 +9,16 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
 * ``encode``: the job's encoding step (uint8 clips copied to the device, converted, encoded at each
   precision: ``frames_batch_to_tensor`` of :mod:`data_prep.tokenize_job`, ``make_token_encoder`` of
   :mod:`data_prep.tokenizer.precision`) on random clips already in host memory, for each of
-  ``--batch-sizes``, after one warm-up batch (cuDNN autotuning); the bf16 rows also compare their token ids
-  with fp32's on the first clips (the share equal, and equal or one FSQ rounding step apart);
-  ``--encode-variants`` adds rows with encoder settings the job does not use yet (``channels_last``:
-  channels-last 3D weights; ``cudnn_benchmark``: cuDNN picks its fastest algorithms for the shape;
-  ``compile``: ``torch.compile`` of the encoder; joined with ``+``), each with the share of its token
-  ids against the plain encoder's at the same precision; every encode row gives the encoder's model
-  TFLOP/s (its FLOPs per clip counted once by ``torch.utils.flop_counter`` on the meta device), and
-  ``--profile-encode`` records one more batch of each row's setting with torch.profiler and prints, after
-  the table, the fraction of it the GPU was busy and the kernels taking the most time;
+  ``--batch-sizes``, after one warm-up batch (cuDNN autotuning: on a GPU every row runs with cuDNN's
+  benchmark mode, as the job does); the bf16 rows also compare their token ids with fp32's on the first
+  clips (the share equal, and equal or one FSQ rounding step apart); ``--encode-variants`` adds rows with
+  the job's opt-in encoding settings (``channels_last``: channels-last 3D weights and clips; ``compile``:
+  ``torch.compile`` of the encoder, compiled once per batch size; joined with ``+``), each compared (at the
+  first batch size, with the same function that was timed) against the plain encoder's ids at the same
+  precision; every encode row gives the encoder's model TFLOP/s (its FLOPs per clip counted once by
+  ``torch.utils.flop_counter`` on the meta device), and ``--profile-encode`` records one more batch of each
+  setting with torch.profiler and prints, right after its row, the fraction of it the GPU was busy and the
+  kernels taking the most time;
 * ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
   of ``--job-workers`` at each of ``--job-precisions`` and ``--job-settings`` (the job's ``--channels-last``
   / ``--compile``); the rate is the rank's own summary line (imports, tokenizer loading and the manifest
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -105,28 +107,26 @@ def bench_encode(args: argparse.Namespace, encode, device: torch.device, batch: 
     return batch * args.encode_batches, time.perf_counter() - start
 
 
-ENCODE_VARIANTS = ("plain", "channels_last", "cudnn_benchmark", "compile")
+ENCODE_VARIANTS = ("plain", "channels_last", "compile")
 
 
 @contextlib.contextmanager
-def encoder_variant(tokenizer, variant: str, precision: str):
+def encoder_variant(tokenizer, variant: str, precision: str, batch_size: int | None = None):
     """The encoding function of ``variant`` (names of :data:`ENCODE_VARIANTS` joined by ``+``) at
     ``precision``: the job's own :func:`data_prep.tokenizer.precision.make_token_encoder` with its
-    ``channels_last`` / ``compile``, plus cuDNN's benchmark mode for the block; the tokenizer's layout and
-    torch's setting are restored after it."""
+    ``channels_last`` / ``compile`` (compiled for ``batch_size``, smaller batches padded, as the job does);
+    the tokenizer's memory format is restored after it. Every row runs with cuDNN's benchmark mode on, as
+    the job does on a GPU (:func:`data_prep.device.activate`)."""
     from data_prep.tokenizer.precision import make_token_encoder
 
     parts = set(variant.split("+"))
     unknown = parts - set(ENCODE_VARIANTS)
     if unknown:
         raise SystemExit(f"--encode-variants: unknown {sorted(unknown)}; known: {', '.join(ENCODE_VARIANTS)}")
-    benchmark = torch.backends.cudnn.benchmark
     try:
-        torch.backends.cudnn.benchmark = benchmark or "cudnn_benchmark" in parts
         yield make_token_encoder(tokenizer, precision, channels_last="channels_last" in parts,
-                                 compile="compile" in parts)
+                                 compile="compile" in parts, batch_size=batch_size)
     finally:
-        torch.backends.cudnn.benchmark = benchmark
         tokenizer.encoder.to(memory_format=torch.contiguous_format)
 
 
@@ -186,22 +186,12 @@ def agreement_clips(args: argparse.Namespace, videos: Path, ckpt: Path, noise_cl
     return clips, f"{len(clips)} real clips"
 
 
-def variant_agreement(args: argparse.Namespace, tokenizer, device: torch.device, variant: str, precision: str,
-                      videos: Path, ckpt: Path) -> tuple[str, str]:
-    """(token ids of ``variant`` at ``precision`` against the plain encoder's, as
-    :meth:`TokenAgreement.describe`; what it was measured on: :func:`agreement_clips`, 2 noise clips without
-    ``--input``), in batches of 8."""
+def encode_clips(encode, clips: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
+    """Token ids of uint8 ``clips`` ``[N, T, H, W, 3]`` through ``encode``, ``batch`` clips at a time."""
     from data_prep.tokenize_job import frames_batch_to_tensor
-    from data_prep.tokenizer.precision import TokenAgreement, compare_token_ids, encode_tokens
 
-    clips, what = agreement_clips(args, videos, ckpt, noise_clips=2, seed=2)
-    agreement = TokenAgreement()
-    for i in range(0, len(clips), 8):
-        video = frames_batch_to_tensor(clips[i:i + 8], device)
-        plain = encode_tokens(tokenizer, video, precision)
-        with encoder_variant(tokenizer, variant, precision) as encode:
-            agreement += compare_token_ids(tokenizer.quantizer, plain, encode(video))
-    return agreement.describe(), what
+    return torch.cat([encode(frames_batch_to_tensor(clips[i:i + batch], device)).cpu()
+                      for i in range(0, len(clips), batch)])
 
 
 def bf16_agreement(args: argparse.Namespace, tokenizer, device: torch.device, videos: Path,
@@ -313,7 +303,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=3 if cuda else 2, help="timed steps per train row")
     p.add_argument("--encode-variants", default="plain",
                    help="comma-separated encoder settings for the encode rows: plain, or names of "
-                        f"{', '.join(ENCODE_VARIANTS[1:])} joined by '+' (e.g. plain,channels_last+cudnn_benchmark)")
+                        f"{', '.join(ENCODE_VARIANTS[1:])} joined by '+' (e.g. plain,compile+channels_last)")
     p.add_argument("--profile-encode", action="store_true",
                    help="record one more batch of each encode setting with torch.profiler and print its summary")
     p.add_argument("--agreement-clips", type=int, default=32,
@@ -355,33 +345,41 @@ def main() -> None:
                 clips, seconds = bench_decode(args, videos, ckpt, workers)
                 print(f"| decode | {workers} workers | {clips} | {seconds:.2f} | {clips / seconds:.1f} | PyAV + "
                       f"resize/crop + clips, {args.video_size if not args.input else 'given'} videos |", flush=True)
-        profiles = []
         if "encode" in parts:
+            from data_prep.tokenizer.precision import compare_token_ids, encode_tokens, fp32_label
+
             flops = encoder_flops_per_clip(tokenizer.config, args.num_frames, args.resolution)
+            first_batch = _ints(args.batch_sizes)[0]
+            variants = args.encode_variants.split(",")
+            if any(v != "plain" for v in variants):
+                clips_v, what_v = agreement_clips(args, videos, ckpt, noise_clips=2, seed=2)
             for precision in precisions:
                 note = ""
                 if precision == "bf16":
                     rate, what = bf16_agreement(args, tokenizer, choice.device, videos, ckpt)
-                    note = f"token ids vs fp32: {rate} ({what})"
-                for variant in args.encode_variants.split(","):
-                    label, vnote = "", note
-                    if variant != "plain":
-                        rate, what = variant_agreement(args, tokenizer, choice.device, variant, precision, videos,
-                                                       ckpt)
-                        label, vnote = f", {variant}", f"token ids vs plain {precision}: {rate} ({what})"
+                    note = f"token ids vs {fp32_label(choice.device)}: {rate} ({what})"
+                if any(v != "plain" for v in variants):
+                    plain_ids = encode_clips(functools.partial(encode_tokens, tokenizer, precision=precision),
+                                             clips_v, choice.device, first_batch)
+                for variant in variants:
+                    label = "" if variant == "plain" else f", {variant}"
                     for batch in _ints(args.batch_sizes):
-                        with encoder_variant(tokenizer, variant, precision) as encode:
+                        vnote, profile = (note if variant == "plain" else ""), None
+                        with encoder_variant(tokenizer, variant, precision, batch) as encode:
                             clips, seconds = bench_encode(args, encode, choice.device, batch)
-                            if args.profile_encode and batch == _ints(args.batch_sizes)[0]:
-                                profiles.append((f"{precision}, batch {batch}{label}", profile_encode(
-                                    args, encode, choice.device, batch)))
+                            if batch == first_batch and variant != "plain":
+                                agreement = compare_token_ids(tokenizer.quantizer, plain_ids, encode_clips(
+                                    encode, clips_v, choice.device, batch))
+                                vnote = f"token ids vs plain {precision}: {agreement.describe()} ({what_v})"
+                            if args.profile_encode and batch == first_batch:
+                                profile = profile_encode(args, encode, choice.device, batch)
                         tflops = flops * clips / seconds / 1e12
                         print(f"| encode | {precision}, batch {batch}{label} | {clips} | {seconds:.2f} | "
                               f"{clips / seconds:.1f} | {tflops:.3g} TFLOP/s ({flops / 1e12:.3g} TFLOP per clip)"
                               f"{'; ' + vnote if vnote else ''} |", flush=True)
-        for setting, text in profiles:
-            print(f"\n### profile: encode {setting} (torch.profiler, one batch)\n```\n{text.rstrip()}\n```",
-                  flush=True)
+                        if profile is not None:  # at once: a later row running out of time loses nothing
+                            print(f"\n### profile: encode {precision}, batch {batch}{label} (torch.profiler, one "
+                                  f"batch)\n```\n{profile.rstrip()}\n```\n", flush=True)
         del tokenizer
         if choice.is_cuda:
             torch.cuda.empty_cache()

@@ -79,6 +79,9 @@ class CausalConv3d(nn.Module):
                 front = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
             else:
                 front = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, x.shape[3], x.shape[4])
+            if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+                # cat keeps channels-last only if every input has it (else the convolution converts back)
+                front = front.contiguous(memory_format=torch.channels_last_3d)
             x = torch.cat([front, x], dim=2)
         if self.spatial_pad_mode == "replicate" and any(self.spatial_pad):
             x = F.pad(x, self.spatial_pad, mode="replicate")

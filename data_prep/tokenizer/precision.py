@@ -23,7 +23,7 @@ from .fsq import FSQ
 from .model import VideoTokenizer
 
 __all__ = ["ENCODE_PRECISIONS", "encode_tokens", "make_token_encoder", "bf16_token_agreement", "token_agreement",
-           "TokenAgreement", "compare_token_ids"]
+           "TokenAgreement", "compare_token_ids", "fp32_label"]
 
 ENCODE_PRECISIONS = ("fp32", "bf16")
 
@@ -96,6 +96,15 @@ def make_token_encoder(tokenizer: VideoTokenizer, precision: str = "fp32", chann
             return encode(video)[:n]
 
     return run
+
+
+def fp32_label(device: torch.device | str) -> str:
+    """What "fp32" encoding means on ``device``: ``"fp32"``, or ``"fp32 (TF32 convolutions)"`` on CUDA while
+    ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default: cuDNN then rounds the convolutions' inputs
+    to TF32's 10-bit mantissa), so reports say what the reference was."""
+    if torch.device(device).type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "fp32 (TF32 convolutions)"
+    return "fp32"
 
 
 def bf16_token_agreement(tokenizer: VideoTokenizer, clips: torch.Tensor, batch_size: int = 8) -> float:

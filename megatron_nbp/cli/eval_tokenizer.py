@@ -10,7 +10,8 @@ the tokenizer, the clips and the metrics; reconstructions run in fp32 on either.
 ``--encode-precision bf16`` encodes as ``launchers/tokenize_videos.py --precision bf16`` does (bf16 autocast of
 the encoder, FSQ in fp32) and decodes those ids in fp32; the result then also holds the metrics of the fp32
 ids and how many ids bf16 changed (``ids_vs_fp32``: equal, or one FSQ rounding step apart), which is what
-decides whether bf16 tokenization is acceptable for a tokenizer and footage.
+decides whether bf16 tokenization is acceptable for a tokenizer and footage. On a GPU "fp32" is what the
+tokenization job's fp32 is there: cuDNN's TF32 convolutions unless disabled (``fp32_means`` says which).
 ``--official`` reads a checkpoint of the official NBP release (see data_prep/tokenizer/official_import.py).
 ``--fvd`` computes reconstruction FVD (I3D features of originals vs reconstructions, megatron_nbp.eval.fvd)
 only if that module exists and the I3D weights are already in the local cache (nothing is downloaded here;
@@ -37,7 +38,7 @@ from data_prep import video_io
 from data_prep.tokenizer import load_tokenizer
 from data_prep.tokenizer.clips import load_clip_bank
 from data_prep.tokenizer.metrics import psnr, ssim
-from data_prep.tokenizer.precision import TokenAgreement, compare_token_ids, encode_tokens
+from data_prep.tokenizer.precision import TokenAgreement, compare_token_ids, encode_tokens, fp32_label
 from megatron_nbp.device import activate, device_plan, to_device
 from nbp_common.config import ConfigError, TypedConfig, add_config_arguments, cli_flags, config_overrides
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "tokenizer": str(args.tokenizer), "clips": len(windows), "resolution": args.resolution,
         "num_frames": args.num_frames, "holdout_fraction": args.holdout_fraction, "device": str(plan.device),
-        "encode_precision": args.encode_precision,
+        "encode_precision": args.encode_precision, "fp32_means": fp32_label(plan.device),
         "psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
         "per_video_psnr_db": {name: float(np.mean([p for p, l in zip(psnrs, labels) if l.startswith(name + "@")]))
                               for name in sorted({l.rsplit("@", 1)[0] for l in labels})},

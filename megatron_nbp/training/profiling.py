@@ -99,7 +99,26 @@ def profiler_activities(device: torch.device | str) -> list[torch.profiler.Profi
 
 
 def _is_device_event(event) -> bool:
-    return event.device_type != torch.autograd.DeviceType.CPU
+    """A kernel or copy on the device. On CUDA the profiler also records every ``record_function`` range a
+    second time as a device event (a "GPU user annotation" spanning the range's kernels, idle gaps included):
+    those are labels, not work, and would make the device look busy for the whole window."""
+    return event.device_type != torch.autograd.DeviceType.CPU and not getattr(event, "is_user_annotation", False)
+
+
+def _without_device_annotations(events):
+    """``events`` without the device copies of ``record_function`` ranges (see :func:`_is_device_event`), so
+    they do not top the table by "self device time"; the host ranges stay."""
+    kept = [e for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU or not getattr(e, "is_user_annotation", False)]
+    if len(kept) == len(events):
+        return events
+    from torch.autograd.profiler_util import EventList
+
+    filtered = EventList(kept, use_device=getattr(events, "_use_device", None),
+                         profile_memory=getattr(events, "_profile_memory", False),
+                         with_flops=getattr(events, "_with_flops", False))
+    filtered._tree_built = getattr(events, "_tree_built", True)  # the kept events keep their parents/children
+    return filtered
 
 
 def profile_summary(events, label_prefix: str = "iteration ", rows: int = TABLE_ROWS,
@@ -116,7 +135,8 @@ def profile_summary(events, label_prefix: str = "iteration ", rows: int = TABLE_
         Lines: iterations, wall ms per iteration, device-busy fraction ("n/a" without device events), then
         ``key_averages`` sorted by self device time (self CPU time when nothing ran on a device).
     """
-    iterations = [e for e in events if not _is_device_event(e) and e.name.startswith(label_prefix)]
+    iterations = [e for e in events
+                  if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(label_prefix)]
     kernels = [e for e in events if _is_device_event(e)]
     if not iterations:
         return f"no profiled {unit}s recorded"
@@ -128,7 +148,7 @@ def profile_summary(events, label_prefix: str = "iteration ", rows: int = TABLE_
     sort_by = "self_device_time_total" if kernels else "self_cpu_time_total"
     head = (f"{len(iterations)} {unit}(s), {wall_ms / len(iterations):.1f} ms each (wall, profiler on), "
             f"device busy {busy}")
-    return head + "\n" + events.key_averages().table(sort_by=sort_by, row_limit=rows)
+    return head + "\n" + _without_device_annotations(events).key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
 class IterationProfiler:

@@ -266,6 +266,7 @@ def test_gan_ema_training_resumes_bitwise_and_ema_matches_hand_computation(recip
     report = json.loads(out.read_text())
     assert report["psnr_db"] == pytest.approx(result["psnr"], abs=1e-4) and 0 < report["ssim"] <= 1
     assert png.stat().st_size > 0 and report["fvd"] is None and report["encode_precision"] == "fp32"
+    assert report["fp32_means"] == "fp32"  # on the CPU; "fp32 (TF32 convolutions)" on a GPU by default
     # --encode-precision bf16: the metrics of bf16-encoded ids, the fp32 ids' metrics beside them and how many
     # ids bf16 changed, each against a direct computation on the same held-back clip
     from data_prep.tokenizer.clips import load_clip_bank

@@ -170,6 +170,15 @@ def test_compare_token_ids_counts_equal_and_one_step_ids():
         compare_token_ids(fsq, reference, other[:, :2])
 
 
+def test_fp32_label_says_when_cuda_convolutions_run_in_tf32(monkeypatch):
+    from data_prep.tokenizer.precision import fp32_label
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert fp32_label("cpu") == "fp32" and fp32_label(torch.device("cuda", 0)) == "fp32 (TF32 convolutions)"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert fp32_label("cuda") == "fp32"
+
+
 def test_bf16_token_agreement_is_the_share_of_equal_ids():
     from data_prep.tokenizer.precision import bf16_token_agreement, encode_tokens, token_agreement
 

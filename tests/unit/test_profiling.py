@@ -27,25 +27,32 @@ def test_busy_fraction_counts_overlaps_once_and_clips_to_the_window():
         busy_fraction([(0, 1)], 3, 3)
 
 
-def _event(i, name, start, end, device=DeviceType.CPU, thread=0):
+def _event(i, name, start, end, device=DeviceType.CPU, thread=0, annotation=False):
     return FunctionEvent(id=i, name=name, thread=thread, start_us=start, end_us=end, device_type=device, stack=[],
-                         input_shapes=[], use_device="cuda")
+                         input_shapes=[], use_device="cuda", is_user_annotation=annotation)
 
 
 def test_summary_of_device_events_against_a_hand_count():
     """Two iterations on the host over [0, 2000] us, kernels [100, 600], [500, 900] (another stream) and
     [1900, 2200] (the last one outlives the host range, so the window ends at 2200): busy = (800 + 300) /
-    2200 = 50.0%, 1.1 ms per iteration, the table sorted by self device time."""
+    2200 = 50.0%, 1.1 ms per iteration, the table sorted by self device time. The device copies of the
+    ``record_function`` ranges (CUDA "user annotations" from the first to the last kernel of each range,
+    as torch.profiler records them on a GPU) are labels: they count neither as busy time nor as table rows."""
     events = EventList([_event(1, "iteration 1", 0, 1000), _event(2, "iteration 2", 1000, 2000),
                         _event(3, "aten::mm", 10, 100),
                         _event(4, "gemm_kernel", 100, 600, DeviceType.CUDA),
                         _event(5, "gemm_kernel", 500, 900, DeviceType.CUDA, thread=1),
-                        _event(6, "adam_kernel", 1900, 2200, DeviceType.CUDA, thread=1)], use_device="cuda")
+                        _event(6, "adam_kernel", 1900, 2200, DeviceType.CUDA, thread=1),
+                        _event(7, "iteration 1", 100, 900, DeviceType.CUDA, thread=2, annotation=True),
+                        _event(8, "iteration 2", 1900, 2200, DeviceType.CUDA, thread=2, annotation=True),
+                        _event(9, "optimizer", 0, 2200, DeviceType.CUDA, thread=3, annotation=True)],
+                       use_device="cuda")
     events._build_tree()
     text = profile_summary(events)
     head, table = text.splitlines()[0], text.splitlines()[4:]
     assert head == "2 iteration(s), 1.1 ms each (wall, profiler on), device busy 50.0%"
     assert table[0].split()[0] == "gemm_kernel" and table[1].split()[0] == "adam_kernel"
+    assert "optimizer" not in text
 
 
 def _trace_iterations(path) -> list[str]:

@@ -344,3 +344,23 @@ def test_short_training_run_improves_reconstruction(tmp_path):
     assert result["psnr"] > psnr_before + 3.0, (psnr_before, result)
     trained = load_tokenizer(opts.output)
     assert evaluate_psnr(trained, bank, max_clips=8)[0] == pytest.approx(result["psnr"], abs=1e-4)
+
+
+@pytest.mark.parametrize("pad_mode", ["replicate", "zeros"])
+def test_causal_conv_keeps_a_channels_last_input_channels_last(pad_mode):
+    """The causal time padding of a channels-last 3D input stays channels-last, so the convolution gets it
+    without a layout conversion (torch.cat of mixed layouts returns the default one); same values."""
+    from data_prep.tokenizer.layers import CausalConv3d
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(8, 8, 3, pad_mode=pad_mode)
+    x = torch.randn(2, 8, 5, 6, 6)
+    seen = []
+    conv.conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        expected = conv(x)
+        conv.to(memory_format=torch.channels_last_3d)
+        out = conv(x.contiguous(memory_format=torch.channels_last_3d))
+    assert not seen[0].is_contiguous(memory_format=torch.channels_last_3d)  # the default layout stays default
+    assert seen[1].is_contiguous(memory_format=torch.channels_last_3d) and not seen[1].is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
