@@ -54,7 +54,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-_RANK_LINE = re.compile(r"tokenize: rank (\d+)/(\d+): (\d+) clips from (\d+) files in ([\d.]+) s \(([\d.]+) clips/s\)")
+_RANK_LINE = re.compile(r"tokenize: rank (\d+)/(\d+): (\d+) clips from (\d+) files in ([\d.]+) s \(([\d.]+) clips/s"
+                        r"(?:; ([\d.]+) after the first batch)?\)")
 
 
 def _sync(device: torch.device) -> None:
@@ -218,9 +219,9 @@ def job_flags(setting: str) -> list[str]:
 
 
 def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, workers: int,
-              precision: str, flags: list[str] = ()) -> tuple[int, float, float]:
-    """(clips, seconds, clips/s) from rank 0's summary line of one torchrun job with ``workers`` workers
-    and the extra job ``flags``.
+              precision: str, flags: list[str] = ()) -> tuple[int, float, float, float | None]:
+    """(clips, seconds, clips/s, clips/s after the first batch or None) from rank 0's summary line of one
+    torchrun job with ``workers`` workers and the extra job ``flags``.
 
     Raises:
         RuntimeError: the job failed (its stderr tail is in the message).
@@ -239,7 +240,7 @@ def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, wor
     match = _RANK_LINE.search(proc.stdout)
     if match is None:
         raise RuntimeError(f"no summary line in the job's output:\n{proc.stdout[-2000:]}")
-    return int(match[3]), float(match[5]), float(match[6])
+    return int(match[3]), float(match[5]), float(match[6]), (float(match[7]) if match[7] else None)
 
 
 def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str) -> tuple[int, float]:
@@ -389,10 +390,11 @@ def main() -> None:
                 label = "" if setting == "plain" else f", {setting}"
                 for precision in args.job_precisions.split(","):
                     for workers in _ints(args.job_workers):
-                        clips, seconds, rate = bench_job(args, videos, ckpt, tmp / f"out_{setting}_{precision}_"
-                                                         f"{workers}", workers, precision, flags)
+                        clips, seconds, rate, steady = bench_job(args, videos, ckpt, tmp / f"out_{setting}_"
+                                                                 f"{precision}_{workers}", workers, precision, flags)
+                        after = "" if steady is None else f"; {steady:.1f} clips/s after the first batch"
                         print(f"| job | {precision}, {workers} workers, batch {args.job_batch_size}{label} | {clips} | "
-                              f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written |", flush=True)
+                              f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written{after} |", flush=True)
         if "train" in parts:
             for precision in (args.train_precisions or args.precisions).split(","):
                 steps, seconds = bench_train(args, videos, choice, precision)

@@ -7,6 +7,7 @@ One small dataset (synthetic PyAV videos + broken files) and a tiny random token
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,7 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokenize (2 ranks)" in proc.stderr and "clips/s" in proc.stderr  # rank-0 progress bar
     assert "tokenize: rank 0/2:" in proc.stdout and "tokenize: rank 1/2:" in proc.stdout  # per-rank clips/s
+    assert re.search(r"tokenize: rank 0/2: .*clips/s; [\d.]+ after the first batch\)", proc.stdout), proc.stdout
     manifest = read_manifest(out)
     assert {k: v for k, v in manifest.items()} == dataset["manifest"]
     single, multi = _read_all(cfg.output_dir), _read_all(out)

@@ -326,6 +326,17 @@ def test_tokenize_config_loader_and_precision_options(tmp_path):
         TokenizeConfig(**base, prefetch_factor=0).validate()
 
 
+def test_steady_rate_counts_the_clips_after_the_first_batch():
+    from types import SimpleNamespace
+
+    from data_prep.tokenize_job import _steady_rate
+
+    # first batch (3 clips, compilation inside) done at t = 10 s; 6 more clips by t = 13 s: 2 clips/s
+    assert _steady_rate(SimpleNamespace(first_batch=(10.0, 3), clips_done=9), 13.0) == "; 2.00 after the first batch"
+    assert _steady_rate(SimpleNamespace(first_batch=(10.0, 3), clips_done=3), 13.0) == ""  # one batch only
+    assert _steady_rate(SimpleNamespace(first_batch=None, clips_done=0), 13.0) == ""
+
+
 def test_frames_batch_to_tensor_matches_frames_to_tensor():
     from data_prep.tokenize_job import frames_batch_to_tensor
     from data_prep.video_io import frames_to_tensor
