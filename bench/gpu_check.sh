@@ -108,7 +108,7 @@ PY
 
 wanted tests && step "tests marked gpu" 200 $PY -m pytest -v --tb=short -p no:cacheprovider -m gpu -rs tests
 
-wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layout, 17x128x128)" 150 \
+wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layout, 17x128x128)" 240 \
   $PY bench/tokenize_throughput.py "${TOKV[@]}" --parts encode --precisions bf16 \
   --encode-variants plain,channels_last,compile,compile+channels_last \
   --profile-encode
