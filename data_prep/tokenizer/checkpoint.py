@@ -338,9 +338,10 @@ def check_training_settings(saved: Mapping[str, Any], current: Mapping[str, Any]
 
 
 def load_training_checkpoint(
-    save_dir: str | os.PathLike, rank: int, settings: Mapping[str, Any]
+    save_dir: str | os.PathLike, rank: int, settings: Mapping[str, Any], step: int | None = None
 ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
-    """Read the latest published training checkpoint under ``save_dir`` for ``rank``.
+    """Read the latest published training checkpoint under ``save_dir`` for ``rank`` (or the one of
+    ``step``: a distributed run passes the step rank 0 read, so no rank reads a stale latest file).
 
     The manifest is verified (sizes of all files, SHA-256 of the two read here), the settings are compared
     with :func:`check_training_settings`, then ``state.pt`` and ``rng_rank{rank}.pt`` are read with
@@ -352,7 +353,8 @@ def load_training_checkpoint(
     Raises:
         TrainingCheckpointError: bad latest file, damaged checkpoint, other settings, unreadable files.
     """
-    step = read_latest_training_iteration(save_dir)
+    if step is None:
+        step = read_latest_training_iteration(save_dir)
     if step is None:
         return None
     folder = training_iteration_dir(save_dir, step)

@@ -176,12 +176,31 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
     return read_latest_training_iteration(save_dir)
 
 
-def _latest_or_none(save_dir: str) -> int | None:
-    """:func:`latest_iteration`, with ``None`` for a garbled latest file (the next save replaces it)."""
-    try:
-        return latest_iteration(save_dir)
-    except TrainingCheckpointError:
+def _rank0_latest(save_dir: str, strict: bool) -> int | None:
+    """Rank 0's reading of ``save_dir``'s latest file, the same on every rank (collective when distributed).
+
+    Each rank reading the file itself could see different steps: on a network filesystem another node's
+    cache can lag right after rank 0 replaced the file, and ranks would then resume from, or decide to
+    save, different steps. With ``strict`` a garbled file raises (on every rank); else it reads as None.
+
+    Raises:
+        TrainingCheckpointError: ``strict`` and the latest file is garbled or names a missing directory.
+    """
+    rank, world = _dist_info()
+    code, error = -1.0, None
+    if rank == 0:
+        try:
+            step = latest_iteration(save_dir)
+            code = -1.0 if step is None else float(step)
+        except TrainingCheckpointError as exc:
+            code, error = -2.0, exc
+    if world > 1:
+        code = _all_reduce([code if rank == 0 else -3.0], op=dist.ReduceOp.MAX)[0]
+    if code == -2.0:
+        if strict:
+            raise error or TrainingCheckpointError(f"rank 0 could not read the latest checkpoint under {save_dir}")
         return None
+    return None if code < 0 else int(code)
 
 
 def _run_settings(config: TokenizerConfig, opts: TrainOptions, world: int) -> dict[str, Any]:
@@ -213,6 +232,9 @@ def _save_training_state(opts: TrainOptions, step: int, state: dict[str, Any], r
     if world > 1:
         dist.barrier()
     staging = training_staging_dir(opts.save, step)
+    if not staging.is_dir():
+        raise RuntimeError(f"--save {opts.save} is not shared: rank {rank} does not see {staging}, which rank 0 "
+                           "created (put --save on a filesystem every node sees)")
     write_training_file(rng, staging / f"rng_rank{rank}.pt")
     if world > 1:
         dist.barrier()
@@ -234,7 +256,10 @@ def _load_training_state(load_dir: str, settings: dict[str, Any]) -> tuple[dict[
         TrainingCheckpointError: damaged checkpoint (missing / truncated / altered file, garbled latest file)
             or one written for other settings (names the checkpoint and each differing setting).
     """
-    loaded = load_training_checkpoint(load_dir, _dist_info()[0], settings)
+    step = _rank0_latest(load_dir, strict=True)
+    if step is None:
+        return None
+    loaded = load_training_checkpoint(load_dir, _dist_info()[0], settings, step=step)
     return None if loaded is None else loaded[1:]
 
 
@@ -707,9 +732,13 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     progress_log = _ProgressLog(opts, rank)
     progress_log.announce(trainables, bank, world)
 
+    last_saved = _rank0_latest(opts.save, strict=False) if opts.save else None
+
     def save_state(at_step: int, elapsed: float) -> None:
+        nonlocal last_saved
         _save_training_state(opts, at_step, trainables.shared_state(opts, at_step, elapsed),
                              trainables.rank_state(generator), settings)
+        last_saved = at_step
 
     start = time.time() - elapsed_before
     first_step, loss_value = step, float("nan")
@@ -731,7 +760,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         if opts.save and opts.save_interval and step % opts.save_interval == 0:
             save_state(step, time.time() - start)
     seconds = time.time() - start
-    if opts.save and _latest_or_none(opts.save) != step:
+    if opts.save and last_saved != step:  # known on every rank alike: no rank re-reads the latest file here
         save_state(step, seconds)
     export = trainables.exported(opts)
     psnr, n_eval = evaluate_psnr(export, bank, opts.eval_clips)
