@@ -45,19 +45,20 @@ class UnsafeCheckpointError(RuntimeError):
 def allowed_globals() -> list[Any]:
     """Classes and functions a checkpoint may reference besides torch's weights-only set: the numpy pieces
     of ``np.random.get_state()`` (array reconstruction, ndarray, dtypes) and DeepSpeed's plain optimizer
-    records (``fragment_address`` dataclass, ``ZeroStageEnum``, ``LossScaler``; when DeepSpeed is installed)."""
+    records (``fragment_address`` dataclass, ``ZeroStageEnum``, ``LossScaler`` and, in fp16 runs with dynamic loss
+    scaling, ``DynamicLossScaler``; when DeepSpeed is installed)."""
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
     allowed: list[Any] = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
     except ImportError:
         return allowed
-    return allowed + [fragment_address, ZeroStageEnum, LossScaler]
+    return allowed + [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
 def _qualname(obj: Any) -> str:

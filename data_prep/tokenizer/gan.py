@@ -156,16 +156,19 @@ class PerceptualLoss(nn.Module):
 
     Shapes: ``forward(real, fake)`` with float ``[B, C, T, H, W]`` -> scalar.
 
+    The archive is loaded straight onto ``device`` (default: the CPU): a traced network keeps constants
+    created in its forward (e.g. normalisation means) as graph constants, which ``.to(device)`` does not move.
+
     Raises:
         FileNotFoundError: no file at ``path``. RuntimeError: not a TorchScript archive.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None):
         super().__init__()
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"perceptual feature network not found: {path} (supply a TorchScript file)")
-        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.net = torch.jit.load(str(path), map_location=torch.device(device or "cpu")).eval()
         for param in self.net.parameters():
             param.requires_grad_(False)
 

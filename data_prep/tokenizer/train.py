@@ -384,7 +384,8 @@ class _Trainables:
         lecam = LeCamEMA(opts.lecam_decay).to(device)
         ema = AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay)) \
             if opts.ema_decay > 0 else None
-        perceptual = PerceptualLoss(opts.perceptual_network).to(device) if opts.perceptual_weight > 0 else None
+        perceptual = (PerceptualLoss(opts.perceptual_network, device=device).to(device)
+                      if opts.perceptual_weight > 0 else None)
         ids = dict(device_ids=[device.index]) if choice.is_cuda else {}
         ddp = torch.nn.parallel.DistributedDataParallel(model, **ids) if world > 1 else model
         disc_ddp = torch.nn.parallel.DistributedDataParallel(disc, **ids) if (world > 1 and disc is not None) else disc

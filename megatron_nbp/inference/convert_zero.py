@@ -26,7 +26,12 @@ import torch
 
 from megatron_nbp.checkpointing import CheckpointError
 from megatron_nbp.deepspeed_checkpointing import read_latest_tag, read_meta, tag_name
-from megatron_nbp.inference.convert_common import DEFAULT_MAX_SHARD_SIZE, read_model_config, write_inference_checkpoint
+from megatron_nbp.device import device_plan
+from megatron_nbp.inference.convert_common import (
+    DEFAULT_MAX_SHARD_SIZE,
+    read_model_config,
+    write_inference_checkpoint,
+)
 from megatron_nbp.safe_loading import UnsafeCheckpointError, verify_torch_files
 
 
@@ -135,8 +140,10 @@ def convert_deepspeed_checkpoint(load_dir: str | Path, output_dir: str | Path, i
     shards = [tp_rank_state_dict(ckpt, r) for r in range(tp)]
     initialize_parallel(1, 1, seed=0)
     try:
+        # the reference only gives names, shapes and partition dims: on the meta device, and never on a GPU
+        # (a CUDA plan would allocate megatron's layers on cuda:0 and then fail to move the meta ones)
         with torch.device("meta"):
-            reference = build_gpt_model(model_cfg, 1, 1)
+            reference = build_gpt_model(model_cfg, 1, 1, plan=device_plan(device="cpu"))
         tensors = merge_tensor_parallel_shards(shards, reference)
     finally:
         destroy_parallel()

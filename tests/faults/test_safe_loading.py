@@ -335,15 +335,23 @@ def test_control_without_the_check_torch_runs_the_payload(checkpoints, tmp_path,
 def test_safe_torch_load_refuses_and_allows_exactly(tmp_path):
     """Unit level: DeepSpeed's plain records and numpy RNG states load; anything else does not."""
     import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
+    # what ZeRO pickles into its optimizer states: a static scaler, or (fp16 with dynamic loss scaling, the
+    # default) a DynamicLossScaler
+    dynamic = CreateLossScaler(torch.float16, static_loss_scale=1.0, dynamic_scaling=True,
+                               dynamic_loss_args=dict(init_scale=2.0**16, scale_window=1000, min_scale=1.0,
+                                                      delayed_shift=2, consecutive_hysteresis=False))
+    dynamic.cur_scale, dynamic.cur_iter = 1024.0, 37
     good = io.BytesIO()
     torch.save({"rng": np.random.get_state(), "stage": ZeroStageEnum(2), "scaler": LossScaler(1.0),
-                "t": torch.ones(2)}, good)
+                "dynamic": dynamic, "t": torch.ones(2)}, good)
     good.seek(0)
     loaded = safe_torch_load(good)
     assert loaded["stage"] == ZeroStageEnum(2) and torch.equal(loaded["t"], torch.ones(2))
+    assert type(loaded["dynamic"]).__name__ == "DynamicLossScaler"
+    assert (loaded["dynamic"].cur_scale, loaded["dynamic"].cur_iter) == (1024.0, 37)
     bad = io.BytesIO(_payload(tmp_path / "pwned"))
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
         safe_torch_load(bad, what="bad.pt")

@@ -141,3 +141,24 @@ def test_clip_conversion_on_cuda_is_bitwise_the_cpus():
     off = int(((values.to(CUDA) * (1 / 127.5) - 1.0).cpu() != values / 127.5 - 1.0).sum())
     print(f"uint8 -> [-1, 1] on cuda: every value bitwise equal to the CPU's (a reciprocal multiplication: "
           f"{off} of 256 off)")
+
+
+def test_a_traced_perceptual_network_with_constants_runs_on_cuda(tmp_path):
+    """A traced feature network keeps tensors made in its forward (here ImageNet-style normalisation) as
+    graph constants on the device it was loaded to; PerceptualLoss loads it onto the training device."""
+    from data_prep.tokenizer.gan import PerceptualLoss
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+            return self.conv(x - mean)
+
+    path = tmp_path / "features.pt"
+    torch.jit.trace(Features(), torch.rand(1, 3, 8, 8)).save(str(path))
+    loss_fn = PerceptualLoss(path, device=CUDA).to(CUDA)
+    real = torch.rand(1, 3, 2, 8, 8, device=CUDA)
+    assert float(loss_fn(real, real + 0.1)) > 0
