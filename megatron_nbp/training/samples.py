@@ -123,7 +123,11 @@ class TrainingSamples:
 
         device = backend.plan.device if backend.plan is not None else torch.device("cpu")
         m = self.cfg.model
-        model = NBPDecoder(m)
+        # The decoder's default initialisation draws from the global CPU generator, on this rank only: restore
+        # it, or this rank's later draws (e.g. the input-token corruption its tensor-parallel partners must
+        # draw identically) would differ from its partners'. The weights are overwritten anyway.
+        with torch.random.fork_rng(devices=[]):
+            model = NBPDecoder(m)
         model.load_state_dict(state, strict=True)
         model = model.to(device).eval()
         with torch.no_grad():
