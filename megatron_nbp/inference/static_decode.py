@@ -156,7 +156,8 @@ class StaticStepRunner:
                 entry = self._graphs[s] = self._capture(tokens)
             graph, tokens_buffer, logits = entry
             tokens_buffer.copy_(tokens)
-            graph.replay()
+            with torch.cuda.device(self.device):  # replays on the current stream of the current device
+                graph.replay()
             return logits.clone()
         raise ValueError(f"StaticStepRunner runs the decode modes 'static', 'compile' and 'cuda_graph', not {mode!r}")
 
@@ -176,7 +177,9 @@ class StaticStepRunner:
                 self.forward(tokens_buffer)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # torch.cuda.graph captures on a stream of the CURRENT device: on a model on another GPU (cuda:1 while
+        # cuda:0 is current) nothing would be captured and every replay would return the capture's logits
+        with torch.cuda.device(self.device), torch.cuda.graph(graph):
             logits = self.forward(tokens_buffer)
         self.captures += 1
         return graph, tokens_buffer, logits

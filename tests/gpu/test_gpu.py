@@ -176,6 +176,23 @@ def test_cuda_graph_greedy_tokens_equal_eager_decoding():
         e2e.test_greedy_decoding_gives_the_same_tokens_in_every_decode_mode(name, "cuda_graph")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_graph_decoding_of_a_model_on_another_gpu_than_the_current_one():
+    """A model on cuda:1 while cuda:0 is current: the graphs are captured and replayed on cuda:1's stream (a
+    capture on the current device's stream would record nothing and replay stale logits)."""
+    from megatron_nbp.inference.generate import generate_frame_prediction
+    from megatron_nbp.inference.sampling import SamplingConfig
+    from tests.unit.test_kv_cache import tiny_model
+
+    greedy = SamplingConfig(temperature=0)
+    torch.cuda.set_device(0)
+    model = tiny_model().to("cuda:1")
+    prompt = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0)).to("cuda:1")
+    graph = generate_frame_prediction(model, prompt, greedy, decode_mode="cuda_graph")
+    eager = generate_frame_prediction(model, prompt, greedy, decode_mode="eager")
+    assert torch.equal(graph.tokens, eager.tokens)
+
+
 def test_one_graph_per_batch_and_step_length_is_reused_across_clips():
     """Frame prediction captures one graph for (batch, L) and replays it for every block of every clip
     (different prompts give eager decoding's different clips); the hybrid layout captures two, (batch, 1)
