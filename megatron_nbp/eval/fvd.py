@@ -85,12 +85,18 @@ def i3d_features(model: torch.nn.Module, clips: np.ndarray | torch.Tensor | Iter
         batch_size: clips per I3D forward pass.
         device: where to run (default: the model's device).
     Returns:
-        float64 ``[N, 400]`` on the CPU.
+        float64 ``[N, 400]`` on the CPU. On a GPU the convolutions run in full fp32 (cuDNN's TF32 default off
+        inside this call), so features and FVD match a CPU run to fp32 rounding.
     """
     device = device or next(model.parameters()).device
     feats: list[torch.Tensor] = []
-    for batch in _batches(clips, batch_size):
-        feats.append(model(preprocess_clips(batch).to(device)).double().cpu())
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for batch in _batches(clips, batch_size):
+            feats.append(model(preprocess_clips(batch).to(device)).double().cpu())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     if not feats:
         raise ValueError("no clips given")
     return torch.cat(feats)

@@ -205,3 +205,32 @@ def test_flax_mapping_folds_batchnorm():
     want = (conv - mean) / torch.sqrt(var + 1e-3) + torch.from_numpy(p["BatchNorm_0"]["bias"])
     got = x @ mapped["Conv3d_2b_1x1.conv.weight"][:, :, 0, 0, 0].T + mapped["Conv3d_2b_1x1.conv.bias"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_i3d_features_run_without_tf32_and_restore_the_setting():
+    """On a GPU cuDNN would run the I3D convolutions in TF32 by default (FVD then differs from a CPU run's
+    beyond fp32 rounding): i3d_features turns that off for its own call only."""
+    import numpy as np
+    import torch
+
+    from megatron_nbp.eval.fvd import i3d_features
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return torch.zeros(x.shape[0], 400)
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        feats = i3d_features(Probe(), np.zeros((3, 9, 8, 8, 3), np.uint8), batch_size=2)
+        assert seen == [False, False] and feats.shape == (3, 400)
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
