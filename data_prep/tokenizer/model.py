@@ -23,6 +23,20 @@ def _silu_head(channels: int, groups: int, activation: str = "silu") -> list[nn.
     return [FrameGroupNorm(groups, channels), make_activation(activation, channels)]
 
 
+def _run_layers(layers: nn.Sequential, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """``layers(x)``; with ``recompute`` (and autograd recording) each :class:`ResBlock3d` keeps only its input
+    for the backward pass and runs its forward again there (``torch.utils.checkpoint``, non-reentrant:
+    autocast and the RNG state are replayed, so gradients equal the stored-activation run's)."""
+    if not (recompute and torch.is_grad_enabled()):
+        return layers(x)
+    for layer in layers:
+        if isinstance(layer, ResBlock3d):
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        else:
+            x = layer(x)
+    return x
+
+
 class Encoder(nn.Module):
     """Causal encoder: float ``[B, C_in, 1+4n, H, W]`` -> unquantized latent ``[B, D, 1+n, H/s, W/s]`` (s = config.spatial_stride, 8 by default).
 
@@ -49,9 +63,10 @@ class Encoder(nn.Module):
         layers += _silu_head(current, groups, config.activation)
         layers.append(nn.Conv3d(current, len(config.levels), 1))
         self.layers = nn.Sequential(*layers)
+        self.recompute = False  # activation recomputation of the residual blocks (training memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return _run_layers(self.layers, x, self.recompute)
 
 
 class Decoder(nn.Module):
@@ -87,12 +102,13 @@ class Decoder(nn.Module):
         layers += _silu_head(current, groups, config.activation)
         layers.append(CausalConv3d(current, config.in_channels, 3, **conv))
         self.layers = nn.Sequential(*layers)
+        self.recompute = False  # activation recomputation of the residual blocks (training memory)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Decode; the output convolution (to ``C_in`` = 3 channels: a negligible share of the FLOPs) runs in
         fp32 also under bf16 autocast, so pixels are not rounded to bf16 (about half a uint8 step near 1)
         before a loss or a uint8 conversion. Returns float32."""
-        h = self.layers[:-1](z)
+        h = _run_layers(self.layers[:-1], z, self.recompute)
         with torch.autocast(device_type=h.device.type, enabled=False):
             return self.layers[-1](h.float())
 
@@ -207,6 +223,19 @@ class VideoTokenizer(nn.Module):
         """
         codes, indices = self.encode_codes(video)
         return self.decode_codes(codes), indices
+
+    def set_recompute(self, granularity: str | None) -> None:
+        """Activation recomputation for training (Megatron-LM's ``--recompute-granularity``): ``"full"``
+        stores only each residual block's input and recomputes the block in the backward pass (about a third
+        more compute, a fraction of the activation memory: docs/benchmarks.md); ``None`` stores everything.
+        Forward results and gradients are the same either way.
+
+        Raises:
+            ValueError: another granularity.
+        """
+        if granularity not in (None, "full"):
+            raise ValueError(f"recompute granularity must be None or 'full', got {granularity!r}")
+        self.encoder.recompute = self.decoder.recompute = granularity == "full"
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

@@ -381,6 +381,7 @@ class _Trainables:
         device = choice.device
         torch.manual_seed(opts.seed)
         model = VideoTokenizer(config).to(device)
+        model.set_recompute(opts.recompute_granularity)
         disc = PatchDiscriminator3d(config.in_channels, opts.disc_channels, opts.disc_layers).to(device) \
             if opts.disc_weight > 0 else None
         lecam = LeCamEMA(opts.lecam_decay).to(device)

@@ -364,3 +364,38 @@ def test_causal_conv_keeps_a_channels_last_input_channels_last(pad_mode):
     assert not seen[0].is_contiguous(memory_format=torch.channels_last_3d)  # the default layout stays default
     assert seen[1].is_contiguous(memory_format=torch.channels_last_3d) and not seen[1].is_contiguous()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recomputed_residual_blocks_give_the_same_gradients_with_less_stored(bf16):
+    """set_recompute("full") (Megatron-LM's --recompute-granularity full): the same reconstruction and the
+    same gradients, bitwise (the blocks run the same kernels again, autocast replayed), while the tensors kept
+    for the backward pass shrink to the blocks' inputs and the layers between them."""
+    from data_prep.tokenizer import TokenizerConfig, VideoTokenizer
+
+    cfg = TokenizerConfig(base_channels=8, channel_multipliers=[1, 2, 2, 2], num_res_blocks=2, num_mid_blocks=1,
+                          norm_groups=4)
+    torch.manual_seed(0)
+    model = VideoTokenizer(cfg)
+    video = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def run(granularity):
+        model.set_recompute(granularity)
+        model.zero_grad(set_to_none=True)
+        stored = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                recon, _ = model(video)
+        torch.nn.functional.mse_loss(recon.float(), video).backward()
+        return recon.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(stored)
+
+    recon_full, grads_full, stored_full = run(None)
+    recon_re, grads_re, stored_re = run("full")
+    assert torch.equal(recon_full, recon_re)
+    assert grads_full.keys() == grads_re.keys()
+    for name, grad in grads_full.items():
+        assert torch.equal(grad, grads_re[name]), name
+    assert stored_re < 0.5 * stored_full, (stored_re, stored_full)
+    with pytest.raises(ValueError, match="selective"):
+        model.set_recompute("selective")
