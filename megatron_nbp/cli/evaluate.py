@@ -16,12 +16,12 @@ on rank 0, which prints the FVD (mean +- std over --num-folds folds of the gener
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import time
 from pathlib import Path
 
-import torch
 
 from megatron_nbp.eval.protocols import iter_samples, real_clip_loader, run_protocol, summarize
 from megatron_nbp.inference.dtypes import add_dtype_arg, dtype_name, resolve_dtype
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i3d-cache", help="download cache for the I3D weights (default ~/.cache/megatron-nbp)")
     p.add_argument("--output", help="write the result JSON here (rank 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available)")
+    p.add_argument("--distributed-timeout-minutes", type=float, default=120,
+                   help="how long a rank waits for the others at the final gather (ranks finish their share of "
+                        "the samples at different times; Megatron-LM's flag, default here 120)")
     add_dtype_arg(p, "dtype the model runs in (default: bf16 on CUDA, fp32 on the CPU; logits are sampled in fp32)")
     return p
 
@@ -80,7 +83,8 @@ def evaluate(argv=None) -> dict | None:
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group(plan.distributed_backend)
+        dist.init_process_group(plan.distributed_backend,
+                                timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
 
     from megatron_nbp.eval.fvd import i3d_features
     from megatron_nbp.eval.weights import load_i3d
@@ -105,10 +109,12 @@ def evaluate(argv=None) -> dict | None:
     if world > 1:
         import torch.distributed as dist
 
+        from megatron_nbp.eval.protocols import merge_rank_features
+
         gathered = [None] * world
         dist.all_gather_object(gathered, (real, fake))
-        real = torch.cat([g[0] for g in gathered])
-        fake = torch.cat([g[1] for g in gathered])
+        real = merge_rank_features([g[0] for g in gathered])  # global sample order: folds independent of W
+        fake = merge_rank_features([g[1] for g in gathered])
     result = None
     if rank == 0:
         result = summarize(real, fake, args.num_folds)

@@ -152,6 +152,34 @@ def run_protocol(protocol: str, pipe, samples: Iterator[tuple[int, Sample]],
     return torch.cat(real_feats), torch.cat(fake_feats)
 
 
+def merge_rank_features(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Features gathered from ``W = len(parts)`` ranks back in global sample order.
+
+    Rank r featurizes global samples r, r + W, r + 2W, ... (:func:`iter_samples`), so concatenating the
+    parts rank by rank would put the samples in an order that depends on W, and with it the contiguous folds
+    of :func:`summarize` (and the FVD mean and std over them).
+
+    Args:
+        parts: rank r's features ``[n_r, D]`` (any dtype), rows in its sample order; n_r = the number of
+            indices r, r + W, ... below the total.
+
+    Returns:
+        ``[sum n_r, D]``: row i is global sample i.
+
+    Raises:
+        ValueError: row counts that no round-robin split of one total gives.
+    """
+    world, total = len(parts), sum(len(part) for part in parts)
+    expected = [len(range(r, total, world)) for r in range(world)]
+    if [len(part) for part in parts] != expected:
+        raise ValueError(f"rows per rank {[len(part) for part in parts]} are not a round-robin split of {total} "
+                         f"samples over {world} ranks ({expected})")
+    merged = parts[0].new_empty((total, *parts[0].shape[1:]))
+    for rank, part in enumerate(parts):
+        merged[rank::world] = part
+    return merged
+
+
 def summarize(real: torch.Tensor, fake: torch.Tensor, num_folds: int) -> dict:
     """FVD per fold of the generated set against all real features; mean and (population) std."""
     from megatron_nbp.eval.fvd import fvd_folds

@@ -105,3 +105,20 @@ def test_protocols(evaluate, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="condition_labels"):
         model.config.condition_labels = ["other"]
         evaluate.run_protocol("ucf101", pipe, iter(samples[:1]), load_real, _features, sampling)
+
+
+def test_rank_features_merge_back_into_global_sample_order():
+    """Rank r featurizes samples r, r + W, ...: merged, row i is sample i for any W (so the folds, and the
+    FVD mean and std over them, do not depend on the number of GPUs); a concatenation would not be."""
+    import pytest
+    import torch
+
+    from megatron_nbp.eval.protocols import merge_rank_features
+
+    samples = torch.arange(10, dtype=torch.float64)[:, None].repeat(1, 3)  # row i holds i
+    for world in (1, 2, 3, 4, 10, 12):
+        parts = [samples[r::world] for r in range(world)]
+        assert torch.equal(merge_rank_features(parts), samples), world
+    assert not torch.equal(torch.cat([samples[r::3] for r in range(3)]), samples)
+    with pytest.raises(ValueError, match="round-robin"):
+        merge_rank_features([samples[:6], samples[6:]])
