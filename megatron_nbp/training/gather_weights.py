@@ -5,7 +5,8 @@ Every rank holds one tensor-parallel shard of one pipeline stage (replicated ove
 :func:`gather_full_state_dict` all-gathers the tensor-parallel shards within each TP group (along each
 parameter's ``partition_dim``, megatron-core's ``tensor_model_parallel`` attributes), renames each
 stage's local layer numbers to global ones (``layer_number - 1``), and collects the stages of data-parallel
-rank 0 on one rank with ``torch.distributed.gather_object``. The result has the TP1 PP1 names and layout of
+rank 0 on one rank with ``torch.distributed.gather_object`` over a gloo group of just those ranks (host
+memory, one slot per stage). The result has the TP1 PP1 names and layout of
 megatron's GPTModel, which :class:`megatron_nbp.inference.model.NBPDecoder` loads.
 
 SwiGLU's ``linear_fc1`` is the one parameter whose shards do not simply concatenate: each rank holds
@@ -94,11 +95,37 @@ def gather_full_state_dict(model: torch.nn.Module, model_cfg: ModelConfig, dst: 
         whole = _gather_tensor_parallel(name, param, model_cfg)  # every TP rank takes part
         if keep:
             local[_global_name(module, name)] = whole.to("cpu", torch.float32, copy=True)
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(local, gathered, dst=dst)
+    group, members = _holders_group(keep, dst)
+    if dist.get_rank() not in members:
+        return None
+    gathered = [None] * len(members) if dist.get_rank() == dst else None
+    dist.gather_object(local, gathered, dst=dst, group=group)
     if dist.get_rank() != dst:
         return None
     state: dict[str, torch.Tensor] = {}
     for part in gathered:
         state.update(part)
     return state
+
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _holders_group(keep: bool, dst: int) -> tuple[object, tuple[int, ...]]:
+    """(a gloo process group of the ranks that hold a stage's weights plus ``dst``, its global ranks).
+    Collective over the world (every rank learns who holds weights; the group is created once per member
+    set, as ``new_group`` requires every rank to call it).
+
+    ``gather_object`` over the whole world would pad every rank's pickled object to the largest (a whole
+    stage) and, under nccl, stage them on the GPU: world size x stage size on ``dst``'s GPU, tens of GB at
+    scale. Within this group only the PP stage holders take part (PP + 1 slots at most), through host memory.
+    """
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    flags[dist.get_rank()] = int(keep)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flags = flags.to(device)
+    dist.all_reduce(flags)
+    members = tuple(sorted(set(torch.nonzero(flags.cpu()).flatten().tolist()) | {dst}))
+    if members not in _GROUPS:
+        _GROUPS[members] = dist.new_group(list(members), backend="gloo")
+    return _GROUPS[members], members
