@@ -1,12 +1,16 @@
-"""In-memory clip bank for tokenizer training: decode every video once, sample random clips per step (the same
-global batch on every rank, each rank keeping its rows: see :class:`ClipBank`)."""
+"""Clip bank for tokenizer training: every clip window of the videos, random clips per step (the same global
+batch on every rank, each rank keeping its rows: see :class:`ClipBank`). The frames are either decoded once and
+held in memory (``clip_source="memory"``: small datasets, fastest) or decoded from the files for each drawn
+clip (``"stream"``: any dataset size, e.g. Kinetics; the same clips and pixels, see :func:`load_clip_bank`)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,9 @@ import torch
 
 from data_prep import video_io
 
-__all__ = ["ClipBank", "load_clip_bank"]
+__all__ = ["ClipBank", "load_clip_bank", "CLIP_SOURCES"]
+
+CLIP_SOURCES = ("memory", "stream")
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +38,19 @@ class ClipBank:
     (rank r keeps windows r, r + world_size, ...), so each rank evaluates its own disjoint share.
 
     Attributes:
-        videos: per video, ``uint8 [N, S, S, 3]`` frames (already resized / center-cropped).
+        videos: per video, ``uint8 [N, S, S, 3]`` frames (already resized / center-cropped); None when the
+            frames are decoded per clip (``paths``, see :func:`load_clip_bank`'s ``clip_source``).
         names: file name of each video.
         windows: ``(video, start)`` of every training clip (all starts, hop 1), the same on every rank.
         eval_windows: ``(video, start)`` of this rank's non-overlapping evaluation clips.
         num_frames: frames per clip (1 + 4n). frame_stride: step between used frames.
         rank, world_size: this process's rank and the number of ranks (which rows of a global batch
             :meth:`sample_clips` / :meth:`sample_images` return); 0 and 1 for a single process.
+        paths, resolution, num_workers: with ``videos`` None, the files, the frame size S they are decoded
+            to, and how many processes decode a step's clips (0: this one).
     """
 
-    videos: list[np.ndarray]
+    videos: list[np.ndarray] | None
     names: list[str]
     windows: list[tuple[int, int]]
     eval_windows: list[tuple[int, int]]
@@ -49,11 +58,42 @@ class ClipBank:
     frame_stride: int
     rank: int = 0
     world_size: int = 1
+    paths: list[Path] = field(default_factory=list)
+    resolution: int = 0
+    num_workers: int = 0
+    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.names)
+
+    @property
+    def frame_size(self) -> int:
+        """S, the side of the (square) frames."""
+        return self.videos[0].shape[1] if self.videos is not None else self.resolution
+
+    def _frames(self, requests: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+        """uint8 frames ``video[start:stop:step]`` for each ``(video, start, stop, step)``: sliced from memory,
+        or decoded from the files (in ``num_workers`` processes when > 0)."""
+        if self.videos is not None:
+            return [self.videos[v][start:stop:step] for v, start, stop, step in requests]
+        jobs = [(str(self.paths[v]), start, stop, step, self.resolution) for v, start, stop, step in requests]
+        if self.num_workers > 0 and len(jobs) > 1:
+            if self._pool is None:  # spawn: the training process may hold CUDA and threads
+                self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+            return list(self._pool.map(_decode_window, *zip(*jobs)))
+        return [_decode_window(*job) for job in jobs]
 
     def clip(self, video: int, start: int) -> torch.Tensor:
         """One clip as float32 ``[3, num_frames, S, S]`` in [-1, 1]."""
         stop = start + (self.num_frames - 1) * self.frame_stride + 1
-        return video_io.frames_to_tensor(self.videos[video][start:stop:self.frame_stride])
+        return video_io.frames_to_tensor(self._frames([(video, start, stop, self.frame_stride)])[0])
+
+    def _clips(self, windows: list[tuple[int, int]]) -> torch.Tensor:
+        """The clips of ``windows`` as float32 ``[len, 3, num_frames, S, S]`` (decoded together)."""
+        span = (self.num_frames - 1) * self.frame_stride + 1
+        frames = self._frames([(v, s, s + span, self.frame_stride) for v, s in windows])
+        return torch.stack([video_io.frames_to_tensor(f) for f in frames])
 
     def _rows(self, batch_size: int) -> range:
         """This rank's rows of a global batch of ``batch_size * world_size`` samples.
@@ -85,13 +125,13 @@ class ClipBank:
         """
         rows = self._rows(batch_size)
         total = batch_size * self.world_size
-        size = self.videos[0].shape[1]
+        size = self.frame_size
         if crop is not None and not 1 <= crop <= size:
             raise ValueError(f"crop must be in [1, {size}] (the frames' size), got {crop}")
         picks = torch.randint(len(self.windows), (total,), generator=generator).tolist()
         flips = torch.rand(total, generator=generator) < 0.5 if flip else None
         corners = torch.randint(size - crop + 1, (total, 2), generator=generator).tolist() if crop else None
-        batch = torch.stack([self.clip(*self.windows[picks[i]]) for i in rows])
+        batch = self._clips([self.windows[picks[i]] for i in rows])
         if flip:
             batch = _flip_rows(batch, flips[rows.start:rows.stop])
         if crop:
@@ -117,13 +157,45 @@ class ClipBank:
         picks = torch.randint(len(self.windows), (total,), generator=generator).tolist()
         offsets = (torch.randint(self.num_frames, (total,), generator=generator) * self.frame_stride).tolist()
         flips = torch.rand(total, generator=generator) < 0.5 if flip else None
-        out = []
+        requests = []
         for i in rows:
             video, start = self.windows[picks[i]]
             frame = start + offsets[i]
-            out.append(video_io.frames_to_tensor(self.videos[video][frame : frame + 1]))
-        batch = torch.stack(out)
+            requests.append((video, frame, frame + 1, 1))
+        batch = torch.stack([video_io.frames_to_tensor(f) for f in self._frames(requests)])
         return _flip_rows(batch, flips[rows.start:rows.stop]) if flip else batch
+
+
+def _decode_window(path: str, start: int, stop: int, step: int, resolution: int) -> np.ndarray:
+    """uint8 frames ``[start:stop:step]`` of a video decoded at ``resolution`` (what the in-memory bank holds for
+    them: the same decoder, resize and crop). A file that now yields fewer frames than its index said repeats
+    its last frame (logged) rather than ending the run."""
+    frames, _ = video_io.decode_video(path, max_frames=stop, size=resolution)
+    window = frames[start:stop:step]
+    wanted = len(range(start, stop, step))
+    if len(window) < wanted:
+        log.warning("%s: %d frames decoded, the index said at least %d: repeating the last frame", path,
+                    len(frames), stop)
+        last = frames[-1:] if len(window) == 0 else window[-1:]
+        window = np.concatenate([window, np.repeat(last, wanted - len(window), axis=0)])
+    return window
+
+
+def _frame_count(path: str) -> int | str:
+    """Frames :func:`video_io.decode_video` yields for ``path``: the container's count when it has one (no
+    decoding), else counted by decoding; or the reason the file is unusable (a string)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return "file has no video stream"
+            counted = container.streams.video[0].frames
+        if counted > 0:
+            return int(counted)
+        return sum(1 for _ in video_io._iter_decoded(Path(path), None, (1, 1)))
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many kinds; the file is skipped with the reason
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _flip_rows(batch: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -141,9 +213,17 @@ def load_clip_bank(
     rank: int = 0,
     world_size: int = 1,
     holdout_fraction: float = 0.0,
+    clip_source: str = "memory",
+    num_workers: int = 0,
 ) -> ClipBank:
     """Decode every video under ``root`` once (resized to ``resolution``); keep every training window, split
     the evaluation windows by rank.
+
+    ``clip_source`` "memory" keeps the decoded frames (every rank: ``frames x S x S x 3`` bytes, e.g. ~120 GB
+    for UCF-101 at 128, so for small datasets); "stream" keeps only each video's frame count (from the
+    container, decoded to count where it has none; in ``num_workers`` processes) and decodes each drawn clip
+    from its file, in ``num_workers`` processes per step: the same windows, draws and pixels as "memory"
+    (the same decoder, resize and crop), at the cost of decoding each clip's video up to its last frame.
 
     Undecodable or too-short videos are skipped with a warning. Windows are listed in sorted file order.
     Every rank keeps all training windows (it samples its rows of the global batch from them, see
@@ -157,31 +237,50 @@ def load_clip_bank(
 
     Raises:
         NotADirectoryError: ``root`` is not a directory (from ``video_io.list_videos``).
-        ValueError: no usable video, no training window left, ``holdout_fraction`` outside [0, 1), or
-            ``rank`` outside [0, world_size).
+        ValueError: no usable video, no training window left, ``holdout_fraction`` outside [0, 1),
+            ``rank`` outside [0, world_size), an unknown ``clip_source`` or ``num_workers`` < 0.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+    if clip_source not in CLIP_SOURCES:
+        raise ValueError(f"clip_source must be one of {CLIP_SOURCES}, got {clip_source!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     paths = video_io.list_videos(root)
-    videos, names = [], []
-    for path in paths:
-        try:
-            frames, _ = video_io.decode_video(path, size=resolution)
-        except video_io.VideoDecodeError as exc:
-            log.warning("skipping undecodable video %s: %s", path, exc)
+    videos, names, kept, counts = [], [], [], []
+    if clip_source == "stream":
+        if num_workers > 0:
+            with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                probed = list(pool.map(_frame_count, map(str, paths), chunksize=16))
+        else:
+            probed = [_frame_count(str(path)) for path in paths]
+    for i, path in enumerate(paths):
+        if clip_source == "stream":
+            if isinstance(probed[i], str):
+                log.warning("skipping undecodable video %s: %s", path, probed[i])
+                continue
+            count = probed[i]
+        else:
+            try:
+                frames, _ = video_io.decode_video(path, size=resolution)
+            except video_io.VideoDecodeError as exc:
+                log.warning("skipping undecodable video %s: %s", path, exc)
+                continue
+            count = len(frames)
+        if not video_io.clip_starts(count, num_frames, frame_stride):
+            log.warning("skipping %s: %d frames, shorter than one clip", path, count)
             continue
-        if not video_io.clip_starts(len(frames), num_frames, frame_stride):
-            log.warning("skipping %s: %d frames, shorter than one clip", path, len(frames))
-            continue
-        videos.append(frames)
+        if clip_source == "memory":
+            videos.append(frames)
         names.append(Path(path).name)
-    if not videos:
+        kept.append(Path(path))
+        counts.append(count)
+    if not names:
         raise ValueError(f"no usable video (>= {num_frames} frames at stride {frame_stride}) under {root}")
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must lie in [0, 1), got {holdout_fraction}")
     windows, eval_windows = [], []
-    for v, frames in enumerate(videos):
-        total = len(frames)
+    for v, total in enumerate(counts):
         cut = total - math.ceil(holdout_fraction * total) if holdout_fraction > 0 else total
         windows += [(v, s) for s in video_io.clip_starts(cut, num_frames, frame_stride, hop=1)]
         if holdout_fraction > 0:
@@ -191,7 +290,7 @@ def load_clip_bank(
     if not windows:
         raise ValueError(f"no training clip left after holding back {holdout_fraction:.0%} of every video")
     return ClipBank(
-        videos=videos,
+        videos=videos if clip_source == "memory" else None,
         names=names,
         windows=windows,
         eval_windows=eval_windows[rank::world_size],
@@ -199,4 +298,7 @@ def load_clip_bank(
         frame_stride=frame_stride,
         rank=rank,
         world_size=world_size,
+        paths=kept,
+        resolution=resolution,
+        num_workers=num_workers,
     )

@@ -210,6 +210,12 @@ class TrainOptions(TypedConfig):
                                                     "resolution x resolution frames (4x the clips per step at "
                                                     "half the side; the evaluation uses whole frames); unset = "
                                                     "whole frames")
+    clip_source: Literal["memory", "stream"] = Field(
+        "memory", description="memory: decode every video once and keep the frames (every rank; small datasets); "
+                              "stream: keep frame counts only and decode each drawn clip from its file (any "
+                              "dataset size; the same clips and pixels)")
+    num_workers: int = Field(0, ge=0, description="processes that decode clips with clip_source stream (and count "
+                                                  "frames at start); 0: the training process itself")
     num_frames: int = Field(17, description="frames per clip, 1 + 4n (e.g. 17)")
     frame_stride: int = Field(1, description="step between sampled frames")
     train_steps: int = Field(1000, description="optimizer steps", json_schema_extra=cli_flags("--train-iters"))

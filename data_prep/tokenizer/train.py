@@ -646,7 +646,8 @@ class _ProgressLog:
             opts = self.opts
             log.info("tokenizer: %.2fM parameters, %d videos %s, %d training clip windows (every rank), "
                      "%d evaluation clips on rank 0, world %d, device %s, precision %s, GAN %s, EMA %s",
-                     t.num_params / 1e6, len(bank.videos), bank.names, len(bank.windows),
+                     t.num_params / 1e6, bank.num_videos, bank.names[:8] + (["..."] if bank.num_videos > 8 else []),
+                     len(bank.windows),
                      len(bank.eval_windows), world, t.device, t.precision,
                      f"{opts.gan_loss} from step {opts.disc_start}" if t.disc is not None else "off",
                      opts.ema_decay if t.ema is not None else "off")
@@ -729,7 +730,8 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     batch_size = per_rank_batch_size(opts, world)
     trainables = _Trainables.build(opts, config, world, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
-                          holdout_fraction=opts.holdout_fraction)
+                          holdout_fraction=opts.holdout_fraction, clip_source=opts.clip_source,
+                          num_workers=opts.num_workers)
     generator = torch.Generator().manual_seed(opts.seed)  # data order: the same on every rank (global batch)
     settings = _run_settings(config, opts, world)
     step, elapsed_before = _resume(opts, trainables, generator, settings) if opts.load else (0, 0.0)

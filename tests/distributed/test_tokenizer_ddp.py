@@ -198,3 +198,51 @@ def test_training_crops_are_squares_of_the_clips_drawn_without_them(data, tmp_pa
         _checked_config(options(48))
     with pytest.raises(ValueError, match="--crop-size 12: .*multiple of the spatial stride 8"):
         _checked_config(options(12))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_clips_are_the_in_memory_banks(data, tmp_path, workers):
+    """clip_source "stream" (frame counts only, every drawn clip decoded from its file, in ``workers``
+    processes): the same windows, the same clips, image frames, flips and crops, bitwise, as the bank that
+    holds the decoded frames, and the same per-rank rows; an unreadable file is skipped in both."""
+    import shutil
+
+    from data_prep.tokenizer.clips import load_clip_bank
+
+    videos = tmp_path / "videos"
+    shutil.copytree(data / "videos", videos)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    for rank, world in ((0, 1), (1, 2)):
+        memory = load_clip_bank(videos, 16, 5, rank=rank, world_size=world, holdout_fraction=0.25)
+        stream = load_clip_bank(videos, 16, 5, rank=rank, world_size=world, holdout_fraction=0.25,
+                                clip_source="stream", num_workers=workers)
+        assert stream.videos is None and stream.names == memory.names == ["a.mp4", "b.mp4"]
+        assert stream.windows == memory.windows and stream.eval_windows == memory.eval_windows
+        for method, b, extra in (("sample_clips", 3, {}), ("sample_images", 3, {}), ("sample_clips", 2, {"crop": 8})):
+            gens = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+            for _ in range(2):
+                expected = getattr(memory, method)(b, gens[0], **extra)
+                assert torch.equal(getattr(stream, method)(b, gens[1], **extra), expected), (method, rank)
+        for window in memory.eval_windows:
+            assert torch.equal(stream.clip(*window), memory.clip(*window))
+    with pytest.raises(ValueError, match="clip_source must be one of"):
+        load_clip_bank(videos, 16, 5, clip_source="disk")
+
+
+def test_training_from_streamed_clips_equals_training_from_memory(data, tmp_path):
+    """--clip-source stream through the trainer: the same weights, bitwise, after the same steps."""
+    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer.config import TrainOptions
+    from data_prep.tokenizer.train import train_tokenizer
+
+    weights = {}
+    for source in ("memory", "stream"):
+        opts = TrainOptions(config=str(data / "small.yaml"), data=str(data / "videos"),
+                            output=str(tmp_path / source / "tok.safetensors"), resolution=16, num_frames=5,
+                            train_steps=3, batch_size=2, lr=1e-3, warmup_steps=1, seed=3, log_interval=100,
+                            eval_clips=2, image_every=2, image_batch_size=2, holdout_fraction=0.25,
+                            clip_source=source, device="cpu")
+        train_tokenizer(opts)
+        weights[source] = load_tokenizer(opts.output).state_dict()
+    for key, value in weights["memory"].items():
+        assert torch.equal(value, weights["stream"][key]), key
