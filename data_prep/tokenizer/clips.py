@@ -62,6 +62,7 @@ class ClipBank:
     resolution: int = 0
     num_workers: int = 0
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+    _ahead: tuple[list[tuple[int, int]], list] | None = field(default=None, repr=False)
 
     @property
     def num_videos(self) -> int:
@@ -90,10 +91,31 @@ class ClipBank:
         return video_io.frames_to_tensor(self._frames([(video, start, stop, self.frame_stride)])[0])
 
     def _clips(self, windows: list[tuple[int, int]]) -> torch.Tensor:
-        """The clips of ``windows`` as float32 ``[len, 3, num_frames, S, S]`` (decoded together)."""
+        """The clips of ``windows`` as float32 ``[len, 3, num_frames, S, S]`` (decoded together; a prefetched
+        set of the same windows is used instead, see :meth:`_prefetch_next`)."""
         span = (self.num_frames - 1) * self.frame_stride + 1
-        frames = self._frames([(v, s, s + span, self.frame_stride) for v, s in windows])
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == windows:
+            frames = [future.result() for future in ahead[1]]
+        else:
+            frames = self._frames([(v, s, s + span, self.frame_stride) for v, s in windows])
         return torch.stack([video_io.frames_to_tensor(f) for f in frames])
+
+    def _prefetch_next(self, rows: range, total: int, generator: torch.Generator) -> None:
+        """Start decoding, in the worker processes, the clips the NEXT :meth:`sample_clips` call of this size
+        will draw if nothing else draws from ``generator`` before it (its window picks, read from a copy of
+        the generator; nothing is drawn from ``generator`` itself). The next call uses them only if its picks
+        are these; otherwise (an image step came between, another batch size) they are dropped. So decoding
+        overlaps the training step, and the clips are the same either way."""
+        copy = torch.Generator().manual_seed(0)
+        copy.set_state(generator.get_state())
+        picks = torch.randint(len(self.windows), (total,), generator=copy).tolist()
+        windows = [self.windows[picks[i]] for i in rows]
+        span = (self.num_frames - 1) * self.frame_stride + 1
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+        self._ahead = (windows, [self._pool.submit(_decode_window, str(self.paths[v]), s, s + span,
+                                                   self.frame_stride, self.resolution) for v, s in windows])
 
     def _rows(self, batch_size: int) -> range:
         """This rank's rows of a global batch of ``batch_size * world_size`` samples.
@@ -131,7 +153,10 @@ class ClipBank:
         picks = torch.randint(len(self.windows), (total,), generator=generator).tolist()
         flips = torch.rand(total, generator=generator) < 0.5 if flip else None
         corners = torch.randint(size - crop + 1, (total, 2), generator=generator).tolist() if crop else None
-        batch = self._clips([self.windows[picks[i]] for i in rows])
+        windows = [self.windows[picks[i]] for i in rows]
+        batch = self._clips(windows)
+        if self.videos is None and self.num_workers > 0:
+            self._prefetch_next(rows, total, generator)
         if flip:
             batch = _flip_rows(batch, flips[rows.start:rows.stop])
         if crop:

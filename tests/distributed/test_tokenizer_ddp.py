@@ -204,7 +204,8 @@ def test_training_crops_are_squares_of_the_clips_drawn_without_them(data, tmp_pa
 def test_streamed_clips_are_the_in_memory_banks(data, tmp_path, workers):
     """clip_source "stream" (frame counts only, every drawn clip decoded from its file, in ``workers``
     processes): the same windows, the same clips, image frames, flips and crops, bitwise, as the bank that
-    holds the decoded frames, and the same per-rank rows; an unreadable file is skipped in both."""
+    holds the decoded frames, and the same per-rank rows; an unreadable file is skipped in both; with
+    workers, the next clip draw is decoded ahead and used."""
     import shutil
 
     from data_prep.tokenizer.clips import load_clip_bank
@@ -225,6 +226,15 @@ def test_streamed_clips_are_the_in_memory_banks(data, tmp_path, workers):
                 assert torch.equal(getattr(stream, method)(b, gens[1], **extra), expected), (method, rank)
         for window in memory.eval_windows:
             assert torch.equal(stream.clip(*window), memory.clip(*window))
+        if workers:  # consecutive clip draws: the second one's clips were decoded ahead, during the "step"
+            gens = torch.Generator().manual_seed(12), torch.Generator().manual_seed(12)
+            stream.sample_clips(2, gens[1]), memory.sample_clips(2, gens[0])
+            decoded = []
+            frames = stream._frames
+            stream._frames = lambda requests: decoded.append(requests) or frames(requests)
+            assert torch.equal(stream.sample_clips(2, gens[1]), memory.sample_clips(2, gens[0]))
+            assert decoded == [], decoded  # nothing decoded on demand: the prefetched clips were used
+            del stream._frames
     with pytest.raises(ValueError, match="clip_source must be one of"):
         load_clip_bank(videos, 16, 5, clip_source="disk")
 
