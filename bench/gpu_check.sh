@@ -19,7 +19,8 @@
 #              ZeRO-1 bf16 (the first step of both backends on the GPU);
 #   tokenizer  tokenizer throughput at the 370M layout (configs/tokenizer/magvit2.yaml), 17x128x128: decode
 #              alone (0 / 8 DataLoader workers), encode alone (fp32 / bf16, batch 32), the tokenization job
-#              (bf16, 8 workers) and training steps (bf16, batch 2), bench/tokenize_throughput.py;
+#              (bf16, 8 workers) and training steps (bf16, batch 2, with and without recomputation, peak memory),
+#              bench/tokenize_throughput.py;
 #   real       with REAL_VIDEOS=DIR and REAL_TOKENIZER=FILE: bf16 vs fp32 token agreement of a trained tokenizer
 #              on real footage, its encode rate, and eval_tokenizer.py's PSNR from bf16 and fp32 ids
 #              (skipped without them);
@@ -77,7 +78,7 @@ if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   XL=(--config configs/model/nbp_xl.yaml --config configs/data/k600.yaml)
   B3=(--config configs/model/nbp_3b.yaml --config configs/data/k600.yaml)
   SIZES=(4 8 16); ITERS=(--iters 5 --warmup 2); ATTN=(--paper-shape); GEN=(--config configs/model/nbp_xl.yaml --dtype bf16)
-  TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16)
+  TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16 --train-recompute none,full)
   TOKV=(--batch-sizes 32 --encode-batches 3)
   TOKJ=(--num-videos 48 --job-workers 8 --job-batch-size 32 --job-precisions bf16)
 else
@@ -86,7 +87,7 @@ else
   B3=(--config configs/tiny_frame_prediction.yaml)
   SIZES=(2 4); ITERS=(--iters 2 --warmup 1); ATTN=(); GEN=(--dtype fp32)
   TOK=(--num-videos 4 --video-frames 40 --resolution 32 --batch-sizes 8 --encode-batches 1 --job-workers 2
-       --train-steps 1)
+       --train-steps 1 --train-recompute none,full)
   TOKV=(--resolution 32 --batch-sizes 8 --encode-batches 1)
   TOKJ=(--num-videos 4 --video-frames 40 --resolution 32 --job-workers 2 --job-batch-size 8 --job-precisions fp32)
 fi

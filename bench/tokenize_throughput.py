@@ -243,8 +243,10 @@ def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, wor
     return int(match[3]), float(match[5]), float(match[6]), (float(match[7]) if match[7] else None)
 
 
-def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str) -> tuple[int, float]:
-    """(steps, seconds) of ``args.train_steps`` tokenizer training steps after one warm-up step."""
+def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str,
+                recompute: str | None = None) -> tuple[int, float, float | None]:
+    """(steps, seconds, peak GiB allocated on the GPU or None on the CPU) of ``args.train_steps`` tokenizer
+    training steps after one warm-up step, with ``recompute`` as ``--recompute-granularity``."""
     from data_prep.tokenizer.clips import load_clip_bank
     from data_prep.tokenizer.config import TrainOptions
     from data_prep.tokenizer.train import _checked_config, _train_step, _Trainables
@@ -252,7 +254,10 @@ def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str) 
     opts = TrainOptions(config=str(args.tokenizer_config), data=str(videos), output=str(videos.parent / "t.st"),
                         resolution=args.resolution, num_frames=args.num_frames, batch_size=args.train_batch_size,
                         lr=1e-4, warmup_steps=1, disc_weight=0.1, disc_start=0, lecam_weight=0.001,
-                        ema_decay=0.999, precision=precision, device=str(choice.device))
+                        ema_decay=0.999, precision=precision, device=str(choice.device),
+                        recompute_granularity=recompute)
+    if choice.is_cuda:
+        torch.cuda.reset_peak_memory_stats(choice.device)
     t = _Trainables.build(opts, _checked_config(opts), 1, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames)
     generator = torch.Generator().manual_seed(0)
@@ -263,10 +268,11 @@ def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str) 
         _train_step(opts, t, bank, generator, step, 0.0)
     _sync(choice.device)
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(choice.device) / 2**30 if choice.is_cuda else None
     del t
     if choice.is_cuda:
         torch.cuda.empty_cache()
-    return args.train_steps, seconds
+    return args.train_steps, seconds, peak
 
 
 def _ints(text: str) -> list[int]:
@@ -301,6 +307,8 @@ def main() -> None:
     p.add_argument("--videos-per-shard", type=int, default=8 if cuda else 2)
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--train-precisions", help="precisions of the train rows (default: --precisions)")
+    p.add_argument("--train-recompute", default="none",
+                   help="comma-separated --recompute-granularity settings of the train rows: none, full")
     p.add_argument("--train-steps", type=int, default=3 if cuda else 2, help="timed steps per train row")
     p.add_argument("--encode-variants", default="plain",
                    help="comma-separated encoder settings for the encode rows: plain, or names of "
@@ -397,10 +405,17 @@ def main() -> None:
                               f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written{after} |", flush=True)
         if "train" in parts:
             for precision in (args.train_precisions or args.precisions).split(","):
-                steps, seconds = bench_train(args, videos, choice, precision)
-                clips = steps * args.train_batch_size
-                print(f"| train | {precision}, batch {args.train_batch_size} | {clips} | {seconds:.2f} | "
-                      f"{clips / seconds:.2f} | {steps / seconds:.3f} steps/s (GAN + EMA on) |", flush=True)
+                for recompute in args.train_recompute.split(","):
+                    if recompute not in ("none", "full"):
+                        raise SystemExit(f"--train-recompute: unknown {recompute!r}; known: none, full")
+                    steps, seconds, peak = bench_train(args, videos, choice, precision,
+                                                       None if recompute == "none" else recompute)
+                    clips = steps * args.train_batch_size
+                    label = "" if recompute == "none" else ", recompute full"
+                    memory = "" if peak is None else f"; peak {peak:.1f} GiB allocated"
+                    print(f"| train | {precision}, batch {args.train_batch_size}{label} | {clips} | {seconds:.2f} | "
+                          f"{clips / seconds:.2f} | {steps / seconds:.3f} steps/s (GAN + EMA on){memory} |",
+                          flush=True)
 
 
 if __name__ == "__main__":
