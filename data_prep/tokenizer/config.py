@@ -233,6 +233,9 @@ class TrainOptions(TypedConfig):
                                                             "global / world size (must divide)")
     device: str = Field("auto", description="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda "
                                             "or cuda:N")
+    distributed_timeout_minutes: float = Field(
+        60.0, gt=0, description="how long a rank waits for the others in a collective (Megatron-LM's flag): it "
+                                "also bounds how far apart the ranks may finish indexing or decoding the videos")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 covers the convolutions of the "
                             "tokenizer and discriminator (FSQ, losses, optimizer and EMA stay fp32)")

@@ -50,6 +50,7 @@ device, so a run saved on GPUs can resume on CPUs and back; resume is bitwise on
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -303,8 +304,9 @@ def _start_process_group(opts: TrainOptions, cuda_available: bool | None = None)
     _setup_threads()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     created_group = world > 1 and not dist.is_initialized()
-    if created_group:
-        dist.init_process_group(choice.distributed_backend)
+    if created_group:  # the timeout also bounds how far apart ranks may finish indexing / decoding the videos
+        dist.init_process_group(choice.distributed_backend,
+                                timeout=datetime.timedelta(minutes=opts.distributed_timeout_minutes))
     rank, world = _dist_info()
     return rank, world, created_group, choice
 
