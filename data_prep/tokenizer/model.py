@@ -105,12 +105,7 @@ class Decoder(nn.Module):
         self.recompute = False  # activation recomputation of the residual blocks (training memory)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode; the output convolution (to ``C_in`` = 3 channels: a negligible share of the FLOPs) runs in
-        fp32 also under bf16 autocast, so pixels are not rounded to bf16 (about half a uint8 step near 1)
-        before a loss or a uint8 conversion. Returns float32."""
-        h = _run_layers(self.layers[:-1], z, self.recompute)
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.layers[-1](h.float())
+        return _run_layers(self.layers, z, self.recompute)
 
 
 class VideoTokenizer(nn.Module):
@@ -122,7 +117,7 @@ class VideoTokenizer(nn.Module):
     Videos are float32 ``[B, C_in, T, H, W]`` in [-1, 1] with T = 1 + 4n (n >= 0) and H, W multiples
     of the spatial stride s (8 by default); tokens are int64 ``[B, 1+n, H/s, W/s]`` in [0, codebook_size).
     Under bf16 autocast (:func:`data_prep.device.autocast`) the encoder's and decoder's convolutions run in bf16 while the
-    FSQ quantizer and the decoder's 3-channel output convolution stay fp32; the reconstruction is float32.
+    FSQ quantizer stays fp32; the reconstruction then comes out in bf16 (cast it before a loss).
     """
 
     def __init__(self, config: TokenizerConfig):

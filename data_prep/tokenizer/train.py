@@ -36,10 +36,9 @@ and the discriminator under bf16 autocast. Kept in fp32, and why:
 
 * FSQ quantisation (:meth:`VideoTokenizer.encode_codes` turns autocast off for it): the bounded latent is
   rounded to a grid of 5-8 levels, and bf16's 8-bit mantissa would move values across rounding boundaries;
-* the decoder's output convolution (3 channels, a negligible share of the FLOPs) and the losses (L1/L2,
-  perceptual, GAN, LeCam): the reconstruction comes out in fp32 and the logits are cast to fp32, so small
-  per-pixel errors are not rounded away (bf16 steps near 1 are half a uint8 step) before they are averaged
-  over a batch of 17x128x128 clips;
+* the losses (L1/L2, perceptual, GAN, LeCam): reconstruction and logits are cast to fp32 before them, so
+  the means over a batch of 17x128x128 clips are accumulated in fp32 (the decoder's output itself is a
+  bf16 convolution's: its values carry bf16 rounding, up to half a uint8 step near 1);
 * parameters, gradients, optimizer states and the EMA: fp32 master weights, as in mixed-precision training
   (Micikevicius et al. 2018); bf16 has fp32's exponent range, so no loss scaling is needed;
 * GroupNorm: autocast itself runs normalisation in fp32.
