@@ -399,4 +399,3 @@ def test_compiled_encoding_compiles_once_and_pads_partial_batches():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         make_token_encoder(tok, compile=True, batch_size=0)
     torch._dynamo.reset()
-
