@@ -73,6 +73,12 @@ class ClipBank:
         """S, the side of the (square) frames."""
         return self.videos[0].shape[1] if self.videos is not None else self.resolution
 
+    def _workers(self) -> ProcessPoolExecutor:
+        """The decode processes (``num_workers``), started on first use."""
+        if self._pool is None:
+            self._pool = _spawn_pool(self.num_workers)
+        return self._pool
+
     def _frames(self, requests: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
         """uint8 frames ``video[start:stop:step]`` for each ``(video, start, stop, step)``: sliced from memory,
         or decoded from the files (in ``num_workers`` processes when > 0)."""
@@ -80,9 +86,7 @@ class ClipBank:
             return [self.videos[v][start:stop:step] for v, start, stop, step in requests]
         jobs = [(str(self.paths[v]), start, stop, step, self.resolution) for v, start, stop, step in requests]
         if self.num_workers > 0 and len(jobs) > 1:
-            if self._pool is None:  # spawn: the training process may hold CUDA and threads
-                self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
-            return list(self._pool.map(_decode_window, *zip(*jobs)))
+            return list(self._workers().map(_decode_window, *zip(*jobs)))
         return [_decode_window(*job) for job in jobs]
 
     def clip(self, video: int, start: int) -> torch.Tensor:
@@ -112,10 +116,9 @@ class ClipBank:
         picks = torch.randint(len(self.windows), (total,), generator=copy).tolist()
         windows = [self.windows[picks[i]] for i in rows]
         span = (self.num_frames - 1) * self.frame_stride + 1
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
-        self._ahead = (windows, [self._pool.submit(_decode_window, str(self.paths[v]), s, s + span,
-                                                   self.frame_stride, self.resolution) for v, s in windows])
+        pool = self._workers()
+        self._ahead = (windows, [pool.submit(_decode_window, str(self.paths[v]), s, s + span, self.frame_stride,
+                                             self.resolution) for v, s in windows])
 
     def _rows(self, batch_size: int) -> range:
         """This rank's rows of a global batch of ``batch_size * world_size`` samples.
@@ -189,6 +192,11 @@ class ClipBank:
             requests.append((video, frame, frame + 1, 1))
         batch = torch.stack([video_io.frames_to_tensor(f) for f in self._frames(requests)])
         return _flip_rows(batch, flips[rows.start:rows.stop]) if flip else batch
+
+
+def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` spawned processes (not forked: the training process may hold CUDA and threads)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _decode_window(path: str, start: int, stop: int, step: int, resolution: int) -> np.ndarray:
@@ -275,7 +283,7 @@ def load_clip_bank(
     videos, names, kept, counts = [], [], [], []
     if clip_source == "stream":
         if num_workers > 0:
-            with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with _spawn_pool(num_workers) as pool:
                 probed = list(pool.map(_frame_count, map(str, paths), chunksize=16))
         else:
             probed = [_frame_count(str(path)) for path in paths]
