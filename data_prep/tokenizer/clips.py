@@ -1,7 +1,8 @@
 """Clip bank for tokenizer training: every clip window of the videos, random clips per step (the same global
 batch on every rank, each rank keeping its rows: see :class:`ClipBank`). The frames are either decoded once and
 held in memory (``clip_source="memory"``: small datasets, fastest) or decoded from the files for each drawn
-clip (``"stream"``: any dataset size, e.g. Kinetics; the same clips and pixels, see :func:`load_clip_bank`)."""
+clip (``"stream"``: any dataset size, e.g. Kinetics; the same clips and pixels where containers count their
+frames right, see :func:`load_clip_bank`)."""
 
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ def _frame_count(path: str) -> int | str:
             counted = container.streams.video[0].frames
         if counted > 0:
             return int(counted)
-        return sum(1 for _ in video_io._iter_decoded(Path(path), None, (1, 1)))
+        return len(video_io.decode_video(path, size=1)[0])  # 1x1 frames: counted, not kept
     except Exception as exc:  # noqa: BLE001 - PyAV raises many kinds; the file is skipped with the reason
         return f"{type(exc).__name__}: {exc}"
 
@@ -256,7 +257,10 @@ def load_clip_bank(
     for UCF-101 at 128, so for small datasets); "stream" keeps only each video's frame count (from the
     container, decoded to count where it has none; in ``num_workers`` processes) and decodes each drawn clip
     from its file, in ``num_workers`` processes per step: the same windows, draws and pixels as "memory"
-    (the same decoder, resize and crop), at the cost of decoding each clip's video up to its last frame.
+    (the same decoder, resize and crop), at the cost of decoding each clip's video up to its last frame,
+    wherever the container's frame count is the number of decodable frames (H.264 MP4s; not always
+    elsewhere: a VP9 AVI of the sample footage says 300 frames and decodes 295, so its last windows repeat
+    its last frame, logged, where "memory" has no such windows).
 
     Undecodable or too-short videos are skipped with a warning. Windows are listed in sorted file order.
     Every rank keeps all training windows (it samples its rows of the global batch from them, see

@@ -213,7 +213,7 @@ class TrainOptions(TypedConfig):
     clip_source: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode every video once and keep the frames (every rank; small datasets); "
                               "stream: keep frame counts only and decode each drawn clip from its file (any "
-                              "dataset size; the same clips and pixels)")
+                              "dataset size; the same clips where containers count their frames right)")
     num_workers: int = Field(0, ge=0, description="processes that decode clips with clip_source stream (and count "
                                                   "frames at start); 0: the training process itself")
     num_frames: int = Field(17, description="frames per clip, 1 + 4n (e.g. 17)")

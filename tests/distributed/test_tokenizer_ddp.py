@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,3 +257,18 @@ def test_training_from_streamed_clips_equals_training_from_memory(data, tmp_path
         weights[source] = load_tokenizer(opts.output).state_dict()
     for key, value in weights["memory"].items():
         assert torch.equal(value, weights["stream"][key]), key
+
+
+def test_a_window_past_the_decodable_frames_repeats_the_last_one(data, caplog):
+    """A container may count more frames than decode (seen: a VP9 AVI, 300 vs 295): a streamed window past the
+    end repeats the last decodable frame, logged, instead of ending the run."""
+    from data_prep import video_io
+    from data_prep.tokenizer.clips import _decode_window
+
+    path = str(data / "videos" / "b.mp4")  # 20 frames
+    frames, _ = video_io.decode_video(path, size=16)
+    window = _decode_window(path, 18, 23, 1, 16)
+    assert window.shape == (5, 16, 16, 3)
+    assert np.array_equal(window[:2], frames[18:20]) and all(np.array_equal(f, frames[19]) for f in window[2:])
+    assert "repeating the last frame" in caplog.text
+    assert np.array_equal(_decode_window(path, 3, 8, 2, 16), frames[3:8:2])
