@@ -4,10 +4,11 @@
 #              in bf16 vs fp32, profiling a training window, TE spec if installed, CUDA-graph decoding, the
 #              tokenizer on CUDA);
 #   tokenizer_variants  bf16 encoding at the 370M layout plain and with the job's opt-in settings
-#              (channels-last 3D, torch.compile, both), each with its token agreement, TFLOP/s and a
-#              torch.profiler summary of one batch (GPU busy fraction, top kernels);
-#   tokenizer_job  the tokenization job (bf16, 8 decode workers, 192 clips) plain, with --channels-last, and
-#              with --channels-last --compile (compilation included in its rate);
+#              (torch.compile, with and without channels-last 3D), each with its token agreement, TFLOP/s
+#              and a torch.profiler summary of one batch (GPU busy fraction, top kernels);
+#   tokenizer_job  the job's shard loop in-process on clips in host memory (no decoding), profiled after
+#              its first shard, and the tokenization job (bf16, 8 decode workers, 384 clips), plain and
+#              with --compile (rates after the first batch; the time each waited for the device);
 #   profile    where the time of a training iteration goes: megatron bf16 and DeepSpeed ZeRO-1 bf16 at nbp-xl,
 #              micro-batch 4, two iterations each under torch.profiler (the trainer's --profile
 #              --use-pytorch-profiler; traces in OUT_DIR/profile);
@@ -80,7 +81,7 @@ if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   SIZES=(4 8 16); ITERS=(--iters 5 --warmup 2); ATTN=(--paper-shape); GEN=(--config configs/model/nbp_xl.yaml --dtype bf16)
   TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16 --train-recompute none,full)
   TOKV=(--batch-sizes 32 --encode-batches 3)
-  TOKJ=(--num-videos 48 --job-workers 8 --job-batch-size 32 --job-precisions bf16)
+  TOKJ=(--num-videos 96 --job-workers 8 --job-batch-size 32 --job-precisions bf16)
 else
   GPU=0
   XL=(--config configs/tiny_frame_prediction.yaml)
@@ -111,11 +112,11 @@ wanted tests && step "tests marked gpu" 200 $PY -m pytest -v --tb=short -p no:ca
 
 wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layout, 17x128x128)" 240 \
   $PY bench/tokenize_throughput.py "${TOKV[@]}" --parts encode --precisions bf16 \
-  --encode-variants plain,channels_last,compile,compile+channels_last \
+  --encode-variants plain,compile,compile+channels_last \
   --profile-encode
 
-wanted tokenizer_job && step "tokenization job with the encoding settings (370M layout, 17x128x128)" 200 \
-  $PY bench/tokenize_throughput.py "${TOKJ[@]}" --parts job --job-settings plain,channels_last,channels_last+compile
+wanted tokenizer_job && step "the job's shard loop in-process (profiled) and the tokenization job, plain and compiled" 240 \
+  $PY bench/tokenize_throughput.py "${TOKJ[@]}" --parts loop,job --job-settings plain,compile --profile-loop
 
 wanted profile && step "where a training iteration's time goes: megatron and ZeRO-1 bf16, micro-batch ${SIZES[0]}, torch.profiler" 200 \
   $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 zero1-bf16 --micro-batch-sizes "${SIZES[0]}" --iters 3 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tokenizer throughput: decode alone, encode alone, the whole tokenization job, and tokenizer training.
 
-Four parts (``--parts``, all by default), one table (clips/s; training: steps/s and clips/s):
+Five parts (``--parts``; all but ``loop`` by default), one table (clips/s; training: steps/s and clips/s):
 
 * ``decode``: PyAV decode + resize/crop + clip cutting of every video, through the job's own loader
   (:func:`data_prep.tokenize_job.decoded_media`) with each of ``--decode-workers`` DataLoader workers
@@ -19,6 +19,13 @@ Four parts (``--parts``, all by default), one table (clips/s; training: steps/s 
   ``torch.utils.flop_counter`` on the meta device), and ``--profile-encode`` records one more batch of each
   setting with torch.profiler and prints, right after its row, the fraction of it the GPU was busy and the
   kernels taking the most time;
+* ``loop``: the job's shard loop alone, in this process (``_ShardBuilder`` of :mod:`data_prep.tokenize_job`:
+  batching, copying, encoding with the next batch queued before the last one is read back, shard writing) on
+  random clips already in host memory (4 per video, no decoding, no DataLoader, no torchrun), at each
+  ``--job-precisions`` and ``--job-settings``, timed after the first shard (compilation and cuDNN autotuning
+  excluded), with the time it waited for the device; ``--profile-loop`` records that stretch with
+  torch.profiler and prints how busy the GPU was and the operators taking the most time. Against ``encode``
+  it shows what the loop costs, against ``job`` what decoding and the DataLoader cost;
 * ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
   of ``--job-workers`` at each of ``--job-precisions`` and ``--job-settings`` (the job's ``--channels-last``
   / ``--compile``); the rate is the rank's own summary line (imports, tokenizer loading and the manifest
@@ -56,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 _RANK_LINE = re.compile(r"tokenize: rank (\d+)/(\d+): (\d+) clips from (\d+) files in ([\d.]+) s \(([\d.]+) clips/s"
                         r"(?:; ([\d.]+) after the first batch)?\)")
+_WAIT_LINE = re.compile(r"waited ([\d.]+) s for decoded media, ([\d.]+) s for the device's ids")
 
 
 def _sync(device: torch.device) -> None:
@@ -124,11 +132,16 @@ def encoder_variant(tokenizer, variant: str, precision: str, batch_size: int | N
     unknown = parts - set(ENCODE_VARIANTS)
     if unknown:
         raise SystemExit(f"--encode-variants: unknown {sorted(unknown)}; known: {', '.join(ENCODE_VARIANTS)}")
+    # Dynamo skips the guards on a module's tensors while its parameter dict is unchanged, and `.to(memory_format=)`
+    # changes the parameters in place: without a reset, a compiled variant would reuse the previous variant's graph
+    # for weights of another layout (on CUDA: a stride assertion). The job compiles once per process.
+    torch._dynamo.reset()
     try:
         yield make_token_encoder(tokenizer, precision, channels_last="channels_last" in parts,
                                  compile="compile" in parts, batch_size=batch_size)
     finally:
         tokenizer.encoder.to(memory_format=torch.contiguous_format)
+        torch._dynamo.reset()
 
 
 def encoder_flops_per_clip(config, frames: int, resolution: int) -> float:
@@ -219,9 +232,10 @@ def job_flags(setting: str) -> list[str]:
 
 
 def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, workers: int,
-              precision: str, flags: list[str] = ()) -> tuple[int, float, float, float | None]:
-    """(clips, seconds, clips/s, clips/s after the first batch or None) from rank 0's summary line of one
-    torchrun job with ``workers`` workers and the extra job ``flags``.
+              precision: str, flags: list[str] = ()) -> tuple[int, float, float, float | None, str]:
+    """(clips, seconds, clips/s, clips/s after the first batch or None, "; waited ..." or "") from rank 0's
+    summary line of one torchrun job with ``workers`` workers and the extra job ``flags`` (the wait is the
+    time the job's loop spent blocked on decoded media and on the device's token ids).
 
     Raises:
         RuntimeError: the job failed (its stderr tail is in the message).
@@ -240,7 +254,61 @@ def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, wor
     match = _RANK_LINE.search(proc.stdout)
     if match is None:
         raise RuntimeError(f"no summary line in the job's output:\n{proc.stdout[-2000:]}")
-    return int(match[3]), float(match[5]), float(match[6]), (float(match[7]) if match[7] else None)
+    waits = _WAIT_LINE.search(proc.stdout)
+    waited = f"; waited {waits[1]} s for decoded media, {waits[2]} s for the device" if waits else ""
+    return int(match[3]), float(match[5]), float(match[6]), (float(match[7]) if match[7] else None), waited
+
+
+def bench_loop(args: argparse.Namespace, tokenizer, ckpt: Path, device: torch.device, precision: str, setting: str,
+               out: Path) -> tuple[int, float, str, str | None]:
+    """(clips, seconds, "; waited ..." note, profile summary or None) of the job's shard loop in this process
+    after its first shard (the clips queued on the device after it, so a batch queued while the first shard was
+    written is not counted): ``args.num_videos`` items of 4 random clips (8 distinct ones, reused) already in host
+    memory, ``args.videos_per_shard`` items per shard, batches of ``args.job_batch_size``, encoded at
+    ``precision`` with the ``--job-settings`` entry ``setting``; shards written into ``out``. The tokenizer's
+    memory format and torch.compile's caches are restored after it."""
+    from data_prep import shards
+    from data_prep.tokenize_job import DecodedMedia, TokenizeConfig, _shard_samples, _ShardBuilder
+    from megatron_nbp.training.profiling import profile_summary, profiler_activities
+
+    parts = set(setting.split("+"))
+    frames, res = args.num_frames, args.resolution
+    cfg = TokenizeConfig(input_dir=out, output_dir=out, tokenizer=ckpt, num_frames=frames, resolution=res,
+                         batch_size=args.job_batch_size, videos_per_shard=args.videos_per_shard, precision=precision,
+                         channels_last="channels_last" in parts, compile="compile" in parts, progress=False)
+    sizes = [args.videos_per_shard] * max(3, args.num_videos // args.videos_per_shard)
+    g = torch.Generator().manual_seed(0)
+    pool = [torch.randint(0, 256, (4, frames, res, res, 3), generator=g, dtype=torch.uint8) for _ in range(8)]
+    items = (DecodedMedia(f"v{i}.mp4", None, 25.0, [0, frames, 2 * frames, 3 * frames], pool[i % len(pool)])
+             for i in range(sum(sizes)))
+    out.mkdir(parents=True, exist_ok=True)
+    torch._dynamo.reset()  # as in encoder_variant: no graph of another variant's weight layout is reused
+    try:
+        builder = _ShardBuilder(tokenizer, cfg, tuple(tokenizer.latent_shape(frames, res, res)))
+        failures, labels = [[] for _ in sizes], [set() for _ in sizes]
+        events = builder.shards(items, sizes, failures, labels)
+
+        def write(j: int) -> None:
+            shards.write_shard(out / shards.shard_name(j), _shard_samples(events, j), failures[j], {})
+
+        write(0)  # compiles / autotunes; the next shard's first batch is queued by now (on a CPU: computed)
+        _sync(device)
+        clips, waited = builder.clips_queued, builder.wait_device  # the clips queued in the window are counted
+        profiler = (torch.profiler.profile(activities=profiler_activities(device)) if args.profile_loop
+                    else contextlib.nullcontext())
+        start = time.perf_counter()
+        with profiler:
+            for j in range(1, len(sizes)):
+                write(j)
+            _sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        tokenizer.encoder.to(memory_format=torch.contiguous_format)
+        torch._dynamo.reset()
+    summary = (profile_summary(profiler.events(), label_prefix="read back batch ", unit="batch")
+               if args.profile_loop else None)
+    return (builder.clips_done - clips, seconds, f"; waited {builder.wait_device - waited:.2f} s for the device",
+            summary)
 
 
 def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str,
@@ -282,7 +350,8 @@ def _ints(text: str) -> list[int]:
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="decode,encode,job,train", help="comma-separated: decode, encode, job, train")
+    p.add_argument("--parts", default="decode,encode,job,train",
+                   help="comma-separated: decode, encode, loop, job, train")
     p.add_argument("--input", type=Path, help="video folder (default: synthetic videos)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer checkpoint (default: random --tokenizer-config)")
     p.add_argument("--tokenizer-config", type=Path,
@@ -313,13 +382,15 @@ def main() -> None:
     p.add_argument("--encode-variants", default="plain",
                    help="comma-separated encoder settings for the encode rows: plain, or names of "
                         f"{', '.join(ENCODE_VARIANTS[1:])} joined by '+' (e.g. plain,compile+channels_last)")
+    p.add_argument("--profile-loop", action="store_true",
+                   help="record the loop rows (after their first shard) with torch.profiler and print the summary")
     p.add_argument("--profile-encode", action="store_true",
                    help="record one more batch of each encode setting with torch.profiler and print its summary")
     p.add_argument("--agreement-clips", type=int, default=32,
                    help="real clips (from --input) of the bf16 vs fp32 token agreement")
     args = p.parse_args()
     parts = set(args.parts.split(","))
-    unknown = parts - {"decode", "encode", "job", "train"}
+    unknown = parts - {"decode", "encode", "loop", "job", "train"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}")
     precisions = args.precisions.split(",")
@@ -389,6 +460,19 @@ def main() -> None:
                         if profile is not None:  # at once: a later row running out of time loses nothing
                             print(f"\n### profile: encode {precision}, batch {batch}{label} (torch.profiler, one "
                                   f"batch)\n```\n{profile.rstrip()}\n```\n", flush=True)
+        if "loop" in parts:
+            for setting in args.job_settings.split(","):
+                job_flags(setting)  # validates the names
+                label = "" if setting == "plain" else f", {setting}"
+                for precision in args.job_precisions.split(","):
+                    clips, seconds, waited, profile = bench_loop(args, tokenizer, ckpt, choice.device, precision,
+                                                                 setting, tmp / f"loop_{setting}_{precision}")
+                    print(f"| loop | {precision}, batch {args.job_batch_size}{label} | {clips} | {seconds:.2f} | "
+                          f"{clips / seconds:.1f} | the job's shard loop in-process on clips in host memory, after "
+                          f"the first shard{waited} |", flush=True)
+                    if profile is not None:
+                        print(f"\n### profile: loop {precision}{label} (torch.profiler, after the first shard)\n"
+                              f"```\n{profile.rstrip()}\n```\n", flush=True)
         del tokenizer
         if choice.is_cuda:
             torch.cuda.empty_cache()
@@ -398,11 +482,12 @@ def main() -> None:
                 label = "" if setting == "plain" else f", {setting}"
                 for precision in args.job_precisions.split(","):
                     for workers in _ints(args.job_workers):
-                        clips, seconds, rate, steady = bench_job(args, videos, ckpt, tmp / f"out_{setting}_"
+                        clips, seconds, rate, steady, waited = bench_job(args, videos, ckpt, tmp / f"out_{setting}_"
                                                                  f"{precision}_{workers}", workers, precision, flags)
                         after = "" if steady is None else f"; {steady:.1f} clips/s after the first batch"
                         print(f"| job | {precision}, {workers} workers, batch {args.job_batch_size}{label} | {clips} | "
-                              f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written{after} |", flush=True)
+                              f"{seconds:.2f} | {rate:.1f} | torchrun, 1 rank, shards written{after}{waited} |",
+                              flush=True)
         if "train" in parts:
             for precision in (args.train_precisions or args.precisions).split(","):
                 for recompute in args.train_recompute.split(","):

@@ -34,6 +34,7 @@ a GPU while the slowest rank finishes).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import itertools
 import os
@@ -306,9 +307,14 @@ def frames_batch_to_tensor(clips: torch.Tensor, device: torch.device) -> torch.T
 
 
 class _ShardBuilder:
-    """Produces the samples of one shard from decoded media: batch the clips, encode them on the
-    tokenizer's device at ``cfg.precision`` (with ``cfg.channels_last`` / ``cfg.compile``:
-    :func:`data_prep.tokenizer.precision.make_token_encoder`)."""
+    """Produces the samples of this rank's shards from decoded media: batch the clips of each shard, encode them
+    on the tokenizer's device at ``cfg.precision`` (with ``cfg.channels_last`` / ``cfg.compile``:
+    :func:`data_prep.tokenizer.precision.make_token_encoder`).
+
+    Batches never mix shards (a shard's last batch may be partial), so the shards do not depend on the device or
+    on how far decoding runs ahead. On a GPU the next batch is queued on the device before the previous batch's
+    ids are read back, also across shard boundaries, so the host's work (collecting and copying clips, writing
+    samples) overlaps the device's."""
 
     def __init__(self, tokenizer: torch.nn.Module, cfg: TokenizeConfig, latent_shape: tuple[int, int, int],
                  text: TextTokenizer | None = None):
@@ -317,24 +323,32 @@ class _ShardBuilder:
         self.tok, self.cfg, self.latent_shape, self.text = tokenizer, cfg, tuple(latent_shape), text
         self.device = next(tokenizer.parameters()).device
         self.encode = make_token_encoder(tokenizer, cfg.precision, cfg.channels_last, cfg.compile, cfg.batch_size)
-        self.failures: list[dict] = []
-        self.labels: set[str] = set()
         self.videos_done = 0
         self.clips_done = 0
         self.first_batch: tuple[float, int] | None = None  # (monotonic time it was done, its clips)
+        self.batches_queued = self.batches_read = self.clips_queued = 0
+        self.wait_data = 0.0  # seconds spent waiting for decoded media
+        self.wait_device = 0.0  # seconds spent waiting for the device's token ids
 
-    def _clips(self, items: Iterator[DecodedMedia]) -> Iterator[tuple[str, torch.Tensor, dict]]:
-        """Yield ``(key, frames uint8 [T, R, R, 3], meta)`` for every clip; record failing files."""
+    def _clips(self, items: Iterator[DecodedMedia], failures: list[dict],
+               labels: set[str]) -> Iterator[tuple[str, torch.Tensor, dict]]:
+        """Yield ``(key, frames uint8 [T, R, R, 3], meta)`` for every clip; record failing files in ``failures``
+        and class names in ``labels``."""
         cfg = self.cfg
-        for item in items:
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            self.wait_data += time.perf_counter() - t0
+            if item is None:
+                return
             if item.failure is None and self.text is not None and item.label is None:
                 item.failure = "no class folder: --text-tokenizer takes the text from the parent folder's name"
             if item.failure is not None:
-                self.failures.append({"path": item.rel, "reason": item.failure})
+                failures.append({"path": item.rel, "reason": item.failure})
                 self.videos_done += 1
                 continue
             if item.label is not None:
-                self.labels.add(item.label)
+                labels.add(item.label)
             for s, frames in zip(item.starts, item.clips):
                 meta = {
                     "source": item.rel,
@@ -350,13 +364,26 @@ class _ShardBuilder:
                 yield shards.clip_key(item.rel, s), frames, meta
             self.videos_done += 1
 
-    def _encode(self, batch: list[tuple[str, torch.Tensor, dict]]) -> list[tuple[str, np.ndarray, dict]]:
-        """Encode a batch of clips; returns ``(key, tokens uint16 [T', H', W'], meta)``."""
-        video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), self.device)
-        indices = self.encode(video)
+    def _launch(self, batch: list[tuple[str, torch.Tensor, dict]]) -> tuple[list, torch.Tensor]:
+        """Queue the encoding of a batch of clips; returns the batch and its ids ``int64 [B, T', H', W']`` on the
+        device (not waited for)."""
+        with torch.profiler.record_function(f"queue batch {self.batches_queued}"):  # a label for torch.profiler
+            video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), self.device)
+            indices = self.encode(video)
+        self.batches_queued += 1
+        self.clips_queued += len(batch)
         if tuple(indices.shape) != (len(batch), *self.latent_shape):
             raise RuntimeError(f"tokenizer returned shape {tuple(indices.shape)}, expected {(len(batch), *self.latent_shape)}")
-        indices = indices.cpu()
+        return batch, indices
+
+    def _finish(self, launched: tuple[list, torch.Tensor]) -> list[tuple[str, np.ndarray, dict]]:
+        """Read a launched batch's ids back; returns ``(key, tokens uint16 [T', H', W'], meta)`` per clip."""
+        batch, indices = launched
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(f"read back batch {self.batches_read}"):
+            indices = indices.cpu()
+        self.batches_read += 1
+        self.wait_device += time.perf_counter() - t0
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi > _MAX_UINT16:
             raise RuntimeError(f"token indices [{lo}, {hi}] do not fit uint16; codebook too large for this format")
@@ -366,16 +393,40 @@ class _ShardBuilder:
             self.first_batch = (time.monotonic(), len(batch))
         return [(key, tokens[i], meta) for i, (key, _, meta) in enumerate(batch)]
 
-    def samples(self, items: Iterator[DecodedMedia]) -> Iterator[tuple[str, np.ndarray, dict]]:
-        """All samples of a shard made of the decoded ``items``, in media order then clip-start order."""
-        batch: list = []
-        for clip in self._clips(items):
-            batch.append(clip)
-            if len(batch) == self.cfg.batch_size:
-                yield from self._encode(batch)
-                batch = []
-        if batch:
-            yield from self._encode(batch)
+    def shards(self, items: Iterator[DecodedMedia], sizes: list[int], failures: list[list[dict]],
+               labels: list[set[str]]) -> Iterator[tuple[int, list | None]]:
+        """The samples of consecutive shards from one stream of decoded media.
+
+        Args:
+            items: decoded media of all the shards, in order (:func:`decoded_media`).
+            sizes: media files of each shard (shard ``j`` takes the next ``sizes[j]`` items).
+            failures, labels: per shard, filled with its failing files and class names while it is read.
+        Yields:
+            ``(j, samples)`` for each batch of shard ``j`` (``(key, tokens uint16 [T', H', W'], meta)`` per clip,
+            in media then clip-start order), then ``(j, None)`` once shard ``j`` is complete, for every ``j``.
+        """
+        queue: collections.deque = collections.deque()  # launched batches and shard ends, in order
+
+        def finished(entry: tuple[int, tuple | None]) -> tuple[int, list | None]:
+            return entry[0], None if entry[1] is None else self._finish(entry[1])
+
+        def launched(batch: list) -> Iterator[tuple[int, list | None]]:
+            queue.append((j, self._launch(batch)))
+            while len(queue) > 1:  # everything before the batch just queued on the device
+                yield finished(queue.popleft())
+
+        for j, size in enumerate(sizes):
+            batch: list = []
+            for clip in self._clips(itertools.islice(items, size), failures[j], labels[j]):
+                batch.append(clip)
+                if len(batch) == self.cfg.batch_size:
+                    yield from launched(batch)
+                    batch = []
+            if batch:
+                yield from launched(batch)
+            queue.append((j, None))
+        while queue:
+            yield finished(queue.popleft())
 
 
 def _steady_rate(builder: _ShardBuilder, end: float) -> str:
@@ -523,16 +574,28 @@ def _process_shards(
     progress = _Progress(rank == 0 and cfg.progress, cfg, plan, pending, set(pending) - set(mine), world)
     todo = [k for k in mine if k in pending]
     stream = decoded_media(cfg, [video for k in todo for video in plan[k]])
-    for k in todo:
+    # filled while each shard's samples are consumed; its sidecar (written after them) stores them
+    failures, labels = [[] for _ in todo], [set() for _ in todo]
+    events = builder.shards(stream, [len(plan[k]) for k in todo], failures, labels)
+    for j, k in enumerate(todo):
         path = cfg.output_dir / shards.shard_name(k)
         _remove_partial(path)
-        builder.failures, builder.labels = [], set()
-        # builder.labels fills while the samples are consumed; the sidecar (written after them) stores it sorted
-        extra = {"settings": cfg.shard_settings(text_sha), "videos": rel[k], "tokenizer_sha256": sha, "labels": builder.labels}
-        samples = builder.samples(itertools.islice(stream, len(plan[k])))
-        shards.write_shard(path, _with_progress(samples, builder, progress), builder.failures, extra)
+        extra = {"settings": cfg.shard_settings(text_sha), "videos": rel[k], "tokenizer_sha256": sha,
+                 "labels": labels[j]}
+        samples = _shard_samples(events, j)
+        shards.write_shard(path, _with_progress(samples, builder, progress), failures[j], extra)
         progress.update(builder.videos_done, builder.clips_done)
     return progress
+
+
+def _shard_samples(events: Iterator[tuple[int, list | None]], j: int) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Shard ``j``'s samples from :meth:`_ShardBuilder.shards`' events, up to its end."""
+    for shard, samples in events:
+        if shard != j:
+            raise RuntimeError(f"internal error: samples of shard {shard} while writing shard {j}")
+        if samples is None:
+            return
+        yield from samples
 
 
 def _with_progress(samples: Iterator, builder: _ShardBuilder, progress: _Progress) -> Iterator:
@@ -590,7 +653,8 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
             f"tokenize: rank {rank}/{world}: {builder.clips_done} clips from {builder.videos_done} files in "
             f"{seconds:.2f} s ({builder.clips_done / max(seconds, 1e-9):.2f} clips/s{_steady_rate(builder, end)}) "
             f"on {choice.device}, {cfg.precision}{', channels-last' if cfg.channels_last else ''}"
-            f"{', compiled' if cfg.compile else ''}, {cfg.num_workers} decode workers",
+            f"{', compiled' if cfg.compile else ''}, {cfg.num_workers} decode workers; waited "
+            f"{builder.wait_data:.2f} s for decoded media, {builder.wait_device:.2f} s for the device's ids",
             flush=True,
         )
         if world > 1:

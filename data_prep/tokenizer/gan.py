@@ -146,6 +146,16 @@ def adaptive_generator_weight(
     return weight.clamp(0.0, max_weight).detach()
 
 
+def fixed_devices(module: torch.jit.ScriptModule) -> set[torch.device]:
+    """The devices written as constants into a TorchScript module's code (its inlined graph's ``Device``
+    constants, e.g. where tracing recorded a tensor created in ``forward``); empty for a portable module."""
+    devices = set()
+    for node in module.inlined_graph.nodes():
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "DeviceObjType":
+            devices.add(torch.device(node.output().toIValue()))
+    return devices
+
+
 class PerceptualLoss(nn.Module):
     """Feature-matching loss with a user-supplied TorchScript feature network (e.g. an exported VGG/LPIPS trunk).
 
@@ -156,11 +166,15 @@ class PerceptualLoss(nn.Module):
 
     Shapes: ``forward(real, fake)`` with float ``[B, C, T, H, W]`` -> scalar.
 
-    The archive is loaded straight onto ``device`` (default: the CPU): a traced network keeps constants
-    created in its forward (e.g. normalisation means) as graph constants, which ``.to(device)`` does not move.
+    The archive's parameters and buffers are loaded straight onto ``device`` (default: the CPU). A tensor that
+    a traced network creates in its forward (``torch.tensor(...)``, e.g. normalisation means) is recorded with
+    the device it was traced on (``torch.to(CONSTANTS.c0, torch.device("cpu"))`` in its code), which neither
+    ``map_location`` nor ``.to(device)`` changes; such a network is refused here rather than failing at the
+    first training step. Hold those tensors as buffers (``register_buffer``) before tracing to make it portable.
 
     Raises:
-        FileNotFoundError: no file at ``path``. RuntimeError: not a TorchScript archive.
+        FileNotFoundError: no file at ``path``. RuntimeError: not a TorchScript archive. ValueError: the
+        network's code fixes a device other than ``device``.
     """
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None):
@@ -168,7 +182,13 @@ class PerceptualLoss(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"perceptual feature network not found: {path} (supply a TorchScript file)")
-        self.net = torch.jit.load(str(path), map_location=torch.device(device or "cpu")).eval()
+        device = torch.device(device or "cpu")
+        self.net = torch.jit.load(str(path), map_location=device).eval()
+        fixed = sorted({str(d) for d in fixed_devices(self.net)} - {str(device)})
+        if fixed:
+            raise ValueError(f"perceptual network {path} creates tensors on {', '.join(fixed)} in its traced code, "
+                             f"not on the training device {device}: hold them as buffers (register_buffer) "
+                             "and trace it again")
         for param in self.net.parameters():
             param.requires_grad_(False)
 

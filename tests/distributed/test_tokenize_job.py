@@ -131,6 +131,44 @@ def test_tokens_equal_direct_encoding(dataset):
         np.testing.assert_array_equal(samples[clip_key(rel, start)][0], expected)
 
 
+def test_the_next_batch_is_queued_before_the_previous_ids_are_read_back_across_shards(dataset):
+    """The builder queues batch i+1 on the device before reading batch i's ids back, also when batch i+1 is the
+    next shard's; batches never mix shards, every shard (one with no clip too) ends after its own samples, and
+    each batch's ids are the tokenizer's on exactly that batch."""
+    from data_prep.tokenize_job import DecodedMedia, _shard_samples, _ShardBuilder, frames_batch_to_tensor
+    from data_prep.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(dataset["ckpt"])
+    cfg = dataset["cfg"].replace(batch_size=2)
+    builder = _ShardBuilder(tok, cfg, tuple(tok.latent_shape(NUM_FRAMES, RES, RES)))
+    order, launch, finish = [], builder._launch, builder._finish
+    builder._launch = lambda batch: order.append(("launch", [k for k, _, _ in batch])) or launch(batch)
+    builder._finish = lambda done: order.append(("finish", [k for k, _, _ in done[0]])) or finish(done)
+    g = torch.Generator().manual_seed(0)
+
+    def media(rel: str, clips: int) -> DecodedMedia:
+        frames = torch.randint(0, 256, (clips, NUM_FRAMES, RES, RES, 3), generator=g, dtype=torch.uint8)
+        return DecodedMedia(rel, None, 25.0, list(range(clips)), frames)
+
+    items = [media("a", 3), media("b", 1), DecodedMedia("bad", None, 0.0, [], None, "cannot decode"), media("c", 1)]
+    failures, labels = [[], [], []], [set(), set(), set()]
+    events = builder.shards(iter(items), [2, 1, 1], failures, labels)
+    written = [list(_shard_samples(events, j)) for j in range(3)]
+    a0, a1, a2, b0, c0 = (clip_key(r, s) for r, s in [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("c", 0)])
+    assert [[key for key, _, _ in shard] for shard in written] == [[a0, a1, a2, b0], [], [c0]]
+    assert order == [("launch", [a0, a1]), ("launch", [a2, b0]), ("finish", [a0, a1]), ("launch", [c0]),
+                     ("finish", [a2, b0]), ("finish", [c0])]
+    assert failures == [[], [{"path": "bad", "reason": "cannot decode"}], []]
+    clips = {clip_key(m.rel, s): c for m in items if m.clips is not None for s, c in zip(m.starts, m.clips)}
+    for batch in ([a0, a1], [a2, b0], [c0]):
+        with torch.no_grad():
+            ids = tok.encode(frames_batch_to_tensor(torch.stack([clips[k] for k in batch]), torch.device("cpu")))
+        got = {key: tokens for shard in written for key, tokens, _ in shard}
+        for key, expected in zip(batch, ids.numpy()):
+            np.testing.assert_array_equal(got[key], expected)
+    assert builder.clips_done == 5 and builder.videos_done == 4
+
+
 def test_decode_workers_write_exactly_the_same_shards(dataset, tmp_path):
     """Decoding in 2 DataLoader worker processes (1 file prefetched each) writes the same files, byte for
     byte (tars with every sample's bytes and keys in order, sidecars, failures.jsonl, manifest), as the
@@ -234,6 +272,7 @@ def test_torchrun_two_processes_match_single_process(dataset, tmp_path):
     assert "tokenize (2 ranks)" in proc.stderr and "clips/s" in proc.stderr  # rank-0 progress bar
     assert "tokenize: rank 0/2:" in proc.stdout and "tokenize: rank 1/2:" in proc.stdout  # per-rank clips/s
     assert re.search(r"tokenize: rank 0/2: .*clips/s; [\d.]+ after the first batch\)", proc.stdout), proc.stdout
+    assert re.search(r"waited [\d.]+ s for decoded media, [\d.]+ s for the device's ids", proc.stdout), proc.stdout
     manifest = read_manifest(out)
     assert {k: v for k, v in manifest.items()} == dataset["manifest"]
     single, multi = _read_all(cfg.output_dir), _read_all(out)

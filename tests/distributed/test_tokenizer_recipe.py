@@ -14,6 +14,7 @@ from data_prep.tokenizer.gan import (
     LeCamEMA,
     PatchDiscriminator3d,
     PerceptualLoss,
+    fixed_devices,
     adaptive_generator_weight,
     discriminator_loss,
     generator_loss,
@@ -125,6 +126,37 @@ def test_perceptual_loss_with_a_user_supplied_torchscript_network(tmp_path):
     assert all(not p.requires_grad for p in loss_fn.parameters())
     with pytest.raises(FileNotFoundError, match="TorchScript"):
         PerceptualLoss(tmp_path / "missing.pt")
+
+
+class _Normalised(torch.nn.Module):
+    """A feature network that subtracts ImageNet-style means, made in ``forward`` or held as a buffer."""
+
+    def __init__(self, as_buffer: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.as_buffer = as_buffer
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        mean = self.mean if self.as_buffer else torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        return self.conv(x - mean)
+
+
+def test_a_traced_network_that_fixes_its_device_is_refused_for_another_device(tmp_path):
+    """Tracing records a tensor made in forward with the device it was traced on; such a network cannot run
+    on another device, so PerceptualLoss refuses it there at once (the meta device stands in for a GPU)."""
+    for as_buffer in (False, True):
+        torch.manual_seed(0)  # the same convolution in both
+        torch.jit.trace(_Normalised(as_buffer), torch.rand(1, 3, 8, 8)).save(str(tmp_path / f"{as_buffer}.pt"))
+    fixed = torch.jit.load(str(tmp_path / "False.pt"))
+    assert fixed_devices(fixed) == {torch.device("cpu")}
+    assert fixed_devices(torch.jit.load(str(tmp_path / "True.pt"))) == set()
+    with pytest.raises(ValueError, match="creates tensors on cpu .* not on the training device meta"):
+        PerceptualLoss(tmp_path / "False.pt", device="meta")
+    assert next(PerceptualLoss(tmp_path / "True.pt", device="meta").net.parameters()).is_meta
+    real = _smooth_videos(1, t=2)  # on its own device both networks run, and alike
+    losses = [float(PerceptualLoss(tmp_path / f"{b}.pt")(real, real + 0.1)) for b in (False, True)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > 0
 
 
 # ----------------------------------------------------------------------------------- metrics

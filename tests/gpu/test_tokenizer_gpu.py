@@ -143,22 +143,18 @@ def test_clip_conversion_on_cuda_is_bitwise_the_cpus():
           f"{off} of 256 off)")
 
 
-def test_a_traced_perceptual_network_with_constants_runs_on_cuda(tmp_path):
-    """A traced feature network keeps tensors made in its forward (here ImageNet-style normalisation) as
-    graph constants on the device it was loaded to; PerceptualLoss loads it onto the training device."""
+def test_a_traced_perceptual_network_runs_on_cuda_and_one_fixed_to_the_cpu_is_refused(tmp_path):
+    """A network holding its constants as buffers loads onto the GPU and gives the CPU's loss; one whose traced
+    code creates a tensor on the CPU in forward is refused at construction, not at the first training step."""
     from data_prep.tokenizer.gan import PerceptualLoss
+    from tests.distributed.test_tokenizer_recipe import _Normalised
 
-    class Features(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-            return self.conv(x - mean)
-
-    path = tmp_path / "features.pt"
-    torch.jit.trace(Features(), torch.rand(1, 3, 8, 8)).save(str(path))
-    loss_fn = PerceptualLoss(path, device=CUDA).to(CUDA)
-    real = torch.rand(1, 3, 2, 8, 8, device=CUDA)
-    assert float(loss_fn(real, real + 0.1)) > 0
+    torch.manual_seed(0)
+    for as_buffer in (False, True):
+        torch.jit.trace(_Normalised(as_buffer), torch.rand(1, 3, 8, 8)).save(str(tmp_path / f"{as_buffer}.pt"))
+    with pytest.raises(ValueError, match="creates tensors on cpu"):
+        PerceptualLoss(tmp_path / "False.pt", device=CUDA)
+    real = torch.rand(1, 3, 2, 8, 8)
+    cpu = float(PerceptualLoss(tmp_path / "True.pt")(real, real + 0.1))
+    gpu = float(PerceptualLoss(tmp_path / "True.pt", device=CUDA)(real.to(CUDA), real.to(CUDA) + 0.1))
+    assert gpu == pytest.approx(cpu, rel=1e-3) and cpu > 0
