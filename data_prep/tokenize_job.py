@@ -306,6 +306,17 @@ def frames_batch_to_tensor(clips: torch.Tensor, device: torch.device) -> torch.T
     return x / torch.full((), 127.5, dtype=torch.float32, device=x.device) - 1.0
 
 
+@dataclass
+class _Launched:
+    """A batch queued on the device: its clips ``(key, frames, meta)``, its ids ``int64 [B, T', H', W']`` (on the
+    host in pinned memory when the device is CUDA, filled once ``ready`` has happened), and that CUDA event
+    (None elsewhere: the ids are computed)."""
+
+    batch: list
+    indices: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
 class _ShardBuilder:
     """Produces the samples of this rank's shards from decoded media: batch the clips of each shard, encode them
     on the tokenizer's device at ``cfg.precision`` (with ``cfg.channels_last`` / ``cfg.compile``:
@@ -364,34 +375,45 @@ class _ShardBuilder:
                 yield shards.clip_key(item.rel, s), frames, meta
             self.videos_done += 1
 
-    def _launch(self, batch: list[tuple[str, torch.Tensor, dict]]) -> tuple[list, torch.Tensor]:
-        """Queue the encoding of a batch of clips; returns the batch and its ids ``int64 [B, T', H', W']`` on the
-        device (not waited for)."""
+    def _launch(self, batch: list[tuple[str, torch.Tensor, dict]]) -> _Launched:
+        """Queue the encoding of a batch of clips and the copy of its ids to the host, without waiting for them.
+
+        On CUDA the ids are copied into pinned host memory right behind the batch's kernels and a CUDA event
+        marks the copy's end: a plain ``.cpu()`` later would be queued behind the next batch's kernels and wait
+        for them too, which would serialise the device with the host again."""
         with torch.profiler.record_function(f"queue batch {self.batches_queued}"):  # a label for torch.profiler
             video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), self.device)
             indices = self.encode(video)
+            if tuple(indices.shape) != (len(batch), *self.latent_shape):
+                raise RuntimeError(f"tokenizer returned shape {tuple(indices.shape)}, "
+                                   f"expected {(len(batch), *self.latent_shape)}")
+            ready = None
+            if indices.device.type == "cuda":
+                host = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=True)
+                indices = host.copy_(indices, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
         self.batches_queued += 1
         self.clips_queued += len(batch)
-        if tuple(indices.shape) != (len(batch), *self.latent_shape):
-            raise RuntimeError(f"tokenizer returned shape {tuple(indices.shape)}, expected {(len(batch), *self.latent_shape)}")
-        return batch, indices
+        return _Launched(batch, indices, ready)
 
-    def _finish(self, launched: tuple[list, torch.Tensor]) -> list[tuple[str, np.ndarray, dict]]:
-        """Read a launched batch's ids back; returns ``(key, tokens uint16 [T', H', W'], meta)`` per clip."""
-        batch, indices = launched
+    def _finish(self, launched: _Launched) -> list[tuple[str, np.ndarray, dict]]:
+        """Wait for a launched batch's ids; returns ``(key, tokens uint16 [T', H', W'], meta)`` per clip."""
         t0 = time.perf_counter()
         with torch.profiler.record_function(f"read back batch {self.batches_read}"):
-            indices = indices.cpu()
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            indices = launched.indices.cpu()  # already on the host, except on devices other than CUDA
         self.batches_read += 1
         self.wait_device += time.perf_counter() - t0
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi > _MAX_UINT16:
             raise RuntimeError(f"token indices [{lo}, {hi}] do not fit uint16; codebook too large for this format")
         tokens = indices.numpy().astype(np.uint16)
-        self.clips_done += len(batch)
+        self.clips_done += len(launched.batch)
         if self.first_batch is None:  # the host read above waited for it: compilation and tuning are behind
-            self.first_batch = (time.monotonic(), len(batch))
-        return [(key, tokens[i], meta) for i, (key, _, meta) in enumerate(batch)]
+            self.first_batch = (time.monotonic(), len(launched.batch))
+        return [(key, tokens[i], meta) for i, (key, _, meta) in enumerate(launched.batch)]
 
     def shards(self, items: Iterator[DecodedMedia], sizes: list[int], failures: list[list[dict]],
                labels: list[set[str]]) -> Iterator[tuple[int, list | None]]:
@@ -407,7 +429,7 @@ class _ShardBuilder:
         """
         queue: collections.deque = collections.deque()  # launched batches and shard ends, in order
 
-        def finished(entry: tuple[int, tuple | None]) -> tuple[int, list | None]:
+        def finished(entry: tuple[int, _Launched | None]) -> tuple[int, list | None]:
             return entry[0], None if entry[1] is None else self._finish(entry[1])
 
         def launched(batch: list) -> Iterator[tuple[int, list | None]]:

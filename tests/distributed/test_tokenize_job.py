@@ -143,7 +143,7 @@ def test_the_next_batch_is_queued_before_the_previous_ids_are_read_back_across_s
     builder = _ShardBuilder(tok, cfg, tuple(tok.latent_shape(NUM_FRAMES, RES, RES)))
     order, launch, finish = [], builder._launch, builder._finish
     builder._launch = lambda batch: order.append(("launch", [k for k, _, _ in batch])) or launch(batch)
-    builder._finish = lambda done: order.append(("finish", [k for k, _, _ in done[0]])) or finish(done)
+    builder._finish = lambda done: order.append(("finish", [k for k, _, _ in done.batch])) or finish(done)
     g = torch.Generator().manual_seed(0)
 
     def media(rel: str, clips: int) -> DecodedMedia:

@@ -158,3 +158,34 @@ def test_a_traced_perceptual_network_runs_on_cuda_and_one_fixed_to_the_cpu_is_re
     cpu = float(PerceptualLoss(tmp_path / "True.pt")(real, real + 0.1))
     gpu = float(PerceptualLoss(tmp_path / "True.pt", device=CUDA)(real.to(CUDA), real.to(CUDA) + 0.1))
     assert gpu == pytest.approx(cpu, rel=1e-3) and cpu > 0
+
+
+def test_a_batchs_ids_are_read_back_while_the_next_batch_still_runs(tmp_path):
+    """The job queues batch 2 before waiting for batch 1's ids: the wait must end when batch 1 is done, not when
+    everything queued is (a plain ``.cpu()`` there is queued behind batch 2's kernels and waits for them), and
+    the ids copied asynchronously must equal the tokenizer's own."""
+    from data_prep.tokenize_job import TokenizeConfig, _ShardBuilder, frames_batch_to_tensor
+    from data_prep.tokenizer import TokenizerConfig, VideoTokenizer
+
+    torch.manual_seed(0)
+    tok = VideoTokenizer(TokenizerConfig.from_yaml(REPO / "configs/tokenizer/magvit2.yaml")).to(CUDA).eval()
+    latent = tuple(tok.latent_shape(17, 128, 128))
+    cfg = TokenizeConfig(input_dir=tmp_path, output_dir=tmp_path, tokenizer=tmp_path / "unused.safetensors",
+                         num_frames=17, resolution=128, batch_size=2, precision="bf16")
+    builder = _ShardBuilder(tok, cfg, latent)
+    g = torch.Generator().manual_seed(0)
+    batches = [[(f"b{b}c{i}", torch.randint(0, 256, (17, 128, 128, 3), generator=g, dtype=torch.uint8), {})
+                for i in range(2)] for b in range(3)]
+    builder._finish(builder._launch(batches[0]))  # cuDNN's autotuning for this shape, outside what is timed
+    first, second = builder._launch(batches[1]), builder._launch(batches[2])  # ~9 TFLOP each: tens of ms
+    samples = builder._finish(first)
+    second_still_running = not second.ready.query()
+    samples += builder._finish(second)
+    assert second_still_running
+    for batch in batches[1:]:
+        video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), CUDA)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = tok.encode(video).cpu().numpy()
+        got = {key: tokens for key, tokens, _ in samples}
+        for (key, _, _), ids in zip(batch, expected):
+            np.testing.assert_array_equal(got[key], ids.astype(np.uint16))
