@@ -23,9 +23,9 @@ Five parts (``--parts``; all but ``loop`` by default), one table (clips/s; train
   batching, copying, encoding with the next batch queued before the last one is read back, shard writing) on
   random clips already in host memory (4 per video, no decoding, no DataLoader, no torchrun), at each
   ``--job-precisions`` and ``--job-settings``, timed after the first shard (compilation and cuDNN autotuning
-  excluded), with the time it waited for the device; ``--profile-loop`` records that stretch with
-  torch.profiler and prints how busy the GPU was and the operators taking the most time. Against ``encode``
-  it shows what the loop costs, against ``job`` what decoding and the DataLoader cost;
+  excluded), with the time it waited for the device; ``--profile-loop`` then records three more shards with
+  torch.profiler (not in the timing) and prints how busy the GPU was and the operators taking the most
+  time. Against ``encode`` it shows what the loop costs, against ``job`` what decoding and the DataLoader cost;
 * ``job``: the real job under ``torchrun --standalone`` (decode workers, encode, shard writing) with each
   of ``--job-workers`` at each of ``--job-precisions`` and ``--job-settings`` (the job's ``--channels-last``
   / ``--compile``); the rate is the rank's own summary line (imports, tokenizer loading and the manifest
@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 _RANK_LINE = re.compile(r"tokenize: rank (\d+)/(\d+): (\d+) clips from (\d+) files in ([\d.]+) s \(([\d.]+) clips/s"
                         r"(?:; ([\d.]+) after the first batch)?\)")
-_WAIT_LINE = re.compile(r"waited ([\d.]+) s for decoded media, ([\d.]+) s for the device's ids")
+_WAIT_LINE = re.compile(r"waited ([\d.]+) s for decoded media, ([\d.]+) s for the device's ids; ([\d.]+) s queueing")
 
 
 def _sync(device: torch.device) -> None:
@@ -255,7 +255,8 @@ def bench_job(args: argparse.Namespace, videos: Path, ckpt: Path, out: Path, wor
     if match is None:
         raise RuntimeError(f"no summary line in the job's output:\n{proc.stdout[-2000:]}")
     waits = _WAIT_LINE.search(proc.stdout)
-    waited = f"; waited {waits[1]} s for decoded media, {waits[2]} s for the device" if waits else ""
+    waited = (f"; waited {waits[1]} s for decoded media, {waits[2]} s for the device, {waits[3]} s queueing "
+              "batches (whole run)" if waits else "")
     return int(match[3]), float(match[5]), float(match[6]), (float(match[7]) if match[7] else None), waited
 
 
@@ -265,8 +266,9 @@ def bench_loop(args: argparse.Namespace, tokenizer, ckpt: Path, device: torch.de
     after its first shard (the clips queued on the device after it, so a batch queued while the first shard was
     written is not counted): ``args.num_videos`` items of 4 random clips (8 distinct ones, reused) already in host
     memory, ``args.videos_per_shard`` items per shard, batches of ``args.job_batch_size``, encoded at
-    ``precision`` with the ``--job-settings`` entry ``setting``; shards written into ``out``. The tokenizer's
-    memory format and torch.compile's caches are restored after it."""
+    ``precision`` with the ``--job-settings`` entry ``setting``; shards written into ``out``. With
+    ``args.profile_loop`` three more shards follow the timed ones under torch.profiler (not timed). The
+    tokenizer's memory format and torch.compile's caches are restored after it."""
     from data_prep import shards
     from data_prep.tokenize_job import DecodedMedia, TokenizeConfig, _shard_samples, _ShardBuilder
     from megatron_nbp.training.profiling import profile_summary, profiler_activities
@@ -276,13 +278,15 @@ def bench_loop(args: argparse.Namespace, tokenizer, ckpt: Path, device: torch.de
     cfg = TokenizeConfig(input_dir=out, output_dir=out, tokenizer=ckpt, num_frames=frames, resolution=res,
                          batch_size=args.job_batch_size, videos_per_shard=args.videos_per_shard, precision=precision,
                          channels_last="channels_last" in parts, compile="compile" in parts, progress=False)
-    sizes = [args.videos_per_shard] * max(3, args.num_videos // args.videos_per_shard)
+    timed = max(3, args.num_videos // args.videos_per_shard)
+    sizes = [args.videos_per_shard] * (timed + (3 if args.profile_loop else 0))
     g = torch.Generator().manual_seed(0)
     pool = [torch.randint(0, 256, (4, frames, res, res, 3), generator=g, dtype=torch.uint8) for _ in range(8)]
     items = (DecodedMedia(f"v{i}.mp4", None, 25.0, [0, frames, 2 * frames, 3 * frames], pool[i % len(pool)])
              for i in range(sum(sizes)))
     out.mkdir(parents=True, exist_ok=True)
     torch._dynamo.reset()  # as in encoder_variant: no graph of another variant's weight layout is reused
+    summary = None
     try:
         builder = _ShardBuilder(tokenizer, cfg, tuple(tokenizer.latent_shape(frames, res, res)))
         failures, labels = [[] for _ in sizes], [set() for _ in sizes]
@@ -294,21 +298,22 @@ def bench_loop(args: argparse.Namespace, tokenizer, ckpt: Path, device: torch.de
         write(0)  # compiles / autotunes; the next shard's first batch is queued by now (on a CPU: computed)
         _sync(device)
         clips, waited = builder.clips_queued, builder.wait_device  # the clips queued in the window are counted
-        profiler = (torch.profiler.profile(activities=profiler_activities(device)) if args.profile_loop
-                    else contextlib.nullcontext())
         start = time.perf_counter()
-        with profiler:
-            for j in range(1, len(sizes)):
-                write(j)
-            _sync(device)
+        for j in range(1, timed):
+            write(j)
+        _sync(device)
         seconds = time.perf_counter() - start
+        clips, waited = builder.clips_queued - clips, builder.wait_device - waited
+        if args.profile_loop:
+            with torch.profiler.profile(activities=profiler_activities(device)) as profiler:
+                for j in range(timed, len(sizes)):
+                    write(j)
+                _sync(device)
+            summary = profile_summary(profiler.events(), label_prefix="queue batch ", unit="batch")
     finally:
         tokenizer.encoder.to(memory_format=torch.contiguous_format)
         torch._dynamo.reset()
-    summary = (profile_summary(profiler.events(), label_prefix="read back batch ", unit="batch")
-               if args.profile_loop else None)
-    return (builder.clips_done - clips, seconds, f"; waited {builder.wait_device - waited:.2f} s for the device",
-            summary)
+    return clips, seconds, f"; waited {waited:.2f} s for the device", summary
 
 
 def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str,
@@ -383,7 +388,8 @@ def main() -> None:
                    help="comma-separated encoder settings for the encode rows: plain, or names of "
                         f"{', '.join(ENCODE_VARIANTS[1:])} joined by '+' (e.g. plain,compile+channels_last)")
     p.add_argument("--profile-loop", action="store_true",
-                   help="record the loop rows (after their first shard) with torch.profiler and print the summary")
+                   help="after each loop row's timed shards, record three more with torch.profiler and print the "
+                        "summary")
     p.add_argument("--profile-encode", action="store_true",
                    help="record one more batch of each encode setting with torch.profiler and print its summary")
     p.add_argument("--agreement-clips", type=int, default=32,
@@ -471,7 +477,8 @@ def main() -> None:
                           f"{clips / seconds:.1f} | the job's shard loop in-process on clips in host memory, after "
                           f"the first shard{waited} |", flush=True)
                     if profile is not None:
-                        print(f"\n### profile: loop {precision}{label} (torch.profiler, after the first shard)\n"
+                        print(f"\n### profile: loop {precision}{label} (torch.profiler, three shards after the "
+                              "timed ones)\n"
                               f"```\n{profile.rstrip()}\n```\n", flush=True)
         del tokenizer
         if choice.is_cuda:

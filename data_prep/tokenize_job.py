@@ -340,6 +340,7 @@ class _ShardBuilder:
         self.batches_queued = self.batches_read = self.clips_queued = 0
         self.wait_data = 0.0  # seconds spent waiting for decoded media
         self.wait_device = 0.0  # seconds spent waiting for the device's token ids
+        self.time_queue = 0.0  # seconds spent queueing batches (stacking, copying, launching; cuDNN's autotuning)
 
     def _clips(self, items: Iterator[DecodedMedia], failures: list[dict],
                labels: set[str]) -> Iterator[tuple[str, torch.Tensor, dict]]:
@@ -381,6 +382,7 @@ class _ShardBuilder:
         On CUDA the ids are copied into pinned host memory right behind the batch's kernels and a CUDA event
         marks the copy's end: a plain ``.cpu()`` later would be queued behind the next batch's kernels and wait
         for them too, which would serialise the device with the host again."""
+        t0 = time.perf_counter()
         with torch.profiler.record_function(f"queue batch {self.batches_queued}"):  # a label for torch.profiler
             video = frames_batch_to_tensor(torch.stack([frames for _, frames, _ in batch]), self.device)
             indices = self.encode(video)
@@ -395,6 +397,7 @@ class _ShardBuilder:
                 ready.record(torch.cuda.current_stream(self.device))
         self.batches_queued += 1
         self.clips_queued += len(batch)
+        self.time_queue += time.perf_counter() - t0
         return _Launched(batch, indices, ready)
 
     def _finish(self, launched: _Launched) -> list[tuple[str, np.ndarray, dict]]:
@@ -426,6 +429,8 @@ class _ShardBuilder:
         Yields:
             ``(j, samples)`` for each batch of shard ``j`` (``(key, tokens uint16 [T', H', W'], meta)`` per clip,
             in media then clip-start order), then ``(j, None)`` once shard ``j`` is complete, for every ``j``.
+            Shard ``j``'s end comes after the next batch is queued, i.e. after the clips of that batch (of shard
+            ``j + 1`` at a boundary) are decoded: a crash there redoes shard ``j`` too on the rerun.
         """
         queue: collections.deque = collections.deque()  # launched batches and shard ends, in order
 
@@ -676,7 +681,8 @@ def run_tokenize_job(cfg: TokenizeConfig, timeout_hours: float = 24.0) -> dict |
             f"{seconds:.2f} s ({builder.clips_done / max(seconds, 1e-9):.2f} clips/s{_steady_rate(builder, end)}) "
             f"on {choice.device}, {cfg.precision}{', channels-last' if cfg.channels_last else ''}"
             f"{', compiled' if cfg.compile else ''}, {cfg.num_workers} decode workers; waited "
-            f"{builder.wait_data:.2f} s for decoded media, {builder.wait_device:.2f} s for the device's ids",
+            f"{builder.wait_data:.2f} s for decoded media, {builder.wait_device:.2f} s for the device's ids; "
+            f"{builder.time_queue:.2f} s queueing batches (whole run)",
             flush=True,
         )
         if world > 1:

@@ -146,6 +146,13 @@ def adaptive_generator_weight(
     return weight.clamp(0.0, max_weight).detach()
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the ``cuda:N`` it means here (the current device), other devices unchanged."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
 def fixed_devices(module: torch.jit.ScriptModule) -> set[torch.device]:
     """The devices written as constants into a TorchScript module's code (its inlined graph's ``Device``
     constants, e.g. where tracing recorded a tensor created in ``forward``); empty for a portable module."""
@@ -170,11 +177,13 @@ class PerceptualLoss(nn.Module):
     a traced network creates in its forward (``torch.tensor(...)``, e.g. normalisation means) is recorded with
     the device it was traced on (``torch.to(CONSTANTS.c0, torch.device("cpu"))`` in its code), which neither
     ``map_location`` nor ``.to(device)`` changes; such a network is refused here rather than failing at the
-    first training step. Hold those tensors as buffers (``register_buffer``) before tracing to make it portable.
+    first training step (the check runs a batch of one 64x64 frame through a network whose code names another
+    device; a 0-dim CPU tensor or a CPU index tensor works on any device and passes). Hold those tensors as
+    buffers (``register_buffer``) before tracing to make it portable.
 
     Raises:
         FileNotFoundError: no file at ``path``. RuntimeError: not a TorchScript archive. ValueError: the
-        network's code fixes a device other than ``device``.
+        network's code fixes a device other than ``device`` and a frame on ``device`` fails with a device mismatch.
     """
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None):
@@ -184,13 +193,24 @@ class PerceptualLoss(nn.Module):
             raise FileNotFoundError(f"perceptual feature network not found: {path} (supply a TorchScript file)")
         device = torch.device(device or "cpu")
         self.net = torch.jit.load(str(path), map_location=device).eval()
-        fixed = sorted({str(d) for d in fixed_devices(self.net)} - {str(device)})
-        if fixed:
-            raise ValueError(f"perceptual network {path} creates tensors on {', '.join(fixed)} in its traced code, "
+        others = sorted({str(d) for d in fixed_devices(self.net) if _indexed(d) != _indexed(device)})
+        if others and not self._runs_on(device):
+            raise ValueError(f"perceptual network {path} creates tensors on {', '.join(others)} in its traced code, "
                              f"not on the training device {device}: hold them as buffers (register_buffer) "
                              "and trace it again")
         for param in self.net.parameters():
             param.requires_grad_(False)
+
+    def _runs_on(self, device: torch.device) -> bool:
+        """Whether the network takes a small batch of frames on ``device`` without a device mismatch (a device
+        constant can be harmless: a 0-dim CPU tensor is a scalar to a CUDA op, a CPU index tensor indexes it)."""
+        try:
+            with torch.no_grad():
+                self.net(torch.zeros(1, 3, 64, 64, device=device))
+        except RuntimeError as exc:  # TorchScript's message quotes the code (with its torch.device): read the errors
+            reasons = [line for line in str(exc).splitlines() if "Error:" in line] or [str(exc)]
+            return not any("device" in line for line in reasons)
+        return True
 
     def train(self, mode: bool = True) -> "PerceptualLoss":  # the feature network stays in eval mode
         super().train(mode)

@@ -142,21 +142,41 @@ class _Normalised(torch.nn.Module):
         return self.conv(x - mean)
 
 
-def test_a_traced_network_that_fixes_its_device_is_refused_for_another_device(tmp_path):
-    """Tracing records a tensor made in forward with the device it was traced on; such a network cannot run
-    on another device, so PerceptualLoss refuses it there at once (the meta device stands in for a GPU)."""
+class _OnDevice(torch.nn.Module):
+    """A scripted feature network whose code creates a tensor on a fixed device: a per-channel mean on the meta
+    device (fails on any other), or a 0-dim CPU scale (a scalar to ops on any device)."""
+
+    def __init__(self, scalar: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.scalar = scalar
+
+    def forward(self, x):
+        if self.scalar:
+            return self.conv(x * torch.tensor(0.5, device=torch.device("cpu")))
+        return self.conv(x - torch.tensor([0.485, 0.456, 0.406], device=torch.device("meta")).view(1, 3, 1, 1))
+
+
+def test_a_network_whose_code_fixes_another_device_is_refused_unless_it_runs_there(tmp_path):
+    """Tracing records a tensor made in forward with the device it was traced on, and neither map_location nor
+    .to() moves it: PerceptualLoss refuses such a network for another device at once, after trying one frame
+    there, and keeps one whose fixed tensor is harmless (a 0-dim CPU scalar). The GPU test does the same on CUDA."""
     for as_buffer in (False, True):
         torch.manual_seed(0)  # the same convolution in both
         torch.jit.trace(_Normalised(as_buffer), torch.rand(1, 3, 8, 8)).save(str(tmp_path / f"{as_buffer}.pt"))
-    fixed = torch.jit.load(str(tmp_path / "False.pt"))
-    assert fixed_devices(fixed) == {torch.device("cpu")}
+    assert fixed_devices(torch.jit.load(str(tmp_path / "False.pt"))) == {torch.device("cpu")}
     assert fixed_devices(torch.jit.load(str(tmp_path / "True.pt"))) == set()
-    with pytest.raises(ValueError, match="creates tensors on cpu .* not on the training device meta"):
-        PerceptualLoss(tmp_path / "False.pt", device="meta")
-    assert next(PerceptualLoss(tmp_path / "True.pt", device="meta").net.parameters()).is_meta
-    real = _smooth_videos(1, t=2)  # on its own device both networks run, and alike
+    real = _smooth_videos(1, t=2)  # on their own device both run, and alike
     losses = [float(PerceptualLoss(tmp_path / f"{b}.pt")(real, real + 0.1)) for b in (False, True)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > 0
+
+    for scalar in (False, True):
+        torch.jit.script(_OnDevice(scalar)).save(str(tmp_path / f"on_device_{scalar}.pt"))
+    with pytest.raises(ValueError, match="creates tensors on meta .* not on the training device cpu"):
+        PerceptualLoss(tmp_path / "on_device_False.pt")
+    loss_fn = PerceptualLoss(tmp_path / "on_device_True.pt", device="meta")  # a CPU scalar works on meta tensors
+    assert fixed_devices(loss_fn.net) == {torch.device("cpu"), torch.device("meta")}  # scripted: both branches
+    assert next(loss_fn.net.parameters()).is_meta
 
 
 # ----------------------------------------------------------------------------------- metrics
