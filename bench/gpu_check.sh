@@ -27,7 +27,8 @@
 #              (skipped without them);
 #   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row).
 # The order is the priority: what has never been measured on a GPU first, after the tests (train, tokenizer,
-# real and train_mb were measured on an H200 on 2026-11-30, docs/benchmarks.md).
+# real, train_mb and the encode variants were measured on an H200 on 2026-11-30, docs/benchmarks.md; the job
+# since its id read-back waits per batch on a CUDA event, and the loop rows, not yet).
 # DEADLINE_S (default 480) bounds the whole run: each step gets at most what is left, and steps that would
 # start with under 20 s left are listed as skipped. STEPS="train tokenizer" runs only those steps.
 # Without CUDA it runs the same steps at tiny sizes (a smoke test of the script itself, ~5 min on 2 cores).
