@@ -6,7 +6,7 @@ Forward and forward + backward time and peak memory of one attention call at a g
     python bench/attention.py                        # CPU, small shape (forward only for flex: see below)
     python bench/attention.py --paper-shape          # nbp-xl: 16 heads x 96, seq 1264 (K600, L=16)
 
-Flex runs exactly as training runs it: ``megatron_nbp.model.attention.flex_kernel()`` (compiled once per
+Flex runs exactly as training runs it: ``megatron_nbp.model.attention.flex_kernel(device)`` (compiled once per
 process on CUDA) with ``flex_kernel_options`` and one BlockMask built before timing; "flex (torch
 defaults)" is the same kernel without the project's kernel options. On GPU every kernel is warmed up
 (compiled) first, then timed with CUDA events over ``--repeats`` calls (median); peak memory is
@@ -45,7 +45,7 @@ def call(name, q, k, v, dense_allowed, block_mask, backward):
         q, k, v = q.detach(), k.detach(), v.detach()
     if name.startswith("flex"):
         options = flex_kernel_options(q.shape[-1], q.dtype, q.device) if "tuned" in name else None
-        out = flex_kernel()(q, k, v, block_mask=block_mask, kernel_options=options)
+        out = flex_kernel(q.device)(q, k, v, block_mask=block_mask, kernel_options=options)
     elif name == "dense mask SDPA":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_allowed)
     else:

@@ -9,6 +9,10 @@
 #   tokenizer_job  the job's shard loop in-process on clips in host memory (no decoding), profiled after
 #              its first shard, and the tokenization job (bf16, 8 decode workers, 384 clips), plain and
 #              with --compile (rates after the first batch; the time each waited for the device);
+#   tokenizer_recipe  tokenizer training as the recipes run it: bf16, recompute full, micro-batches of 8
+#              with accumulated gradients (batch 16), at the 336M and the official 370M layout: steps/s and
+#              peak memory (for the recipes' "fits 80 GB" estimate; without a perceptual network, whose
+#              activations the recipes add);
 #   profile    where the time of a training iteration goes: megatron bf16 and DeepSpeed ZeRO-1 bf16 at nbp-xl,
 #              micro-batch 4, two iterations each under torch.profiler (the trainer's --profile
 #              --use-pytorch-profiler; traces in OUT_DIR/profile);
@@ -28,7 +32,7 @@
 #   train_mb   megatron bf16 at micro-batch 8 and 16 (the largest that fits shows as the last "ok" row).
 # The order is the priority: what has never been measured on a GPU first, after the tests (train, tokenizer,
 # real, train_mb and the encode variants were measured on an H200 on 2026-11-30, docs/benchmarks.md; the job
-# since its id read-back waits per batch on a CUDA event, and the loop rows, not yet).
+# since its id read-back waits per batch on a CUDA event, the loop rows and tokenizer_recipe not yet).
 # DEADLINE_S (default 480) bounds the whole run: each step gets at most what is left, and steps that would
 # start with under 20 s left are listed as skipped. STEPS="train tokenizer" runs only those steps.
 # Without CUDA it runs the same steps at tiny sizes (a smoke test of the script itself, ~5 min on 2 cores).
@@ -50,7 +54,7 @@ START=$(date +%s)
 FAILED=0
 
 DEADLINE_S=${DEADLINE_S:-480}
-STEPS=${STEPS:-tests tokenizer_variants tokenizer_job profile generation attention train_more zero3 train tokenizer real train_mb}
+STEPS=${STEPS:-tests tokenizer_variants tokenizer_job tokenizer_recipe profile generation attention train_more zero3 train tokenizer real train_mb}
 SKIPPED=()
 
 wanted() { [[ " ${STEPS//,/ } " == *" $1 "* ]]; }
@@ -83,6 +87,7 @@ if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   TOK=(--num-videos 16 --batch-sizes 32 --encode-batches 3 --train-steps 2 --train-precisions bf16 --train-recompute none,full)
   TOKV=(--batch-sizes 32 --encode-batches 3)
   TOKJ=(--num-videos 96 --job-workers 8 --job-batch-size 32 --job-precisions bf16)
+  TOKR=(--num-videos 8 --train-batch-size 16 --train-micro-batch-size 8 --train-steps 2); TOKRC="magvit2 magvit2_official"
 else
   GPU=0
   XL=(--config configs/tiny_frame_prediction.yaml)
@@ -92,6 +97,8 @@ else
        --train-steps 1 --train-recompute none,full)
   TOKV=(--resolution 32 --batch-sizes 8 --encode-batches 1)
   TOKJ=(--num-videos 4 --video-frames 40 --resolution 32 --job-workers 2 --job-batch-size 8 --job-precisions fp32)
+  TOKR=(--num-videos 4 --video-frames 40 --resolution 32 --train-batch-size 4 --train-micro-batch-size 2 --train-steps 1)
+  TOKRC="tiny"
 fi
 
 {
@@ -118,6 +125,10 @@ wanted tokenizer_variants && step "tokenizer encoding variants (bf16, 370M layou
 
 wanted tokenizer_job && step "the job's shard loop in-process (profiled) and the tokenization job, plain and compiled" 240 \
   $PY bench/tokenize_throughput.py "${TOKJ[@]}" --parts loop,job --job-settings plain,compile --profile-loop
+
+wanted tokenizer_recipe && step "tokenizer training as the recipes run it: micro-batches of 8, recompute full, bf16" 150 \
+  bash -c 'for c in $0; do "$@" --tokenizer-config configs/tokenizer/$c.yaml || exit; done' "$TOKRC" \
+  $PY bench/tokenize_throughput.py "${TOKR[@]}" --parts train --train-precisions bf16 --train-recompute full
 
 wanted profile && step "where a training iteration's time goes: megatron and ZeRO-1 bf16, micro-batch ${SIZES[0]}, torch.profiler" 200 \
   $PY bench/train_throughput.py "${XL[@]}" --modes megatron-bf16 zero1-bf16 --micro-batch-sizes "${SIZES[0]}" --iters 3 \

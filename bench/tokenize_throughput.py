@@ -31,7 +31,8 @@ Five parts (``--parts``; all but ``loop`` by default), one table (clips/s; train
   / ``--compile``); the rate is the rank's own summary line (imports, tokenizer loading and the manifest
   excluded; compilation included);
 * ``train``: tokenizer training steps of the trainer's own functions (discriminator on, EMA on), after
-  one warm-up step, at each of ``--train-precisions`` with ``--train-batch-size`` clips.
+  one warm-up step, at each of ``--train-precisions`` with ``--train-batch-size`` clips (in micro-batches
+  of ``--train-micro-batch-size`` with accumulated gradients when given).
 
 Defaults follow the machine: with CUDA, the 370M layout (``configs/tokenizer/magvit2.yaml``) at 17x128x128
 on ``cuda:0``, fp32 and bf16, 8 decode workers; without, ``configs/tokenizer/tiny.yaml`` at 17x64x64 on
@@ -319,26 +320,28 @@ def bench_loop(args: argparse.Namespace, tokenizer, ckpt: Path, device: torch.de
 def bench_train(args: argparse.Namespace, videos: Path, choice, precision: str,
                 recompute: str | None = None) -> tuple[int, float, float | None]:
     """(steps, seconds, peak GiB allocated on the GPU or None on the CPU) of ``args.train_steps`` tokenizer
-    training steps after one warm-up step, with ``recompute`` as ``--recompute-granularity``."""
+    training steps after one warm-up step, with ``recompute`` as ``--recompute-granularity`` and
+    ``args.train_micro_batch_size`` as ``--micro-batch-size``."""
     from data_prep.tokenizer.clips import load_clip_bank
     from data_prep.tokenizer.config import TrainOptions
-    from data_prep.tokenizer.train import _checked_config, _train_step, _Trainables
+    from data_prep.tokenizer.train import _checked_config, _train_step, _Trainables, micro_batches
 
     opts = TrainOptions(config=str(args.tokenizer_config), data=str(videos), output=str(videos.parent / "t.st"),
                         resolution=args.resolution, num_frames=args.num_frames, batch_size=args.train_batch_size,
                         lr=1e-4, warmup_steps=1, disc_weight=0.1, disc_start=0, lecam_weight=0.001,
                         ema_decay=0.999, precision=precision, device=str(choice.device),
-                        recompute_granularity=recompute)
+                        recompute_granularity=recompute, micro_batch_size=args.train_micro_batch_size)
+    micro = micro_batches(opts, 1)[0]
     if choice.is_cuda:
         torch.cuda.reset_peak_memory_stats(choice.device)
     t = _Trainables.build(opts, _checked_config(opts), 1, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames)
     generator = torch.Generator().manual_seed(0)
-    _train_step(opts, t, bank, generator, 0, 0.0)
+    _train_step(opts, t, bank, generator, 0, 0.0, micro_batch_size=micro)
     _sync(choice.device)
     start = time.perf_counter()
     for step in range(1, args.train_steps + 1):
-        _train_step(opts, t, bank, generator, step, 0.0)
+        _train_step(opts, t, bank, generator, step, 0.0, micro_batch_size=micro)
     _sync(choice.device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(choice.device) / 2**30 if choice.is_cuda else None
@@ -380,6 +383,9 @@ def main() -> None:
                         f"{', '.join(list(JOB_SETTINGS)[1:])} joined by '+' (the job's --channels-last / --compile)")
     p.add_argument("--videos-per-shard", type=int, default=8 if cuda else 2)
     p.add_argument("--train-batch-size", type=int, default=2)
+    p.add_argument("--train-micro-batch-size", type=int,
+                   help="clips per forward/backward pass of the train rows (gradients accumulated; must divide "
+                        "--train-batch-size; default: the whole batch)")
     p.add_argument("--train-precisions", help="precisions of the train rows (default: --precisions)")
     p.add_argument("--train-recompute", default="none",
                    help="comma-separated --recompute-granularity settings of the train rows: none, full")
@@ -504,6 +510,8 @@ def main() -> None:
                                                        None if recompute == "none" else recompute)
                     clips = steps * args.train_batch_size
                     label = "" if recompute == "none" else ", recompute full"
+                    if args.train_micro_batch_size:
+                        label = f" in micro-batches of {args.train_micro_batch_size}{label}"
                     memory = "" if peak is None else f"; peak {peak:.1f} GiB allocated"
                     print(f"| train | {precision}, batch {args.train_batch_size}{label} | {clips} | {seconds:.2f} | "
                           f"{clips / seconds:.2f} | {steps / seconds:.3f} steps/s (GAN + EMA on){memory} |",

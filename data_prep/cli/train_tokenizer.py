@@ -26,7 +26,7 @@ import sys
 
 
 from data_prep.tokenizer.checkpoint import TrainingCheckpointError
-from data_prep.tokenizer.train import TrainOptions, train_tokenizer
+from data_prep.tokenizer.train import TrainOptions, micro_batches, train_tokenizer
 from nbp_common.config import ConfigError, add_config_arguments, config_overrides
 
 # Flags of the launcher itself, not TrainOptions fields: none (every flag is derived from a field).
@@ -58,14 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     """Train with the parsed flags; print the result JSON (rank 0).
 
     Returns:
-        0 on success, 2 when ``--load`` names a damaged checkpoint or one written for other settings (the
-        reason, naming the checkpoint and each differing value, goes to stderr; nothing is trained).
+        0 on success, 2 when the global batch does not split into the ranks' micro-batches, or ``--load``
+        names a damaged checkpoint or one written for other settings (the reason, naming the checkpoint and
+        each differing value, goes to stderr; nothing is trained).
     """
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    opts = parse_args(argv)
     try:
-        result = train_tokenizer(parse_args(argv))
+        micro_batches(opts, int(os.environ.get("WORLD_SIZE", "1")))  # the batch split, before any work
+    except ValueError as exc:
+        print(f"train_tokenizer.py: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = train_tokenizer(opts)
     except TrainingCheckpointError as exc:
         print(f"train_tokenizer.py: error: {exc}", file=sys.stderr)
         return 2

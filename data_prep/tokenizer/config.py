@@ -184,7 +184,9 @@ class TrainOptions(TypedConfig):
     ``min_lr_ratio * lr``; the decay's progress is the larger of step / train_steps and elapsed /
     max_minutes, so a run cut by the time limit still ends at a low learning rate. The optimizer is AdamW
     (betas 0.9 / 0.99); with ``weight_decay`` 0 it is Adam. ``batch_size`` is per rank;
-    ``global_batch_size`` (when set) replaces it by global / world size.
+    ``global_batch_size`` (when set) replaces it by global / world size. ``micro_batch_size`` splits a rank's
+    clips of a step into micro-batches with accumulated gradients (memory for activations is per
+    micro-batch; image steps are not split).
 
     Device: ``device`` "auto" = ``cuda:LOCAL_RANK`` when CUDA is available (nccl between ranks), else the
     CPU (gloo); ``precision`` "auto" = bf16 autocast on CUDA, fp32 on CPU (see
@@ -231,6 +233,11 @@ class TrainOptions(TypedConfig):
                                                                             "linear, to min_lr_ratio x lr")
     global_batch_size: int | None = Field(None, description="clips per step over all ranks; replaces batch_size by "
                                                             "global / world size (must divide)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="clips per forward and backward pass on each rank (Megatron-LM's flag): a rank's "
+                                "clips of a step run as several micro-batches whose gradients are accumulated "
+                                "before the optimizer steps (must divide them; the adaptive GAN weight is then "
+                                "taken per micro-batch); unset: all of them at once")
     device: str = Field("auto", description="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda "
                                             "or cuda:N")
     distributed_timeout_minutes: float = Field(

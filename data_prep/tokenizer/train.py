@@ -24,7 +24,11 @@ the returned ``final_loss`` are means over the ranks (= the global batch's). Wha
 design: evaluation clips (split by rank, PSNR averaged over all), LeCam's anchors (EMAs of that rank's
 logits) and the adaptive GAN weight (gradient norms of that rank's losses), so with the GAN on N ranks
 are no longer exactly 1 rank. Each rank still saves its own ``rng_rank{r}.pt``; their data-order states
-are equal, and a resumed run takes rank 0's on every rank.
+are equal, and a resumed run takes rank 0's on every rank. ``micro_batch_size`` runs a rank's rows as
+micro-batches with accumulated gradients (DDP's all-reduce after the last; :func:`micro_batches`): the same
+steps again up to summation order (and, on CUDA, the rounding of kernels chosen for another batch shape),
+except for the adaptive GAN weight, which is then taken per micro-batch as it is per rank. It may change
+between a save and a resume.
 
 Devices (:mod:`data_prep.device`): ``device`` "auto" puts rank r of a node on ``cuda:LOCAL_RANK`` with nccl
 (DDP with ``device_ids``), or on the CPU with gloo. Weights are initialised on the CPU from the seed and
@@ -49,6 +53,8 @@ device, so a run saved on GPUs can resume on CPUs and back; resume is bitwise on
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import logging
 import math
@@ -61,6 +67,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import (TrainingCheckpointError, load_training_checkpoint, publish_training_checkpoint,
@@ -160,6 +167,25 @@ def per_rank_batch_size(opts: TrainOptions, world: int) -> int:
         raise ValueError(f"global_batch_size {opts.global_batch_size} must be a positive multiple of the world "
                          f"size {world}")
     return opts.global_batch_size // world
+
+
+def micro_batches(opts: TrainOptions, world: int) -> tuple[int, int]:
+    """``(micro_batch_size, count)``: each rank runs its :func:`per_rank_batch_size` clips of a step as
+    ``count`` forward and backward passes of ``micro_batch_size`` clips and steps once (gradient
+    accumulation, as Megatron-LM's ``--micro-batch-size`` under ``--global-batch-size``); ``(per-rank, 1)``
+    when ``micro_batch_size`` is unset.
+
+    Raises:
+        ValueError: ``micro_batch_size`` does not divide the clips per rank, or those are ill-defined
+            (:func:`per_rank_batch_size`).
+    """
+    per_rank = per_rank_batch_size(opts, world)
+    micro = opts.micro_batch_size or per_rank
+    if per_rank % micro:
+        source = (f"global_batch_size {opts.global_batch_size} / world size {world}" if opts.global_batch_size
+                  else "batch_size")
+        raise ValueError(f"micro_batch_size {micro} must divide the {per_rank} clips per rank of a step ({source})")
+    return micro, per_rank // micro
 
 
 def _setup_threads() -> None:
@@ -391,8 +417,8 @@ class _Trainables:
         perceptual = (PerceptualLoss(opts.perceptual_network, device=device).to(device)
                       if opts.perceptual_weight > 0 else None)
         ids = dict(device_ids=[device.index]) if choice.is_cuda else {}
-        ddp = torch.nn.parallel.DistributedDataParallel(model, **ids) if world > 1 else model
-        disc_ddp = torch.nn.parallel.DistributedDataParallel(disc, **ids) if (world > 1 and disc is not None) else disc
+        ddp = DDP(model, **ids) if world > 1 else model
+        disc_ddp = DDP(disc, **ids) if (world > 1 and disc is not None) else disc
         optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.99),
                                       weight_decay=opts.weight_decay)
         disc_lr = opts.disc_lr if opts.disc_lr is not None else opts.lr
@@ -520,9 +546,10 @@ def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Genera
 
 @dataclass
 class _StepOutcome:
-    """One training step's results: the ``batch`` ([B, C, T, H, W], an image batch when ``is_image``)
-    and its reconstruction ``recon``, the generator's total ``loss`` and ``rec_loss`` and ``mse`` (scalar
-    tensors), the learning rate ``lr``, and with the GAN on (``gan_on``) the generator's adversarial term
+    """One training step's results: the ``batch`` ([B, C, T, H, W], an image batch when ``is_image``),
+    the reconstruction ``recon`` of its first micro-batch (fp32, detached; rows ``[0, m)`` of ``batch``),
+    the generator's total ``loss`` and ``rec_loss`` and ``mse`` (scalar tensors, means over the batch), the
+    learning rate ``lr``, and with the GAN on (``gan_on``) the generator's adversarial term
     ``g_adv``, its weight ``gan_weight`` and the discriminator's ``d_loss`` (None otherwise)."""
 
     batch: torch.Tensor
@@ -539,13 +566,20 @@ class _StepOutcome:
 
 
 def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: torch.Generator, step: int,
-                progress: float, batch_size: int | None = None) -> _StepOutcome:
+                progress: float, batch_size: int | None = None,
+                micro_batch_size: int | None = None) -> _StepOutcome:
     """Step ``step`` (0-based): set the learning rates (:func:`_lr_at` at ``progress``), draw this rank's
     ``batch_size`` clips (default ``opts.batch_size``) or ``opts.image_batch_size`` frames of the step's
     global batch from ``bank`` with ``generator`` (the same state on every rank, see the module docstring),
     update the tokenizer (reconstruction + optional perceptual and adversarial terms, clipping, EMA
     update), then, with the GAN on, the discriminator (hinge / non-saturating loss + LeCam, clipping,
     anchor update). Collective when DDP-wrapped.
+
+    With ``micro_batch_size`` (a divisor of ``batch_size``; image steps are not split) the clips run as
+    consecutive micro-batches: each one's losses, divided by their number, are back-propagated (DDP's
+    all-reduce only after the last one), so the accumulated gradients are those of the mean over all the
+    clips, as in one pass; LeCam's anchors move once, by the means over all of them. Per micro-batch: the
+    adaptive GAN weight (its gradient-norm ratio is not a mean), like per rank under DDP.
 
     The batch is drawn on the CPU and copied to ``t.device``; the tokenizer and discriminator forwards run
     under :func:`data_prep.device.autocast` at ``t.precision``, and their outputs are cast to fp32 before
@@ -561,51 +595,88 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
                                   crop=opts.crop_size)
     batch = to_device(batch, t.device)
     gan_on = t.disc is not None and step >= opts.disc_start
+    if micro_batch_size and not is_image and len(batch) % micro_batch_size:
+        raise ValueError(f"micro_batch_size {micro_batch_size} must divide the {len(batch)} clips of a step")
+    chunks = batch.split(micro_batch_size) if micro_batch_size and not is_image else (batch,)
+    count = len(chunks)
 
     # ---- generator (tokenizer) step
-    with autocast(t.device, t.precision):
-        recon, _ = t.ddp(batch)
-    recon = recon.float()
-    mse = F.mse_loss(recon, batch)
-    rec_loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, batch)
-    if t.perceptual is not None:
-        rec_loss = rec_loss + opts.perceptual_weight * t.perceptual(batch, recon)
-    out = _StepOutcome(batch, recon, is_image, lr, rec_loss, rec_loss, mse, gan_on)
     if gan_on:
         t.disc.requires_grad_(False)  # plain module (not DDP) in the G step: D's grads are not needed here
-        with autocast(t.device, t.precision):
-            logits_fake = t.disc(recon)
-        out.g_adv = generator_loss(logits_fake.float(), opts.gan_loss)
-        out.gan_weight = opts.disc_weight * (
-            adaptive_generator_weight(rec_loss, out.g_adv, t.last_layer) if opts.adaptive_weight else 1.0)
-        out.loss = rec_loss + out.gan_weight * out.g_adv
     t.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    recons, terms = [], collections.defaultdict(list)
+    for i, real in enumerate(chunks):
+        with _accumulating(t.ddp, i < count - 1):
+            with autocast(t.device, t.precision):
+                recon, _ = t.ddp(real)
+            recon = recon.float()
+            mse = F.mse_loss(recon, real)
+            rec_loss = opts.l2_weight * mse + opts.l1_weight * F.l1_loss(recon, real)
+            if t.perceptual is not None:
+                rec_loss = rec_loss + opts.perceptual_weight * t.perceptual(real, recon)
+            loss = rec_loss
+            if gan_on:
+                with autocast(t.device, t.precision):
+                    logits_fake = t.disc(recon)
+                g_adv = generator_loss(logits_fake.float(), opts.gan_loss)
+                gan_weight = opts.disc_weight * (
+                    adaptive_generator_weight(rec_loss, g_adv, t.last_layer) if opts.adaptive_weight else 1.0)
+                loss = rec_loss + gan_weight * g_adv
+                terms["g_adv"].append(g_adv.detach())
+                terms["gan_weight"].append(gan_weight)  # a float without the adaptive weight: no device copy
+            (loss / count if count > 1 else loss).backward()
+        recons.append(recon.detach())
+        for name, value in (("loss", loss), ("rec_loss", rec_loss), ("mse", mse)):
+            terms[name].append(value.detach())
     if opts.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), opts.grad_clip)
     t.optimizer.step()
     if t.ema is not None:
         t.ema.update_parameters(t.model)
+    out = _StepOutcome(batch, recons[0], is_image, lr, _mean(terms["loss"]), _mean(terms["rec_loss"]),
+                       _mean(terms["mse"]), gan_on)
+    if gan_on:
+        out.g_adv, out.gan_weight = _mean(terms["g_adv"]), _mean(terms["gan_weight"])
 
     # ---- discriminator step
     if gan_on:
         t.disc.requires_grad_(True)
         for group in t.opt_d.param_groups:
             group["lr"] = _lr_at(opts, step, progress, peak=t.disc_lr)
-        with autocast(t.device, t.precision):
-            logits = t.disc_ddp(torch.cat([batch, recon.detach()]))
-        logits_real, logits_fake = logits.float().chunk(2)
-        d_loss = discriminator_loss(logits_real, logits_fake, opts.gan_loss)
-        if opts.lecam_weight > 0:
-            d_loss = d_loss + opts.lecam_weight * t.lecam(logits_real, logits_fake)
         t.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
+        reals, fakes, d_losses = [], [], []
+        for i, (real, fake) in enumerate(zip(chunks, recons)):
+            with _accumulating(t.disc_ddp, i < count - 1):
+                with autocast(t.device, t.precision):
+                    logits = t.disc_ddp(torch.cat([real, fake]))
+                logits_real, logits_fake = logits.float().chunk(2)
+                d_loss = discriminator_loss(logits_real, logits_fake, opts.gan_loss)
+                if opts.lecam_weight > 0:
+                    d_loss = d_loss + opts.lecam_weight * t.lecam(logits_real, logits_fake)
+                (d_loss / count if count > 1 else d_loss).backward()
+            reals.append(logits_real.detach())
+            fakes.append(logits_fake.detach())
+            d_losses.append(d_loss.detach())
         if opts.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(t.disc.parameters(), opts.grad_clip)
         t.opt_d.step()
-        t.lecam.update(logits_real, logits_fake)
-        out.d_loss = d_loss
+        t.lecam.update(torch.cat(reals), torch.cat(fakes))
+        out.d_loss = _mean(d_losses)
     return out
+
+
+def _accumulating(module: torch.nn.Module, more: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync()`` while ``more`` micro-batches of the step follow (their gradients accumulate locally
+    and are all-reduced with the last one's); nothing otherwise or for a plain module."""
+    if more and isinstance(module, DDP):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def _mean(values: list) -> Any:
+    """The mean of a step's per-micro-batch scalars (tensors on the device or floats; the value itself for one
+    micro-batch), without reading a tensor back to the host."""
+    return values[0] if len(values) == 1 else sum(values) / len(values)
 
 
 def _rank_means(out: _StepOutcome) -> dict[str, float]:
@@ -641,15 +712,18 @@ class _ProgressLog:
 
             self.writer = SummaryWriter(opts.tensorboard_dir)
 
-    def announce(self, t: _Trainables, bank: ClipBank, world: int) -> None:
-        """The run's opening line: parameters, videos, clip windows, world, GAN and EMA settings."""
+    def announce(self, t: _Trainables, bank: ClipBank, world: int, micro: tuple[int, int]) -> None:
+        """The run's opening line: parameters, videos, clip windows, world, batch (``micro``: the micro-batch
+        size and count of :func:`micro_batches`), GAN and EMA settings."""
         if self.enabled:
             opts = self.opts
+            size, count = micro
             log.info("tokenizer: %.2fM parameters, %d videos %s, %d training clip windows (every rank), "
-                     "%d evaluation clips on rank 0, world %d, device %s, precision %s, GAN %s, EMA %s",
+                     "%d evaluation clips on rank 0, world %d, %d clips per step (%d micro-batches of %d per rank), "
+                     "device %s, precision %s, GAN %s, EMA %s",
                      t.num_params / 1e6, bank.num_videos, bank.names[:8] + (["..."] if bank.num_videos > 8 else []),
                      len(bank.windows),
-                     len(bank.eval_windows), world, t.device, t.precision,
+                     len(bank.eval_windows), world, size * count * world, count, size, t.device, t.precision,
                      f"{opts.gan_loss} from step {opts.disc_start}" if t.disc is not None else "off",
                      opts.ema_decay if t.ema is not None else "off")
 
@@ -729,6 +803,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     rank, world, created_group, choice = _start_process_group(opts)
     config = _checked_config(opts)
     batch_size = per_rank_batch_size(opts, world)
+    micro = micro_batches(opts, world)
     trainables = _Trainables.build(opts, config, world, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
                           holdout_fraction=opts.holdout_fraction, clip_source=opts.clip_source,
@@ -737,7 +812,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     settings = _run_settings(config, opts, world)
     step, elapsed_before = _resume(opts, trainables, generator, settings) if opts.load else (0, 0.0)
     progress_log = _ProgressLog(opts, rank)
-    progress_log.announce(trainables, bank, world)
+    progress_log.announce(trainables, bank, world, micro)
 
     last_saved = _rank0_latest(opts.save, strict=False) if opts.save else None
 
@@ -759,7 +834,7 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         if opts.exit_interval and step - first_step >= opts.exit_interval:
             break
         progress = max(step / opts.train_steps, elapsed / budget if budget else 0.0)
-        out = _train_step(opts, trainables, bank, generator, step, progress, batch_size)
+        out = _train_step(opts, trainables, bank, generator, step, progress, batch_size, micro[0])
         step += 1
         means = _rank_means(out)
         loss_value = means["loss"]

@@ -122,13 +122,14 @@ def flex_kernel_options(head_dim: int, dtype: torch.dtype, device: torch.device)
     return options
 
 
-def flex_kernel():
-    """flex_attention compiled once per process on CUDA (the fused Triton kernel; torch.compile keeps one
-    graph per input shape, so each shape compiles once), eager on CPU (CPU compile has no backward)."""
+def flex_kernel(device: torch.device):
+    """flex_attention for tensors on ``device``: compiled once per process on CUDA (the fused Triton kernel;
+    torch.compile keeps one graph per input shape, so each shape compiles once), eager elsewhere (CPU
+    compile has no backward), also on a machine that has a GPU."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -206,7 +207,7 @@ class BlockCausalFlexAttention(BlockCausalSDPAttention):
             raise ValueError("packed sequences and attention bias are not supported")
         sq, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        context = flex_kernel()(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
+        context = flex_kernel(q.device)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
                                 enable_gqa=self.num_heads != self.num_groups,
                                 kernel_options=flex_kernel_options(self.head_dim, q.dtype, q.device))
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)

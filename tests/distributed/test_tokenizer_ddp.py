@@ -1,7 +1,8 @@
 """Tokenizer DDP equals one process with the same global batch: ``torchrun --nproc-per-node 2`` with 2 clips per
-rank and plain ``python`` with 4 clips per step, both through launchers/train_tokenizer.py, end with the same
-weights, optimizer moments and per-step losses within an fp32 tolerance; a run that differs only in its
-data (rank 0's half of the global batch alone) lands far outside that tolerance."""
+rank (in one pass, or as 2 micro-batches of 1 with accumulated gradients) and plain ``python`` with 4 clips per
+step, all through launchers/train_tokenizer.py, end with the same weights, optimizer moments and per-step losses
+within an fp32 tolerance; a run that differs only in its data (rank 0's half of the global batch alone) lands
+far outside that tolerance. In one process with the GAN, LeCam and EMA on, micro-batches equal one pass too."""
 
 from __future__ import annotations
 
@@ -44,17 +45,21 @@ def runs(data):
     """The 1-rank and 2-rank runs with global batch 4 and the control run (1 rank, global batch 2)."""
     root, config = data, data / "small.yaml"
 
-    def cli(name: str, global_batch: int = GLOBAL_BATCH) -> list[str]:
-        # GAN, EMA and image steps off: the tokenizer's reconstruction loss alone (per-rank terms excluded)
+    def cli(name: str, global_batch: int = GLOBAL_BATCH, *extra: str) -> list[str]:
+        # GAN, EMA and image steps off: the tokenizer's reconstruction loss alone (per-rank terms excluded);
+        # no gradient clipping, which would hide a wrong gradient scale from the weights and Adam's moments
         return [LAUNCHER, "--config", str(config), "--data", str(root / "videos"), "--device", "cpu",
                 "--output", str(root / name / "tok.safetensors"), "--resolution", "16", "--num-frames", "5",
                 "--train-steps", str(STEPS), "--global-batch-size", str(global_batch), "--lr", "1e-3",
                 "--warmup-steps", "2", "--seed", "3", "--log-interval", "1", "--eval-clips", "8",
                 "--image-every", "0", "--disc-weight", "0", "--ema-decay", "0", "--holdout-fraction", "0.25",
-                "--save", str(root / name / "ckpt"), "--tensorboard-dir", str(root / name / "tb")]
+                "--grad-clip", "0",
+                "--save", str(root / name / "ckpt"), "--tensorboard-dir", str(root / name / "tb"), *extra]
 
     results = {"one": run(cli("one"), timeout=300), "two": torchrun(2, *cli("two"), timeout=300),
+               "two_micro": torchrun(2, *cli("two_micro", GLOBAL_BATCH, "--micro-batch-size", "1"), timeout=300),
                "half": run(cli("half", global_batch=GLOBAL_BATCH // 2), timeout=300)}
+    assert "4 clips per step (2 micro-batches of 1 per rank)" in results["two_micro"].stderr
     return root, {name: json.loads(proc.stdout.strip().splitlines()[-1]) for name, proc in results.items()}
 
 
@@ -111,35 +116,44 @@ def _losses(root: Path, name: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("train/loss")}
 
 
-def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs):
+@pytest.mark.parametrize("name, label", [("two", "2 ranks x 2"), ("two_micro", "2 ranks x 2 micro-batches of 1")])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, name, label):
     root, results = runs
-    one, two, half = (_tensors(root, name) for name in ("one", "two", "half"))
+    one, two = _tensors(root, "one"), _tensors(root, name)
     worst = _worst(one, two)
-    print(f"\n2 ranks x 2 vs 1 rank x 4: worst difference {worst['scale'][0]:.3e} of the weight scale "
+    print(f"\n{label} vs 1 rank x 4: worst difference {worst['scale'][0]:.3e} of the weight scale "
           f"({worst['scale'][1]}; tolerance {REL_TOL}), {worst['tensor'][0]:.3e} of a tensor's own scale "
           f"({worst['tensor'][1]}; tolerance {TENSOR_TOL})")
     assert worst["scale"][0] <= REL_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
 
-    losses_one, losses_two, losses_half = (_losses(root, name) for name in ("one", "two", "half"))
+    losses_one, losses_two = _losses(root, "one"), _losses(root, name)
     assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
     loss_rel = max(abs(losses_one[s] - losses_two[s]) / abs(losses_one[s]) for s in losses_one)
     print(f"per-step losses {losses_one} vs {losses_two}: worst relative difference {loss_rel:.3e}")
     assert loss_rel <= REL_TOL, (losses_one, losses_two)
     for key in ("final_loss", "psnr"):  # the result JSON: means over the ranks / over every rank's eval clips
-        assert results["two"][key] == pytest.approx(results["one"][key], rel=REL_TOL), key
-    assert results["one"]["eval_clips"] == results["two"]["eval_clips"] > 1  # each rank evaluated its share
+        assert results[name][key] == pytest.approx(results["one"][key], rel=REL_TOL), key
+    assert results["one"]["eval_clips"] == results[name]["eval_clips"] > 1  # each rank evaluated its share
 
     # the data order: one generator state for every rank, the same as the 1-rank run's after as many draws
     generator = _checkpoint(root, "one", "rng_rank0.pt")["generator"]
     for rank in (0, 1):
-        assert torch.equal(_checkpoint(root, "two", f"rng_rank{rank}.pt")["generator"], generator), rank
+        assert torch.equal(_checkpoint(root, name, f"rng_rank{rank}.pt")["generator"], generator), rank
 
-    # control: rank 0's half of the global batch alone trains to other weights and losses
+
+def test_a_run_with_other_data_is_far_outside_the_tolerance(runs):
+    """The control of the test above: rank 0's half of the global batch alone trains to other weights and
+    losses, by over 100 times the tolerance."""
+    root, _ = runs
+    one, half = _tensors(root, "one"), _tensors(root, "half")
+    losses_one, losses_half = _losses(root, "one"), _losses(root, "half")
+
     control = _worst(one, half)["scale"]
     control_loss = max(abs(losses_one[s] - losses_half[s]) / abs(losses_one[s]) for s in losses_one)
     print(f"control (1 rank x 2): worst difference {control[0]:.3e} of the weight scale ({control[1]}), "
           f"losses {control_loss:.3e}")
     assert control[0] > 100 * REL_TOL and control_loss > 100 * REL_TOL, (control, control_loss)
+
 
 def test_ranks_draw_their_rows_of_one_global_batch(data):
     """ClipBank alone: per rank, rows [r*b, (r+1)*b) of the clips (and image frames, and flips) that one
@@ -272,3 +286,96 @@ def test_a_window_past_the_decodable_frames_repeats_the_last_one(data, caplog):
     assert np.array_equal(window[:2], frames[18:20]) and all(np.array_equal(f, frames[19]) for f in window[2:])
     assert "repeating the last frame" in caplog.text
     assert np.array_equal(_decode_window(path, 3, 8, 2, 16), frames[3:8:2])
+
+
+def _trained_state(opts) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train in this process; returns the final checkpoint's float32 tensors by name (tokenizer, discriminator,
+    EMA, both optimizers' moments) and its float64 LeCam anchors."""
+    from data_prep.tokenizer.train import train_tokenizer
+
+    train_tokenizer(opts)
+    state = torch.load(Path(opts.save) / f"iter_{opts.train_steps:07d}" / "state.pt", weights_only=True)
+    out = {}
+    for part in ("model", "discriminator", "ema"):
+        out.update({f"{part}.{k}": v for k, v in state[part].items() if v.dtype == torch.float32})
+    for part in ("optimizer", "disc_optimizer"):
+        for index, moments in state[part]["state"].items():
+            out.update({f"{part}.{index}.{k}": v for k, v in moments.items() if k != "step"})
+    return out, state["lecam"]
+
+
+# The GAN on from the first step leaves more gradient components near zero, where Adam's epsilon region
+# turns fp32 rounding of the gradient sums into larger weight differences: over 2 steps, 8 runs on freshly
+# written videos differed by up to 3.3e-6 of the weight scale and 2e-4 of a tensor's own; the errors this
+# guards against (a gradient scale off by the micro-batch count, LeCam moved by one micro-batch) give 1e-1 to
+# 1e1 in Adam's moments or the anchors.
+GAN_REL_TOL = 3e-5
+
+
+def test_micro_batches_with_the_gan_on_equal_one_pass(data):
+    """One process, 4 clips per step, the GAN (from the first step), LeCam and EMA on: as 4 micro-batches of 1
+    a run ends with the same tokenizer, discriminator, EMA, Adam moments of both and LeCam anchors as in one
+    pass, within an fp32 tolerance (``GAN_REL_TOL``; the same sums in another order); a run on other clips (2
+    per step) lands far outside. Off: the adaptive GAN weight (a gradient-norm ratio, taken per micro-batch)
+    and gradient clipping (it would hide a wrong gradient scale, which Adam's moments show without it)."""
+    from tests.distributed.test_tokenizer_recipe import _opts
+
+    config = data / "small.yaml"
+    common = dict(batch_size=4, train_steps=2, adaptive_weight=False, eval_clips=2, grad_clip=0.0, disc_start=0,
+                  image_every=0)
+    whole, lecam_whole = _trained_state(_opts(data, config, "gan_whole", **common))
+    micro, lecam_micro = _trained_state(_opts(data, config, "gan_micro", micro_batch_size=1, **common))
+    other, _ = _trained_state(_opts(data, config, "gan_other", **{**common, "batch_size": 2}))
+    assert any(k.startswith("discriminator.") for k in whole)
+    assert any(k.startswith("disc_optimizer.") for k in whole)
+
+    worst = _worst(whole, micro)
+    print(f"\n4 micro-batches of 1 vs 1 x 4, GAN on: worst difference {worst['scale'][0]:.3e} of the weight scale "
+          f"({worst['scale'][1]}), {worst['tensor'][0]:.3e} of a tensor's own ({worst['tensor'][1]})")
+    assert worst["scale"][0] <= GAN_REL_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
+    for key in ("ema_real", "ema_fake"):  # moved once per step, by the means over all 4 clips
+        assert float(lecam_whole[key]) != 0.0
+        assert float(lecam_micro[key]) == pytest.approx(float(lecam_whole[key]), rel=REL_TOL, abs=1e-9), key
+    control = _worst(whole, other)["scale"]
+    print(f"control (2 clips per step): {control[0]:.3e} of the weight scale ({control[1]})")
+    assert control[0] > 100 * GAN_REL_TOL, control
+
+
+def test_ddp_all_reduces_once_per_step_however_many_micro_batches(data, tmp_path):
+    """DDP in this process (a 1-rank gloo group; the trainer wraps the tokenizer and the discriminator as for
+    any world size > 1): a step in 4 micro-batches all-reduces each gradient bucket once, as a step in one
+    pass does (DDP's no_sync on all but the last micro-batch), not 4 times."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from data_prep.tokenizer.clips import load_clip_bank
+    from data_prep.tokenizer.train import _checked_config, _train_step, _Trainables
+    from tests.distributed.test_tokenizer_recipe import _opts
+
+    opts = _opts(data, data / "small.yaml", "hooks", batch_size=4, disc_start=0, image_every=0, save=None,
+                 device="cpu")
+    bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = {}
+
+        def counted(name):
+            def hook(state, bucket):
+                calls[name] = calls.get(name, 0) + 1
+                return allreduce_hook(state, bucket)
+            return hook
+
+        counts = {}
+        for micro in (None, 1):
+            t = _Trainables.build(opts, _checked_config(opts), 2)
+            assert isinstance(t.ddp, torch.nn.parallel.DistributedDataParallel) and t.disc_ddp is not t.disc
+            t.ddp.register_comm_hook(None, counted("tokenizer"))
+            t.disc_ddp.register_comm_hook(None, counted("discriminator"))
+            calls.clear()
+            _train_step(opts, t, bank, torch.Generator().manual_seed(0), 0, 0.0, 4, micro)
+            counts[micro] = dict(calls)
+        print(f"\nbucket all-reduces in one step: one pass {counts[None]}, 4 micro-batches {counts[1]}")
+        assert counts[None]["tokenizer"] >= 1 and counts[None]["discriminator"] >= 1
+        assert counts[1] == counts[None]
+    finally:
+        dist.destroy_process_group()

@@ -308,3 +308,29 @@ def test_launcher_refuses_a_mismatched_checkpoint_with_a_clear_message(setup, sh
             "model.levels: checkpoint [8, 8, 8, 5, 5, 5] vs current [8, 5, 5, 5]") in proc.stderr
     assert "Traceback" not in proc.stderr and "step      1" not in proc.stderr
     assert not (root / "cli_mismatch" / "tok.safetensors").exists()
+
+
+@pytest.mark.parametrize("world, flags, message", [
+    ("1", ["--global-batch-size", "4", "--micro-batch-size", "3"],
+     "micro_batch_size 3 must divide the 4 clips per rank of a step (global_batch_size 4 / world size 1)"),
+    ("2", ["--global-batch-size", "2", "--micro-batch-size", "2"],
+     "micro_batch_size 2 must divide the 1 clips per rank of a step (global_batch_size 2 / world size 2)"),
+    ("1", ["--batch-size", "3", "--micro-batch-size", "2"],
+     "micro_batch_size 2 must divide the 3 clips per rank of a step (batch_size)"),
+    ("2", ["--global-batch-size", "3"], "global_batch_size 3 must be a positive multiple of the world size 2"),
+])
+def test_launcher_refuses_a_batch_that_does_not_split_into_micro_batches(setup, tmp_path, monkeypatch, capsys,
+                                                                         world, flags, message):
+    """Before any work (no process group, no data read, nothing written): exit status 2 and one line naming
+    the sizes, also for the world size torchrun would give (WORLD_SIZE)."""
+    from data_prep.cli.train_tokenizer import main
+
+    root, config = setup
+    monkeypatch.setenv("WORLD_SIZE", world)
+    args = _cli(root, config, "split", 2)[1:]  # without the launcher's path
+    args[args.index("--save") + 1] = str(tmp_path / "ckpt")
+    args[args.index("--output") + 1] = str(tmp_path / "tok.safetensors")
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_tokenizer.py: error: {message}"], err
+    assert not any(tmp_path.iterdir())

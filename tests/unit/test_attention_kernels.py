@@ -165,3 +165,17 @@ def test_flex_kernel_options_claim_nothing_the_mask_breaks(layout, monkeypatch):
                     assert not options.get("BLOCKS_ARE_CONTIGUOUS", False) or contiguous, (device, dtype, options)
     finally:
         flex_kernel_options.cache_clear()
+
+
+def test_flex_kernel_is_eager_for_cpu_tensors_also_on_a_machine_with_a_gpu(monkeypatch):
+    """The kernel follows the tensors' device, not the machine: CPU tensors get the eager flex_attention (CPU
+    compile has no backward) even where CUDA is available; CUDA tensors share one compiled kernel."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import megatron_nbp.model.attention as attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_compiled_flex", None)
+    assert attention.flex_kernel(torch.device("cpu")) is flex_attention
+    compiled = attention.flex_kernel(torch.device("cuda", 0))
+    assert compiled is not flex_attention and attention.flex_kernel(torch.device("cuda", 1)) is compiled

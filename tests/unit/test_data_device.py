@@ -292,6 +292,7 @@ def test_linear_schedule_with_warmup_ratio_and_global_batch(tmp_path):
 @pytest.mark.parametrize("name,lr", [("recipe_k600.yaml", 1e-4), ("recipe_ucf101.yaml", 5e-5)])
 def test_recipe_configs_hold_table_5(name, lr):
     from data_prep.cli import train_tokenizer
+    from data_prep.tokenizer.train import micro_batches
 
     config = REPO / "configs" / "tokenizer" / name
     opts = train_tokenizer.parse_args(["--config", str(config), "--data", "d", "--output", "o",
@@ -303,6 +304,13 @@ def test_recipe_configs_hold_table_5(name, lr):
     model = TokenizerConfig.from_yaml(config)
     assert model == TokenizerConfig.from_yaml(REPO / "configs" / "tokenizer" / "magvit2.yaml")
     assert model.latent_shape(opts.num_frames, 128, 128) == (5, 16, 16)
+    # batch 256 on one node: 32 clips per GPU in 4 micro-batches of 8; on 4 nodes one micro-batch each
+    assert micro_batches(opts, 8) == (8, 4) and micro_batches(opts, 32) == (8, 1) and micro_batches(opts, 1) == (8, 32)
+    with pytest.raises(ValueError, match=r"micro_batch_size 8 must divide the 4 clips per rank of a step "
+                                         r"\(global_batch_size 256 / world size 64\)"):
+        micro_batches(opts, 64)
+    assert micro_batches(opts.replace(micro_batch_size=4), 64) == (4, 1)
+    assert micro_batches(opts.replace(micro_batch_size=None), 8) == (32, 1)  # unset: all of a rank's clips at once
 
 
 # ------------------------------------------------------------------------- the tokenization job's options
