@@ -250,7 +250,7 @@ class TrainingConfig(TypedConfig):
     log_interval: int = Field(10, description="log every N iterations")
     save_interval: int | None = Field(None, description="save a checkpoint every N iterations (with --save)")
     exit_interval: int | None = Field(None, description="save (if --save) and exit after this iteration")
-    # --- leaving early: signals and time limits (Megatron-LM's names; megatron_nbp.training.exit_control) --
+    # --- leaving early: signals and time limits (Megatron-LM's names; nbp_common.exit_control) --
     exit_signal_handler: bool = Field(
         False, description="on SIGTERM or SIGUSR1 (to any rank) every rank finishes its iteration, saves (with "
                            "--save) and exits with status 0 (e.g. #SBATCH --signal=USR1@180 before a time limit)")

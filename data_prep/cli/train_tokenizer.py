@@ -13,7 +13,9 @@ Crash and resume: ``--save DIR --save-interval N`` publishes ``DIR/iter_XXXXXXX/
 temporary name, then renamed; the latest file is replaced atomically), so after a crash or SIGKILL rerunning
 the same command with ``--load DIR`` continues from the last published step (bitwise on CPU). A damaged
 checkpoint or one written for other settings (model config, FSQ levels, latent shape, discriminator, EMA,
-world size) is refused before training: exit status 2 and the reason on stderr.
+world size) is refused before training: exit status 2 and the reason on stderr. Under a scheduler,
+``--exit-signal-handler`` turns SIGTERM / SIGUSR1 into "finish the step, save into --save, exit 0" so a
+requeued job resumes with ``--load`` (launchers/slurm/train_tokenizer.sbatch).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 
 
 from data_prep.tokenizer.checkpoint import TrainingCheckpointError
-from data_prep.tokenizer.train import TrainOptions, micro_batches, train_tokenizer
+from data_prep.tokenizer.train import TrainOptions, check_options, train_tokenizer
 from nbp_common.config import ConfigError, add_config_arguments, config_overrides
 
 # Flags of the launcher itself, not TrainOptions fields: none (every flag is derived from a field).
@@ -58,16 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     """Train with the parsed flags; print the result JSON (rank 0).
 
     Returns:
-        0 on success, 2 when the global batch does not split into the ranks' micro-batches, or ``--load``
-        names a damaged checkpoint or one written for other settings (the reason, naming the checkpoint and
-        each differing value, goes to stderr; nothing is trained).
+        0 on success (also after ``--exit-signal-handler`` saved and stopped the run), 2 for refused
+        options (:func:`~data_prep.tokenizer.train.check_options`: a global batch that does not split into
+        the ranks' micro-batches, ``--exit-signal-handler`` without ``--save``) or when ``--load`` names a
+        damaged checkpoint or one written for other settings (the reason, naming the checkpoint and each
+        differing value, goes to stderr; nothing is trained).
     """
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
     opts = parse_args(argv)
     try:
-        micro_batches(opts, int(os.environ.get("WORLD_SIZE", "1")))  # the batch split, before any work
+        check_options(opts, int(os.environ.get("WORLD_SIZE", "1")))  # before any work
     except ValueError as exc:
         print(f"train_tokenizer.py: error: {exc}", file=sys.stderr)
         return 2

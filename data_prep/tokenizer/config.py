@@ -197,7 +197,8 @@ class TrainOptions(TypedConfig):
     ``adaptive_weight`` scales the generator term by VQGAN's gradient-norm ratio (times ``disc_weight``);
     ``lecam_weight`` > 0 adds LeCam. ``ema_decay`` > 0 keeps an EMA of the tokenizer (exported if
     ``export_ema``). ``perceptual_network``: path of a TorchScript feature network (used when
-    ``perceptual_weight`` > 0). ``save``/``save_interval``/``load``/``exit_interval`` as in Megatron.
+    ``perceptual_weight`` > 0). ``save``/``save_interval``/``load``/``exit_interval``/``exit_signal_handler``
+    as in Megatron.
     ``holdout_fraction``: tail of every video kept out of training for the final evaluation.
 
     Raises (construction, assignment):
@@ -284,6 +285,10 @@ class TrainOptions(TypedConfig):
                                               "save)")
     load: str | None = Field(None, description="resume from the latest checkpoint in this directory")
     exit_interval: int = Field(0, description="stop after N steps in this run, then save (0: no limit)")
+    exit_signal_handler: bool = Field(
+        False, description="on SIGTERM or SIGUSR1 (to any rank) every rank finishes its step, the training state "
+                           "is saved into save and the run exits with status 0 without exporting the tokenizer, "
+                           "so a requeued job resumes with load (Megatron-LM's flag; needs save)")
     image_log_interval: int = Field(0, description="TensorBoard original/reconstruction images every N steps "
                                                    "(0: never)")
 

@@ -70,6 +70,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from nbp_common.exit_control import ExitControl
+
 from .checkpoint import (TrainingCheckpointError, load_training_checkpoint, publish_training_checkpoint,
                          read_latest_training_iteration, save_tokenizer, stage_training_checkpoint,
                          training_iteration_dir, training_staging_dir, write_training_file)
@@ -777,6 +779,20 @@ class _ProgressLog:
                 self.writer.close()
 
 
+def check_options(opts: TrainOptions, world: int) -> tuple[int, int]:
+    """Refuse option combinations before any work; returns :func:`micro_batches` ``(size, count)``.
+
+    Raises:
+        ValueError: ``exit_signal_handler`` without ``save`` (the state saved on the signal is what a
+            requeued job resumes from), or a batch that does not split into micro-batches over ``world``
+            ranks (:func:`micro_batches`).
+    """
+    if opts.exit_signal_handler and not opts.save:
+        raise ValueError("exit_signal_handler needs save: on the signal the training state is saved there, and a "
+                         "requeued job resumes from it with load")
+    return micro_batches(opts, world)
+
+
 def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     """Train a :class:`VideoTokenizer` on clips of the videos under ``opts.data`` and save it (rank 0).
 
@@ -786,12 +802,15 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     of ``batch_size x world`` clips from all training windows and trains on its rows, so N ranks equal one
     rank with the global batch (see the module docstring); only rank 0 writes the tokenizer, the training
     state's shared part and TensorBoard. Stops after ``train_steps``, ``max_minutes`` (agreed across
-    ranks) or ``exit_interval`` steps.
+    ranks) or ``exit_interval`` steps. With ``exit_signal_handler``, SIGTERM / SIGUSR1 to any rank from the
+    start on (:class:`nbp_common.exit_control.ExitControl`) stops every rank after the same step: the
+    training state is saved into ``save`` and the run returns without evaluating or exporting.
 
     Returns:
         ``{"steps", "seconds", "final_loss", "psnr", "eval_clips", "parameters", "output", "device",
         "precision"}`` (``final_loss``: the last step's loss, mean over ranks; ``psnr`` of the exported
-        weights: the EMA when enabled, over every rank's evaluation clips).
+        weights: the EMA when enabled, over every rank's evaluation clips); after an exit signal
+        ``{"steps", "seconds", "final_loss", "stopped", "save", "device", "precision"}`` (``stopped``: why).
 
     Raises:
         FileNotFoundError / NotADirectoryError / ValueError: missing config, data directory or perceptual
@@ -800,10 +819,19 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
             settings (model config, codebook size, latent shape, discriminator, EMA, world size); raised
             before the first step, naming the checkpoint and each differing value.
     """
+    control = ExitControl(signal_handler=opts.exit_signal_handler).install()  # from the start, as in Megatron-LM
+    try:
+        return _train(opts, control)
+    finally:
+        control.restore()
+
+
+def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
+    """:func:`train_tokenizer` with its signal handler installed (``control``)."""
     rank, world, created_group, choice = _start_process_group(opts)
     config = _checked_config(opts)
     batch_size = per_rank_batch_size(opts, world)
-    micro = micro_batches(opts, world)
+    micro = check_options(opts, world)
     trainables = _Trainables.build(opts, config, world, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
                           holdout_fraction=opts.holdout_fraction, clip_source=opts.clip_source,
@@ -826,6 +854,8 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
     first_step, loss_value = step, float("nan")
     progress_log.begin(start, step)
     budget = opts.max_minutes * 60 if opts.max_minutes else None
+    control.device = trainables.device  # its all-reduce: a CUDA tensor under nccl
+    stopped = None
     trainables.model.train()
     while step < opts.train_steps:
         elapsed = _all_reduce([time.time() - start], op=dist.ReduceOp.MAX if world > 1 else None)[0]
@@ -841,9 +871,21 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
         progress_log.step(step, out, means, trainables.lecam)
         if opts.save and opts.save_interval and step % opts.save_interval == 0:
             save_state(step, time.time() - start)
+        reason = control.check()  # collective when enabled: the same answer on every rank
+        if reason is not None:
+            stopped = control.describe(reason)
+            break
     seconds = time.time() - start
     if opts.save and last_saved != step:  # known on every rank alike: no rank re-reads the latest file here
         save_state(step, seconds)
+    if stopped is not None:
+        if rank == 0:
+            log.info("%s: stopped after step %d, training state saved in %s; not exported (resume with --load)",
+                     stopped, step, opts.save)
+        result = {"steps": step, "seconds": round(seconds, 1), "final_loss": loss_value, "stopped": stopped,
+                  "save": opts.save, "device": str(trainables.device), "precision": trainables.precision}
+        _leave(world, created_group)
+        return result
     export = trainables.exported(opts)
     psnr, n_eval = evaluate_psnr(export, bank, opts.eval_clips)
     result = {"steps": step, "seconds": round(seconds, 1), "final_loss": loss_value, "psnr": psnr,
@@ -855,8 +897,13 @@ def train_tokenizer(opts: TrainOptions) -> dict[str, Any]:
                     "videos": bank.names, "weights": "ema" if export is not trainables.model else "raw"}
         save_tokenizer(export, opts.output, extra_metadata=metadata)
         log.info("saved tokenizer to %s", opts.output)
+    _leave(world, created_group)
+    return result
+
+
+def _leave(world: int, created_group: bool) -> None:
+    """Wait for every rank (rank 0 may still be writing), then end the process group if this run made it."""
     if world > 1:
         dist.barrier()
     if created_group:
         dist.destroy_process_group()
-    return result

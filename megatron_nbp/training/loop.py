@@ -24,7 +24,7 @@ from megatron_nbp.parallel import initialize_parallel, is_logging_rank, print_ra
 from megatron_nbp.restore import Restored
 from megatron_nbp.training.backend import TrainingBackend
 from megatron_nbp.training.deepspeed_backend import DeepSpeedBackend
-from megatron_nbp.training.exit_control import ExitControl
+from nbp_common.exit_control import ExitControl
 from megatron_nbp.training.megatron_backend import MegatronBackend
 from megatron_nbp.training.profiling import IterationProfiler, ProfileWindow
 from megatron_nbp.training.samples import TrainingSamples
@@ -151,7 +151,7 @@ def training_loop(cfg: NBPConfig, backend: TrainingBackend, data_iterator: Itera
     TensorBoard (throughput, TFLOP/s per GPU, MFU and peak memory, see megatron_nbp.training_log),
     checkpoint (``backend.save``, when ``cfg.save`` is set) at ``save_interval`` / the last iteration /
     ``exit_interval`` (which then stops, as in Megatron-LM), and after an exit signal or past the time
-    limit (``exit_control``, see megatron_nbp.training.exit_control: save, then return); the validation
+    limit (``exit_control``, see nbp_common.exit_control: save, then return); the validation
     loss (megatron_nbp.training.validation) and training-time samples (megatron_nbp.training.samples) at
     their intervals; ``--profile`` records its window of iterations (megatron_nbp.training.profiling). An
     iteration whose step applied no update (non-finite loss or gradient, skipped) is logged and counted;

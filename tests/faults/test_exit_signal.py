@@ -1,4 +1,4 @@
-"""Leaving a TP2 x PP2 run early and resuming it (megatron_nbp.training.exit_control), against an
+"""Leaving a TP2 x PP2 run early and resuming it (nbp_common.exit_control), against an
 uninterrupted run of the same config:
 
 - SIGTERM sent to every rank (each worker process, as SLURM's ``scancel --signal=TERM --full`` or a

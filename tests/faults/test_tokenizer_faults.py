@@ -1,6 +1,9 @@
 """Fault tolerance of tokenizer training: SIGKILL at a random moment then --load equals an uninterrupted run
-(bitwise on CPU), an interrupted save is never chosen as latest, and --load refuses damaged or mismatched
-checkpoints before training with a message naming the checkpoint and the differing values."""
+(bitwise on CPU); with --exit-signal-handler, SIGUSR1 / SIGTERM (in this process, and to one of two torchrun
+ranks) stops every rank after the same step with that step saved, and --load then equals an uninterrupted
+run bitwise; an interrupted save is never chosen as latest; --load refuses damaged or mismatched checkpoints
+before training with a message naming the checkpoint and the differing values; options that cannot work
+together are refused before any work."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_utils import REPO, free_port, kill_before_the_end
+from tests.dist_utils import REPO, free_port, kill_before_the_end, kill_process_tree
 from tests.distributed.test_tokenizer_recipe import _assert_same, _write_pattern
 
 LAUNCHER = "launchers/train_tokenizer.py"
@@ -133,6 +138,102 @@ def test_sigkill_at_a_random_moment_then_load_equals_uninterrupted_bitwise(setup
 
     _assert_same(load_tokenizer(root / full / "tok.safetensors").state_dict(),
                  load_tokenizer(root / killed / "tok.safetensors").state_dict(), f"exported (seed {seed})")
+
+
+# ------------------------------------------------------------------------- exit signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_an_exit_signal_saves_the_step_and_load_resumes_bitwise(setup, monkeypatch, sig):
+    """In this process: the signal arrives during the first step (sent from inside it); the run finishes that
+    step, saves it (its save interval would not have), exports nothing and puts the signal handlers back; the
+    rerun with --load to 4 steps equals an uninterrupted run bit for bit (state, RNG, exported tokenizer)."""
+    import data_prep.tokenizer.train as train
+    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer.checkpoint import read_latest_training_iteration
+
+    root, config = setup
+    name = f"signal_{sig.name}"
+    full = _opts(root, config, f"{name}_full")
+    train.train_tokenizer(full)
+    before = signal.getsignal(sig)
+    real_step = train._train_step
+
+    def step_then_signal(opts, t, bank, generator, step, *args, **kwargs):
+        out = real_step(opts, t, bank, generator, step, *args, **kwargs)
+        if step == 0:
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(train, "_train_step", step_then_signal)
+    stopped = _opts(root, config, name, exit_signal_handler=True)
+    result = train.train_tokenizer(stopped)
+    monkeypatch.undo()
+    assert result["steps"] == 1 and f"exit signal received ({sig.name} on this rank)" in result["stopped"], result
+    assert read_latest_training_iteration(stopped.save) == 1  # saved at the stop (save_interval is 2)
+    assert not Path(stopped.output).exists()  # training is not finished: nothing exported
+    assert signal.getsignal(sig) == before
+
+    train.train_tokenizer(stopped.replace(load=stopped.save))
+    assert read_latest_training_iteration(stopped.save) == 4
+    a, b = Path(full.save) / "iter_0000004", Path(stopped.save) / "iter_0000004"
+    _assert_same(_load(a, "state.pt"), _load(b, "state.pt"), f"state ({sig.name})")
+    _assert_same(_load(a, "rng_rank0.pt"), _load(b, "rng_rank0.pt"), f"rng ({sig.name})")
+    _assert_same(load_tokenizer(full.output).state_dict(), load_tokenizer(stopped.output).state_dict(), "exported")
+
+
+SIGNAL_STEPS = 200  # long enough that the signal always lands inside the run
+
+
+def test_sigusr1_to_one_of_two_ranks_stops_both_after_the_same_step_and_load_resumes_bitwise(setup):
+    """torchrun, 2 ranks (DDP), --exit-signal-handler, no periodic saves: SIGUSR1 to rank 1's worker alone
+    while it trains; both ranks stop after the same step (one MAX all-reduce per step), that step is saved,
+    nothing is exported and torchrun exits 0; the rerun with --load equals an uninterrupted run bit for bit."""
+    import psutil
+
+    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer.checkpoint import read_latest_training_iteration
+
+    root, config = setup
+    extra = ("--save-interval", "0", "--exit-signal-handler")
+    _run(2, _cli(root, config, "usr1_full", SIGNAL_STEPS, *extra))
+    log_file = root / "usr1.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(_command(2, _cli(root, config, "usr1", SIGNAL_STEPS, *extra)), cwd=REPO, env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not re.search(r"step +3 \|",
+                                                                                     log_file.read_text()):
+            time.sleep(0.01)
+        workers = [p for p in psutil.Process(proc.pid).children() if LAUNCHER in " ".join(p.cmdline())]
+        rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+        assert len(workers) == 2 and len(rank1) == 1, (workers, log_file.read_text()[-2000:])
+        rank1[0].send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_process_tree(proc)
+    text = log_file.read_text()
+    assert code == 0, text[-3000:]
+    result = json.loads(text.strip().splitlines()[-1])
+    stopped_at = result["steps"]
+    print(f"\nSIGUSR1 to rank 1 after step 3 was logged: both ranks stopped after step {stopped_at}")
+    assert 3 <= stopped_at < SIGNAL_STEPS and "exit signal received (--exit-signal-handler)" in result["stopped"]
+    ckpt = root / "usr1" / "ckpt"
+    assert read_latest_training_iteration(ckpt) == stopped_at  # saved at the stop, by both ranks
+    assert {p.name for p in (ckpt / f"iter_{stopped_at:07d}").iterdir()} >= {"state.pt", "rng_rank0.pt",
+                                                                              "rng_rank1.pt"}
+    assert not (root / "usr1" / "tok.safetensors").exists()
+
+    out = _run(2, _cli(root, config, "usr1", SIGNAL_STEPS, *extra, "--load", str(ckpt)))
+    assert f"resumed from {ckpt / f'iter_{stopped_at:07d}'} at step {stopped_at}" in out.stdout + out.stderr
+    a, b = root / "usr1_full" / "ckpt" / f"iter_{SIGNAL_STEPS:07d}", ckpt / f"iter_{SIGNAL_STEPS:07d}"
+    _assert_same(_load(a, "state.pt"), _load(b, "state.pt"), f"state (stopped at {stopped_at})")
+    for r in range(2):
+        _assert_same(_load(a, f"rng_rank{r}.pt"), _load(b, f"rng_rank{r}.pt"), f"rng_rank{r}")
+    _assert_same(load_tokenizer(root / "usr1_full" / "tok.safetensors").state_dict(),
+                 load_tokenizer(root / "usr1" / "tok.safetensors").state_dict(), "exported")
 
 
 # ------------------------------------------------------------------------- interrupted saves
@@ -333,4 +434,21 @@ def test_launcher_refuses_a_batch_that_does_not_split_into_micro_batches(setup, 
     assert main([*args, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train_tokenizer.py: error: {message}"], err
+    assert not any(tmp_path.iterdir())
+
+
+def test_launcher_refuses_an_exit_signal_handler_without_save(setup, tmp_path, monkeypatch, capsys):
+    """Nothing could be saved on the signal: exit status 2 and one line, before any work."""
+    from data_prep.cli.train_tokenizer import main
+
+    root, config = setup
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = _cli(root, config, "nosave", 2)[1:]
+    at = args.index("--save")
+    del args[at:at + 2]
+    args[args.index("--output") + 1] = str(tmp_path / "tok.safetensors")
+    assert main([*args, "--exit-signal-handler"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train_tokenizer.py: error: exit_signal_handler needs save: on the signal the training state is "
+                   "saved there, and a requeued job resumes from it with load"], err
     assert not any(tmp_path.iterdir())

@@ -17,7 +17,7 @@ from megatron_nbp.cli.pretrain import parse_args
 from megatron_nbp.config import ConfigError, NBPConfig
 from megatron_nbp.deepspeed_json import REFUSED, WARNED, check_deepspeed_json
 from megatron_nbp.run_record import CONFIG_FILE, VERSIONS_FILE, read_run_record, run_record, write_run_record
-from megatron_nbp.training.exit_control import ExitControl, ExitSignalHandler
+from nbp_common.exit_control import ExitControl, ExitSignalHandler
 
 REPO = Path(__file__).resolve().parents[2]
 

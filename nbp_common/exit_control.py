@@ -8,7 +8,8 @@ never interrupts a collective or a save). :class:`ExitControl` is what the train
 iteration (:meth:`ExitControl.check`): the rank-local facts (signal received, time over the limit) are
 joined over the world with one MAX all-reduce of two integers, so if any rank was signalled or ran out
 of time, all ranks stop after the same iteration and save together. The all-reduce runs every
-iteration, and only when one of the two options is on.
+iteration, and only when one of the two options is on. Used by NBP pretraining
+(:mod:`megatron_nbp.training.loop`) and tokenizer training (:mod:`data_prep.tokenizer.train`, signals only).
 """
 
 from __future__ import annotations
