@@ -10,6 +10,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,14 @@ class ClipBank:
         if self._pool is None:
             self._pool = _spawn_pool(self.num_workers)
         return self._pool
+
+    def close(self) -> None:
+        """End the decode processes, if started (waiting for them; clips decoding ahead are dropped). The bank
+        stays usable: they start again on demand."""
+        self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _frames(self, requests: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
         """uint8 frames ``video[start:stop:step]`` for each ``(video, start, stop, step)``: sliced from memory,
@@ -195,9 +204,36 @@ class ClipBank:
         return _flip_rows(batch, flips[rows.start:rows.stop]) if flip else batch
 
 
+_JOB_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+
 def _spawn_pool(workers: int) -> ProcessPoolExecutor:
-    """``workers`` spawned processes (not forked: the training process may hold CUDA and threads)."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    """``workers`` spawned processes (not forked: the training process may hold CUDA and threads), all started
+    here, that ignore the signals a job gets (:func:`_ignore_job_signals`).
+
+    They are started with those signals blocked in this thread (a blocked set survives fork and exec), so
+    one arriving while a process boots waits until its initializer ignores it; in this process a signal
+    sent meanwhile is delivered once the block ends (or to another thread), not lost."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_job_signals)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)
+    try:
+        for _ in range(workers):  # each submit starts a process while none is idle
+            pool.submit(int)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return pool
+
+
+def _ignore_job_signals() -> None:
+    """In a decode process: ignore SIGINT, SIGTERM and SIGUSR1, then unblock them (:func:`_spawn_pool`).
+    SLURM and torchrun signal a training process's whole process group, these processes included; the
+    training process decides what the signal means (``--exit-signal-handler``: finish the step, which may
+    still be waiting for their clips, and save) and ends them itself (:meth:`ClipBank.close`, or at exit).
+    Dying on the signal would break that step instead."""
+    for sig in _JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _JOB_SIGNALS)
 
 
 def _decode_window(path: str, start: int, stop: int, step: int, resolution: int) -> np.ndarray:

@@ -776,7 +776,13 @@ class _ProgressLog:
                      "held-back" if self.opts.holdout_fraction > 0 else "(seen footage)")
             if self.writer:
                 self.writer.add_scalar("eval/psnr", psnr, step)
-                self.writer.close()
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close TensorBoard (nothing without it)."""
+        if self.writer:
+            self.writer.close()
+            self.writer = None
 
 
 def check_options(opts: TrainOptions, world: int) -> tuple[int, int]:
@@ -872,7 +878,7 @@ def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
         if opts.save and opts.save_interval and step % opts.save_interval == 0:
             save_state(step, time.time() - start)
         reason = control.check()  # collective when enabled: the same answer on every rank
-        if reason is not None:
+        if reason is not None and step < opts.train_steps:  # after the last step: finish (evaluate, export)
             stopped = control.describe(reason)
             break
     seconds = time.time() - start
@@ -884,6 +890,8 @@ def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
                      stopped, step, opts.save)
         result = {"steps": step, "seconds": round(seconds, 1), "final_loss": loss_value, "stopped": stopped,
                   "save": opts.save, "device": str(trainables.device), "precision": trainables.precision}
+        progress_log.close()
+        bank.close()
         _leave(world, created_group)
         return result
     export = trainables.exported(opts)
@@ -897,6 +905,7 @@ def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
                     "videos": bank.names, "weights": "ema" if export is not trainables.model else "raw"}
         save_tokenizer(export, opts.output, extra_metadata=metadata)
         log.info("saved tokenizer to %s", opts.output)
+    bank.close()
     _leave(world, created_group)
     return result
 

@@ -273,6 +273,37 @@ def test_training_from_streamed_clips_equals_training_from_memory(data, tmp_path
         assert torch.equal(value, weights["stream"][key]), key
 
 
+def test_decode_processes_ignore_the_signals_a_scheduler_sends_to_the_job(data):
+    """SLURM and torchrun signal a training process's whole process group: the stream bank's decode processes
+    ignore SIGTERM / SIGUSR1 / SIGINT, so a step waiting for their clips (prefetched ones included) still gets
+    them and can be saved; close() ends them."""
+    import os
+    import signal
+    import time
+
+    from data_prep.tokenizer.clips import load_clip_bank
+
+    bank = load_clip_bank(data / "videos", 16, 5, clip_source="stream", num_workers=2)
+    memory = load_clip_bank(data / "videos", 16, 5)
+    processes = list(bank._workers()._processes.values())  # all started; still booting, perhaps
+    assert len(processes) == 2
+
+    def signal_all():
+        for process in processes:
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+                os.kill(process.pid, sig)
+
+    signal_all()  # while they boot: blocked until their initializer ignores the signals
+    generator, reference = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    torch.testing.assert_close(bank.sample_clips(3, generator), memory.sample_clips(3, reference), rtol=0, atol=0)
+    signal_all()  # while they decode the next batch ahead
+    time.sleep(0.5)
+    assert all(process.is_alive() for process in processes)
+    torch.testing.assert_close(bank.sample_clips(3, generator), memory.sample_clips(3, reference), rtol=0, atol=0)
+    bank.close()
+    assert bank._pool is None and not any(process.is_alive() for process in processes)
+
+
 def test_a_window_past_the_decodable_frames_repeats_the_last_one(data, caplog):
     """A container may count more frames than decode (seen: a VP9 AVI, 300 vs 295): a streamed window past the
     end repeats the last decodable frame, logged, instead of ending the run."""

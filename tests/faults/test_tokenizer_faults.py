@@ -182,6 +182,30 @@ def test_an_exit_signal_saves_the_step_and_load_resumes_bitwise(setup, monkeypat
     _assert_same(load_tokenizer(full.output).state_dict(), load_tokenizer(stopped.output).state_dict(), "exported")
 
 
+def test_an_exit_signal_in_the_last_step_finishes_the_run(setup, monkeypatch):
+    """The signal arrives during the last step: nothing is left to resume, so the run evaluates and exports
+    as usual (the same tokenizer as without the signal) instead of stopping unexported."""
+    import data_prep.tokenizer.train as train
+    from data_prep.tokenizer import load_tokenizer
+
+    root, config = setup
+    real_step = train._train_step
+
+    def step_then_signal(opts, t, bank, generator, step, *args, **kwargs):
+        out = real_step(opts, t, bank, generator, step, *args, **kwargs)
+        if step == opts.train_steps - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    plain = _opts(root, config, "last_plain")
+    train.train_tokenizer(plain)
+    monkeypatch.setattr(train, "_train_step", step_then_signal)
+    opts = _opts(root, config, "last_signal", exit_signal_handler=True)
+    result = train.train_tokenizer(opts)
+    assert result["steps"] == 4 and "stopped" not in result and result["psnr"] > 0, result
+    _assert_same(load_tokenizer(plain.output).state_dict(), load_tokenizer(opts.output).state_dict(), "exported")
+
+
 SIGNAL_STEPS = 200  # long enough that the signal always lands inside the run
 
 
