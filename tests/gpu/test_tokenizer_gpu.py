@@ -1,7 +1,7 @@
 """GPU-only checks of the data side (skipped without CUDA; run by bench/gpu_check.sh): tokenizer training
-steps on cuda in fp32 and bf16 against a CPU fp32 step, save / resume on cuda with the CUDA RNG state,
-bf16 vs fp32 token agreement (printed), and the tokenization job on cuda with decode workers against the
-same job on the CPU.
+steps on cuda in fp32 and bf16 against a CPU fp32 step, micro-batches against one pass in bf16, save /
+resume on cuda with the CUDA RNG state, bf16 vs fp32 token agreement (printed), and the tokenization job on
+cuda with decode workers against the same job on the CPU.
 
 Tolerances: cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa), so a cuda fp32 loss is
 compared with the CPU's to 1% relative; bf16 autocast (8-bit mantissa in the convolutions, fp32 losses)
@@ -45,15 +45,34 @@ def _opts(root: Path, **overrides):
     return TrainOptions(**values)
 
 
-def _one_step(root: Path, device: str, precision: str):
+def _one_step(root: Path, device: str, precision: str, micro_batch_size: int | None = None, **overrides):
     from data_prep.tokenizer.clips import load_clip_bank
     from data_prep.tokenizer.train import _checked_config, _train_step, _Trainables
 
-    opts = _opts(root, device=device, precision=precision)
+    opts = _opts(root, device=device, precision=precision, **overrides)
     t = _Trainables.build(opts, _checked_config(opts), 1, choose_device(device))
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames)
-    out = _train_step(opts, t, bank, torch.Generator().manual_seed(0), 0, 0.0)
+    out = _train_step(opts, t, bank, torch.Generator().manual_seed(0), 0, 0.0, micro_batch_size=micro_batch_size)
     return t, out
+
+
+def test_micro_batches_on_cuda_in_bf16_accumulate_the_gradients_of_one_pass(videos):
+    """4 clips as 2 micro-batches of 2 vs one pass, bf16, GAN from the first step (adaptive weight off,
+    clipping off): the same loss within 3% and, after the step, Adam's first moments of both networks
+    (0.1 x the gradient) within 5% of their largest magnitude (bf16 convolutions of another batch shape
+    round differently); a gradient scaled by the micro-batch count would be off by 100%."""
+    settings = dict(batch_size=4, adaptive_weight=False, grad_clip=0.0)
+    t_one, one = _one_step(videos, "cuda:0", "bf16", **settings)
+    t_micro, micro = _one_step(videos, "cuda:0", "bf16", micro_batch_size=2, **settings)
+    assert float(micro.loss) == pytest.approx(float(one.loss), rel=0.03)
+    for name in ("optimizer", "opt_d"):
+        a, b = getattr(t_one, name).state, getattr(t_micro, name).state
+        moments_a = [s["exp_avg"] for s in a.values()]
+        moments_b = [s["exp_avg"] for s in b.values()]
+        scale = max(float(m.abs().max()) for m in moments_a)
+        worst = max(float((x - y).abs().max()) for x, y in zip(moments_a, moments_b)) / scale
+        print(f"{name}: micro-batches vs one pass, worst first-moment difference {worst:.3e} of the largest")
+        assert scale > 0 and worst <= 0.05, (name, worst)
 
 
 def test_training_step_on_cuda_in_fp32_and_bf16(videos):
