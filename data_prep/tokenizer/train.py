@@ -597,9 +597,10 @@ def _train_step(opts: TrainOptions, t: _Trainables, bank: ClipBank, generator: t
                                   crop=opts.crop_size)
     batch = to_device(batch, t.device)
     gan_on = t.disc is not None and step >= opts.disc_start
-    if micro_batch_size and not is_image and len(batch) % micro_batch_size:
-        raise ValueError(f"micro_batch_size {micro_batch_size} must divide the {len(batch)} clips of a step")
-    chunks = batch.split(micro_batch_size) if micro_batch_size and not is_image else (batch,)
+    split = micro_batch_size if micro_batch_size and not is_image else len(batch)
+    if len(batch) % split:
+        raise ValueError(f"micro_batch_size {split} must divide the {len(batch)} clips of a step")
+    chunks = batch.split(split)
     count = len(chunks)
 
     # ---- generator (tokenizer) step
@@ -836,8 +837,8 @@ def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
     """:func:`train_tokenizer` with its signal handler installed (``control``)."""
     rank, world, created_group, choice = _start_process_group(opts)
     config = _checked_config(opts)
-    batch_size = per_rank_batch_size(opts, world)
     micro = check_options(opts, world)
+    batch_size = micro[0] * micro[1]  # clips per step on this rank (per_rank_batch_size)
     trainables = _Trainables.build(opts, config, world, choice)
     bank = load_clip_bank(opts.data, opts.resolution, opts.num_frames, opts.frame_stride, rank, world,
                           holdout_fraction=opts.holdout_fraction, clip_source=opts.clip_source,

@@ -121,13 +121,10 @@ def test_two_node_losses_equal_one_node(runs):
 def _tokenizer_job(root: Path, steps: int):
     """Pattern videos and a tiny tokenizer config under ``root``; returns ``argv(name)``, the launcher flags of a
     GAN + LeCam + EMA run of ``steps`` steps saving into and loading from ``root/name/ckpt``."""
-    from tests.distributed.test_tokenizer_recipe import _write_pattern
-    from tests.faults.test_tokenizer_faults import SMALL_MODEL, _cli
+    from tests.faults.test_tokenizer_faults import _cli
+    from tests.tokenizer_data import write_two_videos
 
-    _write_pattern(root / "videos" / "a.mp4")
-    _write_pattern(root / "videos" / "b.mp4", frames=20)
-    config = root / "small.yaml"
-    config.write_text(SMALL_MODEL)
+    config = write_two_videos(root)
 
     def argv(name: str, save_interval: int = 2) -> list[str]:
         ckpt = str(root / name / "ckpt")
@@ -136,31 +133,19 @@ def _tokenizer_job(root: Path, steps: int):
     return argv
 
 
-def _assert_same_run(root: Path, a: str, b: str, steps: int) -> None:
-    """The final training state, each rank's RNG and the exported tokenizer of runs ``a`` and ``b``: bitwise."""
-    from data_prep.tokenizer import load_tokenizer
-    from tests.distributed.test_tokenizer_recipe import _assert_same
-    from tests.faults.test_tokenizer_faults import _load
-
-    x, y = root / a / "ckpt" / f"iter_{steps:07d}", root / b / "ckpt" / f"iter_{steps:07d}"
-    _assert_same(_load(x, "state.pt"), _load(y, "state.pt"), "state")
-    for r in range(2):
-        _assert_same(_load(x, f"rng_rank{r}.pt"), _load(y, f"rng_rank{r}.pt"), f"rng_rank{r}")
-    _assert_same(load_tokenizer(root / a / "tok.safetensors").state_dict(),
-                 load_tokenizer(root / b / "tok.safetensors").state_dict(), "exported")
-
-
 def test_tokenizer_training_on_two_nodes_equals_one_node(tmp_path):
     """launchers/slurm/train_tokenizer.sbatch (it adds --exit-signal-handler) as 2 nodes x 1 rank against
     ``torchrun --nproc-per-node 2`` on one node: the same final training state (tokenizer, discriminator,
     EMA, both optimizers, LeCam, each rank's RNG) and exported tokenizer, bit for bit. --save and --load name
     a directory that does not exist yet, as on a job's first start; without --load the script refuses."""
+    from tests.faults.test_tokenizer_faults import assert_same_run
+
     steps = 4
     argv = _tokenizer_job(tmp_path, steps)
     torchrun(2, "launchers/train_tokenizer.py", *argv("one_node"), "--exit-signal-handler")
     outputs = two_nodes(tmp_path, argv("two_nodes"), "launchers/slurm/train_tokenizer.sbatch", per_node=1)
     assert sum("no checkpoint under" in out for out in outputs) >= 1, outputs  # the first start
-    _assert_same_run(tmp_path, "one_node", "two_nodes", steps)
+    assert_same_run(tmp_path, "one_node", "two_nodes", steps)
 
     proc, _ = start_two_nodes(tmp_path, argv("no_load")[:-2], "launchers/slurm/train_tokenizer.sbatch", per_node=1)
     _, stderr = proc.communicate(timeout=60)
@@ -174,6 +159,8 @@ def test_tokenizer_job_usr1_before_the_time_limit_saves_requeues_and_the_requeue
     the same step, nothing is exported, the script asks for ``scontrol requeue JOB`` and exits 0. The requeued
     job (the same command) resumes from --load and ends with the state and tokenizer of an uninterrupted
     one-node run, bit for bit."""
+    from tests.faults.test_tokenizer_faults import assert_same_run
+
     steps = 200  # long enough that the signal lands inside the run
     argv = _tokenizer_job(tmp_path, steps)
     torchrun(2, "launchers/train_tokenizer.py", *argv("one_node", 0), timeout=300)
@@ -206,4 +193,4 @@ def test_tokenizer_job_usr1_before_the_time_limit_saves_requeues_and_the_requeue
 
     outputs = two_nodes(tmp_path, argv("job", 0), "launchers/slurm/train_tokenizer.sbatch", per_node=1)  # requeued
     assert any(f"at step {stopped_at}" in out and "resumed from" in out for out in outputs), outputs
-    _assert_same_run(tmp_path, "one_node", "job", steps)
+    assert_same_run(tmp_path, "one_node", "job", steps)

@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from tests.dist_utils import run, torchrun
-from tests.distributed.test_tokenizer_recipe import _write_pattern
+from tests.tokenizer_data import write_two_videos
 
 LAUNCHER = "launchers/train_tokenizer.py"
-SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
-               "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
 STEPS = 4
 GLOBAL_BATCH = 4
 # fp32: the two runs sum the same per-clip terms in another order (a mean over 4 clips vs the all-reduced
@@ -34,9 +32,7 @@ TENSOR_TOL = 1e-3  # of each tensor's own largest magnitude
 def data(tmp_path_factory) -> Path:
     """Two synthetic pattern videos (24 and 20 frames) and a tiny tokenizer config."""
     root = tmp_path_factory.mktemp("tokddp")
-    _write_pattern(root / "videos" / "a.mp4")
-    _write_pattern(root / "videos" / "b.mp4", frames=20)
-    (root / "small.yaml").write_text(SMALL_MODEL)
+    write_two_videos(root)
     return root
 
 

@@ -20,6 +20,7 @@ from data_prep.tokenizer.gan import (
     generator_loss,
 )
 from data_prep.tokenizer.metrics import psnr, ssim
+from tests.tokenizer_data import SMALL_MODEL, write_pattern
 
 
 def _smooth_videos(n: int, t: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -215,25 +216,12 @@ def test_ssim_and_psnr_against_independent_references():
 # ------------------------------------------------------------------------- training loop
 
 
-def _write_pattern(path: Path, frames: int = 24, size: int = 32) -> None:
-    from data_prep.video_io import write_mp4
-
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    video = [np.stack([127.5 + 100 * np.sin((xx + 2 * t) / 5.0), 127.5 + 100 * np.cos((yy - t) / 7.0),
-                       127.5 + 60 * np.sin((xx + yy + 3 * t) / 9.0)], -1).clip(0, 255).astype(np.uint8)
-             for t in range(frames)]
-    write_mp4(np.stack(video), path, fps=8)
-
-
 @pytest.fixture(scope="module")
 def recipe_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    _write_pattern(root / "videos" / "pattern.mp4")
+    write_pattern(root / "videos" / "pattern.mp4")
     config = root / "small.yaml"
-    config.write_text(
-        "model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
-        "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n"
-    )
+    config.write_text(SMALL_MODEL)
     return root, config
 
 

@@ -38,20 +38,18 @@ ORDER = {
 }
 FINAL_NAME = {"megatron": f"iter_{CRASH_AT:07d}", "deepspeed": f"global_step{CRASH_AT}",
               "tokenizer": f"iter_{CRASH_AT:07d}"}
-SMALL_TOKENIZER = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
-                   "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
 
 
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):
     from data_prep.synthetic import write_synthetic_shards
-    from tests.distributed.test_tokenizer_recipe import _write_pattern
+    from tests.tokenizer_data import SMALL_MODEL, write_pattern
 
     root = tmp_path_factory.mktemp("publish_crash")
     write_synthetic_shards(root / "tokens", num_clips=16, clips_per_shard=8, latent_shape=(5, 4, 4), vocab=2048)
-    _write_pattern(root / "videos" / "a.mp4")
-    _write_pattern(root / "videos" / "b.mp4", frames=20)
-    (root / "tokenizer.yaml").write_text(SMALL_TOKENIZER)
+    write_pattern(root / "videos" / "a.mp4")
+    write_pattern(root / "videos" / "b.mp4", frames=20)
+    (root / "tokenizer.yaml").write_text(SMALL_MODEL)
     run(["tests/workers/crash_publish.py", "--writers", ",".join(WRITERS), "--work", str(root / "work"),
          "--tokens", str(root / "tokens"), "--videos", str(root / "videos"),
          "--tokenizer-config", str(root / "tokenizer.yaml")], timeout=1200)

@@ -74,8 +74,6 @@ FILES = {
         (r"iter_\d{7}/rng_rank\d+\.pt", "torch", {"train": REFUSE}),
     ],
 }
-SMALL_TOKENIZER = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
-                   "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
 EXTRA_STATE = "decoder.layers.mlp.linear_fc1._extra_state/shard_0_4"
 
 
@@ -213,13 +211,13 @@ def plant_payloads(root: Path) -> list[dict]:
 def checkpoints(tmp_path_factory):
     """The worker's checkpoints, the variants (by id) and the result of each training ``--load`` (by id)."""
     from data_prep.synthetic import write_synthetic_shards
-    from tests.distributed.test_tokenizer_recipe import _write_pattern
+    from tests.tokenizer_data import SMALL_MODEL, write_pattern
 
     root = tmp_path_factory.mktemp("safe")
     write_synthetic_shards(root / "tokens", num_clips=16, clips_per_shard=8, latent_shape=(5, 4, 4), vocab=2048)
-    _write_pattern(root / "videos" / "a.mp4")
-    _write_pattern(root / "videos" / "b.mp4", frames=20)
-    (root / "tokenizer.yaml").write_text(SMALL_TOKENIZER)
+    write_pattern(root / "videos" / "a.mp4")
+    write_pattern(root / "videos" / "b.mp4", frames=20)
+    (root / "tokenizer.yaml").write_text(SMALL_MODEL)
     run(["tests/workers/crash_safe_loading.py", "--root", str(root)], timeout=1500)
     loads = json.loads((root / "loads.json").read_text())
     variants = {v["id"]: v for v in variant_plan(root)}

@@ -23,22 +23,17 @@ import pytest
 import torch
 
 from tests.dist_utils import REPO, free_port, kill_before_the_end, kill_process_tree
-from tests.distributed.test_tokenizer_recipe import _assert_same, _write_pattern
+from tests.distributed.test_tokenizer_recipe import _assert_same
+from tests.tokenizer_data import SMALL_MODEL, write_two_videos
 
 LAUNCHER = "launchers/train_tokenizer.py"
-SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
-               "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
 STEPS = 30  # of the subprocess runs (about 20 steps/s with a save every step on one core)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokfaults")
-    _write_pattern(root / "videos" / "a.mp4")
-    _write_pattern(root / "videos" / "b.mp4", frames=20)
-    config = root / "small.yaml"
-    config.write_text(SMALL_MODEL)
-    return root, config
+    return root, write_two_videos(root)
 
 
 def _cli(root: Path, config: Path, name: str, steps: int = STEPS, *extra: str) -> list[str]:
@@ -143,6 +138,21 @@ def test_sigkill_at_a_random_moment_then_load_equals_uninterrupted_bitwise(setup
 # ------------------------------------------------------------------------- exit signals
 
 
+def assert_same_run(root: Path, a: str, b: str, steps: int, ranks: int = 2) -> None:
+    """Runs ``root/a`` and ``root/b`` (checkpoints in ``NAME/ckpt``, tokenizer in ``NAME/tok.safetensors``) end
+    with the same training state at ``steps``, each rank's RNG and the same exported tokenizer, bit for bit."""
+    from data_prep.tokenizer import load_tokenizer
+
+    x, y = root / a / "ckpt" / f"iter_{steps:07d}", root / b / "ckpt" / f"iter_{steps:07d}"
+    _assert_same(_load(x, "state.pt"), _load(y, "state.pt"), f"state {a} vs {b}")
+    for r in range(ranks):
+        _assert_same(_load(x, f"rng_rank{r}.pt"), _load(y, f"rng_rank{r}.pt"), f"rng_rank{r} {a} vs {b}")
+    _assert_same(load_tokenizer(root / a / "tok.safetensors").state_dict(),
+                 load_tokenizer(root / b / "tok.safetensors").state_dict(), f"exported {a} vs {b}")
+
+
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_an_exit_signal_saves_the_step_and_load_resumes_bitwise(setup, monkeypatch, sig):
     """In this process: the signal arrives during the first step (sent from inside it); the run finishes that
@@ -215,7 +225,6 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_after_the_same_step_and_load_res
     nothing is exported and torchrun exits 0; the rerun with --load equals an uninterrupted run bit for bit."""
     import psutil
 
-    from data_prep.tokenizer import load_tokenizer
     from data_prep.tokenizer.checkpoint import read_latest_training_iteration
 
     root, config = setup
@@ -252,12 +261,7 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_after_the_same_step_and_load_res
 
     out = _run(2, _cli(root, config, "usr1", SIGNAL_STEPS, *extra, "--load", str(ckpt)))
     assert f"resumed from {ckpt / f'iter_{stopped_at:07d}'} at step {stopped_at}" in out.stdout + out.stderr
-    a, b = root / "usr1_full" / "ckpt" / f"iter_{SIGNAL_STEPS:07d}", ckpt / f"iter_{SIGNAL_STEPS:07d}"
-    _assert_same(_load(a, "state.pt"), _load(b, "state.pt"), f"state (stopped at {stopped_at})")
-    for r in range(2):
-        _assert_same(_load(a, f"rng_rank{r}.pt"), _load(b, f"rng_rank{r}.pt"), f"rng_rank{r}")
-    _assert_same(load_tokenizer(root / "usr1_full" / "tok.safetensors").state_dict(),
-                 load_tokenizer(root / "usr1" / "tok.safetensors").state_dict(), "exported")
+    assert_same_run(root, "usr1_full", "usr1", SIGNAL_STEPS)
 
 
 # ------------------------------------------------------------------------- interrupted saves

@@ -14,11 +14,10 @@ import torch
 
 from data_prep.device import DataDevice, activate, autocast, choose_device, to_device
 from data_prep.tokenizer import TokenizerConfig, VideoTokenizer
+from tests.tokenizer_data import SMALL_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-SMALL_MODEL = ("model:\n  base_channels: 4\n  channel_multipliers: [1, 1, 2, 2]\n  num_res_blocks: 1\n"
-               "  num_mid_blocks: 0\n  temporal_downsample: [true, true, false]\n  norm_groups: 2\n")
 
 
 # ------------------------------------------------------------------------- the device chooser
