@@ -280,7 +280,8 @@ class TrainOptions(TypedConfig):
     ema_decay: float = Field(0.0, description="EMA decay of the tokenizer weights (0: off)")
     export_ema: bool = Field(True, description="export the EMA weights when an EMA is kept (--no-export-ema: the "
                                                "raw weights)")
-    save: str | None = Field(None, description="directory for resumable training checkpoints (iter_XXXXXXX/)")
+    save: str | None = Field(None, description="directory for resumable training checkpoints (iter_XXXXXXX/); "
+                                               "a run not resumed from it replaces its checkpoints (warned)")
     save_interval: int = Field(0, description="save the training state every N steps (0: only at the end, with "
                                               "save)")
     load: str | None = Field(None, description="resume from the latest checkpoint in this directory")

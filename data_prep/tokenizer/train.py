@@ -206,15 +206,27 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
     return read_latest_training_iteration(save_dir)
 
 
-def _rank0_latest(save_dir: str, strict: bool) -> int | None:
+def _warn_foreign_checkpoints(save_dir: str) -> None:
+    """Log a warning when ``save_dir``, which this run did not resume from, already names a latest checkpoint:
+    this run's saves replace that pointer and any checkpoint of the same step (Megatron-LM's ``--save``
+    behaves the same); resume with ``--load`` to continue that run instead."""
+    try:
+        latest = latest_iteration(save_dir)
+    except TrainingCheckpointError:
+        latest = None
+    if latest is not None:
+        log.warning("--save %s already holds checkpoints of another run (latest: step %d); this run did not resume "
+                    "from it (no --load %s) and its checkpoints replace them", save_dir, latest, save_dir)
+
+
+def _rank0_latest(save_dir: str) -> int | None:
     """Rank 0's reading of ``save_dir``'s latest file, the same on every rank (collective when distributed).
 
     Each rank reading the file itself could see different steps: on a network filesystem another node's
-    cache can lag right after rank 0 replaced the file, and ranks would then resume from, or decide to
-    save, different steps. With ``strict`` a garbled file raises (on every rank); else it reads as None.
+    cache can lag right after rank 0 replaced the file, and ranks would then resume from different steps.
 
     Raises:
-        TrainingCheckpointError: ``strict`` and the latest file is garbled or names a missing directory.
+        TrainingCheckpointError: (on every rank) the latest file is garbled or names a missing directory.
     """
     rank, world = _dist_info()
     code, error = -1.0, None
@@ -227,9 +239,7 @@ def _rank0_latest(save_dir: str, strict: bool) -> int | None:
     if world > 1:
         code = _all_reduce([code if rank == 0 else -3.0], op=dist.ReduceOp.MAX)[0]
     if code == -2.0:
-        if strict:
-            raise error or TrainingCheckpointError(f"rank 0 could not read the latest checkpoint under {save_dir}")
-        return None
+        raise error or TrainingCheckpointError(f"rank 0 could not read the latest checkpoint under {save_dir}")
     return None if code < 0 else int(code)
 
 
@@ -286,7 +296,7 @@ def _load_training_state(load_dir: str, settings: dict[str, Any]) -> tuple[dict[
         TrainingCheckpointError: damaged checkpoint (missing / truncated / altered file, garbled latest file)
             or one written for other settings (names the checkpoint and each differing setting).
     """
-    step = _rank0_latest(load_dir, strict=True)
+    step = _rank0_latest(load_dir)
     if step is None:
         return None
     loaded = load_training_checkpoint(load_dir, _dist_info()[0], settings, step=step)
@@ -849,7 +859,13 @@ def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
     progress_log = _ProgressLog(opts, rank)
     progress_log.announce(trainables, bank, world, micro)
 
-    last_saved = _rank0_latest(opts.save, strict=False) if opts.save else None
+    # the step whose state --save already holds: only a run resumed from --save itself (a requeued job that had
+    # finished) may skip the final save; a new run into a --save holding another run's checkpoints replaces them
+    resumed_from_save = bool(opts.save and opts.load and step > 0
+                             and Path(opts.load).resolve() == Path(opts.save).resolve())
+    last_saved = step if resumed_from_save else None
+    if opts.save and not resumed_from_save and rank == 0:
+        _warn_foreign_checkpoints(opts.save)
 
     def save_state(at_step: int, elapsed: float) -> None:
         nonlocal last_saved

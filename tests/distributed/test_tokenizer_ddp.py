@@ -19,13 +19,18 @@ from tests.tokenizer_data import write_two_videos
 LAUNCHER = "launchers/train_tokenizer.py"
 STEPS = 4
 GLOBAL_BATCH = 4
-# fp32: the two runs sum the same per-clip terms in another order (a mean over 4 clips vs the all-reduced
-# mean of two means over 2); after 4 Adam steps that leaves differences of about 2e-6 of the weight scale
-# (the largest magnitude of each kind: weights, first and second moments) and, for the small tensors that
-# Adam's first steps grow from near zero, up to about 6e-5 of a tensor's own largest magnitude (the
-# synthetic videos' encoding varies a little from run to run, so these move between runs).
-REL_TOL = 1e-5  # of the weight scale; losses: of the loss
-TENSOR_TOL = 1e-3  # of each tensor's own largest magnitude
+# fp32: the runs sum the same per-clip terms in another order (a mean over 4 clips vs the all-reduced mean of
+# two means over 2, or of micro-batches). Adam turns that rounding into weight differences where a gradient
+# component is near its epsilon, in a few elements each, by up to about lr x (rounding / epsilon): the
+# largest single-element difference is therefore a poor measure (2e-6 to 2e-5 of the weight scale and up to
+# 6e-3 of a tensor's own largest magnitude, depending on the videos and the machine's kernels). The tests
+# compare L2 norms over all elements instead. Over 12 variants of the videos (2 ranks, with and without
+# micro-batches) and 25 of the GAN test below, the differences were at most 2.3e-6 of a kind's norm (weights,
+# first or second moments) but once 1.2e-5, and at most 1e-3 of a tensor's own norm; a wrong gradient scale,
+# a missed all-reduce or other data give 1e-1 to 1e1 (the controls).
+NORM_TOL = 1e-4  # of a kind's norm (:func:`_differences`)
+TENSOR_TOL = 1e-2  # of a tensor's own norm
+REL_TOL = 1e-5  # of per-step losses, the final loss and PSNR, LeCam's anchors (about 1e-7 apart)
 
 
 @pytest.fixture(scope="module")
@@ -82,25 +87,36 @@ def _kind(key: str) -> str:
     return head + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
 
 
-def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, tuple[float, str]]:
-    """The largest differences of ``b`` from ``a``, with the tensor where each occurs:
+def _differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, tuple[float, str]]:
+    """The largest relative differences of ``b`` from ``a`` in L2 norm (float64 sums), with where each occurs:
 
-    * ``"scale"``: ``max |a - b|`` over the weight scale, the largest magnitude of the tensor's kind (all
-      model weights, all first moments, ...);
-    * ``"tensor"``: ``max |a - b|`` over the tensor's own largest magnitude (at least 1e-3 of its kind's, so
-      a near-zero tensor is not judged by rounding alone)."""
+    * ``"kind"``: ``||a - b|| / ||a||`` over all elements of all tensors of a kind (:func:`_kind`: exported
+      weights, checkpoint weights, Adam's first or second moments, ...), the largest over the kinds;
+    * ``"tensor"``: ``||a_t - b_t|| / ||a_t||`` per tensor, the largest over the tensors; the denominator is at
+      least 1e-3 of the kind's root mean square times ``sqrt(numel)``, so a near-zero tensor is not judged by
+      rounding alone."""
     assert set(a) == set(b) and a
-    scales: dict[str, float] = {}
-    for key, value in a.items():
-        scales[_kind(key)] = max(scales.get(_kind(key), 0.0), float(value.abs().max()))
-    worst = {"scale": (0.0, ""), "tensor": (0.0, "")}
+    sums: dict[str, list[float]] = {}  # kind -> [sum of squares of a, of a - b, element count]
+    tensors: dict[str, tuple[float, float]] = {}
     for key, value in a.items():
         assert value.dtype == b[key].dtype == torch.float32 and value.shape == b[key].shape, key
-        diff, scale = float((value - b[key]).abs().max()), max(scales[_kind(key)], 1e-30)
-        for name, rel in (("scale", diff / scale), ("tensor", diff / max(float(value.abs().max()), 1e-3 * scale))):
-            if rel > worst[name][0]:
-                worst[name] = (rel, key)
+        norm, diff = float(value.double().norm()), float((value.double() - b[key].double()).norm())
+        tensors[key] = (norm, diff)
+        total = sums.setdefault(_kind(key), [0.0, 0.0, 0])
+        total[0], total[1], total[2] = total[0] + norm ** 2, total[1] + diff ** 2, total[2] + value.numel()
+    worst = {"kind": (0.0, ""), "tensor": (0.0, "")}
+    for kind, (norm2, diff2, _) in sums.items():
+        worst["kind"] = max(worst["kind"], ((diff2 / max(norm2, 1e-60)) ** 0.5, kind))
+    for key, (norm, diff) in tensors.items():
+        norm2, _, count = sums[_kind(key)]
+        floor = 1e-3 * (norm2 / count) ** 0.5 * a[key].numel() ** 0.5
+        worst["tensor"] = max(worst["tensor"], (diff / max(norm, floor, 1e-30), key))
     return worst
+
+
+def _report(label: str, worst: dict[str, tuple[float, str]]) -> str:
+    return (f"{label}: worst difference {worst['kind'][0]:.3e} of a kind's norm ({worst['kind'][1]}), "
+            f"{worst['tensor'][0]:.3e} of a tensor's own ({worst['tensor'][1]})")
 
 
 def _losses(root: Path, name: str) -> dict[int, float]:
@@ -116,11 +132,9 @@ def _losses(root: Path, name: str) -> dict[int, float]:
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, name, label):
     root, results = runs
     one, two = _tensors(root, "one"), _tensors(root, name)
-    worst = _worst(one, two)
-    print(f"\n{label} vs 1 rank x 4: worst difference {worst['scale'][0]:.3e} of the weight scale "
-          f"({worst['scale'][1]}; tolerance {REL_TOL}), {worst['tensor'][0]:.3e} of a tensor's own scale "
-          f"({worst['tensor'][1]}; tolerance {TENSOR_TOL})")
-    assert worst["scale"][0] <= REL_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
+    worst = _differences(one, two)
+    print("\n" + _report(f"{label} vs 1 rank x 4", worst) + f" (tolerances {NORM_TOL}, {TENSOR_TOL})")
+    assert worst["kind"][0] <= NORM_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
 
     losses_one, losses_two = _losses(root, "one"), _losses(root, name)
     assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
@@ -144,11 +158,11 @@ def test_a_run_with_other_data_is_far_outside_the_tolerance(runs):
     one, half = _tensors(root, "one"), _tensors(root, "half")
     losses_one, losses_half = _losses(root, "one"), _losses(root, "half")
 
-    control = _worst(one, half)["scale"]
+    control = _differences(one, half)
     control_loss = max(abs(losses_one[s] - losses_half[s]) / abs(losses_one[s]) for s in losses_one)
-    print(f"control (1 rank x 2): worst difference {control[0]:.3e} of the weight scale ({control[1]}), "
-          f"losses {control_loss:.3e}")
-    assert control[0] > 100 * REL_TOL and control_loss > 100 * REL_TOL, (control, control_loss)
+    print("\n" + _report("control (1 rank x 2)", control) + f", losses {control_loss:.3e}")
+    assert control["kind"][0] > 100 * NORM_TOL and control["tensor"][0] > 10 * TENSOR_TOL, control
+    assert control_loss > 100 * REL_TOL, control_loss
 
 
 def test_ranks_draw_their_rows_of_one_global_batch(data):
@@ -331,18 +345,10 @@ def _trained_state(opts) -> tuple[dict[str, torch.Tensor], dict]:
     return out, state["lecam"]
 
 
-# The GAN on from the first step leaves more gradient components near zero, where Adam's epsilon region
-# turns fp32 rounding of the gradient sums into larger weight differences: over 2 steps, 8 runs on freshly
-# written videos differed by up to 3.3e-6 of the weight scale and 2e-4 of a tensor's own; the errors this
-# guards against (a gradient scale off by the micro-batch count, LeCam moved by one micro-batch) give 1e-1 to
-# 1e1 in Adam's moments or the anchors.
-GAN_REL_TOL = 3e-5
-
-
 def test_micro_batches_with_the_gan_on_equal_one_pass(data):
     """One process, 4 clips per step, the GAN (from the first step), LeCam and EMA on: as 4 micro-batches of 1
     a run ends with the same tokenizer, discriminator, EMA, Adam moments of both and LeCam anchors as in one
-    pass, within an fp32 tolerance (``GAN_REL_TOL``; the same sums in another order); a run on other clips (2
+    pass, within the fp32 tolerances above (the same sums in another order; 2 steps); a run on other clips (2
     per step) lands far outside. Off: the adaptive GAN weight (a gradient-norm ratio, taken per micro-batch)
     and gradient clipping (it would hide a wrong gradient scale, which Adam's moments show without it)."""
     from tests.distributed.test_tokenizer_recipe import _opts
@@ -356,16 +362,15 @@ def test_micro_batches_with_the_gan_on_equal_one_pass(data):
     assert any(k.startswith("discriminator.") for k in whole)
     assert any(k.startswith("disc_optimizer.") for k in whole)
 
-    worst = _worst(whole, micro)
-    print(f"\n4 micro-batches of 1 vs 1 x 4, GAN on: worst difference {worst['scale'][0]:.3e} of the weight scale "
-          f"({worst['scale'][1]}), {worst['tensor'][0]:.3e} of a tensor's own ({worst['tensor'][1]})")
-    assert worst["scale"][0] <= GAN_REL_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
+    worst = _differences(whole, micro)
+    print("\n" + _report("4 micro-batches of 1 vs 1 x 4, GAN on", worst) + f" (tolerances {NORM_TOL}, {TENSOR_TOL})")
+    assert worst["kind"][0] <= NORM_TOL and worst["tensor"][0] <= TENSOR_TOL, worst
     for key in ("ema_real", "ema_fake"):  # moved once per step, by the means over all 4 clips
         assert float(lecam_whole[key]) != 0.0
         assert float(lecam_micro[key]) == pytest.approx(float(lecam_whole[key]), rel=REL_TOL, abs=1e-9), key
-    control = _worst(whole, other)["scale"]
-    print(f"control (2 clips per step): {control[0]:.3e} of the weight scale ({control[1]})")
-    assert control[0] > 100 * GAN_REL_TOL, control
+    control = _differences(whole, other)
+    print(_report("control (2 clips per step)", control))
+    assert control["kind"][0] > 100 * NORM_TOL and control["tensor"][0] > 10 * TENSOR_TOL, control
 
 
 def test_ddp_all_reduces_once_per_step_however_many_micro_batches(data, tmp_path):

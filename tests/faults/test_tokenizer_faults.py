@@ -330,6 +330,34 @@ def test_a_checkpoint_published_before_a_crash_but_not_marked_latest_is_replaced
     assert not list(ckpt.glob(".*.tmp"))
 
 
+def test_a_new_run_into_another_runs_save_replaces_its_checkpoint(setup, short_run, tmp_path, caplog):
+    """--save already holds another run's checkpoints of the same steps and the new run has no --load: its
+    final state is saved over them (not skipped as already saved: a later --load would resume the other run),
+    with a warning; a run resumed from --save at its last step leaves that checkpoint as it is."""
+    from data_prep.tokenizer.train import latest_iteration, train_tokenizer
+
+    root, config = setup
+    ckpt = _copy(short_run, tmp_path)
+    mine = dict(lr=2e-3, save_interval=0)  # another run: another learning rate, only the final save
+    with caplog.at_level(logging.WARNING, logger="data_prep.tokenizer.train"):
+        assert train_tokenizer(_opts(root, config, "other", save=str(ckpt), **mine))["steps"] == 4
+    assert f"--save {ckpt} already holds checkpoints of another run (latest: step 4)" in caplog.text
+    reference = tmp_path / "reference"  # the same run into an empty --save
+    assert train_tokenizer(_opts(root, config, "reference", save=str(reference), **mine))["steps"] == 4
+    assert latest_iteration(ckpt) == 4
+    saved, theirs = _load(ckpt / "iter_0000004", "state.pt"), _load(short_run / "iter_0000004", "state.pt")
+    _assert_same(_load(reference / "iter_0000004", "state.pt"), saved)
+    assert not all(torch.equal(saved["model"][k], theirs["model"][k]) for k in theirs["model"])
+
+    before = (ckpt / "iter_0000004" / "state.pt").stat()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_prep.tokenizer.train"):
+        assert train_tokenizer(_opts(root, config, "again", save=str(ckpt), load=str(ckpt), **mine))["steps"] == 4
+    after = (ckpt / "iter_0000004" / "state.pt").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not saved again
+    assert "another run" not in caplog.text
+
+
 # ------------------------------------------------------------------ damaged / mismatched --load
 
 
