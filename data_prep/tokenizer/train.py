@@ -206,14 +206,24 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
     return read_latest_training_iteration(save_dir)
 
 
+def _same_directory(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one directory (the same file system object, so also through
+    symlinks or two mount points; by resolved path when one does not exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def _warn_foreign_checkpoints(save_dir: str) -> None:
-    """Log a warning when ``save_dir``, which this run did not resume from, already names a latest checkpoint:
-    this run's saves replace that pointer and any checkpoint of the same step (Megatron-LM's ``--save``
-    behaves the same); resume with ``--load`` to continue that run instead."""
+    """Log a warning when ``save_dir``, which this run did not resume from, already names a latest checkpoint
+    (or holds an unreadable latest file): this run's saves replace that pointer and any checkpoint of the same
+    step (Megatron-LM's ``--save`` behaves the same); resume with ``--load`` to continue that run instead."""
     try:
         latest = latest_iteration(save_dir)
-    except TrainingCheckpointError:
-        latest = None
+    except TrainingCheckpointError as exc:
+        log.warning("--save %s holds an unreadable latest file (%s); this run's checkpoints replace it", save_dir, exc)
+        return
     if latest is not None:
         log.warning("--save %s already holds checkpoints of another run (latest: step %d); this run did not resume "
                     "from it (no --load %s) and its checkpoints replace them", save_dir, latest, save_dir)
@@ -530,12 +540,12 @@ def _share_generator(generator: torch.Generator) -> bool:
 
 
 def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Generator,
-            settings: dict[str, Any]) -> tuple[int, float]:
+            settings: dict[str, Any]) -> tuple[int, float, bool]:
     """Restore the latest checkpoint under ``opts.load`` (verified against ``settings``), if any.
 
     Returns:
-        ``(step, elapsed seconds)`` to continue from; ``(0, 0.0)`` when ``opts.load`` holds no checkpoint
-        (logged as a warning).
+        ``(step, elapsed seconds, loaded)`` to continue from; ``(0, 0.0, False)`` when ``opts.load`` holds no
+        checkpoint (logged as a warning).
 
     Raises:
         TrainingCheckpointError: a damaged checkpoint or one for other settings (see
@@ -544,7 +554,7 @@ def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Genera
     loaded = _load_training_state(opts.load, settings)
     if loaded is None:
         log.warning("no checkpoint under %s: starting from scratch", opts.load)
-        return 0, 0.0
+        return 0, 0.0, False
     state, rng = loaded
     folder = training_iteration_dir(opts.load, int(state["step"]))
     step = trainables.restore(state, rng, generator, folder)
@@ -553,7 +563,7 @@ def _resume(opts: TrainOptions, trainables: _Trainables, generator: torch.Genera
                     "sampling?): using rank 0's", folder, _dist_info()[0])
     if _dist_info()[0] == 0:
         log.info("resumed from %s at step %d", folder, step)
-    return step, float(state["elapsed"])
+    return step, float(state["elapsed"]), True
 
 
 @dataclass
@@ -855,14 +865,15 @@ def _train(opts: TrainOptions, control: ExitControl) -> dict[str, Any]:
                           num_workers=opts.num_workers)
     generator = torch.Generator().manual_seed(opts.seed)  # data order: the same on every rank (global batch)
     settings = _run_settings(config, opts, world)
-    step, elapsed_before = _resume(opts, trainables, generator, settings) if opts.load else (0, 0.0)
+    step, elapsed_before, resumed = _resume(opts, trainables, generator, settings) if opts.load else (0, 0.0, False)
     progress_log = _ProgressLog(opts, rank)
     progress_log.announce(trainables, bank, world, micro)
 
     # the step whose state --save already holds: only a run resumed from --save itself (a requeued job that had
-    # finished) may skip the final save; a new run into a --save holding another run's checkpoints replaces them
-    resumed_from_save = bool(opts.save and opts.load and step > 0
-                             and Path(opts.load).resolve() == Path(opts.save).resolve())
+    # finished) may skip the final save; a new run into a --save holding another run's checkpoints replaces them.
+    # Agreed over the ranks (paths may resolve differently on other nodes): a save is collective.
+    resumed_from_save = bool(opts.save and resumed and _same_directory(opts.load, opts.save))
+    resumed_from_save = _all_reduce([float(resumed_from_save)], op=dist.ReduceOp.MIN)[0] > 0
     last_saved = step if resumed_from_save else None
     if opts.save and not resumed_from_save and rank == 0:
         _warn_foreign_checkpoints(opts.save)

@@ -81,8 +81,8 @@ def _tensors(root: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _kind(key: str) -> str:
-    """Which scale a tensor is judged against: exported weights, checkpoint weights, Adam's first or second
-    moments."""
+    """The kind a tensor is summed into by :func:`_differences`: exported weights, checkpoint weights, Adam's
+    first or second moments."""
     head = key.split(".")[0]
     return head + (".exp_avg_sq" if key.endswith("exp_avg_sq") else "")
 
@@ -100,6 +100,7 @@ def _differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict
     tensors: dict[str, tuple[float, float]] = {}
     for key, value in a.items():
         assert value.dtype == b[key].dtype == torch.float32 and value.shape == b[key].shape, key
+        assert torch.isfinite(value).all() and torch.isfinite(b[key]).all(), key  # a NaN would compare as 0
         norm, diff = float(value.double().norm()), float((value.double() - b[key].double()).norm())
         tensors[key] = (norm, diff)
         total = sums.setdefault(_kind(key), [0.0, 0.0, 0])
